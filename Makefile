@@ -1,0 +1,16 @@
+# The two Quickstart commands. Each sets up .venv first (see scripts/setup.sh for TORCH_SPEC and EXTRAS).
+#   make train [ARGS="recipe key=value ..."]   trains the default recipe (or ARGS) and evaluates it
+#   make test                                  runs ruff and the test suite
+.PHONY: setup train test lint
+
+setup:
+	@bash scripts/setup.sh
+
+train: setup
+	.venv/bin/polyattn train $(ARGS)
+
+lint: setup
+	.venv/bin/ruff check src tests
+
+test: lint
+	.venv/bin/python -m pytest $(PYTEST_ARGS)

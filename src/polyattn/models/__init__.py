@@ -1,0 +1,1 @@
+"""Whole architectures, one file per family; importing this package registers them all."""
