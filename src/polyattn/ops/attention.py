@@ -1,0 +1,236 @@
+"""Softmax attention with the mask operators used by the library's models, plus a float64 reference.
+
+Layout: every tensor is sequence-first, `[B, T, H, D]` (as in flash-linear-attention): batch, tokens, heads,
+channels. Queries have `H` heads, keys and values `Hkv` heads (grouped-query attention when `Hkv < H`).
+
+Mask operators (iLLaMA, arXiv 2404.06773, §3 of `reference/illama.md`), with `A = q kᵀ · scale` and the causal
+0/1 matrix `C` (bottom-right aligned, see `causal_mask`):
+
+- `BIDIRECTIONAL`: `softmax(A)`.
+- `CAUSAL`: `softmax(A + M)` with `M = −inf` on future keys.
+- `ILLAMA_SOFT`: `softmax(A) ⊙ (a + (1 − a)·C)`, no renormalisation — the released iLLaMA operator. It is not
+  causal even at `a = 0`: the softmax denominator still holds the future keys, so a token's output depends on
+  later tokens through a scalar gain.
+- `SOFT_CAUSAL`: `softmax(A + log(a + (1 − a)·C))`, renormalised; `a = 0` is exactly `CAUSAL`, `a = 1` is
+  `BIDIRECTIONAL`.
+
+Query rows that may attend to no key at all (all keys padded, or a causal query placed before every key)
+return zeros, with zero gradients, instead of NaN.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+
+import torch
+import torch.nn.functional as F
+
+# SDPA shares kv heads across query groups without copying them from torch 2.5 on.
+_SDPA_HAS_GQA = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 5)
+
+
+class MaskMode(str, Enum):
+    """Which attention-mask operator `attention` applies (see the module docstring for the formulas)."""
+
+    BIDIRECTIONAL = "bidirectional"
+    CAUSAL = "causal"
+    ILLAMA_SOFT = "illama_soft"
+    SOFT_CAUSAL = "soft_causal"
+
+
+def causal_mask(T: int, S: int, device: torch.device | str | None = None) -> torch.Tensor:
+    """The causal mask `[T, S]` (True = may attend), bottom-right aligned.
+
+    Query `i` sits at absolute position `S − T + i`, so it sees keys `j ≤ S − T + i`. This is what a
+    KV-cached decode needs (`T` new tokens after `S − T` cached ones); SDPA's `is_causal` is top-left aligned
+    and masks the wrong keys when `T != S` (x-transformers #187). When `T > S` the first `T − S` queries see
+    no key.
+    """
+    i = torch.arange(T, device=device)[:, None]
+    j = torch.arange(S, device=device)[None, :]
+    return j <= i + (S - T)
+
+
+def padding_to_attn_mask(key_padding_mask: torch.Tensor) -> torch.Tensor:
+    """Turns a key padding mask `[B, S]` (True = real token) into an attention mask `[B, 1, 1, S]`."""
+    return key_padding_mask.bool()[:, None, None, :]
+
+
+def _check_shapes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
+        raise ValueError(f"q, k, v must be [B, T, H, D]; got shapes {tuple(q.shape)}, {tuple(k.shape)}, "
+                         f"{tuple(v.shape)}")
+    (B, _, H, D), (Bk, S, Hkv, Dk) = q.shape, k.shape
+    if Bk != B or v.shape[0] != B or v.shape[1] != S or v.shape[2] != Hkv or Dk != D:
+        raise ValueError(f"incompatible q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}: expected "
+                         f"k [B, S, Hkv, D] and v [B, S, Hkv, Dv]")
+    if H % Hkv:
+        raise ValueError(f"query heads ({H}) must be a multiple of key/value heads ({Hkv})")
+
+
+def _soft_gain(a: float | torch.Tensor, causal: torch.Tensor) -> torch.Tensor:
+    """`a + (1 − a)·C` in float32: 1 on past keys, `a` on future keys."""
+    c = causal.float()
+    return a + (1.0 - a) * c
+
+
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    mask_mode: MaskMode | str = MaskMode.BIDIRECTIONAL,
+    soft_mask_a: float | torch.Tensor = 0.0,
+    attn_mask: torch.Tensor | None = None,
+    scale: float | None = None,
+    dropout_p: float = 0.0,
+) -> torch.Tensor:
+    """Multi-head softmax attention.
+
+    Uses `F.scaled_dot_product_attention` for `BIDIRECTIONAL`, `CAUSAL` and `SOFT_CAUSAL` (the soft mask as an
+    additive float mask), and an explicit matmul-softmax-matmul for `ILLAMA_SOFT`, which SDPA cannot express.
+
+    Args:
+        q (Tensor): queries `[B, T, H, D]`.
+        k (Tensor): keys `[B, S, Hkv, D]`; `H` must be a multiple of `Hkv`, each group of `H / Hkv` query heads
+            shares one key/value head.
+        v (Tensor): values `[B, S, Hkv, Dv]`.
+        mask_mode (MaskMode | str): the mask operator. Causal masks are bottom-right aligned when `T != S`
+            (query `i` at position `S − T + i`). Default: `BIDIRECTIONAL`.
+        soft_mask_a (float | Tensor): the soft-mask value `a ∈ [0, 1]` for `ILLAMA_SOFT` and `SOFT_CAUSAL`
+            (a float or a 0-d tensor); ignored by the other modes. Default: 0.0.
+        attn_mask (Tensor, Optional): boolean mask broadcastable to `[B, H, T, S]` (True = may attend), e.g.
+            `[B, 1, T, S]` or `padding_to_attn_mask(key_padding_mask)`. Combined with the mode's mask.
+        scale (float, Optional): logit scale. Default: `D ** -0.5`.
+        dropout_p (float): dropout on the attention weights (pass 0 in evaluation). Default: 0.0.
+
+    Returns:
+        Tensor: `[B, T, H, Dv]` in the dtype of `q`. Query rows with no visible key are zeros.
+    """
+    _check_shapes(q, k, v)
+    mode = MaskMode(mask_mode)
+    (_, T, H, D), S, Hkv = q.shape, k.shape[1], k.shape[2]
+    scale = D**-0.5 if scale is None else scale
+    if attn_mask is not None and attn_mask.dtype != torch.bool:
+        raise ValueError(f"attn_mask must be a boolean tensor (True = may attend), got {attn_mask.dtype}")
+    if mode is MaskMode.ILLAMA_SOFT:
+        return _attention_illama_soft(q, k, v, soft_mask_a, attn_mask, scale, dropout_p)
+
+    qh, kh, vh = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D)
+    gqa_kwargs = {}
+    if Hkv != H:
+        if _SDPA_HAS_GQA:
+            gqa_kwargs = {"enable_gqa": True}
+        else:
+            kh, vh = kh.repeat_interleave(H // Hkv, dim=1), vh.repeat_interleave(H // Hkv, dim=1)
+
+    # Decide statically whether some query row might see no key; only then pay for the row check.
+    may_be_empty = attn_mask is not None or (mode is not MaskMode.BIDIRECTIONAL and T > S)
+    if mode is MaskMode.SOFT_CAUSAL:
+        bias = torch.log(_soft_gain(soft_mask_a, causal_mask(T, S, q.device)))  # (T, S), −inf where a = 0
+        if attn_mask is not None:
+            bias = torch.where(attn_mask, bias, float("-inf"))
+        row_ok = (bias > float("-inf")).any(-1, keepdim=True)
+        # A row of −inf gives NaN in the softmax; give it finite logits and zero it afterwards.
+        bias = torch.where(row_ok, bias, 0.0).to(q.dtype)
+        o = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=bias, dropout_p=dropout_p, scale=scale,
+                                           **gqa_kwargs)
+        return _zero_empty_rows(o, row_ok).transpose(1, 2)
+
+    if mode is MaskMode.CAUSAL and attn_mask is None and T == S:
+        o = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, dropout_p=dropout_p, scale=scale,
+                                           **gqa_kwargs)
+        return o.transpose(1, 2)
+    mask = attn_mask
+    if mode is MaskMode.CAUSAL:
+        causal = causal_mask(T, S, q.device)
+        mask = causal if mask is None else mask & causal
+    if not may_be_empty:
+        o = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, dropout_p=dropout_p, scale=scale,
+                                           **gqa_kwargs)
+        return o.transpose(1, 2)
+    row_ok = mask.any(-1, keepdim=True)
+    o = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask | ~row_ok, dropout_p=dropout_p, scale=scale,
+                                       **gqa_kwargs)
+    return _zero_empty_rows(o, row_ok).transpose(1, 2)
+
+
+def _zero_empty_rows(o: torch.Tensor, row_ok: torch.Tensor) -> torch.Tensor:
+    """Zeroes output rows `[B, H, T, Dv]` whose mask row `[..., T, 1]` had no visible key."""
+    while row_ok.ndim < 4:
+        row_ok = row_ok[None]
+    return o * row_ok.to(o.dtype)
+
+
+def _attention_illama_soft(q, k, v, a, attn_mask, scale, dropout_p):
+    """Explicit `softmax(A) ⊙ (a + (1 − a)·C)` with grouped heads, softmax in float32."""
+    T, H, S, Hkv = q.shape[1], q.shape[2], k.shape[1], k.shape[2]
+    G = H // Hkv
+    qg = q.unflatten(2, (Hkv, G)).float()  # (B, T, Hkv, G, D)
+    scores = torch.einsum("bthgd,bshd->bhgts", qg, k.float()) * scale  # (B, Hkv, G, T, S)
+    gain = _soft_gain(a, causal_mask(T, S, q.device))  # (T, S)
+    if attn_mask is None:
+        weights = scores.softmax(-1) * gain
+    else:
+        mask = attn_mask
+        while mask.ndim < 4:
+            mask = mask[None]
+        # Align the mask's head axis with the (Hkv, G) grouping of the scores.
+        mask = mask[:, :, None] if mask.shape[1] == 1 else mask.unflatten(1, (Hkv, G))
+        row_ok = mask.any(-1, keepdim=True)
+        scores = scores.masked_fill(~(mask | ~row_ok), float("-inf"))
+        weights = scores.softmax(-1) * gain * row_ok
+    if dropout_p > 0.0:
+        weights = F.dropout(weights, p=dropout_p)
+    o = torch.einsum("bhgts,bshe->bthge", weights, v.float())  # (B, T, Hkv, G, Dv)
+    return o.flatten(2, 3).to(q.dtype)
+
+
+def attention_ref(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    mask_mode: MaskMode | str = MaskMode.BIDIRECTIONAL,
+    soft_mask_a: float | torch.Tensor = 0.0,
+    attn_mask: torch.Tensor | None = None,
+    scale: float | None = None,
+    dropout_p: float = 0.0,
+) -> torch.Tensor:
+    """Reference for `attention` (same arguments and layouts), written for clarity, computed in float64.
+
+    Repeats the key/value heads, builds the full `[B, H, T, S]` mask, and applies each operator's formula
+    literally. Used by the tests only; `dropout_p` must be 0.
+
+    Returns:
+        Tensor: `[B, T, H, Dv]` in the dtype of `q`.
+    """
+    if dropout_p != 0.0:
+        raise ValueError("attention_ref is deterministic: dropout_p must be 0")
+    _check_shapes(q, k, v)
+    mode = MaskMode(mask_mode)
+    (B, T, H, D), S, Hkv = q.shape, k.shape[1], k.shape[2]
+    scale = D**-0.5 if scale is None else scale
+    qd = q.double().transpose(1, 2)  # (B, H, T, D)
+    kd = k.double().repeat_interleave(H // Hkv, dim=2).transpose(1, 2)  # (B, H, S, D)
+    vd = v.double().repeat_interleave(H // Hkv, dim=2).transpose(1, 2)  # (B, H, S, Dv)
+    logits = qd @ kd.transpose(-1, -2) * scale  # (B, H, T, S)
+
+    allowed = torch.ones(B, H, T, S, dtype=torch.bool, device=q.device)
+    if attn_mask is not None:
+        allowed = allowed & attn_mask
+    causal = causal_mask(T, S, q.device)
+    a = torch.as_tensor(soft_mask_a, dtype=torch.float64, device=q.device)
+    gain = a + (1 - a) * causal.double()
+    if mode is MaskMode.CAUSAL:
+        allowed = allowed & causal
+    elif mode is MaskMode.SOFT_CAUSAL:
+        logits = logits + gain.log()
+        allowed = allowed & (gain > 0)
+
+    logits = logits.masked_fill(~allowed, float("-inf"))
+    has_key = allowed.any(-1, keepdim=True)
+    weights = torch.where(has_key, logits, 0.0).softmax(-1) * has_key
+    if mode is MaskMode.ILLAMA_SOFT:
+        weights = weights * gain
+    return (weights @ vd).transpose(1, 2).to(q.dtype)
