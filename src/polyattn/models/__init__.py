@@ -1,1 +1,3 @@
 """Whole architectures, one file per family; importing this package registers them all."""
+
+from . import vit  # noqa: F401

@@ -1,0 +1,18 @@
+"""What is learned and measured: losses, metrics and the training jobs that feed the loop."""
+
+from __future__ import annotations
+
+import torch
+
+from ..errors import UserError
+from ..registry import model_task
+
+
+def build_job(config, *, device: torch.device, splits: tuple[str, ...] = ("train", "test")):
+    """The training job for the task of the config's model (see polyattn.train.loop.TrainingJob)."""
+    task = model_task(config.model.name)
+    if task == "classification":
+        from .image_classification import ImageClassificationJob
+
+        return ImageClassificationJob(config, device, splits)
+    raise UserError(f"Training for task '{task}' (model '{config.model.name}') is not available yet.")

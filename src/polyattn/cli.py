@@ -1,0 +1,143 @@
+"""The `polyattn` command line: parses arguments and calls the packages below. Thin by design."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from .errors import UserError
+
+EPILOG_TRAIN = """\
+examples:
+  polyattn train                                   default recipe: a ViT on the embedded digits, minutes on a CPU
+  polyattn train vit_tiny_cifar10 data.source=../shared/data/cifar10-jpg.tar.gz
+  polyattn train default train.epochs=3 model.depth=4 train.lr=2e-3
+  polyattn train --resume runs/default-vit_nano-20261122-101500
+
+Overrides are section.key=value with sections model, task, data and train (model=NAME picks the model;
+model.ARG sets a constructor argument). Values are read as YAML and type-checked.
+"""
+
+
+def _cmd_models(args) -> int:
+    from .registry import count_parameters, get_entry, list_models
+
+    names = list_models(args.task)
+    rows = []
+    for name in names:
+        entry = get_entry(name)
+        rows.append((name, entry.task, f"{count_parameters(name) / 1e6:.2f}M", entry.description))
+    widths = [max(len(r[i]) for r in [*rows, ("model", "task", "params", "")]) for i in range(3)]
+    print(f"{'model':<{widths[0]}}  {'task':<{widths[1]}}  {'params':>{widths[2]}}  description")
+    for row in rows:
+        print(f"{row[0]:<{widths[0]}}  {row[1]:<{widths[1]}}  {row[2]:>{widths[2]}}  {row[3]}")
+    print(f"\n{len(rows)} models; parameter counts at each model's default size and number of classes.")
+    return 0
+
+
+def _cmd_train(args) -> int:
+    from .train.config import apply_overrides, build_config, list_recipes
+    from .train.loop import load_run_config, train
+
+    if args.list_recipes:
+        print("\n".join(list_recipes()))
+        return 0
+    if args.resume:
+        recipe_like = [a for a in ([args.recipe] if args.recipe else []) if "=" not in a]
+        if recipe_like:
+            raise UserError("A resumed run keeps its own recipe; pass only key=value overrides with --resume.")
+        overrides = ([args.recipe] if args.recipe else []) + args.overrides
+        config = load_run_config(Path(args.resume))
+        before = config.to_dict()
+        apply_overrides(config, overrides)
+        changed = [s for s in ("model", "data", "task") if config.to_dict()[s] != before[s]]
+        if changed:
+            raise UserError(f"A resumed run cannot change its {' or '.join(changed)} section; start a new run.")
+        train(config, resume_dir=Path(args.resume))
+        return 0
+    recipe, overrides = args.recipe, list(args.overrides)
+    if recipe is not None and "=" in recipe:  # `polyattn train key=value` with the default recipe
+        recipe, overrides = None, [recipe, *overrides]
+    train(build_config(recipe, overrides))
+    return 0
+
+
+def _cmd_eval(args) -> int:
+    from .train.loop import evaluate_run
+
+    evaluate_run(Path(args.run_dir), data_source=args.data, split=args.split, device_name=args.device)
+    return 0
+
+
+def _cmd_bench(args) -> int:
+    return args.bench_run(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="polyattn", description="Efficient attention models: build, train, "
+                                     "evaluate and benchmark.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    p = sub.add_parser("models", help="list the registered models with their task and parameter count",
+                       description="List the registered models with their task and parameter count.")
+    p.add_argument("--task", choices=["classification", "causal_lm", "masked_lm", "diffusion"])
+    p.set_defaults(func=_cmd_models)
+
+    p = sub.add_parser("train", help="train a model from a recipe, or resume a run",
+                       description="Train a model from a recipe in configs/ (default: 'default'), with key=value "
+                                   "overrides, or resume an interrupted run.",
+                       epilog=EPILOG_TRAIN, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("recipe", nargs="?", help="recipe name in configs/ or a path to a YAML file")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.lr=3e-4")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run exactly where it stopped")
+    p.add_argument("--list-recipes", action="store_true", help="print the available recipes and exit")
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("eval", help="evaluate a run directory",
+                       description="Evaluate a run directory's final weights (or its latest checkpoint).")
+    p.add_argument("run_dir", metavar="RUN_DIR")
+    p.add_argument("--data", help="evaluate on another data source of the same kind (folder or archive)")
+    p.add_argument("--split", default="test", help="split to evaluate (default: test)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
+    p.set_defaults(func=_cmd_eval)
+
+    p = sub.add_parser("bench", help="run a benchmark suite", description="Benchmarks that print tables and write "
+                       "plots and JSON. They measure; they never assert times.")
+    bench = p.add_subparsers(dest="suite", metavar="SUITE")
+    bench.required = True
+    _add_bench_suites(bench)
+    return parser
+
+
+def _add_bench_suites(bench) -> None:
+    import importlib
+
+    suites = {"mixers": "time and peak memory of token mixers against sequence length and grid size"}
+    for name, help_text in suites.items():
+        try:
+            module = importlib.import_module(f".bench.{name}", __package__)
+        except ImportError:
+            continue
+        p = bench.add_parser(name, help=help_text, description=help_text)
+        module.add_arguments(p)
+        p.set_defaults(func=_cmd_bench, bench_run=module.run)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\ninterrupted; a training run can be continued with `polyattn train --resume RUN_DIR`.",
+              file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,347 @@
+"""Run configuration: typed sections, YAML recipes and `key=value` overrides.
+
+A run is described by one `RunConfig`: the model (a registered name plus constructor arguments), the task,
+the data and the training hyper-parameters. Recipes are YAML files with the same sections; overrides such as
+`train.lr=3e-4` or `model.depth=6` are parsed as YAML scalars and converted to the annotated type of the
+field (model arguments take their types from the model constructor's annotations). Unknown keys are errors
+that name the nearest valid key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import inspect
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from ..errors import UserError, nearest
+from ..registry import get_entry, resolve_model_args
+
+RECIPE_DIRS = (
+    Path(__file__).resolve().parent.parent / "configs",  # installed wheel
+    Path(__file__).resolve().parents[3] / "configs",  # source checkout / editable install
+)
+
+
+@dataclass
+class DataConfig:
+    """Where the examples come from and how they are batched and augmented."""
+
+    source: str = "digits"
+    """'digits' (embedded, no download), an image-folder directory, or a .tar/.tar.gz archive of one."""
+    image_size: int | None = None
+    """Resize images to this size (shorter side, then centre crop); None keeps the stored size."""
+    test_fraction: float = 0.2
+    """Share of each class held out as the test split when the source has no train/test folders."""
+    val_fraction: float = 0.0
+    """Share of the training split held out for validation during training; 0 evaluates on the test split."""
+    crop: Literal["pad", "resized", "none"] = "pad"
+    """Training crop: random crop after zero padding, random-resized crop, or none."""
+    crop_padding: int = 4
+    """Zero padding in pixels for crop='pad'."""
+    crop_scale: tuple[float, float] = (0.35, 1.0)
+    """Area range for crop='resized'."""
+    hflip: bool = True
+    """Random horizontal flips (turn off for data that is not mirror-symmetric, such as digits)."""
+    eval_batch_size: int = 512
+    mean: tuple[float, ...] | None = None
+    """Per-channel normalisation mean (0..1 scale); None computes it from the training split."""
+    std: tuple[float, ...] | None = None
+    """Per-channel normalisation std; None computes it from the training split."""
+
+
+@dataclass
+class TaskConfig:
+    """What is learned and measured (see polyattn.tasks)."""
+
+    label_smoothing: float = 0.1
+    ece_bins: int = 15
+
+
+@dataclass
+class TrainConfig:
+    """The optimisation loop; it knows nothing about particular models."""
+
+    epochs: int = 10
+    batch_size: int = 128
+    """Samples per optimizer step (split into `accumulation_steps` micro-batches)."""
+    accumulation_steps: int = 1
+    lr: float = 1e-3
+    min_lr: float = 1e-5
+    warmup_epochs: float = 1.0
+    weight_decay: float = 0.05
+    betas: tuple[float, float] = (0.9, 0.999)
+    grad_clip: float | None = 1.0
+    """Clip the global gradient norm to this value; null disables clipping."""
+    precision: Literal["bf16", "fp32"] = "bf16"
+    """bf16: bfloat16 autocast with float32 master weights (AMX on recent CPUs); fp32: no autocast."""
+    compile: bool = False
+    """Wrap the model in torch.compile."""
+    device: str = "auto"
+    """'auto' (cuda when available), 'cpu', 'cuda' or 'cuda:N'."""
+    threads: int | None = None
+    """CPU threads for torch; None leaves torch's default."""
+    seed: int = 0
+    eval_every: int = 1
+    """Evaluate every this many epochs (and always at the end)."""
+    checkpoint_every: int | None = None
+    """Also checkpoint every this many optimizer steps; checkpoints are always written at each epoch end."""
+    max_steps: int | None = None
+    """Stop after this many optimizer steps (for smoke tests); the schedule still spans all epochs."""
+    log_every: int = 10
+    """Log training loss and learning rate every this many optimizer steps."""
+    out_dir: str = "runs"
+    run_name: str | None = None
+    """Directory name under out_dir; None builds one from the recipe, model and time."""
+    progress: bool = True
+
+
+@dataclass
+class ModelConfig:
+    """A registered model name and the constructor arguments that override the variant's defaults."""
+
+    name: str = "vit_nano"
+    args: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class RunConfig:
+    recipe: str = "default"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    SECTIONS: typing.ClassVar[tuple[str, ...]] = ("model", "task", "data", "train")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain, YAML-ready form: the model section is flattened to `name` plus its arguments."""
+        out = {"recipe": self.recipe, "model": {"name": self.model.name, **_plain(self.model.args)}}
+        for section in ("task", "data", "train"):
+            out[section] = _plain(dataclasses.asdict(getattr(self, section)))
+        return out
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any], *, origin: str) -> RunConfig:
+        """Builds and type-checks a config from a recipe or a run directory's config.yaml."""
+        if not isinstance(raw, dict):
+            raise UserError(f"{origin} must be a YAML mapping with sections {', '.join(cls.SECTIONS)}.")
+        config = cls()
+        for key, value in raw.items():
+            if key == "recipe":
+                config.recipe = str(value)
+                continue
+            if key not in cls.SECTIONS:
+                raise UserError(f"Unknown section '{key}' in {origin}.{nearest(key, cls.SECTIONS)}")
+            if not isinstance(value, dict):
+                raise UserError(f"Section '{key}' in {origin} must be a mapping of keys to values.")
+            for sub, sub_value in value.items():
+                config.set(f"{key}.{sub}", sub_value, origin=origin)
+        return config
+
+    def set(self, key: str, value: Any, *, origin: str = "the command line") -> None:
+        """Sets one dotted key (`train.lr`, `model.depth`, or `model` for the model name), type-checked."""
+        section, _, name = key.partition(".")
+        if section not in self.SECTIONS:
+            valid = [f"{s}.{f}" for s in ("task", "data", "train") for f in _fields(getattr(self, s))]
+            raise UserError(f"Unknown key '{key}' in {origin}.{nearest(key, [*valid, 'model', 'model.name'])}")
+        if section == "model":
+            if name in ("", "name"):
+                get_entry(str(value))  # fails early, naming the nearest model
+                self.model = ModelConfig(name=str(value), args=self.model.args)
+                return
+            self.model.args[name] = value  # checked against the constructor in resolve()
+            return
+        target = getattr(self, section)
+        fields = _fields(target)
+        if name not in fields:
+            valid = [f"{section}.{f}" for f in fields]
+            raise UserError(f"Unknown key '{key}' in {origin}.{nearest(key, valid)}")
+        hints = typing.get_type_hints(type(target))
+        setattr(target, name, coerce(value, hints[name], key))
+
+    def resolved_model_args(self, **inferred) -> dict[str, Any]:
+        """Full constructor arguments: the variant's defaults, then values inferred from the data (only
+        where the user did not set them), then the user's arguments, each converted to its annotated type."""
+        entry = get_entry(self.model.name)
+        params = entry.parameters()
+        hints = typing.get_type_hints(entry.cls.__init__)
+        args = {}
+        for key, value in {**{k: v for k, v in inferred.items() if k in params}, **self.model.args}.items():
+            if key not in params:
+                raise UserError(f"Model '{self.model.name}' has no argument '{key}'.{nearest(key, params)}")
+            args[key] = coerce(value, hints.get(key, Any), f"model.{key}")
+        return resolve_model_args(self.model.name, **args)
+
+
+def _fields(obj) -> list[str]:
+    return [f.name for f in dataclasses.fields(obj)]
+
+
+def _plain(value):
+    """Converts tuples and enums to YAML-friendly lists and strings, recursively."""
+    if isinstance(value, enum.Enum):
+        return value.value
+    if isinstance(value, (tuple, list)):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
+
+
+def parse_scalar(text: str) -> Any:
+    """A command-line value as YAML would read it ('3' → 3, 'true' → True, '[1, 2]' → list, 'null' → None)."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def coerce(value: Any, annotation: Any, key: str) -> Any:
+    """Converts `value` to `annotation` (int, float, bool, str, Literal, enums, Optional/unions, tuples, lists),
+    or raises a UserError that names the key, the expected type and the value."""
+    try:
+        return _coerce(value, annotation)
+    except (TypeError, ValueError) as err:
+        raise UserError(f"{key} expects {_describe(annotation)}, got {value!r}.") from err
+
+
+def _coerce(value: Any, ann: Any) -> Any:
+    if ann is Any or ann is inspect.Parameter.empty:
+        return value
+    origin, args = typing.get_origin(ann), typing.get_args(ann)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        for option in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(value, option)
+            except (TypeError, ValueError):
+                continue
+        raise ValueError(value)
+    if origin is Literal:
+        if value in args:
+            return value
+        raise ValueError(value)
+    if origin in (tuple, list):
+        if isinstance(value, str):
+            value = parse_scalar(value)
+        if isinstance(value, (int, float)) and origin is tuple and args and args[-1] is not Ellipsis:
+            value = [value] * len(args)  # `patch_size=4` for a (h, w) pair
+        if not isinstance(value, (list, tuple)):
+            raise TypeError(value)
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            if len(value) != len(args):
+                raise ValueError(value)
+            return tuple(_coerce(v, a) for v, a in zip(value, args))
+        item = args[0] if args else Any
+        items = [_coerce(v, item) for v in value]
+        return tuple(items) if origin is tuple else items
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise TypeError(value)
+        return value
+    if isinstance(ann, type) and issubclass(ann, enum.Enum):
+        return ann(value.value if isinstance(value, enum.Enum) else value)
+    if ann is bool:
+        if isinstance(value, bool):
+            return value
+        raise TypeError(value)
+    if ann is int:
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+            raise TypeError(value)
+        if isinstance(value, float) and not value.is_integer():
+            raise ValueError(value)
+        return int(value) if not isinstance(value, str) else int(value, 10)
+    if ann is float:
+        if isinstance(value, bool):
+            raise TypeError(value)
+        return float(value)  # also accepts '1e-3', which YAML 1.1 reads as a string
+    if ann is str:
+        if isinstance(value, (dict, list)):
+            raise TypeError(value)
+        return str(value)
+    if isinstance(ann, type):
+        if isinstance(value, ann):
+            return value
+        raise TypeError(value)
+    return value
+
+
+
+def _describe(ann: Any) -> str:
+    origin, args = typing.get_origin(ann), typing.get_args(ann)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe(a) for a in args)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in args)
+    if origin in (tuple, list):
+        return f"a list of {len(args)} values" if origin is tuple and Ellipsis not in args else "a list"
+    if ann is type(None):
+        return "null"
+    if isinstance(ann, type) and issubclass(ann, enum.Enum):
+        return "one of " + ", ".join(repr(m.value) for m in ann)
+    return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(ann, str(ann))
+
+
+def find_recipe(name: str) -> Path:
+    """A recipe path: an existing file, or a name in configs/ (with or without .yaml)."""
+    path = Path(name)
+    if path.suffix in (".yaml", ".yml") and path.is_file():
+        return path
+    for directory in RECIPE_DIRS:
+        candidate = directory / f"{name}.yaml"
+        if candidate.is_file():
+            return candidate
+    known = list_recipes()
+    raise UserError(f"Unknown recipe '{name}'.{nearest(name, known)} Recipes: {', '.join(known) or 'none found'}.")
+
+
+def list_recipes() -> list[str]:
+    names: set[str] = set()
+    for directory in RECIPE_DIRS:
+        if directory.is_dir():
+            names.update(p.stem for p in directory.glob("*.yaml"))
+    return sorted(names)
+
+
+def load_yaml(path: Path) -> Any:
+    try:
+        with open(path) as f:
+            return yaml.safe_load(f)
+    except FileNotFoundError as err:
+        raise UserError(f"File {path} does not exist; check the path.") from err
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise UserError(f"{path} is not valid YAML{where}; fix the syntax and try again.") from err
+
+
+def build_config(recipe: str | None, overrides: list[str]) -> RunConfig:
+    """The config of a new run: the recipe (default 'default'), then `key=value` overrides in order."""
+    name = recipe or "default"
+    path = find_recipe(name)
+    config = RunConfig.from_dict(load_yaml(path) or {}, origin=str(path))
+    config.recipe = path.stem
+    apply_overrides(config, overrides)
+    return config
+
+
+def apply_overrides(config: RunConfig, overrides: list[str]) -> None:
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            raise UserError(f"Override '{item}' is not of the form key=value (for example train.lr=3e-4).")
+        config.set(key.strip(), parse_scalar(text), origin="the command line")
+
+
+def save_yaml(data: Any, path: Path) -> None:
+    from .checkpoint import atomic_write_text
+
+    atomic_write_text(path, yaml.safe_dump(data, sort_keys=False))

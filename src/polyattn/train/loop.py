@@ -1,0 +1,300 @@
+"""The training loop: one loop for every model and task.
+
+The loop sees a model (an nn.Module) and a `TrainingJob` that supplies batches, the loss and the
+evaluation; it owns the optimizer, schedule, precision, accumulation, clipping, checkpoints, logging and
+exact resume. Resuming restores the weights, the optimizer moments, the RNG states (torch, numpy, python
+and the job's augmentation generator) and the position in the epoch, so a resumed run reproduces the
+uninterrupted one exactly on CPU.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from contextlib import nullcontext
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+
+from ..errors import UserError
+from ..registry import get_entry
+from .checkpoint import (
+    CONFIG,
+    WEIGHTS,
+    CheckpointDir,
+    atomic_write_text,
+    load_weights,
+    save_weights,
+    set_rng_state,
+)
+from .checkpoint import rng_state as current_rng_state
+from .config import RunConfig, load_yaml, save_yaml
+from .optim import CosineSchedule, build_optimizer
+from .run_log import RunLog, format_table, write_plots
+
+
+class TrainingJob(Protocol):
+    """What a task supplies to the loop (see polyattn.tasks)."""
+
+    inferred_model_args: dict[str, Any]
+    """Model arguments that follow from the data (e.g. num_classes, img_size), used unless the user set them."""
+    steps_per_epoch: int
+    samples_per_step: int
+    eval_split: str
+    """The split evaluated during training ('val' or 'test')."""
+
+    def batches(self, epoch: int, start_step: int): ...
+    """Iterator over the optimizer-step batches of one epoch, starting at `start_step`."""
+
+    def loss(self, model: nn.Module, batch: Any, *, accumulation_steps: int, autocast) -> tuple[torch.Tensor, int]:
+        """Forward and backward over one optimizer-step batch (split into micro-batches); returns the mean
+        loss (detached) and the number of samples."""
+        ...
+
+    def evaluate(self, model: nn.Module, split: str, *, autocast) -> dict[str, float]: ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as err:
+        raise UserError(f"train.device '{name}' is not a device; use auto, cpu, cuda or cuda:N.") from err
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError("train.device asks for cuda but no CUDA device is available; use train.device=cpu.")
+    return device
+
+
+def autocast_for(precision: str, device: torch.device):
+    """A context-manager factory: bfloat16 autocast (float32 master weights stay untouched) or nothing."""
+    if precision == "bf16":
+        return lambda: torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return nullcontext
+
+
+def seed_everything(seed: int, device: torch.device) -> None:
+    import random
+
+    import numpy as np
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    if device.type == "cpu":
+        # CPU kernels are deterministic once the non-deterministic ones (e.g. index_add) are excluded.
+        torch.use_deterministic_algorithms(True, warn_only=True)
+
+
+def new_run_dir(config: RunConfig) -> Path:
+    name = config.train.run_name or f"{config.recipe}-{config.model.name}-{datetime.now():%Y%m%d-%H%M%S}"
+    run_dir = Path(config.train.out_dir) / name
+    if (run_dir / CONFIG).exists():
+        raise UserError(f"Run directory {run_dir} already holds a run; choose another train.run_name or "
+                        f"continue it with `polyattn train --resume {run_dir}`.")
+    return run_dir
+
+
+def load_run_config(run_dir: Path) -> RunConfig:
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise UserError(f"Run directory {run_dir} does not exist; pass the directory a training run created.")
+    if not (run_dir / CONFIG).is_file():
+        raise UserError(f"{run_dir} has no {CONFIG}, so it is not a polyattn run directory.")
+    return RunConfig.from_dict(load_yaml(run_dir / CONFIG), origin=str(run_dir / CONFIG))
+
+
+def build_model(config: RunConfig, job_inferred: dict[str, Any]) -> tuple[nn.Module, dict[str, Any]]:
+    args = config.resolved_model_args(**job_inferred)
+    model = get_entry(config.model.name).cls(**args)
+    return model, args
+
+
+def train(config: RunConfig, *, resume_dir: Path | None = None) -> dict[str, Any]:
+    """Trains (or resumes) one run and returns its summary; see the module docstring."""
+    from ..tasks import build_job
+
+    cfg = config.train
+    device = resolve_device(cfg.device)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    seed_everything(cfg.seed, device)
+    if cfg.batch_size % cfg.accumulation_steps:
+        raise UserError(f"train.batch_size {cfg.batch_size} is not divisible by train.accumulation_steps "
+                        f"{cfg.accumulation_steps}; make it a multiple.")
+
+    job = build_job(config, device=device)
+    model, model_args = build_model(config, job.inferred_model_args)
+    # The stored config holds every constructor argument, so the run directory rebuilds the model alone.
+    config.model.args = model_args
+    model.to(device)
+    n_params = sum(p.numel() for p in model.parameters())
+
+    run_dir = Path(resume_dir) if resume_dir is not None else new_run_dir(config)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_yaml(config.to_dict(), run_dir / CONFIG)
+
+    optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay, tuple(cfg.betas))
+    total_steps = cfg.epochs * job.steps_per_epoch
+    schedule = CosineSchedule(cfg.lr, cfg.min_lr, round(cfg.warmup_epochs * job.steps_per_epoch), total_steps)
+    checkpoints = CheckpointDir(run_dir)
+
+    step = 0
+    if resume_dir is not None and (run_dir / "summary.json").is_file():
+        raise UserError(f"Run {run_dir} already finished; evaluate it with `polyattn eval {run_dir}` or "
+                        f"start a new run.")
+    resume_from = checkpoints.latest() if resume_dir is not None else None
+    if resume_dir is not None and resume_from is None:
+        print(f"note: {run_dir} has no checkpoint yet; starting it from the beginning.", file=sys.stderr)
+    if resume_from is not None:
+        load_weights(model, resume_from / WEIGHTS, model_name=config.model.name)
+        state = checkpoints.load_state(resume_from)
+        optimizer.load_state_dict(state["optimizer"])
+        job.load_state_dict(state["job"])
+        set_rng_state(state["rng"])
+        step = state["step"]
+        print(f"resuming {run_dir} at step {step}/{total_steps}", file=sys.stderr)
+
+    train_model = torch.compile(model) if cfg.compile else model
+    autocast = autocast_for(cfg.precision, device)
+    log = RunLog(run_dir, resume_step=step if resume_from is not None else None)
+    if resume_from is None:
+        log.log("run", 0, {"params": n_params, "model": config.model.name, "device": str(device),
+                           "torch": torch.__version__, "threads": torch.get_num_threads()})
+
+    def save_checkpoint() -> None:
+        state = {"step": step, "optimizer": optimizer.state_dict(), "job": job.state_dict(),
+                 "rng": current_rng_state()}
+        checkpoints.save(step, model, state, model_name=config.model.name)
+
+    progress = _progress(total_steps, step, enabled=cfg.progress)
+    train_time, train_samples, window_loss, window_n = 0.0, 0, 0.0, 0
+    max_steps = min(total_steps, cfg.max_steps) if cfg.max_steps else total_steps
+    try:
+        while step < max_steps:
+            epoch, start = divmod(step, job.steps_per_epoch)
+            model.train()
+            for batch in job.batches(epoch, start):
+                for group in optimizer.param_groups:
+                    group["lr"] = schedule(step)
+                t0 = time.perf_counter()
+                loss, n = job.loss(train_model, batch, accumulation_steps=cfg.accumulation_steps, autocast=autocast)
+                if not math.isfinite(loss.item()):
+                    raise UserError(f"The training loss became {loss.item()} at step {step} (epoch {epoch}); "
+                                    f"lower train.lr, keep train.grad_clip on, or check the data. The last "
+                                    f"good checkpoint is in {checkpoints.root}.")
+                grad_norm = (nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                             if cfg.grad_clip else None)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                train_time += time.perf_counter() - t0
+                train_samples += n
+                step += 1
+                window_loss, window_n = window_loss + loss.item(), window_n + 1
+                throughput = train_samples / max(train_time, 1e-9)
+                progress.update(1)
+                progress.set_postfix_str(f"epoch {epoch + 1}/{cfg.epochs} loss {loss.item():.4f} "
+                                         f"lr {schedule(step - 1):.2e} {throughput:.0f} samples/s", refresh=False)
+                if step % cfg.log_every == 0 or step == max_steps:
+                    values = {"loss": window_loss / window_n, "lr": schedule(step - 1),
+                              "samples_per_s": throughput, "epoch": step / job.steps_per_epoch}
+                    if grad_norm is not None:
+                        values["grad_norm"] = float(grad_norm)
+                    log.log("train", step, values)
+                    window_loss, window_n = 0.0, 0
+                epoch_done = step % job.steps_per_epoch == 0
+                if epoch_done and ((step // job.steps_per_epoch) % cfg.eval_every == 0 or step == total_steps):
+                    metrics = job.evaluate(model, job.eval_split, autocast=autocast)
+                    log.log(job.eval_split, step, {**metrics, "epoch": step // job.steps_per_epoch})
+                    progress.write(_format_metrics(f"epoch {step // job.steps_per_epoch} {job.eval_split}",
+                                                   metrics))
+                if epoch_done or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0):
+                    save_checkpoint()
+                if step >= max_steps:
+                    break
+    finally:
+        progress.close()
+
+    test_metrics = job.evaluate(model, "test", autocast=autocast)
+    log.log("test", step, test_metrics)
+    save_weights(model, run_dir / WEIGHTS, model_name=config.model.name)
+    summary = {
+        "model": config.model.name,
+        "params": n_params,
+        "steps": step,
+        "epochs": step / job.steps_per_epoch,
+        "train_samples_per_s": train_samples / train_time if train_time else None,
+        "train_time_s": train_time,
+        "test": test_metrics,
+        "device": str(device),
+        "threads": torch.get_num_threads(),
+    }
+    atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
+    log.close()
+    write_plots(run_dir)
+    rows = [("run", str(run_dir)), ("model", f"{config.model.name} ({n_params / 1e6:.2f}M params)"),
+            ("steps", f"{step} ({summary['epochs']:.2f} epochs)")]
+    if summary["train_samples_per_s"]:
+        rows.append(("train samples/s", f"{summary['train_samples_per_s']:.1f} ({train_time:.0f} s training)"))
+    rows += [(f"test {k}", _fmt(v)) for k, v in test_metrics.items()]
+    print(format_table(rows, "summary"))
+    return summary
+
+
+def evaluate_run(run_dir: Path, *, data_source: str | None = None, split: str = "test",
+                 device_name: str = "auto") -> dict[str, Any]:
+    """Evaluates a finished run (or its latest checkpoint) with nothing but its directory."""
+    from ..tasks import build_job
+
+    run_dir = Path(run_dir)
+    config = load_run_config(run_dir)
+    if data_source is not None:
+        config.data.source = data_source
+    device = resolve_device(device_name)
+    weights = run_dir / WEIGHTS
+    if not weights.is_file():
+        latest = CheckpointDir(run_dir).latest()
+        if latest is None:
+            raise UserError(f"{run_dir} has neither final weights nor a checkpoint; train it first.")
+        print(f"note: {run_dir} did not finish; evaluating its latest checkpoint {latest.name}.", file=sys.stderr)
+        weights = latest / WEIGHTS
+    job = build_job(config, device=device, splits=(split,))
+    model, _ = build_model(config, {})
+    load_weights(model, weights, model_name=config.model.name)
+    model.to(device)
+    metrics = job.evaluate(model, split, autocast=autocast_for(config.train.precision, device))
+    print(format_table([(f"{split} {k}", _fmt(v)) for k, v in metrics.items()],
+                       f"{config.model.name} on {config.data.source}"))
+    return metrics
+
+
+def _fmt(value: Any) -> str:
+    return f"{value:.4f}" if isinstance(value, float) else str(value)
+
+
+def _format_metrics(prefix: str, metrics: dict[str, float]) -> str:
+    return prefix + ": " + " ".join(f"{k} {_fmt(v)}" for k, v in metrics.items())
+
+
+def _progress(total: int, initial: int, enabled: bool):
+    from tqdm import tqdm
+
+    # Off a terminal (CI, a log file), update rarely so the log stays readable.
+    interactive = sys.stderr.isatty()
+    return tqdm(total=total, initial=initial, disable=not enabled, unit="step", dynamic_ncols=True,
+                mininterval=0.5 if interactive else 30.0, file=sys.stderr,
+                bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}] {postfix}")
+
+
+__all__ = ["TrainingJob", "evaluate_run", "load_run_config", "train"]

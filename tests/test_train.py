@@ -1,0 +1,174 @@
+"""End-to-end: the training engine, run directories, exact resume, evaluation and bad input."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from polyattn.cli import main
+from polyattn.errors import UserError
+from polyattn.train.config import build_config
+from polyattn.train.loop import train
+from polyattn.train.run_log import read_metrics
+
+TINY = ["model.embed_dim=32", "model.depth=1", "model.num_heads=2", "model.patch_size=4", "data.image_size=8",
+        "data.crop_padding=1", "train.batch_size=64", "train.progress=false", "train.log_every=5"]
+
+
+def tiny_config(tmp_path, *extra):
+    return build_config("default", [*TINY, f"train.out_dir={tmp_path}", *extra])
+
+
+def test_run_directory_describes_itself(tmp_path, cache_dir, capsys):
+    summary = train(tiny_config(tmp_path, "train.epochs=2", "train.run_name=r"))
+    run = tmp_path / "r"
+    for name in ("config.yaml", "model.safetensors", "metrics.jsonl", "summary.json", "checkpoints/latest"):
+        assert (run / name).exists(), name
+    assert list((run / "tensorboard").glob("events.out.tfevents.*"))
+    assert (run / "plots" / "train_loss.png").is_file()
+    assert summary["test"]["top1"] > 0.3  # 2 epochs of a tiny model: better than chance (0.1)
+    assert {"top1", "top5", "ece", "loss"} <= set(summary["test"])
+    assert "summary" in capsys.readouterr().out
+
+    # eval needs nothing but the directory and reproduces the final test metrics
+    assert main(["eval", str(run)]) == 0
+    out = capsys.readouterr().out
+    assert f"{summary['test']['top1']:.4f}" in out
+
+
+def test_gradient_accumulation_matches_one_batch(tmp_path, cache_dir):
+    one = train(tiny_config(tmp_path, "train.max_steps=3", "train.run_name=a", "train.precision=fp32"))
+    two = train(tiny_config(tmp_path, "train.max_steps=3", "train.run_name=b", "train.precision=fp32",
+                            "train.accumulation_steps=4"))
+    assert one["test"]["loss"] == pytest.approx(two["test"]["loss"], rel=1e-4)
+
+
+def test_nan_loss_stops_with_one_clear_sentence(tmp_path, cache_dir, monkeypatch):
+    from polyattn.tasks import image_classification
+
+    def nan_loss(self, model, batch, *, accumulation_steps, autocast):
+        return torch.tensor(float("nan")), len(batch[1])
+
+    monkeypatch.setattr(image_classification.ImageClassificationJob, "loss", nan_loss)
+    with pytest.raises(UserError, match="training loss became nan at step 0"):
+        train(tiny_config(tmp_path, "train.run_name=n"))
+
+
+def _polyattn(*args, **kwargs):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen([sys.executable, "-m", "polyattn", *args], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, **kwargs)
+
+
+def _comparable(records):
+    """Metrics records without wall-clock values."""
+    return [{k: v for k, v in r.items() if k not in ("samples_per_s",)} for r in records]
+
+
+@pytest.mark.slow
+def test_kill_9_and_resume_reaches_the_same_metrics(tmp_path, cache_dir):
+    args = ["train", "default", *TINY, f"train.out_dir={tmp_path}", "train.epochs=12", "model.embed_dim=64",
+            "train.checkpoint_every=7", "model.drop_path_rate=0.1"]
+    # uninterrupted reference
+    ref = _polyattn(*args, "train.run_name=ref")
+    out, _ = ref.communicate(timeout=300)
+    assert ref.returncode == 0, out
+
+    # the same run, killed with SIGKILL once a mid-epoch checkpoint exists, then resumed
+    run = tmp_path / "killed"
+    proc = _polyattn(*args, "train.run_name=killed")
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        latest = run / "checkpoints" / "latest"
+        if latest.is_file() and int(latest.read_text().split("-")[1]) >= 30:
+            break
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate()
+    assert not (run / "summary.json").exists(), "the run finished before it could be killed"
+
+    resumed = _polyattn("train", "--resume", str(run))
+    out, _ = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, out
+    assert "resuming" in out
+
+    ref_summary = json.loads((tmp_path / "ref" / "summary.json").read_text())
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["test"] == ref_summary["test"]
+    assert summary["steps"] == ref_summary["steps"]
+    assert _comparable(read_metrics(run)) == _comparable(read_metrics(tmp_path / "ref"))
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["train", "nope"], "Unknown recipe 'nope'"),
+    (["train", "default", "train.lrr=1"], "Did you mean 'train.lr'?"),
+    (["train", "default", "model=vit_tinyy"], "Unknown model 'vit_tinyy'"),
+    (["train", "default", "data.source=/does/not/exist"], "/does/not/exist"),
+    (["train", "default", "model.patch_size=3"], "not divisible by the patch size"),
+    (["eval", "/no/such/run"], "does not exist"),
+])
+def test_bad_input_is_one_sentence_and_exit_2(argv, message, tmp_path, cache_dir, capsys):
+    runs = tmp_path / "runs"
+    code = main([*argv, f"train.out_dir={runs}"] if argv[0] == "train" else argv)
+    err = capsys.readouterr().err
+    assert code == 2
+    assert message in err
+    assert err.startswith("error: ") and "Traceback" not in err
+    assert not runs.exists(), "a failed start left files behind"
+
+
+def test_corrupted_or_foreign_weights_are_refused(tmp_path, cache_dir, capsys):
+    train(tiny_config(tmp_path, "train.max_steps=2", "train.run_name=a"))
+    train(tiny_config(tmp_path, "train.max_steps=2", "train.run_name=b", "model.depth=2"))
+    a, b = tmp_path / "a", tmp_path / "b"
+
+    # weights of a deeper model copied into run a
+    (a / "model.safetensors").write_bytes((b / "model.safetensors").read_bytes())
+    assert main(["eval", str(a)]) == 2
+    assert "do not fit model 'vit_nano'" in capsys.readouterr().err
+
+    # a truncated file
+    data = (b / "model.safetensors").read_bytes()
+    (b / "model.safetensors").write_bytes(data[: len(data) // 2])
+    assert main(["eval", str(b)]) == 2
+    assert "corrupted" in capsys.readouterr().err
+
+
+def test_resume_refuses_a_finished_run_and_model_changes(tmp_path, cache_dir, capsys):
+    train(tiny_config(tmp_path, "train.max_steps=2", "train.epochs=1", "train.run_name=done"))
+    assert main(["train", "--resume", str(tmp_path / "done")]) == 2
+    assert "already finished" in capsys.readouterr().err
+    assert main(["train", "--resume", str(tmp_path / "done"), "model.depth=5"]) == 2
+    assert "cannot change its model" in capsys.readouterr().err
+
+
+def test_models_command_lists_parameter_counts(capsys):
+    assert main(["models"]) == 0
+    out = capsys.readouterr().out
+    assert "vit_tiny" in out and "5.72M" in out
+
+
+def test_help_on_every_command(capsys):
+    for argv in (["--help"], ["train", "--help"], ["eval", "--help"], ["models", "--help"]):
+        with pytest.raises(SystemExit) as exit_info:
+            main(argv)
+        assert exit_info.value.code == 0
+    assert "key=value" in capsys.readouterr().out
+
+
+def test_module_entry_point_runs():
+    out = subprocess.run([sys.executable, "-m", "polyattn", "models", "--task", "classification"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and "vit_base" in out.stdout
+
+
+def test_recipe_files_are_valid():
+    root = Path(__file__).resolve().parents[1] / "configs"
+    for recipe in root.glob("*.yaml"):
+        build_config(str(recipe), [])
