@@ -52,24 +52,26 @@ def weights(q, k, **kw):
     return attention(q, k, eye, **kw)
 
 
+@pytest.mark.parametrize("backend", ["sdpa", "explicit"])
 @pytest.mark.parametrize("mask_kind", ["none", "padding", "random"])
 @pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)
 @pytest.mark.parametrize("mode,a", MODES, ids=MODE_IDS)
-def test_matches_reference_fp32(mode, a, shape, mask_kind):
+def test_matches_reference_fp32(mode, a, shape, mask_kind, backend):
     T, S, H, Hkv = shape
     q, k, v = make_qkv(2, T, S, H, Hkv)
     mask = make_mask(mask_kind, 2, T, S)
     do = torch.randn(2, T, H, v.shape[-1], generator=torch.Generator().manual_seed(1))
     kw = dict(mask_mode=mode, soft_mask_a=a, attn_mask=mask)
     ref = run(attention_ref, q, k, v, do, **kw)
-    out = run(attention, q, k, v, do, **kw)
+    out = run(attention, q, k, v, do, **kw, backend=backend)
     for name, r, x in zip(("o", "dq", "dk", "dv"), ref, out):
         assert_close(name, r, x, ratio=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("backend", ["sdpa", "explicit"])
 @pytest.mark.parametrize("shape", [(63, 63, 4, 2), (7, 20, 4, 1)], ids=["self-T63", "cross-T7-S20"])
 @pytest.mark.parametrize("mode,a", MODES, ids=MODE_IDS)
-def test_matches_reference_bf16(mode, a, shape):
+def test_matches_reference_bf16(mode, a, shape, backend):
     T, S, H, Hkv = shape
     q, k, v = make_qkv(2, T, S, H, Hkv, dtype=torch.bfloat16)
     q32, k32, v32 = (t.detach().float().requires_grad_() for t in (q, k, v))
@@ -77,10 +79,19 @@ def test_matches_reference_bf16(mode, a, shape):
     do = torch.randn(2, T, H, v.shape[-1], generator=torch.Generator().manual_seed(1))
     kw = dict(mask_mode=mode, soft_mask_a=a, attn_mask=mask)
     ref = run(attention_ref, q32, k32, v32, do, **kw)
-    out = run(attention, q, k, v, do, **kw)
+    out = run(attention, q, k, v, do, **kw, backend=backend)
     assert out[0].dtype == torch.bfloat16
     for name, r, x in zip(("o", "dq", "dk", "dv"), ref, out):
         assert_close(name, r, x, ratio=1e-2, atol=0.0)
+
+
+def test_auto_backend_picks_explicit_only_where_it_is_faster():
+    pick = attention_module._pick_backend
+    bf16 = torch.zeros(1, dtype=torch.bfloat16)
+    assert pick(attention_module.Backend.AUTO, BID, bf16, 65) is attention_module.Backend.EXPLICIT
+    assert pick(attention_module.Backend.AUTO, BID, bf16, 4096) is attention_module.Backend.SDPA
+    assert pick(attention_module.Backend.AUTO, BID, bf16.float(), 65) is attention_module.Backend.SDPA
+    assert pick(attention_module.Backend.SDPA, ILLAMA, bf16, 65) is attention_module.Backend.EXPLICIT
 
 
 def test_explicit_path_softmax_in_fp32():
