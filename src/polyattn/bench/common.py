@@ -1,0 +1,109 @@
+"""Shared benchmark helpers: a self-describing header, median timing after warm-up, memory measures, JSON output."""
+
+import json
+import os
+import platform
+import statistics
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+
+def git_revision() -> str:
+    """Short git revision of the working tree (with "+dirty" when it has changes), or "unknown"."""
+    try:
+        root = Path(__file__).resolve().parent
+        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
+                             timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return (rev + ("+dirty" if dirty else "")) or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def device_name(device: torch.device) -> str:
+    """A readable name of the device: the CPU model (from /proc/cpuinfo when present) or the CUDA device name."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def bench_header(device: torch.device, **extra) -> dict:
+    """Device, torch version, git revision, thread count and any benchmark-specific settings."""
+    return {
+        "device": str(device),
+        "device_name": device_name(device),
+        "torch": torch.__version__,
+        "git": git_revision(),
+        "threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+        "time": time.strftime("%Y-%m-%d %H:%M:%S"),
+        **extra,
+    }
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_call(fn: Callable[[], object], device: torch.device, repeats: int) -> list[float]:
+    """Wall-clock seconds of `repeats` calls of `fn` (the caller does the warm-up), synchronising around each."""
+    times = []
+    for _ in range(repeats):
+        synchronize(device)
+        t0 = time.perf_counter()
+        fn()
+        synchronize(device)
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def median(xs: list[float]) -> float:
+    return statistics.median(xs)
+
+
+class SavedTensorBytes:
+    """Counts the bytes of the distinct tensor storages autograd saves for backward inside the context.
+
+    On a CPU there is no allocator statistic per call, so this is the memory measure for training: the
+    activations a forward pass keeps alive until backward (what grows with the sequence length). It does not see
+    transient buffers freed within the forward pass, nor the backward pass's own temporaries.
+    """
+
+    def __init__(self):
+        self.bytes = 0
+        self._seen: set[int] = set()
+        self._ctx = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda x: x)
+
+    def _pack(self, t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        key = storage.data_ptr()
+        if key not in self._seen:
+            self._seen.add(key)
+            self.bytes += storage.nbytes()
+        return t
+
+    def __enter__(self):
+        self._ctx.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self._ctx.__exit__(*exc)
+        self._seen.clear()  # keeps only the count: no reference to freed storages' addresses beyond this call
+
+
+def write_json(path: Path, obj: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(obj, indent=2))

@@ -1,0 +1,408 @@
+"""LightNet layers: the LightNet attention token mixer, MD-TPE, the pre-norm block, and the multi-scan baseline.
+
+arXiv 2405.21022 (Qin et al., LightNet); spec shared/reference/lightnet.md §3–§5.
+
+Layer contract (FLA style, spec ecosystem §1.2): `forward(hidden_states [B, T, D], attention_mask [B, T] | None,
+past_key_values=None, use_cache=False, **kwargs) -> (o [B, T, D], None, state)`. Only 2-D padding masks are
+accepted (True/1 = real token). `past_key_values` is *this layer's own* decoding state (a `LightNetCache`, not a
+multi-layer cache object): a model keeps one per layer and passes it back in; nothing is stored on the module.
+"""
+
+import math
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..ops.decay_scan import multi_scan_decay_attn
+from ..ops.lightnet import LightNetState, lightnet_attn
+from ..ops.lrpe import (
+    grid_positions,
+    lrpe_cosine,
+    lrpe_key_features,
+    lrpe_rotary_query,
+    lrpe_theta,
+    md_lrpe_angles,
+    pair_angles_to_channels,
+)
+from ..ops.tpe import tpe_axis_scan, tpe_scan
+from .mlp import GatedMlp
+from .norm import GroupRMSNorm, RMSNorm
+
+
+class LightNetCache(NamedTuple):
+    """Decoding state of one `LightNetAttention` layer.
+
+    Attributes:
+        S: running matrix `[B, H, R·d, d]` float32 (R = 2 with LRPE, else 1), normalised to `z`.
+        z: log-normaliser `[B, H, d]` float32 (−inf = no key yet).
+        offset: `[B]` int64, real tokens seen so far: the LRPE position of the next real token.
+    """
+
+    S: torch.Tensor
+    z: torch.Tensor
+    offset: torch.Tensor
+
+
+def _init_linears(module: nn.Module, init: str, zero: Sequence[nn.Linear] = ()) -> None:
+    """"default": trunc-normal(0.02) for every linear; "author": Xavier-uniform gain 0.01, listed layers zeroed."""
+    if init not in ("default", "author"):
+        raise ValueError(f"init must be 'default' or 'author', got {init!r}")
+    for m in module.modules():
+        if isinstance(m, nn.Linear):
+            if init == "default":
+                nn.init.trunc_normal_(m.weight, std=0.02)
+            else:
+                nn.init.xavier_uniform_(m.weight, gain=0.01)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+    if init == "author":
+        for m in zero:
+            nn.init.zeros_(m.weight)
+
+
+def _real_positions(mask: torch.Tensor | None, offset: torch.Tensor | None, B: int, T: int, device) -> torch.Tensor:
+    """1-D positions `[B, T]` counting real tokens only (so a padded row equals its unpadded version)."""
+    if mask is None:
+        pos = torch.arange(T, device=device).expand(B, T)
+    else:
+        pos = (mask.long().cumsum(1) - 1).clamp_min(0)
+    if offset is not None:
+        pos = pos + offset[:, None]
+    return pos
+
+
+class LightNetAttention(nn.Module):
+    """LightNet attention (LNA) layer, spec §3.1 (arXiv 2405.21022).
+
+    `q = SiLU(W_q x)`, raw key logits `k = W_k x`, `v = W_v x`; keys soft-maxed over tokens (causal: over the
+    prefix) inside `polyattn.ops.lightnet.lightnet_attn`; MD-LRPE on q and on the normalised keys; a low-rank
+    sigmoid output gate `σ(W_u2 W_u1 x)`; per-head RMSNorm; output projection.
+
+    Args:
+        hidden_size: model width D.
+        num_heads: H; head dim d = D / H for keys and values.
+        causal: causal (LM) or global one-scan (encoders, images) mixing.
+        scale: output scale of the core; 1.0 (the authors') or None for d^-0.5.
+        lrpe: "cosine" (d → 2d, exact under the causal decay), "rotary" (carried in the same 2d state so it stays
+            exact, see `lrpe_rotary_query`) or None.
+        grid_shape: default grid (e.g. `(14, 14)`) for MD-LRPE over grid tokens; None = 1-D positions that count
+            real tokens. A forward call may pass another `grid_shape`.
+        num_special: leading special tokens (angle 0) before the grid tokens.
+        lrpe_base, lrpe_shared_heads: LRPE frequencies (`polyattn.ops.lrpe.lrpe_theta`).
+        gate_low_rank_dim: rank r of the output gate; None → d.
+        gate_position: "pre" (author: `norm(o ⊙ σ(u))`) or "post" (`norm(o) ⊙ σ(u)`).
+        norm_eps: eps of the per-head RMSNorm.
+        normalizer_init: "empty" or "unit" (see `lightnet_attn`).
+        chunk_size: chunk length of the causal parallel form.
+        init: "default" (trunc-normal 0.02) or "author" (Xavier gain 0.01, zero o_proj).
+        layer_idx: index of the layer in its model (bookkeeping only).
+    """
+
+    def __init__(
+        self,
+        hidden_size: int,
+        num_heads: int,
+        *,
+        causal: bool = True,
+        scale: float | None = 1.0,
+        lrpe: str | None = "cosine",
+        grid_shape: Sequence[int] | None = None,
+        num_special: int = 0,
+        lrpe_base: float = 10000.0,
+        lrpe_shared_heads: bool = False,
+        gate_low_rank_dim: int | None = None,
+        gate_position: str = "pre",
+        norm_eps: float = 1e-6,
+        normalizer_init: str = "empty",
+        chunk_size: int = 64,
+        init: str = "default",
+        layer_idx: int | None = None,
+    ):
+        super().__init__()
+        assert hidden_size % num_heads == 0, f"hidden_size {hidden_size} not divisible by num_heads {num_heads}"
+        assert lrpe in ("cosine", "rotary", None), f"unknown lrpe {lrpe!r}"
+        assert gate_position in ("pre", "post"), f"unknown gate_position {gate_position!r}"
+        self.hidden_size, self.num_heads = hidden_size, num_heads
+        self.head_dim = d = hidden_size // num_heads
+        assert lrpe != "rotary" or d % 2 == 0, "rotary LRPE needs an even head dim"
+        self.causal, self.lrpe, self.gate_position = causal, lrpe, gate_position
+        self.scale = d**-0.5 if scale is None else scale
+        self.grid_shape = tuple(grid_shape) if grid_shape is not None else None
+        self.num_special = num_special
+        self.normalizer_init, self.chunk_size, self.layer_idx = normalizer_init, chunk_size, layer_idx
+        self.lrpe_base, self.lrpe_shared_heads = lrpe_base, lrpe_shared_heads
+        self.q_proj = nn.Linear(hidden_size, hidden_size, bias=False)
+        self.k_proj = nn.Linear(hidden_size, hidden_size, bias=False)
+        self.v_proj = nn.Linear(hidden_size, hidden_size, bias=False)
+        r = gate_low_rank_dim or d
+        self.g_proj = nn.Sequential(nn.Linear(hidden_size, r, bias=False), nn.Linear(r, hidden_size, bias=False))
+        self.g_norm = GroupRMSNorm(hidden_size, num_heads, eps=norm_eps)
+        self.o_proj = nn.Linear(hidden_size, hidden_size, bias=False)
+        _init_linears(self, init, zero=[self.o_proj])
+
+    def _theta(self, num_axes: int, device) -> torch.Tensor:
+        dim = self.head_dim if self.lrpe == "cosine" else self.head_dim // 2
+        return lrpe_theta(dim, self.num_heads, num_axes, self.lrpe_base, self.lrpe_shared_heads).to(device)
+
+    def _positions(self, B, T, mask, offset, grid_shape, device) -> torch.Tensor:
+        """LRPE coordinates `[B|1, T, k]`."""
+        if grid_shape is not None:
+            assert offset is None, "decoding over a grid is not supported; use 1-D positions"
+            pos = grid_positions(grid_shape, self.num_special, device=device)
+            assert pos.shape[0] == T, f"grid {tuple(grid_shape)} + {self.num_special} specials != {T} tokens"
+            return pos[None]
+        return _real_positions(mask, offset, B, T, device).float()[..., None]
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        past_key_values: LightNetCache | None = None,
+        use_cache: bool = False,
+        grid_shape: Sequence[int] | None = None,
+        **kwargs,
+    ) -> tuple[torch.Tensor, None, LightNetCache | None]:
+        """`[B, T, D]` → `([B, T, D], None, cache)`; see the module docstring for the contract."""
+        assert attention_mask is None or attention_mask.dim() == 2, "only [B, T] padding masks are supported"
+        assert past_key_values is None or self.causal, "a decoding state needs a causal layer"
+        x = hidden_states
+        B, T, D = x.shape
+        H, d = self.num_heads, self.head_dim
+        mask = None if attention_mask is None else attention_mask.bool()
+        grid_shape = self.grid_shape if grid_shape is None else grid_shape
+        q = F.silu(self.q_proj(x)).view(B, T, H, d)  # [B, T, H, d]
+        k = self.k_proj(x).view(B, T, H, d)  # raw key logits: the key is the decay input
+        v = self.v_proj(x).view(B, T, H, d)
+        offset = None if past_key_values is None else past_key_values.offset
+        feats = None
+        if self.lrpe is not None:
+            pos = self._positions(B, T, mask, offset, grid_shape, x.device)
+            theta = self._theta(pos.shape[-1], x.device)
+            if self.lrpe == "cosine":
+                ang = md_lrpe_angles(pos, theta, d)  # [B|1, T, H, d]
+                q = lrpe_cosine(q, ang)
+            else:
+                pair = md_lrpe_angles(pos, theta, d // 2)
+                ang = pair_angles_to_channels(pair)
+                q = lrpe_rotary_query(q, pair)
+            feats = lrpe_key_features(ang)
+        state = None if past_key_values is None else LightNetState(past_key_values.S, past_key_values.z)
+        o, new_state = lightnet_attn(q, k, v, causal=self.causal, scale=self.scale, initial_state=state,
+                                     output_final_state=use_cache, mask=mask, chunk_size=self.chunk_size,
+                                     normalizer_init=self.normalizer_init, key_features=feats)
+        o = o.reshape(B, T, D)
+        gate = torch.sigmoid(self.g_proj(x))
+        o = self.g_norm(o * gate) if self.gate_position == "pre" else self.g_norm(o) * gate
+        o = self.o_proj(o)
+        cache = None
+        if use_cache:
+            seen = torch.full((B,), T, device=x.device, dtype=torch.long) if mask is None else mask.long().sum(1)
+            prev = torch.zeros_like(seen) if offset is None else offset
+            cache = LightNetCache(new_state.S, new_state.z, prev + seen)
+        return o, None, cache
+
+    def state_size(self) -> int:
+        """Floats per sequence in the decoding state: `S` (H·R·d·d) + `z` (H·d) (+ the position counter)."""
+        R = 1 if self.lrpe is None else 2
+        return self.num_heads * (R * self.head_dim * self.head_dim + self.head_dim) + 1
+
+
+class MdTpe(nn.Module):
+    """MD-TPE (spec §4.2–4.3; arXiv 2405.21022): one decayed Toeplitz scan per grid axis, summed.
+
+    Per axis `a` and head `h`: `u = scan_a(x)` with decay `λ_{a,h} = sigmoid(ℓ_{a,h})`, `o = c_{a,h} u` with
+    `c_{a,h} = q_{a,h} · k_{a,h}`, `y_a = W_{o,a} GroupRMSNorm_H(o)`; `MD-TPE(x) = Σ_a y_a`.
+
+    Args:
+        dim: width D.
+        num_heads: H (channels per head D / H share one decay).
+        num_axes: number of grid axes (1 for text).
+        causal: one-sided scans (causal LMs) or two-sided `λ^{|Δ|}` per axis (encoders, images).
+        residual: return `x + MD-TPE(x)` (recommended) or `MD-TPE(x)` (the author's LM code replaces the embedding).
+        num_special: leading special tokens, excluded from the scans and passed through unchanged.
+        norm_eps: eps of the per-axis group RMSNorm.
+    """
+
+    def __init__(self, dim: int, num_heads: int, num_axes: int = 1, *, causal: bool = False, residual: bool = True,
+                 num_special: int = 0, norm_eps: float = 1e-6):
+        super().__init__()
+        assert dim % num_heads == 0
+        self.dim, self.num_heads, self.num_axes = dim, num_heads, num_axes
+        self.causal, self.residual, self.num_special = causal, residual, num_special
+        self.q = nn.Parameter(torch.ones(num_axes, dim))
+        self.k = nn.Parameter(torch.ones(num_axes, dim))
+        self.decay_logit = nn.Parameter(torch.zeros(num_axes, num_heads))  # λ = 0.5 at init
+        self.norms = nn.ModuleList(GroupRMSNorm(dim, num_heads, eps=norm_eps) for _ in range(num_axes))
+        self.o_projs = nn.ModuleList(nn.Linear(dim, dim, bias=False) for _ in range(num_axes))
+        for m in self.o_projs:
+            nn.init.trunc_normal_(m.weight, std=0.02)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        grid_shape: Sequence[int] | None = None,
+        attention_mask: torch.Tensor | None = None,
+        state: torch.Tensor | None = None,
+        use_cache: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """`x [B, l + N, D]` → `(y [B, l + N, D], state)`.
+
+        `grid_shape` defaults to `(N,)` (1-D). `attention_mask [B, T]`: padded inputs are zeroed (left padding
+        causal / right padding two-sided are exact) and padded outputs pass through. `state [B, H, D/H]` float32
+        is the causal 1-D scan state for decoding (returned when `use_cache`).
+        """
+        B, T, D = x.shape
+        H = self.num_heads
+        ls = self.num_special
+        tokens = x[:, ls:]
+        grid_shape = (T - ls,) if grid_shape is None else tuple(grid_shape)
+        assert len(grid_shape) == self.num_axes, f"grid {grid_shape} has not {self.num_axes} axes"
+        m = None if attention_mask is None else attention_mask.bool()[:, ls:, None]
+        xin = tokens if m is None else tokens.masked_fill(~m, 0)
+        xh = xin.reshape(B, T - ls, H, D // H)
+        log_decay = F.logsigmoid(self.decay_logit.float())  # [A, H]
+        coeff = (self.q * self.k).view(self.num_axes, H, D // H).sum(-1)  # c_{a,h} = q_{a,h} · k_{a,h}
+        direction = "causal" if self.causal else "bidirectional"
+        out, new_state = 0, None
+        for a in range(self.num_axes):
+            if self.num_axes == 1 and self.causal:
+                u, new_state = tpe_scan(xh, log_decay[a], direction="causal", initial_state=state)
+            else:
+                assert state is None and not use_cache, "a decoding state exists for the 1-D causal TPE only"
+                u = tpe_axis_scan(xh, grid_shape, a, log_decay[a], direction=direction)
+            o = (u * coeff[a][:, None].to(u.dtype)).reshape(B, T - ls, D)
+            out = out + self.o_projs[a](self.norms[a](o))
+        if m is not None:
+            out = out.masked_fill(~m, 0)
+        y = tokens + out if self.residual else out
+        if m is not None and not self.residual:
+            y = torch.where(m, y, tokens)
+        y = torch.cat([x[:, :ls], y], dim=1)
+        return y, (new_state if use_cache else None)
+
+
+class MultiScanAttention(nn.Module):
+    """The multiplicative multi-scan baseline with the same shape as `LightNetAttention` (spec §5).
+
+    Same q/k/v/gate/norm/output parts; instead of LightNet's soft-maxed keys, a per-channel log-decay
+    `g = logsigmoid(W_f2 W_f1 x)` (low rank, like the gate) drives `S_t = diag(λ_t) S_{t−1} + (1 − λ_t) k_t v_tᵀ`,
+    run as causal scans over `directions` orders of the grid (1: row-major; 2: + reversed (Vim); 4: + column-major
+    both ways (VMamba cross-scan)) and summed (or averaged, `divide=True`).
+
+    Args:
+        hidden_size, num_heads: as `LightNetAttention`.
+        directions: 1, 2 or 4.
+        grid_shape: grid of the tokens (needed for 4 directions); None → 1-D.
+        divide: average the directions instead of summing.
+        per_direction_decay: a separate decay projection per direction (default: shared).
+        scale: query scale; None → d^-0.5.
+        gate_low_rank_dim, decay_low_rank_dim: ranks; None → d.
+        norm_eps, chunk_size, init, layer_idx: as `LightNetAttention`.
+    """
+
+    def __init__(
+        self,
+        hidden_size: int,
+        num_heads: int,
+        *,
+        directions: int = 4,
+        grid_shape: Sequence[int] | None = None,
+        divide: bool = False,
+        per_direction_decay: bool = False,
+        scale: float | None = None,
+        gate_low_rank_dim: int | None = None,
+        decay_low_rank_dim: int | None = None,
+        norm_eps: float = 1e-6,
+        chunk_size: int = 64,
+        init: str = "default",
+        layer_idx: int | None = None,
+    ):
+        super().__init__()
+        assert hidden_size % num_heads == 0
+        assert directions in (1, 2, 4), f"directions must be 1, 2 or 4, got {directions}"
+        self.hidden_size, self.num_heads = hidden_size, num_heads
+        self.head_dim = d = hidden_size // num_heads
+        self.directions, self.divide, self.scale = directions, divide, scale
+        self.grid_shape = tuple(grid_shape) if grid_shape is not None else None
+        self.chunk_size, self.layer_idx = chunk_size, layer_idx
+        self.q_proj = nn.Linear(hidden_size, hidden_size, bias=False)
+        self.k_proj = nn.Linear(hidden_size, hidden_size, bias=False)
+        self.v_proj = nn.Linear(hidden_size, hidden_size, bias=False)
+        rf = decay_low_rank_dim or d
+        n_f = directions if per_direction_decay else 1
+        self.f_projs = nn.ModuleList(
+            nn.Sequential(nn.Linear(hidden_size, rf, bias=False), nn.Linear(rf, hidden_size, bias=True))
+            for _ in range(n_f))
+        r = gate_low_rank_dim or d
+        self.g_proj = nn.Sequential(nn.Linear(hidden_size, r, bias=False), nn.Linear(r, hidden_size, bias=False))
+        self.g_norm = GroupRMSNorm(hidden_size, num_heads, eps=norm_eps)
+        self.o_proj = nn.Linear(hidden_size, hidden_size, bias=False)
+        _init_linears(self, init, zero=[self.o_proj])
+        for f in self.f_projs:  # start with slow decay (λ ≈ sigmoid(3) ≈ 0.95): long memory, as GLA-style models
+            nn.init.constant_(f[1].bias, 3.0)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        past_key_values: None = None,
+        use_cache: bool = False,
+        grid_shape: Sequence[int] | None = None,
+        **kwargs,
+    ) -> tuple[torch.Tensor, None, None]:
+        """`[B, T, D]` → `([B, T, D], None, None)`; no decoding state (a multi-direction scan is not causal)."""
+        assert past_key_values is None and not use_cache, "MultiScanAttention has no decoding state"
+        assert attention_mask is None or attention_mask.dim() == 2, "only [B, T] padding masks are supported"
+        x = hidden_states
+        B, T, D = x.shape
+        H, d = self.num_heads, self.head_dim
+        grid_shape = self.grid_shape if grid_shape is None else grid_shape
+        grid_shape = (T,) if grid_shape is None else tuple(grid_shape)
+        q = F.silu(self.q_proj(x)).view(B, T, H, d)
+        k = self.k_proj(x).view(B, T, H, d)
+        v = self.v_proj(x).view(B, T, H, d)
+        gs = [F.logsigmoid(f(x).float()).view(B, T, H, d) for f in self.f_projs]
+        mask = None if attention_mask is None else attention_mask.bool()
+        o = multi_scan_decay_attn(q, k, v, gs[0] if len(gs) == 1 else gs, grid_shape=grid_shape,
+                                  directions=self.directions, divide=self.divide, scale=self.scale, mask=mask,
+                                  chunk_size=self.chunk_size)
+        o = o.reshape(B, T, D)
+        o = self.o_proj(self.g_norm(o * torch.sigmoid(self.g_proj(x))))
+        return o, None, None
+
+
+class LightNetBlock(nn.Module):
+    """Pre-norm block (spec §3.4): `h ← h + Mixer(RMSNorm(h))`, `h ← h + GLU(RMSNorm(h))`.
+
+    Args:
+        dim: width D.
+        num_heads: heads of the token mixer.
+        mlp_hidden_dim: GLU hidden width; None → 8D/3 rounded up to a multiple of 8 (a ViT 4× MLP budget).
+        mixer_layer: token-mixer class (`LightNetAttention`, `MultiScanAttention`, or any class with the same
+            constructor head `(hidden_size, num_heads, **kw)` and forward contract).
+        norm_eps: eps of the two RMSNorms.
+        layer_idx: passed to the mixer.
+        **mixer_kwargs: forwarded to `mixer_layer` (e.g. `causal=False, grid_shape=(14, 14)`).
+    """
+
+    def __init__(self, dim: int, num_heads: int, *, mlp_hidden_dim: int | None = None,
+                 mixer_layer: type[nn.Module] = LightNetAttention, norm_eps: float = 1e-6,
+                 layer_idx: int | None = None, **mixer_kwargs):
+        super().__init__()
+        hidden = mlp_hidden_dim or 8 * math.ceil(8 * dim / 3 / 8)
+        self.attn_norm = RMSNorm(dim, eps=norm_eps)
+        self.attn = mixer_layer(dim, num_heads, layer_idx=layer_idx, **mixer_kwargs)
+        self.mlp_norm = RMSNorm(dim, eps=norm_eps)
+        self.mlp = GatedMlp(dim, hidden)
+
+    def forward(self, h: torch.Tensor, attention_mask: torch.Tensor | None = None, past_key_values=None,
+                use_cache: bool = False, **kwargs) -> tuple[torch.Tensor, object]:
+        """`[B, T, D]` → `([B, T, D], the mixer's new state or None)`; kwargs (e.g. grid_shape) go to the mixer."""
+        o, _, state = self.attn(self.attn_norm(h), attention_mask=attention_mask, past_key_values=past_key_values,
+                                use_cache=use_cache, **kwargs)
+        h = h + o
+        h = h + self.mlp(self.mlp_norm(h))
+        return h, state

@@ -1,0 +1,326 @@
+"""LightNet attention: additive linear recurrence, one scan for any number of dimensions.
+
+arXiv 2405.21022 (Qin et al., "You Only Scan Once: Efficient Multi-dimension Sequential Modeling with LightNet").
+Spec: shared/reference/lightnet.md §2.
+
+For every key channel `i` the key logits are soft-maxed over the (causal: prefix of the) token axis and used as
+linear-attention weights:
+
+    S_t[i, :] = Σ_{s≤t} exp(k_si) v_s / Σ_{s≤t} exp(k_si),    o_t = scale · q_tᵀ S_t
+
+Causal: the log-normaliser `z_t = logcumsumexp_{s≤t}(k_s)` turns this into gated linear attention with
+normalised keys `exp(k_t − z_t) ≤ 1` and log-decays `z_{t−1} − z_t ≤ 0`: no exponent is ever positive, so nothing
+overflows for any length or key magnitude. Non-causal: `softmax(K over tokens)ᵀ V` once, then one matmul per
+query: independent of the order in which a grid is flattened ("you only scan once").
+
+Layouts: `q [B, T, H, R·K]`, `k [B, T, H, K]` (raw key logits), `v [B, T, H, V]`, optional
+`key_features [B|1, T, H, R·K]`. With `R > 1` (cosine LRPE: R = 2) the normalised key weights of channel `i` are
+repeated R times along the channel axis (copy r holds channel `r·K + i`) and multiplied by `key_features`
+before entering the state, so every copy of a channel shares its decay (spec §4.1: this keeps relative
+positions exact under the causal vector decay).
+
+State (`LightNetState`, both float32 under any autocast):
+- `S [B, H, R·K, V]`: the running matrix `Σ_{s≤t} exp(k_s − z_t) ⊙ f_s v_sᵀ` (normalised to `z`),
+- `z [B, H, K]`: the log-normaliser `log(exp(z_0) + Σ_{s≤t} exp(k_s))`; −inf = empty.
+"""
+
+from typing import NamedTuple
+
+import torch
+
+from .decay_scan import NEG, _chunk_len, _compute_dtype, _from_chunks, _pad_time, _to_chunks, chunk_gated_core
+
+
+class LightNetState(NamedTuple):
+    """Decoding state of one LightNet attention op (per layer): `S [B, H, R·K, V]`, `z [B, H, K]`, float32."""
+
+    S: torch.Tensor
+    z: torch.Tensor
+
+
+def _initial(
+    B: int, H: int, K: int, RK: int, V: int, initial_state: LightNetState | None, normalizer_init: str, like
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Initial `(S, z)` in float32 with −inf replaced by the finite `NEG` (see `decay_scan.NEG`)."""
+    if initial_state is not None:
+        S0, z0 = initial_state
+        return S0.float(), z0.float().clamp_min(NEG)
+    if normalizer_init not in ("empty", "unit"):
+        raise ValueError(f"normalizer_init must be 'empty' or 'unit', got {normalizer_init!r}")
+    # "unit": a virtual key with logit 0 and a zero value (the author's LM code), so Δ_t = 1 + Σ exp(k_s)
+    z0 = like.new_full((B, H, K), NEG if normalizer_init == "empty" else 0.0, dtype=torch.float32)
+    return like.new_zeros(B, H, RK, V, dtype=torch.float32), z0
+
+
+def _key_weights(k_hat: torch.Tensor, R: int, key_features: torch.Tensor | None) -> torch.Tensor:
+    """Normalised key weights `[B, T, H, K]` → `[B, T, H, R, K]` (R copies times the key features)."""
+    kw = k_hat.unsqueeze(-2).expand(*k_hat.shape[:-1], R, k_hat.shape[-1])
+    if key_features is not None:
+        kw = kw * key_features.float().unflatten(-1, (R, -1))
+    return kw
+
+
+def _public_state(S: torch.Tensor, z: torch.Tensor) -> LightNetState:
+    """Maps the internal finite stand-in back to −inf so the returned log-normaliser reads as documented."""
+    return LightNetState(S, torch.where(z <= NEG / 2, -torch.inf, z))
+
+
+def _check(q, k, v, key_features):
+    K = k.shape[-1]
+    assert q.shape[:3] == k.shape[:3] == v.shape[:3], "q, k, v must share [B, T, H]"
+    assert q.shape[-1] % K == 0, f"q has {q.shape[-1]} channels, not a multiple of the {K} key channels"
+    R = q.shape[-1] // K
+    assert R == 1 or key_features is not None, "q wider than k needs key_features (e.g. cosine LRPE)"
+    return R
+
+
+def lightnet_chunk(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    scale: float = 1.0,
+    initial_state: LightNetState | None = None,
+    output_final_state: bool = False,
+    mask: torch.Tensor | None = None,
+    chunk_size: int = 64,
+    normalizer_init: str = "empty",
+    key_features: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, LightNetState | None]:
+    """Causal LightNet attention, chunk-parallel (training / prefill). Arguments as `lightnet_attn`."""
+    B, T, H, K = k.shape
+    V = v.shape[-1]
+    R = _check(q, k, v, key_features)
+    S0, z0 = _initial(B, H, K, R * K, V, initial_state, normalizer_init, k)
+    kf = k.float()
+    if mask is not None:
+        # padded keys → "−inf" before the normaliser, so they carry no weight anywhere
+        kf = kf.masked_fill(~mask[:, :, None, None], NEG)
+        v = v.masked_fill(~mask[:, :, None, None], 0)
+    z = torch.logaddexp(z0.unsqueeze(1), torch.logcumsumexp(kf, dim=1))  # [B, T, H, K] float32
+    k_hat = torch.exp(kf - z)  # ∈ (0, 1]
+    if mask is not None:
+        k_hat = k_hat.masked_fill(~mask[:, :, None, None], 0.0)  # leading pads have z = k = NEG: exp(0) = 1
+    kw = _key_weights(k_hat, R, key_features)
+
+    C = _chunk_len(chunk_size, T)
+    pad = -T % C
+    if pad:
+        z = torch.cat([z, z[:, -1:].expand(B, pad, H, K)], dim=1)  # no keys in the padding: z stays put
+    qc = _to_chunks(_pad_time(q.float(), pad), C).unflatten(-1, (R, K))
+    kc = _to_chunks(_pad_time(kw, pad), C)
+    vc = _to_chunks(_pad_time(v, pad), C)
+    zc = _to_chunks(z, C)  # [B, H, N, C, K]
+    z_prev = torch.cat([z0.unsqueeze(2), zc[:, :, :-1, -1]], dim=2)  # the state entering chunk j: z at its start
+    o, S = chunk_gated_core(qc, kc, vc, zc, z_prev, S0, _compute_dtype(q, v))
+    o = _from_chunks(o)[:, :T] * scale
+    if mask is not None:
+        o = o.masked_fill(~mask[:, :, None, None], 0.0)
+    return o.to(v.dtype), (_public_state(S, z[:, -1]) if output_final_state else None)
+
+
+def lightnet_recurrent(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    scale: float = 1.0,
+    initial_state: LightNetState | None = None,
+    output_final_state: bool = False,
+    mask: torch.Tensor | None = None,
+    normalizer_init: str = "empty",
+    key_features: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, LightNetState | None]:
+    """Causal LightNet attention token by token (decoding; spec §2.4). Arguments as `lightnet_attn`.
+
+    One step: `z' = logaddexp(z, k_t)`, `S ← exp(z − z') ⊙ S + exp(k_t − z') ⊙ f_t v_tᵀ`, `o_t = scale·q_tᵀ S`.
+    """
+    B, T, H, K = k.shape
+    V = v.shape[-1]
+    R = _check(q, k, v, key_features)
+    S, z = _initial(B, H, K, R * K, V, initial_state, normalizer_init, k)
+    kf = k.float()
+    vf = v.float()
+    if mask is not None:
+        kf = kf.masked_fill(~mask[:, :, None, None], NEG)
+        vf = vf.masked_fill(~mask[:, :, None, None], 0.0)
+    feats = None if key_features is None else key_features.expand(B, T, H, R * K)
+    outs = []
+    for t in range(T):
+        z_new = torch.logaddexp(z, kf[:, t])
+        k_hat = torch.exp(kf[:, t] - z_new)
+        if mask is not None:
+            k_hat = k_hat * mask[:, t, None, None]
+        kw = _key_weights(k_hat, R, None if feats is None else feats[:, t]).flatten(-2)  # [B, H, R·K]
+        decay = torch.exp(z - z_new).repeat(1, 1, R)
+        S = decay.unsqueeze(-1) * S + kw.unsqueeze(-1) * vf[:, t].unsqueeze(-2)
+        z = z_new
+        outs.append(torch.einsum("bhk,bhkv->bhv", q[:, t].float(), S))
+    o = torch.stack(outs, dim=1) * scale
+    if mask is not None:
+        o = o.masked_fill(~mask[:, :, None, None], 0.0)
+    return o.to(v.dtype), (_public_state(S, z) if output_final_state else None)
+
+
+def lightnet_global(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    scale: float = 1.0,
+    initial_state: LightNetState | None = None,
+    output_final_state: bool = False,
+    mask: torch.Tensor | None = None,
+    normalizer_init: str = "empty",
+    key_features: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, LightNetState | None]:
+    """Non-causal LightNet attention: `O = scale · Q (softmax_tokens(K) ⊙ F)ᵀ V` (two matmuls, one pass).
+
+    An `initial_state` acts as keys seen before this call (the state is the same as the causal one after the
+    last token). Arguments as `lightnet_attn`.
+    """
+    B, _, H, K = k.shape
+    V = v.shape[-1]
+    R = _check(q, k, v, key_features)
+    S0, z0 = _initial(B, H, K, R * K, V, initial_state, normalizer_init, k)
+    kf = k.float()
+    if mask is not None:
+        kf = kf.masked_fill(~mask[:, :, None, None], NEG)
+        v = v.masked_fill(~mask[:, :, None, None], 0)
+    z = torch.logaddexp(z0, torch.logsumexp(kf, dim=1))  # [B, H, K]
+    k_hat = torch.exp(kf - z.unsqueeze(1))
+    if mask is not None:
+        k_hat = k_hat.masked_fill(~mask[:, :, None, None], 0.0)  # a fully padded row: z = NEG, exp(0) = 1
+    kw = _key_weights(k_hat, R, key_features).flatten(-2)  # [B, T, H, R·K]
+    cdt = _compute_dtype(q, v)
+    S = torch.einsum("bthk,bthv->bhkv", kw.to(cdt), v.to(cdt)).float()
+    S = S + torch.exp(z0 - z).repeat(1, 1, R).unsqueeze(-1) * S0
+    o = torch.einsum("bthk,bhkv->bthv", q.to(cdt), S.to(cdt)).float() * scale
+    if mask is not None:
+        o = o.masked_fill(~mask[:, :, None, None], 0.0)
+    return o.to(v.dtype), (_public_state(S, z) if output_final_state else None)
+
+
+def lightnet_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    causal: bool,
+    scale: float = 1.0,
+    initial_state: LightNetState | None = None,
+    mask: torch.Tensor | None = None,
+    normalizer_init: str = "empty",
+    key_features: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, LightNetState]:
+    """Direct normalised sums in float64 (obviously correct, O(T²·K·V)); for tests.
+
+    `o_t = scale Σ_j q_tj [Σ_s exp(k_s,i(j) − z_t,i(j)) f_sj v_s + exp(z_0 − z_t) S0_j]` with
+    `z_t = log(exp(z_0) + Σ_s exp(k_s))`, s ≤ t when causal and over all s otherwise; `i(j) = j mod K`.
+    The normaliser is formed in log space (float64 `logcumsumexp`/`logsumexp`) so that keys of any magnitude stay
+    representable; the weights are then the plain quotients `exp(k_s) / Σ exp(k)`.
+    """
+    B, T, H, K = k.shape
+    V = v.shape[-1]
+    R = _check(q, k, v, key_features)
+    S0, z0 = _initial(B, H, K, R * K, V, initial_state, normalizer_init, k)
+    q, k, v, S0, z0 = q.double(), k.double(), v.double(), S0.double(), z0.double()
+    z0 = torch.where(z0 <= NEG / 2, -torch.inf, z0)
+    if mask is not None:
+        k = k.masked_fill(~mask[:, :, None, None], -torch.inf)
+        v = v.masked_fill(~mask[:, :, None, None], 0.0)
+    if causal:
+        z = torch.logaddexp(z0.unsqueeze(1), torch.logcumsumexp(k, dim=1))  # [B, T, H, K]
+        sel = torch.ones(T, T, dtype=torch.bool, device=k.device).tril()
+    else:
+        z = torch.logaddexp(z0, torch.logsumexp(k, dim=1)).unsqueeze(1).expand(B, T, H, K)
+        sel = torch.ones(T, T, dtype=torch.bool, device=k.device)
+    live = torch.isfinite(z)  # an empty sum (leading pads, fully padded row) gives weight 0, not NaN
+    f = torch.ones(1, T, H, R * K, dtype=torch.float64, device=k.device) if key_features is None else (
+        key_features.double())
+    # w[b, t, s, h, j] = exp(k_s − z_t) f_s  (channel j = r·K + i shares key channel i)
+    expo = k[:, None] - z[:, :, None]  # [B, T, S, H, K]
+    keep = sel[None, :, :, None, None] & live[:, :, None] & torch.isfinite(k)[:, None]
+    w = torch.exp(torch.where(keep, expo, -torch.inf)).repeat(1, 1, 1, 1, R) * f[:, None]
+    o = torch.einsum("bthj,btshj,bshv->bthv", q, w, v)
+    share0 = torch.exp(torch.where(live & torch.isfinite(z0).unsqueeze(1), z0.unsqueeze(1) - z, -torch.inf))
+    share0 = share0.repeat(1, 1, 1, R)  # [B, T, H, R·K]
+    o = o + torch.einsum("bthj,bthj,bhjv->bthv", q, share0, S0)
+    S_T = torch.einsum("bshj,bshv->bhjv", w[:, -1], v) + share0[:, -1].unsqueeze(-1) * S0
+    o = o * scale
+    if mask is not None:
+        o = o.masked_fill(~mask[:, :, None, None], 0.0)
+    return o, LightNetState(S_T, z[:, -1])
+
+
+def _unpack(x: torch.Tensor, cu_seqlens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Packed `[1, ΣT, ...]` → right-padded `[N, T_max, ...]`, its `[N, T_max]` mask and the gather index."""
+    lens = cu_seqlens.diff()
+    N, T_max = lens.numel(), int(lens.max())
+    pos = torch.arange(T_max, device=x.device)
+    mask = pos[None] < lens[:, None]
+    index = (cu_seqlens[:-1, None] + pos[None]).clamp(max=x.shape[1] - 1)  # [N, T_max]
+    return x[0][index].masked_fill(~mask.view(N, T_max, *[1] * (x.dim() - 2)), 0), mask, index
+
+
+def lightnet_attn(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    causal: bool,
+    scale: float | None = None,
+    initial_state: LightNetState | None = None,
+    output_final_state: bool = False,
+    mask: torch.Tensor | None = None,
+    chunk_size: int = 64,
+    normalizer_init: str = "empty",
+    key_features: torch.Tensor | None = None,
+    cu_seqlens: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, LightNetState | None]:
+    """LightNet attention (arXiv 2405.21022): per-channel softmax of the key logits over tokens, then linear attention.
+
+    Args:
+        q: queries `[B, T, H, R·K]`, used as given (the layer applies SiLU and LRPE).
+        k: raw key logits `[B, T, H, K]` (no activation: the key is the decay input).
+        v: values `[B, T, H, V]`.
+        causal: prefix softmax (chunked parallel; the single-token recurrent step when T == 1) or the global
+            one-scan form.
+        scale: output scale; None → 1 (the authors' choice; a following RMSNorm makes it nearly irrelevant).
+        initial_state: `LightNetState(S [N, H, R·K, V], z [N, H, K])` float32 from a previous call (N = B, or the
+            number of packed sequences), or None.
+        output_final_state: also return the state after the last token.
+        mask: `[B, T]` bool, True = real token. Masked keys get zero weight, also in the normaliser; outputs at
+            masked positions are zero. Left padding (causal) and right padding (either form) are exact.
+        chunk_size: chunk length of the causal parallel form, a power of two; it changes only round-off.
+        normalizer_init: "empty" (`z_0 = −inf`, the paper's formula) or "unit" (`z_0 = 0`: a virtual key with logit
+            0 and value 0, as in the author's LM code). Ignored when `initial_state` is given.
+        key_features: `[B|1, T, H, R·K]` multipliers of the (R times repeated) normalised key weights, e.g.
+            `[cos Θ_s, sin Θ_s]` for cosine LRPE; None → ones (then q must have K channels).
+        cu_seqlens: `[N + 1]` int offsets of N sequences packed along T with B == 1 (flash-attn varlen). Uses
+            data-dependent shapes: eager mode only.
+
+    Returns:
+        `o [B, T, H, V]` in the dtype of `v`, and the final `LightNetState` (float32) or None.
+    """
+    scale = 1.0 if scale is None else scale
+    if cu_seqlens is not None:
+        assert q.shape[0] == 1 and mask is None, "packed sequences: B must be 1 and padding is implied"
+        qp, mask_p, index = _unpack(q, cu_seqlens)
+        kp, vp = _unpack(k, cu_seqlens)[0], _unpack(v, cu_seqlens)[0]
+        fp = None
+        if key_features is not None:
+            fp = _unpack(key_features.expand(1, *q.shape[1:]), cu_seqlens)[0]
+        o, state = lightnet_attn(qp, kp, vp, causal=causal, scale=scale, initial_state=initial_state,
+                                 output_final_state=output_final_state, mask=mask_p, chunk_size=chunk_size,
+                                 normalizer_init=normalizer_init, key_features=fp)
+        out = o.new_zeros(1, q.shape[1], *o.shape[2:])
+        out[0, index[mask_p]] = o[mask_p]
+        return out, state
+    kw = dict(scale=scale, initial_state=initial_state, output_final_state=output_final_state, mask=mask,
+              normalizer_init=normalizer_init, key_features=key_features)
+    if not causal:
+        return lightnet_global(q, k, v, **kw)
+    if q.shape[1] == 1:  # static shape: a decoding step
+        return lightnet_recurrent(q, k, v, **kw)
+    return lightnet_chunk(q, k, v, chunk_size=chunk_size, **kw)
