@@ -111,15 +111,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+BENCH_SUITES = {"mixers": "time and peak memory of token mixers against sequence length and grid size"}
+
+
 def _add_bench_suites(bench) -> None:
     import importlib
 
-    suites = {"mixers": "time and peak memory of token mixers against sequence length and grid size"}
-    for name, help_text in suites.items():
-        try:
-            module = importlib.import_module(f".bench.{name}", __package__)
-        except ImportError:
-            continue
+    for name, help_text in BENCH_SUITES.items():
+        module = importlib.import_module(f".bench.{name}", __package__)
         p = bench.add_parser(name, help=help_text, description=help_text)
         module.add_arguments(p)
         p.set_defaults(func=_cmd_bench, bench_run=module.run)

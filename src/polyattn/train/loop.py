@@ -294,7 +294,7 @@ def _progress(total: int, initial: int, enabled: bool):
     interactive = sys.stderr.isatty()
     return tqdm(total=total, initial=initial, disable=not enabled, unit="step", dynamic_ncols=True,
                 mininterval=0.5 if interactive else 30.0, file=sys.stderr,
-                bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}] {postfix}")
+                bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}]{postfix}")
 
 
 __all__ = ["TrainingJob", "evaluate_run", "load_run_config", "train"]
