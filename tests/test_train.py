@@ -1,5 +1,6 @@
 """End-to-end: the training engine, run directories, exact resume, evaluation and bad input."""
 
+import itertools
 import json
 import os
 import signal
@@ -52,7 +53,7 @@ def test_gradient_accumulation_matches_one_batch(tmp_path, cache_dir):
 def test_nan_loss_stops_with_one_clear_sentence(tmp_path, cache_dir, monkeypatch):
     from polyattn.tasks import image_classification
 
-    def nan_loss(self, model, batch, *, accumulation_steps, autocast):
+    def nan_loss(self, model, batch, *, accumulation_steps, autocast, forward_kwargs):
         return torch.tensor(float("nan")), len(batch[1])
 
     monkeypatch.setattr(image_classification.ImageClassificationJob, "loss", nan_loss)
@@ -172,3 +173,21 @@ def test_recipe_files_are_valid():
     root = Path(__file__).resolve().parents[1] / "configs"
     for recipe in root.glob("*.yaml"):
         build_config(str(recipe), [])
+
+
+def test_soft_mask_schedule_shapes():
+    from polyattn.train.schedules import SoftMaskSchedule
+
+    constant = SoftMaskSchedule("constant", total_steps=100, cutoff=0.2)
+    assert [constant(s) for s in (0, 19, 20, 99)] == [1.0, 1.0, 0.0, 0.0]
+    linear = SoftMaskSchedule("linear", total_steps=100, cutoff=0.2)
+    values = [linear(s) for s in range(25)]
+    assert values[0] == 1.0 and values[19] == 0.0 and values[20:] == [0.0] * 5
+    assert all(a > b for a, b in itertools.pairwise(values[:20]))  # strictly decreasing to the endpoint 0
+    assert SoftMaskSchedule("linear", 100, 0.0)(0) == 0.0
+
+
+def test_soft_mask_needs_a_model_that_takes_it(tmp_path, cache_dir):
+    with pytest.raises(UserError, match="soft_mask_a"):
+        train(tiny_config(tmp_path, "train.soft_mask=linear", "train.soft_mask_cutoff=0.5", "train.run_name=s"))
+    assert not (tmp_path / "s").exists()

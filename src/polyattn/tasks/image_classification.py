@@ -70,14 +70,15 @@ class ImageClassificationJob:
     def batches(self, epoch: int, start_step: int):
         return self.loader.epoch(epoch, start_step)
 
-    def loss(self, model: nn.Module, batch, *, accumulation_steps: int, autocast) -> tuple[torch.Tensor, int]:
+    def loss(self, model: nn.Module, batch, *, accumulation_steps: int, autocast,
+             forward_kwargs: dict[str, Any]) -> tuple[torch.Tensor, int]:
         images, labels = batch
         x = self.augment(images, self.generator).to(self.device, non_blocking=True)
         y = labels.to(self.device, non_blocking=True)
         total = torch.zeros((), device=self.device)
         for xs, ys in zip(x.chunk(accumulation_steps), y.chunk(accumulation_steps)):
             with autocast():
-                logits = model(xs)
+                logits = model(xs, **forward_kwargs)
             # Weight each micro-batch by its share, so accumulation gives the same gradient as one big batch.
             loss = self.task.loss(logits.float(), ys) * (len(ys) / len(y))
             loss.backward()

@@ -94,6 +94,12 @@ class TrainConfig:
     """Also checkpoint every this many optimizer steps; checkpoints are always written at each epoch end."""
     max_steps: int | None = None
     """Stop after this many optimizer steps (for smoke tests); the schedule still spans all epochs."""
+    soft_mask: Literal["none", "constant", "linear"] = "none"
+    """iLLaMA soft-mask schedule passed to the model as `soft_mask_a` (see polyattn.train.schedules)."""
+    soft_mask_cutoff: float = 0.0
+    """Fraction of training over which the soft mask is on (the paper: 50/300 epochs ≈ 0.17)."""
+    soft_mask_a0: float = 1.0
+    """Initial soft-mask value (1 = bidirectional)."""
     log_every: int = 10
     """Log training loss and learning rate every this many optimizer steps."""
     out_dir: str = "runs"

@@ -9,6 +9,7 @@ uninterrupted one exactly on CPU.
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import sys
@@ -36,6 +37,7 @@ from .checkpoint import rng_state as current_rng_state
 from .config import RunConfig, load_yaml, save_yaml
 from .optim import CosineSchedule, build_optimizer
 from .run_log import RunLog, format_table, write_plots
+from .schedules import SoftMaskSchedule
 
 
 class TrainingJob(Protocol):
@@ -51,9 +53,11 @@ class TrainingJob(Protocol):
     def batches(self, epoch: int, start_step: int): ...
     """Iterator over the optimizer-step batches of one epoch, starting at `start_step`."""
 
-    def loss(self, model: nn.Module, batch: Any, *, accumulation_steps: int, autocast) -> tuple[torch.Tensor, int]:
-        """Forward and backward over one optimizer-step batch (split into micro-batches); returns the mean
-        loss (detached) and the number of samples."""
+    def loss(self, model: nn.Module, batch: Any, *, accumulation_steps: int, autocast,
+             forward_kwargs: dict[str, Any]) -> tuple[torch.Tensor, int]:
+        """Forward and backward over one optimizer-step batch (split into micro-batches), passing
+        `forward_kwargs` (scheduled model inputs such as `soft_mask_a`) to the model; returns the mean loss
+        (detached) and the number of samples."""
         ...
 
     def evaluate(self, model: nn.Module, split: str, *, autocast) -> dict[str, float]: ...
@@ -138,13 +142,19 @@ def train(config: RunConfig, *, resume_dir: Path | None = None) -> dict[str, Any
     config.model.args = model_args
     model.to(device)
     n_params = sum(p.numel() for p in model.parameters())
+    total_steps = cfg.epochs * job.steps_per_epoch
+    soft_mask = None
+    if cfg.soft_mask != "none":
+        if "soft_mask_a" not in inspect.signature(model.forward).parameters:
+            raise UserError(f"train.soft_mask needs a model whose forward takes soft_mask_a (such as iLLaMA); "
+                            f"'{config.model.name}' does not, so set train.soft_mask=none.")
+        soft_mask = SoftMaskSchedule(cfg.soft_mask, total_steps, cfg.soft_mask_cutoff, cfg.soft_mask_a0)
 
     run_dir = Path(resume_dir) if resume_dir is not None else new_run_dir(config)
     run_dir.mkdir(parents=True, exist_ok=True)
     save_yaml(config.to_dict(), run_dir / CONFIG)
 
     optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay, tuple(cfg.betas))
-    total_steps = cfg.epochs * job.steps_per_epoch
     schedule = CosineSchedule(cfg.lr, cfg.min_lr, round(cfg.warmup_epochs * job.steps_per_epoch), total_steps)
     checkpoints = CheckpointDir(run_dir)
 
@@ -186,8 +196,10 @@ def train(config: RunConfig, *, resume_dir: Path | None = None) -> dict[str, Any
             for batch in job.batches(epoch, start):
                 for group in optimizer.param_groups:
                     group["lr"] = schedule(step)
+                forward_kwargs = {"soft_mask_a": soft_mask(step)} if soft_mask else {}
                 t0 = time.perf_counter()
-                loss, n = job.loss(train_model, batch, accumulation_steps=cfg.accumulation_steps, autocast=autocast)
+                loss, n = job.loss(train_model, batch, accumulation_steps=cfg.accumulation_steps, autocast=autocast,
+                                   forward_kwargs=forward_kwargs)
                 if not math.isfinite(loss.item()):
                     raise UserError(f"The training loss became {loss.item()} at step {step} (epoch {epoch}); "
                                     f"lower train.lr, keep train.grad_clip on, or check the data. The last "
@@ -211,6 +223,7 @@ def train(config: RunConfig, *, resume_dir: Path | None = None) -> dict[str, Any
                               "samples_per_s": throughput, "epoch": step / job.steps_per_epoch}
                     if grad_norm is not None:
                         values["grad_norm"] = float(grad_norm)
+                    values.update(forward_kwargs)
                     log.log("train", step, values)
                     window_loss, window_n = 0.0, 0
                 epoch_done = step % job.steps_per_epoch == 0
