@@ -28,6 +28,7 @@ from ..ops.lrpe import (
     pair_angles_to_channels,
 )
 from ..ops.tpe import tpe_axis_scan, tpe_scan
+from .drop import DropPath
 from .mlp import GatedMlp
 from .norm import GroupRMSNorm, RMSNorm
 
@@ -384,25 +385,27 @@ class LightNetBlock(nn.Module):
         mixer_layer: token-mixer class (`LightNetAttention`, `MultiScanAttention`, or any class with the same
             constructor head `(hidden_size, num_heads, **kw)` and forward contract).
         norm_eps: eps of the two RMSNorms.
+        drop_path: stochastic-depth probability of both residual branches.
         layer_idx: passed to the mixer.
         **mixer_kwargs: forwarded to `mixer_layer` (e.g. `causal=False, grid_shape=(14, 14)`).
     """
 
     def __init__(self, dim: int, num_heads: int, *, mlp_hidden_dim: int | None = None,
                  mixer_layer: type[nn.Module] = LightNetAttention, norm_eps: float = 1e-6,
-                 layer_idx: int | None = None, **mixer_kwargs):
+                 drop_path: float = 0.0, layer_idx: int | None = None, **mixer_kwargs):
         super().__init__()
         hidden = mlp_hidden_dim or 8 * math.ceil(8 * dim / 3 / 8)
         self.attn_norm = RMSNorm(dim, eps=norm_eps)
         self.attn = mixer_layer(dim, num_heads, layer_idx=layer_idx, **mixer_kwargs)
         self.mlp_norm = RMSNorm(dim, eps=norm_eps)
         self.mlp = GatedMlp(dim, hidden)
+        self.drop_path = DropPath(drop_path)
 
     def forward(self, h: torch.Tensor, attention_mask: torch.Tensor | None = None, past_key_values=None,
                 use_cache: bool = False, **kwargs) -> tuple[torch.Tensor, object]:
         """`[B, T, D]` → `([B, T, D], the mixer's new state or None)`; kwargs (e.g. grid_shape) go to the mixer."""
         o, _, state = self.attn(self.attn_norm(h), attention_mask=attention_mask, past_key_values=past_key_values,
                                 use_cache=use_cache, **kwargs)
-        h = h + o
-        h = h + self.mlp(self.mlp_norm(h))
+        h = h + self.drop_path(o)
+        h = h + self.drop_path(self.mlp(self.mlp_norm(h)))
         return h, state

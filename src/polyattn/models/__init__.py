@@ -1,3 +1,7 @@
 """Whole architectures, one file per family; importing this package registers them all."""
 
-from . import vit  # noqa: F401
+from . import (  # noqa: F401
+    illama,
+    lightnet_vision,
+    vit,
+)
