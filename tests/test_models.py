@@ -47,3 +47,28 @@ def test_classifier_contract(name):
 def test_classifier_accepts_another_resolution(name):
     model = small_classifier(name).eval()
     assert model(torch.randn(1, 3, 48, 48)).shape == (1, 7)
+
+
+CAUSAL_LMS = polyattn.list_models("causal_lm")
+
+
+@pytest.mark.parametrize("name", CAUSAL_LMS)
+def test_causal_lm_contract(name):
+    """Every causal LM at a tiny size: logits [B, T, V], (logits, loss) with targets, a gradient for every
+    parameter, and the shared decoding API (`forward_cached`, `generate`)."""
+    torch.manual_seed(0)
+    params = get_entry(name).parameters()
+    overrides = {k: v for k, v in dict(vocab_size=37, dim=32, depth=2, num_heads=2).items() if k in params}
+    model = polyattn.create_model(name, **overrides)
+    x = torch.randint(0, 37, (2, 11))
+    logits = model(x)
+    assert logits.shape == (2, 11, 37) and torch.isfinite(logits).all()
+    logits, loss = model(x, torch.roll(x, -1, 1))
+    assert loss.ndim == 0 and torch.isfinite(loss)
+    (loss + logits.square().mean()).backward()
+    missing = [n for n, p in model.named_parameters() if p.requires_grad and (p.grad is None or not p.grad.any())]
+    assert not missing, f"parameters without gradient: {missing}"
+    assert isinstance(model.no_weight_decay(), set)
+    step_logits, cache = model.eval().forward_cached(x[:, :5])
+    assert step_logits.shape == (2, 5, 37) and cache is not None
+    assert model.generate(x[:, :3], 4).shape == (2, 7)

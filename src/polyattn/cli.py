@@ -70,6 +70,51 @@ def _cmd_eval(args) -> int:
     return 0
 
 
+def _cmd_generate(args) -> int:
+    from .data.tokenizers import load_run_tokenizer
+    from .registry import model_task
+    from .tasks.causal_lm import stream_text
+    from .train.checkpoint import WEIGHTS, CheckpointDir, load_weights
+    from .train.loop import build_model, load_run_config, resolve_device
+
+    if args.max_new_tokens < 0:
+        raise UserError(f"--max-new-tokens must be 0 or more, got {args.max_new_tokens}.")
+    if args.temperature < 0:
+        raise UserError(f"--temperature must be 0 (greedy) or more, got {args.temperature}.")
+    if args.top_k is not None and args.top_k < 1:
+        raise UserError(f"--top-k must be a positive number of tokens, got {args.top_k}.")
+    if args.top_p is not None and not 0.0 < args.top_p <= 1.0:
+        raise UserError(f"--top-p must be in (0, 1], got {args.top_p}.")
+    run_dir = Path(args.run_dir)
+    config = load_run_config(run_dir)
+    task = model_task(config.model.name)
+    if task != "causal_lm":
+        raise UserError(f"{run_dir} holds a {task} model ('{config.model.name}'); `polyattn generate` needs a causal "
+                        f"language model run.")
+    weights = run_dir / WEIGHTS
+    if not weights.is_file():
+        latest = CheckpointDir(run_dir).latest()
+        if latest is None:
+            raise UserError(f"{run_dir} has neither final weights nor a checkpoint; train it first.")
+        print(f"note: {run_dir} did not finish; generating with its latest checkpoint {latest.name}.",
+              file=sys.stderr)
+        weights = latest / WEIGHTS
+    device = resolve_device(args.device)
+    tokenizer = load_run_tokenizer(run_dir, config.data.tokenizer)
+    model, _ = build_model(config, {})
+    load_weights(model, weights, model_name=config.model.name)
+    model.to(device)
+    sys.stdout.write(args.prompt)
+    sys.stdout.flush()
+    for piece in stream_text(model, tokenizer, args.prompt, args.max_new_tokens, temperature=args.temperature,
+                             top_k=args.top_k, top_p=args.top_p, use_cache=not args.no_cache, seed=args.seed,
+                             device=device):
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    return 0
+
+
 def _cmd_bench(args) -> int:
     return args.bench_run(args)
 
@@ -102,6 +147,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="test", help="split to evaluate (default: test)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
     p.set_defaults(func=_cmd_eval)
+
+    p = sub.add_parser("generate", help="generate text with a causal language model run",
+                       description="Continue a prompt with a trained causal LM, streaming the text as it is "
+                                   "generated (KV cache or recurrent state; --no-cache recomputes every step).")
+    p.add_argument("run_dir", metavar="RUN_DIR")
+    p.add_argument("--prompt", default="", help="text to continue (default: empty, start a new document)")
+    p.add_argument("--max-new-tokens", type=int, default=200, help="tokens to generate (default: 200)")
+    p.add_argument("--temperature", type=float, default=0.8, help="sampling temperature; 0 = greedy (default: 0.8)")
+    p.add_argument("--top-k", type=int, default=200, help="sample among the k most likely tokens (default: 200)")
+    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling threshold in (0, 1] (default: off)")
+    p.add_argument("--seed", type=int, default=None, help="random seed for reproducible samples")
+    p.add_argument("--no-cache", action="store_true", help="recompute the whole sequence at every step")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
+    p.set_defaults(func=_cmd_generate)
 
     p = sub.add_parser("bench", help="run a benchmark suite", description="Benchmarks that print tables and write "
                        "plots and JSON. They measure; they never assert times.")

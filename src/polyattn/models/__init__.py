@@ -2,6 +2,8 @@
 
 from . import (  # noqa: F401
     illama,
+    lightnet_lm,
     lightnet_vision,
+    llama_lm,
     vit,
 )

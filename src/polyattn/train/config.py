@@ -34,13 +34,16 @@ class DataConfig:
     """Where the examples come from and how they are batched and augmented."""
 
     source: str = "digits"
-    """'digits' (embedded, no download), an image-folder directory, or a .tar/.tar.gz archive of one."""
+    """Images: 'digits' (embedded, no download), an image-folder directory, or a .tar/.tar.gz archive of one.
+    Text: 'shakespeare' (embedded, no download), a UTF-8 text file, a directory of .txt files, or a token file
+    (.bin with its .json sidecar, see polyattn.data.text)."""
     image_size: int | None = None
     """Resize images to this size (shorter side, then centre crop); None keeps the stored size."""
     test_fraction: float = 0.2
     """Share of each class held out as the test split when the source has no train/test folders."""
     val_fraction: float = 0.0
-    """Share of the training split held out for validation during training; 0 evaluates on the test split."""
+    """Images: share of the training split held out for validation during training; 0 evaluates on the test
+    split. Text: the last share of the token stream, held out for validation (and test); text recipes use 0.1."""
     crop: Literal["pad", "resized", "none"] = "pad"
     """Training crop: random crop after zero padding, random-resized crop, or none."""
     crop_padding: int = 4
@@ -50,6 +53,16 @@ class DataConfig:
     hflip: bool = True
     """Random horizontal flips (turn off for data that is not mirror-symmetric, such as digits)."""
     eval_batch_size: int = 512
+    """Images per evaluation batch; for text, windows of seq_len tokens per evaluation batch."""
+    tokenizer: Literal["byte", "bpe"] = "byte"
+    """Text: 'byte' (UTF-8 bytes, 256 ids) or 'bpe' (byte-level BPE trained on the training text and saved in the
+    run directory as tokenizer.json)."""
+    vocab_size: int = 4096
+    """Text with tokenizer=bpe: vocabulary size to train (the 256 bytes and <|endoftext|> included)."""
+    seq_len: int = 256
+    """Text: tokens per training window (each token is predicted from up to seq_len tokens before it)."""
+    eval_tokens: int | None = None
+    """Text: score at most this many tokens of the evaluated split; None scores all of it."""
     mean: tuple[float, ...] | None = None
     """Per-channel normalisation mean (0..1 scale); None computes it from the training split."""
     std: tuple[float, ...] | None = None

@@ -41,7 +41,11 @@ from .schedules import SoftMaskSchedule
 
 
 class TrainingJob(Protocol):
-    """What a task supplies to the loop (see polyattn.tasks)."""
+    """What a task supplies to the loop (see polyattn.tasks).
+
+    Optional: `throughput_unit` (what `loss` counts, e.g. "tokens"; default "samples") and
+    `save_to_run_dir(run_dir)` (files the run directory needs besides the weights, such as a tokenizer).
+    """
 
     inferred_model_args: dict[str, Any]
     """Model arguments that follow from the data (e.g. num_classes, img_size), used unless the user set them."""
@@ -136,7 +140,7 @@ def train(config: RunConfig, *, resume_dir: Path | None = None) -> dict[str, Any
         raise UserError(f"train.batch_size {cfg.batch_size} is not divisible by train.accumulation_steps "
                         f"{cfg.accumulation_steps}; make it a multiple.")
 
-    job = build_job(config, device=device)
+    job = build_job(config, device=device, run_dir=resume_dir)
     model, model_args = build_model(config, job.inferred_model_args)
     # The stored config holds every constructor argument, so the run directory rebuilds the model alone.
     config.model.args = model_args
@@ -153,6 +157,10 @@ def train(config: RunConfig, *, resume_dir: Path | None = None) -> dict[str, Any
     run_dir = Path(resume_dir) if resume_dir is not None else new_run_dir(config)
     run_dir.mkdir(parents=True, exist_ok=True)
     save_yaml(config.to_dict(), run_dir / CONFIG)
+    save_job_files = getattr(job, "save_to_run_dir", None)  # files the run needs besides weights (a tokenizer)
+    if save_job_files is not None:
+        save_job_files(run_dir)
+    unit = getattr(job, "throughput_unit", "samples")  # what `job.loss` counts: samples, or tokens for LMs
 
     optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay, tuple(cfg.betas))
     schedule = CosineSchedule(cfg.lr, cfg.min_lr, round(cfg.warmup_epochs * job.steps_per_epoch), total_steps)
@@ -217,10 +225,10 @@ def train(config: RunConfig, *, resume_dir: Path | None = None) -> dict[str, Any
                 throughput = train_samples / max(train_time, 1e-9)
                 progress.update(1)
                 progress.set_postfix_str(f"epoch {epoch + 1}/{cfg.epochs} loss {loss.item():.4f} "
-                                         f"lr {schedule(step - 1):.2e} {throughput:.0f} samples/s", refresh=False)
+                                         f"lr {schedule(step - 1):.2e} {throughput:.0f} {unit}/s", refresh=False)
                 if step % cfg.log_every == 0 or step == max_steps:
                     values = {"loss": window_loss / window_n, "lr": schedule(step - 1),
-                              "samples_per_s": throughput, "epoch": step / job.steps_per_epoch}
+                              f"{unit}_per_s": throughput, "epoch": step / job.steps_per_epoch}
                     if grad_norm is not None:
                         values["grad_norm"] = float(grad_norm)
                     values.update(forward_kwargs)
@@ -247,7 +255,7 @@ def train(config: RunConfig, *, resume_dir: Path | None = None) -> dict[str, Any
         "params": n_params,
         "steps": step,
         "epochs": step / job.steps_per_epoch,
-        "train_samples_per_s": train_samples / train_time if train_time else None,
+        f"train_{unit}_per_s": train_samples / train_time if train_time else None,
         "train_time_s": train_time,
         "test": test_metrics,
         "device": str(device),
@@ -258,8 +266,8 @@ def train(config: RunConfig, *, resume_dir: Path | None = None) -> dict[str, Any
     write_plots(run_dir)
     rows = [("run", str(run_dir)), ("model", f"{config.model.name} ({n_params / 1e6:.2f}M params)"),
             ("steps", f"{step} ({summary['epochs']:.2f} epochs)")]
-    if summary["train_samples_per_s"]:
-        rows.append(("train samples/s", f"{summary['train_samples_per_s']:.1f} ({train_time:.0f} s training)"))
+    if summary[f"train_{unit}_per_s"]:
+        rows.append((f"train {unit}/s", f"{summary[f'train_{unit}_per_s']:.1f} ({train_time:.0f} s training)"))
     rows += [(f"test {k}", _fmt(v)) for k, v in test_metrics.items()]
     print(format_table(rows, "summary"))
     return summary
@@ -282,7 +290,7 @@ def evaluate_run(run_dir: Path, *, data_source: str | None = None, split: str = 
             raise UserError(f"{run_dir} has neither final weights nor a checkpoint; train it first.")
         print(f"note: {run_dir} did not finish; evaluating its latest checkpoint {latest.name}.", file=sys.stderr)
         weights = latest / WEIGHTS
-    job = build_job(config, device=device, splits=(split,))
+    job = build_job(config, device=device, splits=(split,), run_dir=run_dir)
     model, _ = build_model(config, {})
     load_weights(model, weights, model_name=config.model.name)
     model.to(device)

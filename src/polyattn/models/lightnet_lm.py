@@ -1,0 +1,185 @@
+"""LightNet causal language model: additive linear attention, trained in chunks, decoded as a recurrence.
+
+arXiv 2405.21022 (Qin et al., LightNet); spec shared/reference/lightnet.md §3.4 (`LightNetLM`), §4.
+
+    tokens → embed → causal TPE (x + TPE(x)) → [h + LNA(RMSNorm(h)); h + GLU(RMSNorm(h))] × depth
+           → RMSNorm → head (untied by default)
+
+- LNA: causal LightNet attention (`polyattn.layers.lightnet.LightNetAttention(causal=True)`): keys soft-maxed
+  over the prefix, chunk-parallel for multi-token calls, the recurrent step for single tokens; 1-D cosine LRPE
+  on queries and normalised keys (positions count real tokens).
+- TPE (§4.2): one causal decayed Toeplitz scan once after the embedding, added residually (the spec's
+  recommendation; `tpe_residual=False` replaces the embedding as the author's LM code does).
+
+Documents of different lengths: a padding `attention_mask [B, T]` (left or right padding are exact), or
+documents packed into one row with `cu_seqlens [N + 1]`. Packed rows are unpacked into a right-padded batch once
+at the embedding, run, and packed back, which is exactly how the LightNet op implements varlen itself; every
+layer then sees each document on its own (TPE and LRPE restart at each document).
+
+Decoding state (`LightNetLMCache`): the TPE scan state and one `LightNetCache` per layer (`S`, the
+log-normaliser `z`, float32, and the layer's own real-token counter for LRPE). Cached calls accept left padding
+only (prompts); padding inside a continued sequence would decay the TPE state.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..layers.lightnet import LightNetAttention, LightNetBlock, LightNetCache, MdTpe
+from ..layers.norm import RMSNorm
+from ..registry import register_model
+from .generation import CausalLMMixin, next_token_loss
+
+
+class LightNetLMCache(NamedTuple):
+    """Decoding state of `LightNetLM`.
+
+    Attributes:
+        tpe: `[B, H, D/H]` float32 causal TPE scan state, or None when the model has no TPE.
+        layers: one `LightNetCache` per block.
+    """
+
+    tpe: torch.Tensor | None
+    layers: tuple[LightNetCache, ...]
+
+
+def _unpack(tokens: torch.Tensor, cu_seqlens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Packed `[1, ΣT]` → right-padded `[N, T_max]`, its mask, and the packed index of every real slot."""
+    cu = cu_seqlens.to(device=tokens.device, dtype=torch.long)
+    total = tokens.shape[1]
+    if cu[0] != 0 or cu[-1] != total or (cu.diff() < 0).any():
+        raise ValueError(f"cu_seqlens must rise from 0 to the packed length {total}, got {cu.tolist()}")
+    lens = cu.diff()
+    pos = torch.arange(int(lens.max()), device=tokens.device)
+    mask = pos[None] < lens[:, None]  # (N, T_max)
+    index = (cu[:-1, None] + pos[None]).clamp(max=total - 1)
+    return tokens[0][index].masked_fill(~mask, 0), mask, index[mask]
+
+
+class LightNetLM(CausalLMMixin, nn.Module):
+    """Causal LightNet LM (module docstring).
+
+    Args:
+        vocab_size (int): number of token ids `V`. Default: 256 (byte-level).
+        dim (int): width `D`. Default: 128.
+        depth (int): number of blocks. Default: 4.
+        num_heads (int): heads of LNA and TPE; head dim `D / H`. Default: 4.
+        mlp_hidden_dim (int, Optional): GLU hidden width; None = `8D/3` rounded up to a multiple of 8.
+        lrpe (str, Optional): "cosine" (exact under the causal decay), "rotary", or None. Default: "cosine".
+        tpe (bool): the causal TPE after the embedding. Default: True.
+        tpe_residual (bool): `x + TPE(x)` (True) or `TPE(x)` (the author's LM code). Default: True.
+        scale (float, Optional): output scale of the LightNet core; None = `d^-0.5`. Default: 1.0 (the authors').
+        normalizer_init (str): "empty" (`z_0 = −inf`) or "unit" (`z_0 = 0`, the author's LM code).
+        chunk_size (int): chunk length of the parallel causal form (changes only round-off). Default: 64.
+        norm_eps (float): RMSNorm epsilon. Default: 1e-6.
+        tie_embeddings (bool): output head shares the embedding matrix. Default: False.
+        init (str): "default" (trunc-normal 0.02) or "author" (Xavier gain 0.01, zero `o_proj`) for the mixers.
+    """
+
+    def __init__(self, vocab_size: int = 256, dim: int = 128, depth: int = 4, num_heads: int = 4,
+                 mlp_hidden_dim: int | None = None, lrpe: str | None = "cosine", tpe: bool = True,
+                 tpe_residual: bool = True, scale: float | None = 1.0, normalizer_init: str = "empty",
+                 chunk_size: int = 64, norm_eps: float = 1e-6, tie_embeddings: bool = False, init: str = "default"):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"dim ({dim}) must be divisible by num_heads ({num_heads})")
+        self.vocab_size, self.dim, self.depth, self.tie_embeddings = vocab_size, dim, depth, tie_embeddings
+        self.embed = nn.Embedding(vocab_size, dim)
+        self.tpe = MdTpe(dim, num_heads, num_axes=1, causal=True, residual=tpe_residual, norm_eps=norm_eps) \
+            if tpe else None
+        self.blocks = nn.ModuleList(
+            LightNetBlock(dim, num_heads, mlp_hidden_dim=mlp_hidden_dim, mixer_layer=LightNetAttention,
+                          norm_eps=norm_eps, layer_idx=i, causal=True, lrpe=lrpe, scale=scale,
+                          normalizer_init=normalizer_init, chunk_size=chunk_size, init=init)
+            for i in range(depth))
+        self.norm = RMSNorm(dim, eps=norm_eps)
+        self.head = None if tie_embeddings else nn.Linear(dim, vocab_size, bias=False)
+        nn.init.normal_(self.embed.weight, std=0.02)
+        if self.head is not None:
+            nn.init.normal_(self.head.weight, std=0.02)
+
+    def no_weight_decay(self) -> set[str]:
+        return set()
+
+    def _logits(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.norm(x)
+        return F.linear(x, self.embed.weight) if self.head is None else self.head(x)
+
+    def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None, *,
+                attention_mask: torch.Tensor | None = None,
+                cu_seqlens: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Logits `[B, T, V]` of `tokens [B, T]`, or `(logits, loss)` with next-token `targets [B, T]`.
+
+        Args:
+            tokens (Tensor): `[B, T]` int64.
+            targets (Tensor, Optional): `[B, T]` int64, -100 = not scored (see `next_token_loss`).
+            attention_mask (Tensor, Optional): `[B, T]` bool/0-1, True = real token (padding mask).
+            cu_seqlens (Tensor, Optional): `[N + 1]` offsets of documents packed into one row (`B == 1`).
+        """
+        if cu_seqlens is not None:
+            if tokens.shape[0] != 1 or attention_mask is not None:
+                raise ValueError("packed documents (cu_seqlens) need B == 1 and no attention_mask")
+            padded, mask, index = _unpack(tokens, cu_seqlens)
+            out = self._run(padded, mask)  # (N, T_max, V)
+            logits = out.new_zeros(1, tokens.shape[1], out.shape[-1])
+            logits[0, index] = out[mask]
+        else:
+            logits = self._run(tokens, None if attention_mask is None else attention_mask.bool())
+        return logits if targets is None else (logits, next_token_loss(logits, targets))
+
+    def _run(self, tokens: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        x = self.embed(tokens)  # (B, T, D)
+        if self.tpe is not None:
+            x, _ = self.tpe(x, attention_mask=mask)
+        for block in self.blocks:
+            x, _ = block(x, attention_mask=mask)
+        return self._logits(x)
+
+    def forward_cached(self, tokens: torch.Tensor, cache: LightNetLMCache | None = None, *,
+                       attention_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, LightNetLMCache]:
+        """Continues `cache` (None = a new sequence) with `tokens [B, T]`: `(logits [B, T, V], new cache)`.
+
+        Args:
+            attention_mask (Tensor, Optional): `[B, T]` bool for the new tokens, True = real (left padding only).
+        """
+        mask = None if attention_mask is None else attention_mask.bool()
+        if cache is not None and len(cache.layers) != self.depth:
+            raise ValueError(f"the cache has {len(cache.layers)} layers, the model {self.depth}")
+        x = self.embed(tokens)
+        tpe_state = None
+        if self.tpe is not None:
+            x, tpe_state = self.tpe(x, attention_mask=mask, state=None if cache is None else cache.tpe,
+                                    use_cache=True)
+        layers = []
+        for i, block in enumerate(self.blocks):
+            x, state = block(x, attention_mask=mask, past_key_values=None if cache is None else cache.layers[i],
+                             use_cache=True)
+            layers.append(state)
+        return self._logits(x), LightNetLMCache(tpe_state, tuple(layers))
+
+    def state_size(self) -> int:
+        """Floats per sequence in the decoding state (every layer's `S`, `z` and counter, plus the TPE state)."""
+        tpe = self.dim if self.tpe is not None else 0
+        return tpe + sum(block.attn.state_size() for block in self.blocks)
+
+
+@register_model(LightNetLM, task="causal_lm")
+def lightnet_lm_nano():
+    """Causal LightNet LM (1-D LRPE + causal TPE), D 128, 4 layers, 4 heads: a CPU size."""
+    return dict(dim=128, depth=4, num_heads=4)
+
+
+@register_model(LightNetLM, task="causal_lm")
+def lightnet_lm_tiny():
+    """Causal LightNet LM, D 256, 6 layers, 4 heads."""
+    return dict(dim=256, depth=6, num_heads=4)
+
+
+@register_model(LightNetLM, task="causal_lm")
+def lightnet_lm_small():
+    """Causal LightNet LM in the GPT-3 Small / 125M-class shape: D 768, 12 layers, 12 heads."""
+    return dict(dim=768, depth=12, num_heads=12)

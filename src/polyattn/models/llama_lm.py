@@ -1,0 +1,179 @@
+"""LLaMA-style causal language model: the softmax-attention baseline for text.
+
+arXiv 2302.13971 (LLaMA): pre-norm blocks with RMSNorm (arXiv 1910.07467), SwiGLU MLPs (arXiv 2002.05202),
+rotary position embeddings (arXiv 2104.09864) and causal softmax attention, optionally with grouped kv heads
+(arXiv 2305.13245). No biases.
+
+    tokens → embed → [x + Attn(RMSNorm(x), RoPE, causal); x + SwiGLU(RMSNorm(x))] × depth → RMSNorm → head
+
+Head: untied by default, as in LLaMA; `tie_embeddings=True` reuses the embedding matrix (saves `V·D` parameters,
+which matters for small models with large vocabularies).
+
+Documents of different lengths: a padding `attention_mask [B, T]` (left or right padding; RoPE positions count
+real tokens only, so a padded row equals its unpadded version), or documents packed into one row with
+`cu_seqlens [N + 1]`: positions restart at each document and a block-diagonal causal mask keeps documents apart.
+That mask is `[ΣT, ΣT]`; fine for training-size rows (a flash-attn varlen kernel would avoid it).
+
+Decoding: `forward_cached` (see `polyattn.models.generation`) with a tuple of one `KVCache` per layer; each layer
+derives its RoPE positions from its own cache's count of real tokens.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..layers.attention import Attention, KVCache
+from ..layers.block import TransformerBlock
+from ..layers.mlp import GatedMlp, llama_hidden_size
+from ..layers.norm import RMSNorm
+from ..layers.rope import RotaryEmbedding
+from ..registry import register_model
+from .generation import CausalLMMixin, next_token_loss
+
+LlamaCache = tuple[KVCache, ...]
+"""The decoding state of `LlamaLM`: one `KVCache` per layer (keys stored after RoPE)."""
+
+
+def _positions(cache: KVCache | None, mask: torch.Tensor | None, T: int, device) -> torch.Tensor:
+    """RoPE positions `[T]` or `[B, T]` of `T` new tokens: the real tokens seen so far plus the real tokens before
+    each new one in this call (a padding slot gets the position of the next real token; it is never attended)."""
+    within = torch.arange(T, device=device) if mask is None else (mask.long().cumsum(1) - 1).clamp_min(0)
+    if cache is None:
+        return within
+    if cache.key_padding_mask is None:
+        return cache.offset + within
+    return cache.key_padding_mask.sum(-1, keepdim=True) + within
+
+
+def document_positions(cu_seqlens: torch.Tensor, total: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """For tokens packed by `cu_seqlens [N + 1]`: each token's document index `[ΣT]` and position in it `[ΣT]`."""
+    cu = cu_seqlens.to(torch.long)
+    if cu[0] != 0 or cu[-1] != total or (cu.diff() < 0).any():
+        raise ValueError(f"cu_seqlens must rise from 0 to the packed length {total}, got {cu.tolist()}")
+    idx = torch.arange(total, device=cu.device)
+    doc = torch.searchsorted(cu[1:], idx, right=True)
+    return doc, idx - cu[doc]
+
+
+class LlamaLM(CausalLMMixin, nn.Module):
+    """LLaMA-style decoder-only LM (module docstring).
+
+    Args:
+        vocab_size (int): number of token ids `V`. Default: 256 (byte-level).
+        dim (int): width `D`. Default: 128.
+        depth (int): number of blocks. Default: 4.
+        num_heads (int): attention heads. Default: 4.
+        num_kv_heads (int, Optional): key/value heads (grouped-query attention); None = `num_heads`.
+        mlp_hidden_dim (int, Optional): SwiGLU hidden width; None = LLaMA's `8D/3` rounded up to a multiple of 64.
+        rope_base (float): RoPE frequency base. Default: 10000.0.
+        norm_eps (float): RMSNorm epsilon. Default: 1e-6.
+        tie_embeddings (bool): output head shares the embedding matrix. Default: False.
+        dropout (float): dropout on attention weights and residual branches (training only). Default: 0.0.
+    """
+
+    def __init__(self, vocab_size: int = 256, dim: int = 128, depth: int = 4, num_heads: int = 4,
+                 num_kv_heads: int | None = None, mlp_hidden_dim: int | None = None, rope_base: float = 10000.0,
+                 norm_eps: float = 1e-6, tie_embeddings: bool = False, dropout: float = 0.0):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"dim ({dim}) must be divisible by num_heads ({num_heads})")
+        self.vocab_size, self.dim, self.depth, self.tie_embeddings = vocab_size, dim, depth, tie_embeddings
+        self.embed = nn.Embedding(vocab_size, dim)
+        self.rope = RotaryEmbedding(dim // num_heads, base=rope_base)
+        hidden = mlp_hidden_dim or llama_hidden_size(dim, multiple_of=64)
+        norm = lambda d: RMSNorm(d, eps=norm_eps)
+        self.blocks = nn.ModuleList(
+            TransformerBlock(dim, Attention(dim, num_heads, num_kv_heads=num_kv_heads, proj_bias=False,
+                                            mask_mode="causal", attn_drop=dropout, proj_drop=dropout),
+                             GatedMlp(dim, hidden, drop=dropout), norm)
+            for _ in range(depth))
+        self.norm = norm(dim)
+        self.head = None if tie_embeddings else nn.Linear(dim, vocab_size, bias=False)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Normal(0, 0.02) for embeddings and linears; the projections that write into the residual stream
+        (`o_proj`, `w2`) scaled by `1/√(2·depth)` (GPT-2) so the residual variance does not grow with depth."""
+        for m in self.modules():
+            if isinstance(m, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(m.weight, std=0.02)
+        for block in self.blocks:
+            for proj in (block.attn.o_proj, block.mlp.w2):
+                nn.init.normal_(proj.weight, std=0.02 / math.sqrt(2 * self.depth))
+
+    def no_weight_decay(self) -> set[str]:
+        return set()
+
+    def _logits(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.norm(x)
+        return F.linear(x, self.embed.weight) if self.head is None else self.head(x)
+
+    def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None, *,
+                attention_mask: torch.Tensor | None = None,
+                cu_seqlens: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Logits `[B, T, V]` of `tokens [B, T]`, or `(logits, loss)` with next-token `targets [B, T]`.
+
+        Args:
+            tokens (Tensor): `[B, T]` int64.
+            targets (Tensor, Optional): `[B, T]` int64, -100 = not scored (see `next_token_loss`).
+            attention_mask (Tensor, Optional): `[B, T]` bool/0-1, True = real token (padding mask).
+            cu_seqlens (Tensor, Optional): `[N + 1]` offsets of documents packed into one row (`B == 1`).
+        """
+        B, T = tokens.shape
+        attn_mask, key_padding_mask = None, None
+        if cu_seqlens is not None:
+            if B != 1 or attention_mask is not None:
+                raise ValueError("packed documents (cu_seqlens) need B == 1 and no attention_mask")
+            doc, positions = document_positions(cu_seqlens.to(tokens.device), T)
+            attn_mask = (doc[:, None] == doc[None, :])[None, None]  # (1, 1, T, T): block-diagonal
+        else:
+            if attention_mask is not None:
+                key_padding_mask = attention_mask.bool()
+            positions = _positions(None, key_padding_mask, T, tokens.device)
+        rope = self.rope(positions)
+        x = self.embed(tokens)  # (B, T, D)
+        for block in self.blocks:
+            x, _ = block(x, rope=rope, key_padding_mask=key_padding_mask, attn_mask=attn_mask)
+        logits = self._logits(x)  # (B, T, V)
+        return logits if targets is None else (logits, next_token_loss(logits, targets))
+
+    def forward_cached(self, tokens: torch.Tensor, cache: LlamaCache | None = None, *,
+                       attention_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, LlamaCache]:
+        """Continues `cache` (None = a new sequence) with `tokens [B, T]`: `(logits [B, T, V], new cache)`.
+
+        Args:
+            attention_mask (Tensor, Optional): `[B, T]` bool for the new tokens, True = real (left-padded prompts).
+        """
+        mask = None if attention_mask is None else attention_mask.bool()
+        if cache is not None and len(cache) != self.depth:
+            raise ValueError(f"the cache has {len(cache)} layers, the model {self.depth}")
+        x = self.embed(tokens)
+        new_cache = []
+        for i, block in enumerate(self.blocks):
+            layer_cache = None if cache is None else cache[i]
+            rope = self.rope(_positions(layer_cache, mask, tokens.shape[1], tokens.device))
+            x, layer_cache = block(x, rope=rope, key_padding_mask=mask, cache=layer_cache, use_cache=True)
+            new_cache.append(layer_cache)
+        return self._logits(x), tuple(new_cache)
+
+
+@register_model(LlamaLM, task="causal_lm")
+def llama_lm_nano():
+    """LLaMA-style causal LM, D 128, 4 layers, 4 heads: a CPU size for minutes of training."""
+    return dict(dim=128, depth=4, num_heads=4)
+
+
+@register_model(LlamaLM, task="causal_lm")
+def llama_lm_tiny():
+    """LLaMA-style causal LM, D 256, 6 layers, 4 heads."""
+    return dict(dim=256, depth=6, num_heads=4)
+
+
+@register_model(LlamaLM, task="causal_lm")
+def llama_lm_small():
+    """LLaMA-style causal LM in the GPT-3 Small / 125M-class shape: D 768, 12 layers, 12 heads."""
+    return dict(dim=768, depth=12, num_heads=12)

@@ -1,0 +1,264 @@
+"""Causal language modelling: the next-token loss, perplexity, bits per byte, and the training job.
+
+Metrics on a split (`evaluate_lm`), over consecutive windows that predict every token of the split once:
+
+- `loss`: mean cross-entropy in nats per token (padding excluded);
+- `ppl`: `exp(loss)`;
+- `bpb`: bits per byte `= loss / ln 2 × tokens / bytes`, where `bytes` is the UTF-8 size of the decoded target
+  text. With the byte-level tokenizer tokens are bytes; with BPE it makes models with different vocabularies
+  comparable.
+
+`CausalLMJob` feeds a causal LM to the training loop (`polyattn.train.loop.TrainingJob`): random windows of
+`data.seq_len + 1` tokens from the first `1 − data.val_fraction` of the token stream, at positions that are a
+pure function of `(train.seed, epoch, step)` so a resumed run sees the same batches; evaluation on the last
+`data.val_fraction` (the `val` split; `test` names the same held-out tail, since text corpora here come without
+a separate test set).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..data.images import default_cache_dir
+from ..data.text import (
+    EMBEDDED,
+    IGNORE_INDEX,
+    eval_windows,
+    load_token_file,
+    random_windows,
+    resolve_text_source,
+    split_stream,
+    token_file_for_source,
+)
+from ..data.tokenizers import TOKENIZER_FILE, BpeTokenizer, ByteTokenizer, StreamDecoder, Tokenizer, train_bpe
+from ..errors import UserError
+from ..models.generation import stream_generate
+
+BPE_CACHE_VERSION = 1
+
+
+def causal_lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy (nats) over the targets that are not padding (`IGNORE_INDEX`), float32.
+
+    Args:
+        logits (Tensor): `[B, T, V]`.
+        targets (Tensor): `[B, T]` int64, the token after each position; `IGNORE_INDEX` (-100) = not scored.
+    """
+    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX)
+
+
+def lm_metrics(total_nats: float, num_tokens: int, num_bytes: int) -> dict[str, float]:
+    """`{"loss", "ppl", "bpb", "tokens"}` from summed nats over `num_tokens` targets that decode to `num_bytes`."""
+    loss = total_nats / max(num_tokens, 1)
+    return {"loss": loss, "ppl": math.exp(min(loss, 700.0)),
+            "bpb": total_nats / math.log(2) / max(num_bytes, 1), "tokens": num_tokens}
+
+
+def target_bytes(tokenizer: Tokenizer, targets: np.ndarray) -> int:
+    """UTF-8 size of the text the scored targets decode to (equal to their count for byte-level)."""
+    if isinstance(tokenizer, ByteTokenizer):
+        return len(targets)
+    return len(tokenizer.decode(targets).encode("utf-8"))
+
+
+@torch.no_grad()
+def evaluate_lm(model: nn.Module, tokens: np.ndarray, tokenizer: Tokenizer, *, seq_len: int, batch_size: int,
+                device: torch.device, autocast=None, max_tokens: int | None = None) -> dict[str, float]:
+    """Loss, perplexity and bits per byte of `model` on the token stream `tokens` (module docstring).
+
+    Every target `tokens[1:]` (the first `max_tokens` of them) is scored once, from the up to `seq_len` tokens
+    before it in its window. The model is put in eval mode and restored.
+    """
+    if len(tokens) < 2:
+        raise UserError("The evaluated split holds fewer than 2 tokens; use a larger corpus or data.val_fraction.")
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    try:
+        for x, y in eval_windows(tokens, seq_len, batch_size, max_tokens):
+            x, y = x.to(device), y.to(device)
+            if autocast is not None:
+                with autocast():
+                    logits = model(x)
+            else:
+                logits = model(x)
+            total += F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum").item()
+            count += y.numel()
+    finally:
+        model.train(was_training)
+    return lm_metrics(total, count, target_bytes(tokenizer, np.asarray(tokens[1:1 + count])))
+
+
+def _bpe_for_source(source: str, vocab_size: int, val_fraction: float) -> BpeTokenizer:
+    """BPE trained on the training part (the first `1 − val_fraction` of the characters) of a text source,
+    cached by source fingerprint and settings so repeated runs do not retrain it."""
+    text = resolve_text_source(source)
+    key_fields = [BPE_CACHE_VERSION, text.name, text.fingerprint, vocab_size, val_fraction]
+    key = hashlib.sha256(json.dumps(key_fields).encode()).hexdigest()[:32]
+    path = default_cache_dir() / "tokenizers" / f"{key}.json"
+    if path.is_file():
+        try:
+            return BpeTokenizer.load(path)
+        except UserError:
+            pass  # a damaged cache entry: retrain and overwrite
+    keep = int(text.num_chars() * (1.0 - val_fraction))
+    tokenizer = train_bpe(text.text(keep), vocab_size)
+    with contextlib.suppress(OSError):  # an unwritable cache only costs retraining next time
+        tokenizer.save(path)
+    return tokenizer
+
+
+def _is_token_file(source: str) -> bool:
+    return source not in EMBEDDED and Path(source).suffix == ".bin"
+
+
+class CausalLMJob:
+    """Supplies windows of a token stream, the next-token loss and LM metrics to the training loop.
+
+    Args:
+        config: the run's `RunConfig` (data.source, data.tokenizer, data.vocab_size, data.seq_len,
+            data.val_fraction, data.eval_batch_size, data.eval_tokens, train.batch_size, train.seed).
+        device: where batches go.
+        splits: the splits needed ("train", "val", "test").
+        run_dir: an existing run directory whose `tokenizer.json` is reused (resume, eval), or None.
+    """
+
+    throughput_unit = "tokens"
+    """The loop reports tokens/s: `loss` returns the number of target tokens."""
+
+    def __init__(self, config, device: torch.device, splits: tuple[str, ...] = ("train", "test"),
+                 run_dir: Path | None = None):
+        d, t = config.data, config.train
+        if d.source == "digits":
+            raise UserError("data.source is 'digits', an image dataset, but a causal LM trains on text; use "
+                            "data.source=shakespeare (embedded), a .txt file, a directory of .txt files or a "
+                            "token file (.bin), or a text recipe such as `polyattn train llama_lm_shakespeare`.")
+        if not isinstance(d.seq_len, int) or d.seq_len < 1:
+            raise UserError(f"data.seq_len must be a positive number of tokens, got {d.seq_len!r}.")
+        self.device, self.seq_len, self.seed = device, d.seq_len, t.seed
+        self.eval_batch_size, self.eval_tokens = d.eval_batch_size, d.eval_tokens
+        self.tokenizer = self._tokenizer(d, run_dir)
+        stream = token_file_for_source(d.source, self.tokenizer)
+        train_range, val_range = split_stream(len(stream), d.val_fraction)
+        self.splits = {"train": stream.tokens[train_range], "val": stream.tokens[val_range],
+                       "test": stream.tokens[val_range]}
+        for split in splits:
+            if split not in self.splits:
+                raise UserError(f"Split '{split}' is not available for text; use 'train', 'val' or 'test' (the "
+                                f"last data.val_fraction of the stream).")
+        self.eval_split = "val"
+        self.inferred_model_args = {"vocab_size": self.tokenizer.vocab_size}
+        user_vocab = config.model.args.get("vocab_size")
+        if isinstance(user_vocab, int) and user_vocab < self.tokenizer.vocab_size:
+            raise UserError(f"model.vocab_size={user_vocab} is smaller than the tokenizer's "
+                            f"{self.tokenizer.vocab_size} ids; remove it so the model follows the tokenizer.")
+        self.batch_size = t.batch_size
+        n_train = len(self.splits["train"])
+        if "train" in splits and n_train < d.seq_len + 1:
+            raise UserError(f"The training split has {n_train} tokens, fewer than data.seq_len + 1 = "
+                            f"{d.seq_len + 1}; use a larger corpus or a shorter data.seq_len.")
+        # An "epoch" is as many windows as the training split holds tokens (each token seen once on average).
+        self.samples_per_step = t.batch_size * d.seq_len
+        self.steps_per_epoch = max(1, n_train // self.samples_per_step)
+
+    @staticmethod
+    def _tokenizer(d, run_dir: Path | None) -> Tokenizer:
+        if d.tokenizer == "byte":
+            return ByteTokenizer()
+        if run_dir is not None:  # an existing run (resume, eval): its own tokenizer, never a retrained one
+            path = Path(run_dir) / TOKENIZER_FILE
+            if not path.is_file():
+                raise UserError(f"{run_dir} has no {TOKENIZER_FILE}, which its BPE model needs; restore the file "
+                                f"or retrain the run.")
+            return BpeTokenizer.load(path)
+        if _is_token_file(d.source):
+            return load_token_file(d.source).tokenizer()
+        return _bpe_for_source(d.source, d.vocab_size, d.val_fraction)
+
+    def save_to_run_dir(self, run_dir: Path) -> None:
+        """Writes the tokenizer into the run directory (BPE), so eval/generate/resume need nothing else."""
+        if isinstance(self.tokenizer, BpeTokenizer):
+            self.tokenizer.save(Path(run_dir) / TOKENIZER_FILE)
+
+    def _check_vocab(self, model: nn.Module) -> None:
+        vocab = getattr(model, "vocab_size", None)
+        if vocab is not None and vocab < self.tokenizer.vocab_size:
+            raise UserError(f"The model has {vocab} token ids but the tokenizer produces {self.tokenizer.vocab_size};"
+                            f" remove model.vocab_size so it follows the tokenizer.")
+
+    def batches(self, epoch: int, start_step: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        if not 0 <= start_step <= self.steps_per_epoch:
+            raise UserError(f"Cannot resume at step {start_step} of an epoch that has {self.steps_per_epoch} steps; "
+                            f"check that the checkpoint matches this corpus and batch size.")
+        tokens = self.splits["train"]
+        for step in range(start_step, self.steps_per_epoch):
+            yield random_windows(tokens, self.batch_size, self.seq_len, seed=self.seed, epoch=epoch, step=step)
+
+    def loss(self, model: nn.Module, batch, *, accumulation_steps: int, autocast,
+             forward_kwargs: dict[str, Any]) -> tuple[torch.Tensor, int]:
+        self._check_vocab(model)
+        x, y = (b.to(self.device, non_blocking=True) for b in batch)
+        n_total = int((y != IGNORE_INDEX).sum())
+        total = torch.zeros((), device=self.device)
+        for xs, ys in zip(x.chunk(accumulation_steps), y.chunk(accumulation_steps)):
+            with autocast():
+                logits = model(xs, **forward_kwargs)
+            # weighted by its share of scored tokens, so accumulation gives the gradient of one big batch
+            loss = causal_lm_loss(logits, ys) * (int((ys != IGNORE_INDEX).sum()) / n_total)
+            loss.backward()
+            total += loss.detach()
+        return total, n_total
+
+    def evaluate(self, model: nn.Module, split: str, *, autocast) -> dict[str, float]:
+        self._check_vocab(model)
+        return evaluate_lm(model, self.splits[split], self.tokenizer, seq_len=self.seq_len,
+                           batch_size=self.eval_batch_size, device=self.device, autocast=autocast,
+                           max_tokens=self.eval_tokens)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}  # batches are a pure function of (seed, epoch, step): nothing to save
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
+
+def encode_prompt(tokenizer: Tokenizer, prompt: str) -> list[int]:
+    """Prompt ids; an empty prompt starts from `<|endoftext|>` (BPE) or a newline (byte-level)."""
+    ids = tokenizer.encode(prompt).tolist()
+    if ids:
+        return ids
+    return [tokenizer.eos_id] if tokenizer.eos_id is not None else tokenizer.encode("\n").tolist()
+
+
+def stream_text(model: nn.Module, tokenizer: Tokenizer, prompt: str, max_new_tokens: int, *,
+                temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
+                use_cache: bool = True, seed: int | None = None,
+                device: torch.device | str = "cpu") -> Iterable[str]:
+    """Generated text after `prompt`, yielded in pieces as soon as they decode to whole characters."""
+    ids = torch.tensor([encode_prompt(tokenizer, prompt)], dtype=torch.long, device=device)
+    generator = None
+    if seed is not None:
+        generator = torch.Generator(device=device).manual_seed(seed)
+    decoder = StreamDecoder(tokenizer)
+    for step in stream_generate(model, ids, max_new_tokens, temperature, top_k, top_p, use_cache,
+                                generator=generator):
+        piece = decoder.push(step.tokens.tolist())
+        if piece:
+            yield piece
+    rest = decoder.flush()
+    if rest:
+        yield rest
+
+
+__all__ = ["CausalLMJob", "causal_lm_loss", "encode_prompt", "evaluate_lm", "lm_metrics", "stream_text"]
