@@ -157,3 +157,10 @@ def test_torch_compile():
     x = x_of(1, 20)
     compiled = torch.compile(layer, fullgraph=True)
     assert_close("compiled", layer(x)[0], compiled(x)[0], atol=1e-5)
+
+
+def test_packed_sequences_are_refused_not_ignored():
+    layer = LightNetAttention(32, 2, causal=True)
+    x = torch.randn(1, 6, 32)
+    with pytest.raises(NotImplementedError, match="cu_seqlens"):
+        layer(x, cu_seqlens=torch.tensor([0, 2, 6]))

@@ -164,9 +164,15 @@ class LightNetAttention(nn.Module):
         past_key_values: LightNetCache | None = None,
         use_cache: bool = False,
         grid_shape: Sequence[int] | None = None,
-        **kwargs,
+        cu_seqlens: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, None, LightNetCache | None]:
-        """`[B, T, D]` → `([B, T, D], None, cache)`; see the module docstring for the contract."""
+        """`[B, T, D]` → `([B, T, D], None, cache)`; see the module docstring for the contract.
+
+        Packed sequences (`cu_seqlens`) are not handled here, because LRPE positions and the state would have to
+        restart at every boundary; unpack to a padded batch with a padding mask (as `LightNetLM` does).
+        """
+        if cu_seqlens is not None:
+            raise NotImplementedError("LightNetAttention takes padded batches with attention_mask, not cu_seqlens")
         assert attention_mask is None or attention_mask.dim() == 2, "only [B, T] padding masks are supported"
         assert past_key_values is None or self.causal, "a decoding state needs a causal layer"
         x = hidden_states
@@ -352,7 +358,6 @@ class MultiScanAttention(nn.Module):
         past_key_values: None = None,
         use_cache: bool = False,
         grid_shape: Sequence[int] | None = None,
-        **kwargs,
     ) -> tuple[torch.Tensor, None, None]:
         """`[B, T, D]` → `([B, T, D], None, None)`; no decoding state (a multi-direction scan is not causal)."""
         assert past_key_values is None and not use_cache, "MultiScanAttention has no decoding state"
