@@ -22,6 +22,7 @@ from torch import nn
 
 from ..layers.attention import Attention, parse_mask_mode
 from ..layers.block import TransformerBlock
+from ..layers.init import init_linear
 from ..layers.mlp import GatedMlp, llama_hidden_size
 from ..layers.norm import RMSNorm
 from ..layers.patch_embed import PatchEmbed
@@ -132,7 +133,9 @@ class ILLaMA(nn.Module):
         if self.pos_embed is not None:
             nn.init.trunc_normal_(self.pos_embed, std=0.02)
         nn.init.trunc_normal_(self.cls_token, std=0.02)
-        self.apply(_init_linear)  # the patch conv keeps PyTorch's default init, as in the reference
+        # trunc-normal std 0.02 as the released code (the paper's tables say 0.2); the patch conv keeps
+        # PyTorch's default init, as in the reference
+        self.apply(init_linear)
 
     # --- timm contract ------------------------------------------------------------------------------------------
 
@@ -148,7 +151,7 @@ class ILLaMA(nn.Module):
         self.num_classes = num_classes
         self.head = nn.Linear(self.embed_dim, num_classes) if num_classes > 0 else nn.Identity()
         if num_classes > 0:
-            _init_linear(self.head)
+            init_linear(self.head)
 
     # --- forward ------------------------------------------------------------------------------------------------
 
@@ -235,12 +238,6 @@ def convert_reference_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[st
         out[name] = value
     return out
 
-
-def _init_linear(m: nn.Module) -> None:
-    if isinstance(m, nn.Linear):
-        nn.init.trunc_normal_(m.weight, std=0.02)  # the paper's tables say 0.2; the released code uses 0.02
-        if m.bias is not None:
-            nn.init.zeros_(m.bias)
 
 
 @register_model(ILLaMA, task="classification")

@@ -24,6 +24,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from ..layers.init import init_linear
 from ..layers.lightnet import LightNetAttention, LightNetBlock, MdTpe, MultiScanAttention
 from ..layers.norm import RMSNorm
 from ..layers.patch_embed import PatchEmbed
@@ -91,7 +92,7 @@ class TokenMixerViT(nn.Module):
         self.head_drop = nn.Dropout(drop_rate)
         self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
         if num_classes > 0:
-            _init_head(self.head)
+            init_linear(self.head)
 
     def no_weight_decay(self) -> set[str]:
         """Names excluded from weight decay: MD-TPE's per-channel scales `q`, `k` (init 1) and decay logits.
@@ -111,7 +112,7 @@ class TokenMixerViT(nn.Module):
         self.num_classes = num_classes
         self.head = nn.Linear(self.embed_dim, num_classes) if num_classes > 0 else nn.Identity()
         if num_classes > 0:
-            _init_head(self.head)
+            init_linear(self.head)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Images `[B, C, H, W]` → normalised patch tokens `[B, N, D]` in raster order."""
@@ -238,10 +239,6 @@ class MultiScanViT(TokenMixerViT):
             drop_path_rate=drop_path_rate,
         )
 
-
-def _init_head(m: nn.Linear) -> None:
-    nn.init.trunc_normal_(m.weight, std=0.02)
-    nn.init.zeros_(m.bias)
 
 
 # Same sizes as the ViT/DeiT baseline (spec §3.4), so that rows of the comparison differ only in the token mixer.

@@ -15,6 +15,7 @@ from torch import nn
 
 from ..layers.attention import Attention
 from ..layers.block import TransformerBlock
+from ..layers.init import init_linear
 from ..layers.mlp import Mlp
 from ..layers.patch_embed import PatchEmbed
 from ..layers.pos_embed import resample_abs_pos_embed, sincos_pos_embed
@@ -81,7 +82,7 @@ class VisionTransformer(nn.Module):
         self.head_drop = nn.Dropout(drop_rate)
         self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
         nn.init.trunc_normal_(self.cls_token, std=0.02)
-        self.apply(_init_linear)
+        self.apply(init_linear)
 
     def no_weight_decay(self) -> set[str]:
         return {"pos_embed", "cls_token"}
@@ -97,7 +98,7 @@ class VisionTransformer(nn.Module):
         self.num_classes = num_classes
         self.head = nn.Linear(self.embed_dim, num_classes) if num_classes > 0 else nn.Identity()
         if num_classes > 0:
-            _init_linear(self.head)
+            init_linear(self.head)
 
     def _pos_embed(self, x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
         pos = self.pos_embed
@@ -135,12 +136,6 @@ class VisionTransformer(nn.Module):
                                                              num_prefix_tokens=self.num_prefix_tokens)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
-
-def _init_linear(m: nn.Module) -> None:
-    if isinstance(m, nn.Linear):
-        nn.init.trunc_normal_(m.weight, std=0.02)
-        if m.bias is not None:
-            nn.init.zeros_(m.bias)
 
 
 @register_model(VisionTransformer, task="classification")
