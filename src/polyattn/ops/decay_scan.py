@@ -25,11 +25,12 @@ NEG = -1e30
 
 
 def _mm(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Matrix product in the compute dtype (bfloat16 inputs stay bfloat16: ~3× faster with AMX), float32 out."""
-    return torch.matmul(a.to(dtype), b.to(dtype)).float()
+    """Matrix product in the compute dtype (bfloat16 inputs stay bfloat16: ~3× faster with AMX), float32 out
+    (float64 when the compute dtype is float64)."""
+    return torch.matmul(a.to(dtype), b.to(dtype)).to(_acc(dtype))
 
 
-def chunk_gated_core(
+def chunk_gated_core_autograd(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
@@ -39,6 +40,9 @@ def chunk_gated_core(
     compute_dtype: torch.dtype,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Chunk-parallel gated linear attention in log-normaliser coordinates (no overflow for any input).
+
+    The readable form, differentiated by autograd; `chunk_gated_core` computes the same with a hand-written
+    backward (less memory, fewer passes) and is what the ops use. Tests compare the two.
 
     The contribution of key `s` to query `t ≥ s` (same sequence) is `q_t · (k_s ⊙ exp(z_s − z_t)) v_s`, where
     `z` is non-decreasing along time within a chunk (LightNet: the running log-normaliser; multiplicative decay:
@@ -69,7 +73,7 @@ def chunk_gated_core(
     cdt = compute_dtype
 
     # --- s = t
-    o = (q * k).sum((-2, -1)).unsqueeze(-1) * v.float()  # [B, H, N, C, V]
+    o = (q * k).sum((-2, -1)).unsqueeze(-1) * v.to(_acc(cdt))  # [B, H, N, C, V]
 
     # --- halving levels: first half → second half of every block of L tokens
     L = 2
@@ -93,7 +97,7 @@ def chunk_gated_core(
     k_end = (k * torch.exp(z - z_end.unsqueeze(-2)).unsqueeze(-2)).reshape(B, H, N, C, R * K)
     local = _mm(k_end.transpose(-1, -2), v, cdt)  # [B, H, N, R·K, V]
     a = torch.exp(z_prev - z_end).repeat(1, 1, 1, R).unsqueeze(-1)  # [B, H, N, R·K, 1]
-    state = q.new_zeros(B, H, R * K, V, dtype=torch.float32) if initial_state is None else initial_state.float()
+    state = q.new_zeros(B, H, R * K, V, dtype=_acc(cdt)) if initial_state is None else initial_state.to(_acc(cdt))
     entering = []
     # N = T / C steps of O(K·V) work: cheap next to the matmuls above. unbind (not a[:, :, j]) so that backward
     # assembles the slice gradients once instead of materialising a full-size zero tensor per step.
@@ -104,6 +108,259 @@ def chunk_gated_core(
     q_in = (q * torch.exp(z_prev.unsqueeze(-2) - z).unsqueeze(-2)).reshape(B, H, N, C, R * K)
     o = o + _mm(q_in, s_in, cdt)
     return o, state
+
+
+def _acc(dtype: torch.dtype) -> torch.dtype:
+    """Accumulation dtype for a compute dtype: float64 stays float64 (gradcheck), anything else is float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+LOG2E = 1.4426950408889634  # the fast core keeps z in log2 units: every decay factor is one exp2 (~2× cheaper)
+
+
+def _mm_small(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """`a @ b` as `_mm`, but as a broadcast product when the result or the inner dimension is tiny (≤ 2 rows and
+    columns, or an inner dimension ≤ 2): batched GEMM calls on 1×1 or 2×2 blocks cost far more than their work."""
+    if (a.shape[-2] <= 2 and b.shape[-1] <= 2) or a.shape[-1] <= 2:
+        acc = _acc(dtype)
+        return (a.to(acc).unsqueeze(-1) * b.to(acc).unsqueeze(-3)).sum(-2)
+    return _mm(a, b, dtype)
+
+
+def _sum_r(x: torch.Tensor) -> torch.Tensor:
+    """Sums the R copies of each key channel (`[..., R, K]` → `[..., K]`); a view when R = 1."""
+    return x.squeeze(-2) if x.shape[-2] == 1 else x.sum(-2)
+
+
+def _level_factors(q, k, z2, L):
+    """Halving level L of the chunk core: second-half queries and first-half keys rescaled to the block middle.
+
+    `q, k [B, H, N, C, R, K]`, `z2 [B, H, N, C, K]` (log2 units) → `q' = q ⊙ 2^(z_m − z_t)` `[B, H, N, C/L, L/2, R, K]`
+    (second halves), `k' = k ⊙ 2^(z_s − z_m)` (first halves), and the factors `[B, H, N, C/L, L/2, 1, K]`. `z_m`, the
+    end of the first half, lies between every key s and query t of the pair, so both factors are ≤ 1.
+    """
+    B, H, N, C, R, K = q.shape
+    h = L // 2
+    zb = z2.view(B, H, N, C // L, 2, h, K)
+    z_mid = zb[:, :, :, :, 0, -1:]
+    e_first = (zb[:, :, :, :, 0] - z_mid).exp2_().unsqueeze(-2)
+    e_second = (z_mid - zb[:, :, :, :, 1]).exp2_().unsqueeze(-2)
+    q_second = q.view(B, H, N, C // L, 2, h, R, K)[:, :, :, :, 1] * e_second
+    k_first = k.view(B, H, N, C // L, 2, h, R, K)[:, :, :, :, 0] * e_first
+    return q_second, k_first, e_second, e_first
+
+
+def _core_forward(q, k, v, z2, zp2, s0, cdt):
+    """Forward of `ChunkGatedCore` on a group of chunks: contiguous `q, k [B, H, G, C, R, K]`, `v [B, H, G, C, V]`,
+    `z2 [B, H, G, C, K]`, `zp2 [B, H, G, K]` (log2 units, accumulation dtype), `s0 [B, H, R·K, V]`.
+
+    Returns `o [B, H, G, C, V]`, the state after the group, and what backward needs: the states entering every
+    chunk `[B, H, G, R·K, V]` and the score matrices of the halving levels.
+    """
+    B, H, N, C, R, K = q.shape
+    V = v.shape[-1]
+    acc = q.dtype
+    v_c = v.to(cdt)  # matmul operand, cast once
+
+    o = (q * k).sum((-2, -1)).unsqueeze(-1) * v  # s = t
+    scores = []
+    L = 2
+    while L <= C:
+        h = L // 2
+        qs, kf, _, _ = _level_factors(q, k, z2, L)
+        A = _mm_small(qs.flatten(-2), kf.flatten(-2).transpose(-1, -2), cdt).to(acc)  # [.., C/L, h_t, h_s]
+        v_f = v_c.view(B, H, N, C // L, 2, h, V)[:, :, :, :, 0]
+        o.view(B, H, N, C // L, 2, h, V)[:, :, :, :, 1] += _mm_small(A, v_f, cdt)
+        scores.append(A)
+        L *= 2
+
+    z_end = z2[..., -1, :]  # [B, H, N, K]
+    k_end = (k * torch.exp2(z2 - z_end.unsqueeze(-2)).unsqueeze(-2)).view(B, H, N, C, R * K)
+    local = _mm(k_end.transpose(-1, -2), v_c, cdt).to(acc)  # [B, H, N, R·K, V]
+    a = torch.exp2(zp2 - z_end).repeat(1, 1, 1, R).unsqueeze(-1)  # [B, H, N, R·K, 1]
+    s_in = q.new_empty(B, H, N, R * K, V)  # the state entering every chunk
+    state = s0
+    for n in range(N):
+        s_in[:, :, n] = state
+        state = torch.addcmul(local[:, :, n], a[:, :, n], state)
+    q_in = (q * torch.exp2(zp2.unsqueeze(-2) - z2).unsqueeze(-2)).view(B, H, N, C, R * K)
+    o += _mm(q_in, s_in, cdt)
+    return o, state, s_in, scores
+
+
+def _core_backward(q, k, v, z2, zp2, s_in, scores, do, d_state, cdt):
+    """Backward of `_core_forward` for one group, given `do` and the gradient of the state after the group.
+
+    Returns `dq, dk, dv, dz, dz_prev` (z in natural-log units) and the gradient of the state entering the group.
+    """
+    B, H, N, C, R, K = q.shape
+    V = v.shape[-1]
+    acc = q.dtype
+    v_c, do_c = v.to(cdt), do.to(cdt)
+
+    # s = t
+    dov = (do * v).sum(-1)[..., None, None]  # [B, H, N, C, 1, 1]
+    dq = dov * k
+    dk = dov * q
+    dv = (q * k).sum((-2, -1)).unsqueeze(-1) * do
+
+    # chunk level: inter-chunk outputs
+    e_q = torch.exp2(zp2.unsqueeze(-2) - z2).unsqueeze(-2)  # [B, H, N, C, 1, K]
+    q_in = (q * e_q).view(B, H, N, C, R * K)
+    dq_in = _mm(do_c, s_in.transpose(-1, -2), cdt).to(acc).view(B, H, N, C, R, K)
+    dq.addcmul_(dq_in, e_q)
+    dz = -_sum_r(dq_in.mul_(q_in.view(B, H, N, C, R, K)))  # [B, H, N, C, K], natural-log units
+    dz_prev = -dz.sum(-2)  # [B, H, N, K]
+    ds_in = _mm(q_in.transpose(-1, -2), do_c, cdt).to(acc)  # [B, H, N, R·K, V]: direct share of each state
+
+    # the state recurrence, back to front: d_local[n] = G_{n+1}, G_n = ds_in[n] + a_n ⊙ G_{n+1}
+    z_end = z2[..., -1, :]
+    a_k = torch.exp2(zp2 - z_end)  # [B, H, N, K]
+    a = a_k.repeat(1, 1, 1, R).unsqueeze(-1)
+    d_local = torch.empty_like(s_in)
+    G = d_state
+    for n in range(N - 1, -1, -1):
+        d_local[:, :, n] = G
+        G = torch.addcmul(ds_in[:, :, n], a[:, :, n], G)
+    da = _sum_r((d_local * s_in).sum(-1).view(B, H, N, R, K)) * a_k  # ∂L/∂(z_prev − z_end)
+    dz_prev += da
+    dz_end = -da
+
+    # chunk level: local chunk sums
+    e_end = torch.exp2(z2 - z_end.unsqueeze(-2)).unsqueeze(-2)  # [B, H, N, C, 1, K]
+    k_end = (k * e_end).view(B, H, N, C, R * K)
+    dk_end = _mm(v_c, d_local.transpose(-1, -2), cdt).to(acc).view(B, H, N, C, R, K)
+    dv += _mm(k_end, d_local, cdt)
+    dk.addcmul_(dk_end, e_end)
+    t = _sum_r(dk_end.mul_(k_end.view(B, H, N, C, R, K)))
+    dz += t
+    dz_end -= t.sum(-2)
+
+    # halving levels
+    L = 2
+    for A in scores:
+        h = L // 2
+        nb = C // L
+        qs, kf, e_s, e_f = _level_factors(q, k, z2, L)
+        do_s = do_c.view(B, H, N, nb, 2, h, V)[:, :, :, :, 1]
+        v_f = v_c.view(B, H, N, nb, 2, h, V)[:, :, :, :, 0]
+        dA = _mm_small(do_s, v_f.transpose(-1, -2), cdt).to(acc)  # [.., nb, h_t, h_s]
+        dv.view(B, H, N, nb, 2, h, V)[:, :, :, :, 0] += _mm_small(A.transpose(-1, -2), do_s, cdt)
+        dqs = _mm_small(dA, kf.flatten(-2), cdt).to(acc).view(qs.shape)
+        dkf = _mm_small(dA.transpose(-1, -2), qs.flatten(-2), cdt).to(acc).view(kf.shape)
+        dq.view(B, H, N, nb, 2, h, R, K)[:, :, :, :, 1].addcmul_(dqs, e_s)
+        dk.view(B, H, N, nb, 2, h, R, K)[:, :, :, :, 0].addcmul_(dkf, e_f)
+        tq = _sum_r(dqs.mul_(qs))  # [.., nb, h, K]
+        tk = _sum_r(dkf.mul_(kf))
+        dzb = dz.view(B, H, N, nb, 2, h, K)
+        dzb[:, :, :, :, 1] -= tq
+        dzb[:, :, :, :, 0] += tk
+        dzb[:, :, :, :, 0, -1] += tq.sum(-2) - tk.sum(-2)
+        L *= 2
+
+    dz[..., -1, :] += dz_end
+    return dq, dk, dv, dz, dz_prev, G
+
+
+# Chunks are processed in groups whose temporaries hold about this many elements (512 KiB in float32, measured best
+# on a 1-thread CPU among 2^16..2^24): they stay in cache, and the allocator reuses them instead of mapping fresh
+# pages for every full-length temporary (2× faster than one group at 16K tokens).
+GROUP_ELEMENTS = 1 << 17
+
+
+class ChunkGatedCore(torch.autograd.Function):
+    """`chunk_gated_core` with a hand-written backward (same math as `chunk_gated_core_autograd`).
+
+    Works through the chunks in groups (`GROUP_ELEMENTS`), carrying the state from group to group (and its gradient
+    back). Saves the inputs as given, the states entering every chunk and the intra-chunk score matrices; the
+    decay factors are recomputed in backward. z is carried in log2 units (`exp(z_a − z_b) = 2^(z2_a − z2_b)`, the
+    same bounds). Backward of each piece (`⊙` broadcast over the R copies, `Σ_R` sums them):
+
+    - `s = t`: `o_t = (q_t·k_t) v_t`.
+    - halving level: `A = q'k'ᵀ`, `o_2 += A v_1` with `q' = q_2 ⊙ e_2`, `k' = k_1 ⊙ e_1`, `e_2 = exp(z_m − z_2)`,
+      `e_1 = exp(z_1 − z_m)`: `dA = do_2 v_1ᵀ`, `dv_1 += Aᵀ do_2`, `dq' = dA k'`, `dk' = dAᵀ q'`, and through the
+      factors `dz_2 −= Σ_R dq'⊙q'`, `dz_1 += Σ_R dk'⊙k'`, `dz_m += Σ (dq'⊙q') − Σ (dk'⊙k')`.
+    - chunk level: `o += q_in S_in` (`q_in = q ⊙ exp(z_prev − z)`), `S_{n+1} = a_n ⊙ S_n + k_endᵀ v`
+      (`a = exp(z_prev − z_end)`, `k_end = k ⊙ exp(z − z_end)`): the state gradient runs backwards over chunks,
+      `G_n = q_inᵀ do + a_n ⊙ G_{n+1}`, and the rest are batched matmuls.
+
+    Outputs and gradients are allocated chunk-major (`[B, N, C, H, ...]` memory, `[B, H, N, C, ...]` view), the
+    layout of the callers' `[B, T, H, ...]` tensors, so reshaping to and from chunks copies nothing.
+    """
+
+    @staticmethod
+    def _group(q, k, v, z, z_prev, sl, acc):
+        """One group of chunks of the inputs: contiguous, in the accumulation dtype, z in log2 units."""
+        q, k, v = (x[:, :, sl].to(acc).contiguous() for x in (q, k, v))
+        z2 = (z[:, :, sl].to(acc) * LOG2E).contiguous()
+        return q, k, v, z2, z_prev[:, :, sl].to(acc) * LOG2E
+
+    @staticmethod
+    def forward(ctx, q, k, v, z, z_prev, s0, compute_dtype):
+        B, H, N, C, R, K = q.shape
+        V = v.shape[-1]
+        cdt, acc = compute_dtype, _acc(compute_dtype)
+        # groups pay off for CPU caches; elsewhere one group (fewer, larger kernels)
+        G = max(1, min(N, GROUP_ELEMENTS // (B * H * C * R * max(K, V)))) if q.device.type == "cpu" else N
+        o = q.new_empty(B, N, C, H, V, dtype=acc)
+        state = s0.to(acc)
+        saved = []
+        with torch.no_grad():  # as in eager autograd.Function.forward; torch.export traces it with grad enabled
+            for n0 in range(0, N, G):
+                sl = slice(n0, n0 + G)
+                qg, kg, vg, z2g, zp2g = ChunkGatedCore._group(q, k, v, z, z_prev, sl, acc)
+                og, state, s_in, scores = _core_forward(qg, kg, vg, z2g, zp2g, state, cdt)
+                o[:, sl].copy_(og.permute(0, 2, 3, 1, 4))
+                saved += [s_in, *scores]
+        ctx.save_for_backward(q, k, v, z, z_prev, *saved)
+        ctx.compute_dtype, ctx.group = cdt, G
+        return o.permute(0, 3, 1, 2, 4), state
+
+    @staticmethod
+    def backward(ctx, do, d_state):
+        q, k, v, z, z_prev, *saved = ctx.saved_tensors
+        cdt, G = ctx.compute_dtype, ctx.group
+        acc = _acc(cdt)
+        B, H, N, C, R, K = q.shape
+        V = v.shape[-1]
+        levels = C.bit_length() - 1
+        dq, dk = (q.new_empty(B, N, C, H, R, K, dtype=acc) for _ in range(2))
+        dv = q.new_empty(B, N, C, H, V, dtype=acc)
+        dz = q.new_empty(B, N, C, H, K, dtype=acc)
+        dz_prev = q.new_empty(B, N, H, K, dtype=acc)
+        d_state = d_state.to(acc)
+        starts = list(range(0, N, G))
+        for i in reversed(range(len(starts))):
+            sl = slice(starts[i], starts[i] + G)
+            s_in, *scores = saved[i * (levels + 1):(i + 1) * (levels + 1)]
+            qg, kg, vg, z2g, zp2g = ChunkGatedCore._group(q, k, v, z, z_prev, sl, acc)
+            dog = do[:, :, sl].to(acc).contiguous()
+            dqg, dkg, dvg, dzg, dzpg, d_state = _core_backward(qg, kg, vg, z2g, zp2g, s_in, scores, dog, d_state, cdt)
+            dq[:, sl].copy_(dqg.permute(0, 2, 3, 1, 4, 5))
+            dk[:, sl].copy_(dkg.permute(0, 2, 3, 1, 4, 5))
+            dv[:, sl].copy_(dvg.permute(0, 2, 3, 1, 4))
+            dz[:, sl].copy_(dzg.permute(0, 2, 3, 1, 4))
+            dz_prev[:, sl].copy_(dzpg.permute(0, 2, 1, 3))
+        return (dq.permute(0, 3, 1, 2, 4, 5), dk.permute(0, 3, 1, 2, 4, 5), dv.permute(0, 3, 1, 2, 4),
+                dz.permute(0, 3, 1, 2, 4), dz_prev.permute(0, 2, 1, 3), d_state, None)
+
+
+def chunk_gated_core(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    z: torch.Tensor,
+    z_prev: torch.Tensor,
+    initial_state: torch.Tensor | None,
+    compute_dtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Chunk-parallel gated linear attention in log-normaliser coordinates; see `chunk_gated_core_autograd` for the
+    math, shapes and returns. Runs `ChunkGatedCore` (hand-written backward)."""
+    B, H, _, C, R, K = q.shape
+    assert C & (C - 1) == 0, f"chunk size {C} must be a power of two"
+    if initial_state is None:
+        initial_state = q.new_zeros(B, H, R * K, v.shape[-1], dtype=_acc(compute_dtype))
+    return ChunkGatedCore.apply(q, k, v, z, z_prev, initial_state, compute_dtype)
 
 
 def _pad_time(x: torch.Tensor, pad: int, value: float = 0.0) -> torch.Tensor:
@@ -172,7 +429,7 @@ def decay_attn(
     kh, g, v = _prepare(q, k, v, g, mask)
     C = _chunk_len(chunk_size, T)
     pad = -T % C
-    qc = _to_chunks(_pad_time(q.float(), pad), C).unsqueeze(-2)
+    qc = _to_chunks(_pad_time(q, pad), C).unsqueeze(-2)  # the core casts chunk groups as it goes
     kc = _to_chunks(_pad_time(kh, pad), C).unsqueeze(-2)
     vc = _to_chunks(_pad_time(v, pad), C)
     # chunk-local cumulative decay keeps the exponents small numbers (a global cumsum loses precision)
