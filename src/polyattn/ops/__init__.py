@@ -1,6 +1,10 @@
-"""Pure tensor functions: the math of each token mixer, `[B, T, H, D]` layout, each with a reference form."""
+"""Pure tensor functions: the math of each token mixer, `[B, T, H, D]` layout, each with a reference form.
 
-from .attention import MaskMode, attention
+Submodules: `attention` (softmax attention and its masks), `lightnet`, `decay_scan`, `lrpe`, `tpe`. The
+submodule names are not shadowed here, so `polyattn.ops.attention` stays the module.
+"""
+
+from .attention import MaskMode
 from .lightnet import lightnet_attn
 
-__all__ = ["MaskMode", "attention", "lightnet_attn"]
+__all__ = ["MaskMode", "lightnet_attn"]
