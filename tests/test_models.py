@@ -72,3 +72,14 @@ def test_causal_lm_contract(name):
     step_logits, cache = model.eval().forward_cached(x[:, :5])
     assert step_logits.shape == (2, 5, 37) and cache is not None
     assert model.generate(x[:, :3], 4).shape == (2, 7)
+
+
+def test_reset_classifier_switches_pooling_and_rejects_unknown_modes():
+    vit = small_classifier("vit_nano")
+    vit.reset_classifier(5, global_pool="avg")
+    assert vit.global_pool == "avg" and vit(torch.randn(1, 3, 32, 32)).shape == (1, 5)
+    vit.reset_classifier(0)
+    assert vit(torch.randn(1, 3, 32, 32)).shape == (1, vit.num_features)
+    for name in ("vit_nano", "illama_nano", "lightnet_vision_nano"):
+        with pytest.raises(ValueError, match="pools with"):
+            small_classifier(name).reset_classifier(3, global_pool="max")

@@ -30,12 +30,13 @@ from ..layers.pos_embed import resample_abs_pos_embed
 from ..layers.rope import Rotary, RotaryEmbedding
 from ..ops.attention import MaskMode
 from ..registry import register_model
+from .classifier import LinearHeadMixin
 
 _POS_EMBEDS = ("learned+rope", "rope", "learned")
 _CLS_POSITIONS = ("last", "first")
 
 
-class ILLaMA(nn.Module):
+class ILLaMA(LinearHeadMixin, nn.Module):
     """iLLaMA image classifier (arXiv 2404.06773) with timm's contract.
 
     Token layout: `[patches (raster order), cls]` for `cls_position="last"` (the paper's post-sequence class
@@ -69,6 +70,8 @@ class ILLaMA(nn.Module):
         drop_rate (float): dropout after the position embedding and before the head. Default: 0.0.
         drop_path_rate (float): stochastic depth of the last block; rises linearly from 0. Default: 0.0.
     """
+
+    GLOBAL_POOLS = ("token",)
 
     def __init__(
         self,
@@ -141,17 +144,6 @@ class ILLaMA(nn.Module):
 
     def no_weight_decay(self) -> set[str]:
         return {"pos_embed", "cls_token"} if self.pos_embed is not None else {"cls_token"}
-
-    def get_classifier(self) -> nn.Module:
-        return self.head
-
-    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
-        if global_pool not in (None, "token"):
-            raise ValueError(f"iLLaMA pools its class token only (global_pool='token'), got {global_pool!r}")
-        self.num_classes = num_classes
-        self.head = nn.Linear(self.embed_dim, num_classes) if num_classes > 0 else nn.Identity()
-        if num_classes > 0:
-            init_linear(self.head)
 
     # --- forward ------------------------------------------------------------------------------------------------
 

@@ -29,9 +29,10 @@ from ..layers.lightnet import LightNetAttention, LightNetBlock, MdTpe, MultiScan
 from ..layers.norm import RMSNorm
 from ..layers.patch_embed import PatchEmbed
 from ..registry import register_model
+from .classifier import LinearHeadMixin
 
 
-class TokenMixerViT(nn.Module):
+class TokenMixerViT(LinearHeadMixin, nn.Module):
     """Isotropic classifier around an injectable token mixer: patches → [MD-TPE] → blocks → RMSNorm → mean → head.
 
     The shared body of `LightNetViT` and `MultiScanViT`; those two fix the mixer class and expose its options as
@@ -51,6 +52,8 @@ class TokenMixerViT(nn.Module):
         drop_rate (float): dropout before the head.
         drop_path_rate (float): stochastic depth, rising linearly from 0 (first block) to this (last block).
     """
+
+    GLOBAL_POOLS = ("avg",)
 
     def __init__(
         self,
@@ -102,17 +105,6 @@ class TokenMixerViT(nn.Module):
         position table or class token.
         """
         return {"tpe.q", "tpe.k", "tpe.decay_logit"} if self.tpe is not None else set()
-
-    def get_classifier(self) -> nn.Module:
-        return self.head
-
-    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
-        if global_pool not in (None, "avg"):
-            raise ValueError(f"this model mean-pools its tokens (global_pool='avg'), got {global_pool!r}")
-        self.num_classes = num_classes
-        self.head = nn.Linear(self.embed_dim, num_classes) if num_classes > 0 else nn.Identity()
-        if num_classes > 0:
-            init_linear(self.head)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Images `[B, C, H, W]` → normalised patch tokens `[B, N, D]` in raster order."""

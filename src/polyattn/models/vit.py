@@ -20,14 +20,17 @@ from ..layers.mlp import Mlp
 from ..layers.patch_embed import PatchEmbed
 from ..layers.pos_embed import resample_abs_pos_embed, sincos_pos_embed
 from ..registry import register_model
+from .classifier import LinearHeadMixin
 
 
-class VisionTransformer(nn.Module):
+class VisionTransformer(LinearHeadMixin, nn.Module):
     """Isotropic ViT classifier with timm's contract (`forward_features`, `forward_head`, `reset_classifier`).
 
     Images of another size than `img_size` are accepted as long as the patch size divides them: the
     position table is resampled (bicubic) to the new grid, in forward and when loading weights.
     """
+
+    GLOBAL_POOLS = ("token", "avg")
 
     def __init__(
         self,
@@ -86,19 +89,6 @@ class VisionTransformer(nn.Module):
 
     def no_weight_decay(self) -> set[str]:
         return {"pos_embed", "cls_token"}
-
-    def get_classifier(self) -> nn.Module:
-        return self.head
-
-    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
-        if global_pool is not None:
-            if global_pool not in ("token", "avg"):
-                raise ValueError(f"global_pool must be 'token' or 'avg', got {global_pool!r}")
-            self.global_pool = global_pool
-        self.num_classes = num_classes
-        self.head = nn.Linear(self.embed_dim, num_classes) if num_classes > 0 else nn.Identity()
-        if num_classes > 0:
-            init_linear(self.head)
 
     def _pos_embed(self, x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
         pos = self.pos_embed
