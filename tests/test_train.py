@@ -192,3 +192,13 @@ def test_soft_mask_needs_a_model_that_takes_it(tmp_path, cache_dir):
     with pytest.raises(UserError, match="soft_mask_a"):
         train(tiny_config(tmp_path, "train.soft_mask=linear", "train.soft_mask_cutoff=0.5", "train.run_name=s"))
     assert not (tmp_path / "s").exists()
+
+
+@pytest.mark.slow
+def test_compiled_training_saves_plain_weights(tmp_path, cache_dir, capsys):
+    train(tiny_config(tmp_path, "train.compile=true", "train.max_steps=2", "train.epochs=1", "train.run_name=c"))
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "c" / "model.safetensors"), framework="pt") as f:
+        assert not any(k.startswith("_orig_mod") for k in f.keys())  # noqa: SIM118
+    assert main(["eval", str(tmp_path / "c")]) == 0
