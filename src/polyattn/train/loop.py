@@ -208,8 +208,9 @@ def train(config: RunConfig, *, resume_dir: Path | None = None) -> dict[str, Any
                 t0 = time.perf_counter()
                 loss, n = job.loss(train_model, batch, accumulation_steps=cfg.accumulation_steps, autocast=autocast,
                                    forward_kwargs=forward_kwargs)
-                if not math.isfinite(loss.item()):
-                    raise UserError(f"The training loss became {loss.item()} at step {step} (epoch {epoch}); "
+                loss_value = loss.item()  # one device sync per step, shared by the checks and logs below
+                if not math.isfinite(loss_value):
+                    raise UserError(f"The training loss became {loss_value} at step {step} (epoch {epoch}); "
                                     f"lower train.lr, keep train.grad_clip on, or check the data. The last "
                                     f"good checkpoint is in {checkpoints.root}.")
                 grad_norm = (nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
@@ -221,10 +222,10 @@ def train(config: RunConfig, *, resume_dir: Path | None = None) -> dict[str, Any
                 train_time += time.perf_counter() - t0
                 train_samples += n
                 step += 1
-                window_loss, window_n = window_loss + loss.item(), window_n + 1
+                window_loss, window_n = window_loss + loss_value, window_n + 1
                 throughput = train_samples / max(train_time, 1e-9)
                 progress.update(1)
-                progress.set_postfix_str(f"epoch {epoch + 1}/{cfg.epochs} loss {loss.item():.4f} "
+                progress.set_postfix_str(f"epoch {epoch + 1}/{cfg.epochs} loss {loss_value:.4f} "
                                          f"lr {schedule(step - 1):.2e} {throughput:.0f} {unit}/s", refresh=False)
                 if step % cfg.log_every == 0 or step == max_steps:
                     values = {"loss": window_loss / window_n, "lr": schedule(step - 1),
