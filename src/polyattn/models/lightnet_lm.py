@@ -26,11 +26,10 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..layers.lightnet import LightNetAttention, LightNetBlock, LightNetCache, MdTpe
-from ..layers.norm import RMSNorm
+from ..layers.token_io import TokenIO
 from ..registry import register_model
 from .generation import CausalLMMixin, next_token_loss
 
@@ -88,7 +87,7 @@ class LightNetLM(CausalLMMixin, nn.Module):
         if dim % num_heads:
             raise ValueError(f"dim ({dim}) must be divisible by num_heads ({num_heads})")
         self.vocab_size, self.dim, self.depth, self.tie_embeddings = vocab_size, dim, depth, tie_embeddings
-        self.embed = nn.Embedding(vocab_size, dim)
+        self.io = TokenIO(vocab_size, dim, tie_embeddings=tie_embeddings, norm_eps=norm_eps)
         self.tpe = MdTpe(dim, num_heads, num_axes=1, causal=True, residual=tpe_residual, norm_eps=norm_eps) \
             if tpe else None
         self.blocks = nn.ModuleList(
@@ -96,18 +95,6 @@ class LightNetLM(CausalLMMixin, nn.Module):
                           norm_eps=norm_eps, layer_idx=i, causal=True, lrpe=lrpe, scale=scale,
                           normalizer_init=normalizer_init, chunk_size=chunk_size, init=init)
             for i in range(depth))
-        self.norm = RMSNorm(dim, eps=norm_eps)
-        self.head = None if tie_embeddings else nn.Linear(dim, vocab_size, bias=False)
-        nn.init.normal_(self.embed.weight, std=0.02)
-        if self.head is not None:
-            nn.init.normal_(self.head.weight, std=0.02)
-
-    def no_weight_decay(self) -> set[str]:
-        return set()
-
-    def _logits(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.norm(x)
-        return F.linear(x, self.embed.weight) if self.head is None else self.head(x)
 
     def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None, *,
                 attention_mask: torch.Tensor | None = None,
@@ -132,12 +119,12 @@ class LightNetLM(CausalLMMixin, nn.Module):
         return logits if targets is None else (logits, next_token_loss(logits, targets))
 
     def _run(self, tokens: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        x = self.embed(tokens)  # (B, T, D)
+        x = self.io.embed_tokens(tokens)  # (B, T, D)
         if self.tpe is not None:
             x, _ = self.tpe(x, attention_mask=mask)
         for block in self.blocks:
             x, _ = block(x, attention_mask=mask)
-        return self._logits(x)
+        return self.io.logits(x)
 
     def forward_cached(self, tokens: torch.Tensor, cache: LightNetLMCache | None = None, *,
                        attention_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, LightNetLMCache]:
@@ -149,7 +136,7 @@ class LightNetLM(CausalLMMixin, nn.Module):
         mask = None if attention_mask is None else attention_mask.bool()
         if cache is not None and len(cache.layers) != self.depth:
             raise ValueError(f"the cache has {len(cache.layers)} layers, the model {self.depth}")
-        x = self.embed(tokens)
+        x = self.io.embed_tokens(tokens)
         tpe_state = None
         if self.tpe is not None:
             x, tpe_state = self.tpe(x, attention_mask=mask, state=None if cache is None else cache.tpe,
@@ -159,7 +146,7 @@ class LightNetLM(CausalLMMixin, nn.Module):
             x, state = block(x, attention_mask=mask, past_key_values=None if cache is None else cache.layers[i],
                              use_cache=True)
             layers.append(state)
-        return self._logits(x), LightNetLMCache(tpe_state, tuple(layers))
+        return self.io.logits(x), LightNetLMCache(tpe_state, tuple(layers))
 
     def state_size(self) -> int:
         """Floats per sequence in the decoding state (every layer's `S`, `z` and counter, plus the TPE state)."""

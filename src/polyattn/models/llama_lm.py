@@ -23,7 +23,6 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..layers.attention import Attention, KVCache
@@ -31,6 +30,7 @@ from ..layers.block import TransformerBlock
 from ..layers.mlp import GatedMlp, llama_hidden_size
 from ..layers.norm import RMSNorm
 from ..layers.rope import RotaryEmbedding
+from ..layers.token_io import TokenIO
 from ..registry import register_model
 from .generation import CausalLMMixin, next_token_loss
 
@@ -82,7 +82,7 @@ class LlamaLM(CausalLMMixin, nn.Module):
         if dim % num_heads:
             raise ValueError(f"dim ({dim}) must be divisible by num_heads ({num_heads})")
         self.vocab_size, self.dim, self.depth, self.tie_embeddings = vocab_size, dim, depth, tie_embeddings
-        self.embed = nn.Embedding(vocab_size, dim)
+        self.io = TokenIO(vocab_size, dim, tie_embeddings=tie_embeddings, norm_eps=norm_eps)
         self.rope = RotaryEmbedding(dim // num_heads, base=rope_base)
         hidden = mlp_hidden_dim or llama_hidden_size(dim, multiple_of=64)
         norm = lambda d: RMSNorm(d, eps=norm_eps)
@@ -91,8 +91,6 @@ class LlamaLM(CausalLMMixin, nn.Module):
                                             mask_mode="causal", attn_drop=dropout, proj_drop=dropout),
                              GatedMlp(dim, hidden, drop=dropout), norm)
             for _ in range(depth))
-        self.norm = norm(dim)
-        self.head = None if tie_embeddings else nn.Linear(dim, vocab_size, bias=False)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -104,13 +102,6 @@ class LlamaLM(CausalLMMixin, nn.Module):
         for block in self.blocks:
             for proj in (block.attn.o_proj, block.mlp.w2):
                 nn.init.normal_(proj.weight, std=0.02 / math.sqrt(2 * self.depth))
-
-    def no_weight_decay(self) -> set[str]:
-        return set()
-
-    def _logits(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.norm(x)
-        return F.linear(x, self.embed.weight) if self.head is None else self.head(x)
 
     def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None, *,
                 attention_mask: torch.Tensor | None = None,
@@ -135,10 +126,10 @@ class LlamaLM(CausalLMMixin, nn.Module):
                 key_padding_mask = attention_mask.bool()
             positions = _positions(None, key_padding_mask, T, tokens.device)
         rope = self.rope(positions)
-        x = self.embed(tokens)  # (B, T, D)
+        x = self.io.embed_tokens(tokens)  # (B, T, D)
         for block in self.blocks:
             x, _ = block(x, rope=rope, key_padding_mask=key_padding_mask, attn_mask=attn_mask)
-        logits = self._logits(x)  # (B, T, V)
+        logits = self.io.logits(x)  # (B, T, V)
         return logits if targets is None else (logits, next_token_loss(logits, targets))
 
     def forward_cached(self, tokens: torch.Tensor, cache: LlamaCache | None = None, *,
@@ -151,14 +142,14 @@ class LlamaLM(CausalLMMixin, nn.Module):
         mask = None if attention_mask is None else attention_mask.bool()
         if cache is not None and len(cache) != self.depth:
             raise ValueError(f"the cache has {len(cache)} layers, the model {self.depth}")
-        x = self.embed(tokens)
+        x = self.io.embed_tokens(tokens)
         new_cache = []
         for i, block in enumerate(self.blocks):
             layer_cache = None if cache is None else cache[i]
             rope = self.rope(_positions(layer_cache, mask, tokens.shape[1], tokens.device))
             x, layer_cache = block(x, rope=rope, key_padding_mask=mask, cache=layer_cache, use_cache=True)
             new_cache.append(layer_cache)
-        return self._logits(x), tuple(new_cache)
+        return self.io.logits(x), tuple(new_cache)
 
 
 @register_model(LlamaLM, task="causal_lm")
