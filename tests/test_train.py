@@ -202,3 +202,67 @@ def test_compiled_training_saves_plain_weights(tmp_path, cache_dir, capsys):
     with safe_open(str(tmp_path / "c" / "model.safetensors"), framework="pt") as f:
         assert not any(k.startswith("_orig_mod") for k in f.keys())  # noqa: SIM118
     assert main(["eval", str(tmp_path / "c")]) == 0
+
+
+def test_weight_ema_follows_the_warmed_up_rule():
+    from polyattn.train.ema import WeightEma, ema_decay_at
+
+    model = torch.nn.Linear(3, 2)
+    ema = WeightEma(model, 0.9)
+    expected = model.weight.detach().clone()
+    for i in range(5):
+        with torch.no_grad():
+            model.weight.add_(torch.randn_like(model.weight))
+        ema.update_parameters(model)
+        d = 0.0 if i == 0 else ema_decay_at(0.9, i)  # the first update copies the weights
+        expected = d * expected + (1 - d) * model.weight.detach()
+    torch.testing.assert_close(ema.module.weight, expected)
+    assert ema.num_updates == 5 and not ema.module.weight.requires_grad
+
+
+def test_ema_weights_are_saved_evaluated_and_resumed_exactly(tmp_path, cache_dir, capsys):
+    from polyattn.train.checkpoint import load_weights
+    from polyattn.train.loop import load_run_config, load_run_model
+
+    extra = ["train.epochs=2", "train.ema_decay=0.9", "train.precision=fp32"]
+    ref = train(tiny_config(tmp_path, *extra, "train.run_name=ref"))
+    assert ref["weights"] == "ema" and (tmp_path / "ref" / "ema.safetensors").is_file()
+    steps_per_epoch = ref["steps"] // 2
+
+    # stop after the first epoch, forget that the run ended, and resume it
+    train(tiny_config(tmp_path, *extra, "train.run_name=cut", f"train.max_steps={steps_per_epoch}"))
+    for name in ("summary.json", "model.safetensors", "ema.safetensors"):
+        (tmp_path / "cut" / name).unlink()
+    config = load_run_config(tmp_path / "cut")
+    config.train.max_steps = None
+    resumed = train(config, resume_dir=tmp_path / "cut")
+    assert resumed["test"] == ref["test"]
+    ema_ref, _ = load_run_model(tmp_path / "ref")
+    ema_cut, _ = load_run_model(tmp_path / "cut")
+    for a, b in zip(ema_ref.state_dict().values(), ema_cut.state_dict().values()):
+        assert torch.equal(a, b)
+
+    # eval uses the averaged weights unless told otherwise; they differ from the raw weights
+    raw, _ = load_run_model(tmp_path / "ref", ema=False)
+    assert not torch.equal(raw.head.weight, ema_ref.head.weight)
+    capsys.readouterr()
+    assert main(["eval", str(tmp_path / "ref")]) == 0
+    assert f"{ref['test']['top1']:.4f}" in capsys.readouterr().out
+    assert main(["eval", str(tmp_path / "ref"), "--no-ema"]) == 0
+    with pytest.raises(UserError, match="kept no averaged weights"):
+        other = train(tiny_config(tmp_path, "train.max_steps=1", "train.run_name=plain"))
+        assert other["weights"] == "model"
+        load_run_model(tmp_path / "plain", ema=True)
+    load_weights(raw, tmp_path / "ref" / "ema.safetensors", model_name="vit_nano")  # same architecture
+
+
+def test_time_budget_stops_training_and_ends_the_schedule_on_time(tmp_path, cache_dir):
+    summary = train(tiny_config(tmp_path, "train.epochs=1000", "train.time_budget_s=1.5", "train.log_every=1",
+                                "train.warmup_epochs=0", "train.run_name=t"))
+    assert 1.5 <= summary["train_time_s"] < 5.0 and summary["epochs"] < 1000
+    assert summary["time_budget_s"] == 1.5
+    lrs = [r["lr"] for r in read_metrics(tmp_path / "t") if r["kind"] == "train"]
+    lr = build_config("default", []).train.lr
+    # the cosine schedule runs on the budget's share of training: it starts at lr and ends near min_lr
+    assert lrs[0] == pytest.approx(lr, rel=0.05) and lrs[-1] < 0.05 * lr
+    assert all(a >= b for a, b in zip(lrs, lrs[1:]))

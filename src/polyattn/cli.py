@@ -66,7 +66,8 @@ def _cmd_train(args) -> int:
 def _cmd_eval(args) -> int:
     from .train.loop import evaluate_run
 
-    evaluate_run(Path(args.run_dir), data_source=args.data, split=args.split, device_name=args.device)
+    evaluate_run(Path(args.run_dir), data_source=args.data, split=args.split, device_name=args.device,
+                 ema=False if args.no_ema else None)
     return 0
 
 
@@ -74,8 +75,7 @@ def _cmd_generate(args) -> int:
     from .data.tokenizers import load_run_tokenizer
     from .registry import model_task
     from .tasks.causal_lm import stream_text
-    from .train.checkpoint import WEIGHTS, CheckpointDir, load_weights
-    from .train.loop import build_model, load_run_config, resolve_device
+    from .train.loop import load_run_config, load_run_model, resolve_device
 
     if args.max_new_tokens < 0:
         raise UserError(f"--max-new-tokens must be 0 or more, got {args.max_new_tokens}.")
@@ -91,19 +91,9 @@ def _cmd_generate(args) -> int:
     if task != "causal_lm":
         raise UserError(f"{run_dir} holds a {task} model ('{config.model.name}'); `polyattn generate` needs a causal "
                         f"language model run.")
-    weights = run_dir / WEIGHTS
-    if not weights.is_file():
-        latest = CheckpointDir(run_dir).latest()
-        if latest is None:
-            raise UserError(f"{run_dir} has neither final weights nor a checkpoint; train it first.")
-        print(f"note: {run_dir} did not finish; generating with its latest checkpoint {latest.name}.",
-              file=sys.stderr)
-        weights = latest / WEIGHTS
     device = resolve_device(args.device)
     tokenizer = load_run_tokenizer(run_dir, config.data.tokenizer)
-    model, _ = build_model(config, {})
-    load_weights(model, weights, model_name=config.model.name)
-    model.to(device)
+    model, _ = load_run_model(run_dir, device=device)
     sys.stdout.write(args.prompt)
     sys.stdout.flush()
     for piece in stream_text(model, tokenizer, args.prompt, args.max_new_tokens, temperature=args.temperature,
@@ -146,6 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", help="evaluate on another data source of the same kind (folder or archive)")
     p.add_argument("--split", default="test", help="split to evaluate (default: test)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
+    p.add_argument("--no-ema", action="store_true",
+                   help="evaluate the raw weights of a run that kept averaged ones (train.ema_decay)")
     p.set_defaults(func=_cmd_eval)
 
     p = sub.add_parser("generate", help="generate text with a causal language model run",

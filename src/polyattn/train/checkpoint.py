@@ -30,6 +30,7 @@ from torch import nn
 from ..errors import UserError
 
 WEIGHTS = "model.safetensors"
+EMA_WEIGHTS = "ema.safetensors"
 TRAINING_STATE = "training_state.pt"
 CONFIG = "config.yaml"
 
@@ -96,7 +97,8 @@ class CheckpointDir:
         self.root = Path(run_dir) / "checkpoints"
         self.keep = keep
 
-    def save(self, step: int, model: nn.Module, training_state: dict[str, Any], *, model_name: str) -> Path:
+    def save(self, step: int, model: nn.Module, training_state: dict[str, Any], *, model_name: str,
+             ema_model: nn.Module | None = None) -> Path:
         final = self.root / f"step-{step:08d}"
         if final.exists():
             return final  # this step is already checkpointed (e.g. epoch end coincides with a periodic save)
@@ -104,6 +106,8 @@ class CheckpointDir:
         tmp = Path(tempfile.mkdtemp(prefix=f".step-{step:08d}.", dir=self.root))
         try:
             save_weights(model, tmp / WEIGHTS, model_name=model_name)
+            if ema_model is not None:
+                save_weights(ema_model, tmp / EMA_WEIGHTS, model_name=model_name)
             _atomic_write(tmp / TRAINING_STATE, lambda p: torch.save(training_state, p))
             os.replace(tmp, final)
         except BaseException:

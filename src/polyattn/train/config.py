@@ -107,6 +107,15 @@ class TrainConfig:
     """Also checkpoint every this many optimizer steps; checkpoints are always written at each epoch end."""
     max_steps: int | None = None
     """Stop after this many optimizer steps (for smoke tests); the schedule still spans all epochs."""
+    time_budget_s: float | None = None
+    """Stop once this many seconds of training (evaluation excluded) have passed, or after `epochs`, whichever
+    comes first. The learning-rate and soft-mask schedules then run on the larger of the two fractions (steps
+    done / epochs' steps, time used / budget), so they keep their shape and end on time; set `epochs` to the
+    length the budget stands for (warmup keeps its share warmup_epochs / epochs). Stopping on time makes runs
+    unrepeatable step for step."""
+    ema_decay: float | None = None
+    """Keep an exponential moving average of the weights with this decay (e.g. 0.999; warmed up over the first
+    updates); evaluation, `polyattn eval` and sampling then use the averaged weights (saved as ema.safetensors)."""
     soft_mask: Literal["none", "constant", "linear"] = "none"
     """iLLaMA soft-mask schedule passed to the model as `soft_mask_a` (see polyattn.train.schedules)."""
     soft_mask_cutoff: float = 0.0

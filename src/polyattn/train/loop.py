@@ -26,6 +26,7 @@ from ..errors import UserError
 from ..registry import get_entry
 from .checkpoint import (
     CONFIG,
+    EMA_WEIGHTS,
     WEIGHTS,
     CheckpointDir,
     atomic_write_text,
@@ -35,6 +36,7 @@ from .checkpoint import (
 )
 from .checkpoint import rng_state as current_rng_state
 from .config import RunConfig, load_yaml, save_yaml
+from .ema import WeightEma
 from .optim import CosineSchedule, build_optimizer
 from .run_log import RunLog, format_table, write_plots
 from .schedules import SoftMaskSchedule
@@ -162,11 +164,13 @@ def train(config: RunConfig, *, resume_dir: Path | None = None) -> dict[str, Any
         save_job_files(run_dir)
     unit = getattr(job, "throughput_unit", "samples")  # what `job.loss` counts: samples, or tokens for LMs
 
+    ema = WeightEma(model, cfg.ema_decay) if cfg.ema_decay else None
+    eval_model = ema.module if ema is not None else model  # the weights that evaluation and sampling use
     optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay, tuple(cfg.betas))
     schedule = CosineSchedule(cfg.lr, cfg.min_lr, round(cfg.warmup_epochs * job.steps_per_epoch), total_steps)
     checkpoints = CheckpointDir(run_dir)
 
-    step = 0
+    step, train_time, train_samples = 0, 0.0, 0
     if resume_dir is not None and (run_dir / "summary.json").is_file():
         raise UserError(f"Run {run_dir} already finished; evaluate it with `polyattn eval {run_dir}` or "
                         f"start a new run.")
@@ -180,6 +184,13 @@ def train(config: RunConfig, *, resume_dir: Path | None = None) -> dict[str, Any
         job.load_state_dict(state["job"])
         set_rng_state(state["rng"])
         step = state["step"]
+        train_time, train_samples = state.get("train_time", 0.0), state.get("train_samples", 0)
+        if ema is not None:
+            if not (resume_from / EMA_WEIGHTS).is_file():
+                raise UserError(f"Checkpoint {resume_from} has no {EMA_WEIGHTS}, so train.ema_decay cannot be "
+                                f"turned on when resuming; resume without it or start a new run.")
+            load_weights(ema.module, resume_from / EMA_WEIGHTS, model_name=config.model.name)
+            ema.n_averaged.fill_(state["ema_updates"])
         print(f"resuming {run_dir} at step {step}/{total_steps}", file=sys.stderr)
 
     train_model = torch.compile(model) if cfg.compile else model
@@ -191,20 +202,33 @@ def train(config: RunConfig, *, resume_dir: Path | None = None) -> dict[str, Any
 
     def save_checkpoint() -> None:
         state = {"step": step, "optimizer": optimizer.state_dict(), "job": job.state_dict(),
-                 "rng": current_rng_state()}
-        checkpoints.save(step, model, state, model_name=config.model.name)
+                 "rng": current_rng_state(), "train_time": train_time, "train_samples": train_samples}
+        if ema is not None:
+            state["ema_updates"] = ema.num_updates
+        checkpoints.save(step, model, state, model_name=config.model.name,
+                         ema_model=None if ema is None else ema.module)
+
+    budget = cfg.time_budget_s
+
+    def schedule_step() -> int:
+        """The step the schedules are read at: the step itself, or the budget's share of training if larger."""
+        if budget is None:
+            return step
+        return max(step, min(total_steps, int(train_time / budget * total_steps)))
 
     progress = _progress(total_steps, step, enabled=cfg.progress)
-    train_time, train_samples, window_loss, window_n = 0.0, 0, 0.0, 0
+    window_loss, window_n = 0.0, 0
     max_steps = min(total_steps, cfg.max_steps) if cfg.max_steps else total_steps
+    out_of_time = lambda: budget is not None and train_time >= budget
     try:
-        while step < max_steps:
+        while step < max_steps and not out_of_time():
             epoch, start = divmod(step, job.steps_per_epoch)
             model.train()
             for batch in job.batches(epoch, start):
+                lr = schedule(schedule_step())
                 for group in optimizer.param_groups:
-                    group["lr"] = schedule(step)
-                forward_kwargs = {"soft_mask_a": soft_mask(step)} if soft_mask else {}
+                    group["lr"] = lr
+                forward_kwargs = {"soft_mask_a": soft_mask(schedule_step())} if soft_mask else {}
                 t0 = time.perf_counter()
                 loss, n = job.loss(train_model, batch, accumulation_steps=cfg.accumulation_steps, autocast=autocast,
                                    forward_kwargs=forward_kwargs)
@@ -217,6 +241,8 @@ def train(config: RunConfig, *, resume_dir: Path | None = None) -> dict[str, Any
                              if cfg.grad_clip else None)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
+                if ema is not None:
+                    ema.update_parameters(model)
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)
                 train_time += time.perf_counter() - t0
@@ -226,9 +252,9 @@ def train(config: RunConfig, *, resume_dir: Path | None = None) -> dict[str, Any
                 throughput = train_samples / max(train_time, 1e-9)
                 progress.update(1)
                 progress.set_postfix_str(f"epoch {epoch + 1}/{cfg.epochs} loss {loss_value:.4f} "
-                                         f"lr {schedule(step - 1):.2e} {throughput:.0f} {unit}/s", refresh=False)
+                                         f"lr {lr:.2e} {throughput:.0f} {unit}/s", refresh=False)
                 if step % cfg.log_every == 0 or step == max_steps:
-                    values = {"loss": window_loss / window_n, "lr": schedule(step - 1),
+                    values = {"loss": window_loss / window_n, "lr": lr,
                               f"{unit}_per_s": throughput, "epoch": step / job.steps_per_epoch}
                     if grad_norm is not None:
                         values["grad_norm"] = float(grad_norm)
@@ -237,20 +263,24 @@ def train(config: RunConfig, *, resume_dir: Path | None = None) -> dict[str, Any
                     window_loss, window_n = 0.0, 0
                 epoch_done = step % job.steps_per_epoch == 0
                 if epoch_done and ((step // job.steps_per_epoch) % cfg.eval_every == 0 or step == total_steps):
-                    metrics = job.evaluate(model, job.eval_split, autocast=autocast)
+                    metrics = job.evaluate(eval_model, job.eval_split, autocast=autocast)
                     log.log(job.eval_split, step, {**metrics, "epoch": step // job.steps_per_epoch})
                     progress.write(_format_metrics(f"epoch {step // job.steps_per_epoch} {job.eval_split}",
                                                    metrics))
                 if epoch_done or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0):
                     save_checkpoint()
-                if step >= max_steps:
+                if step >= max_steps or out_of_time():
                     break
     finally:
         progress.close()
 
-    test_metrics = job.evaluate(model, "test", autocast=autocast)
+    if out_of_time() and step % job.steps_per_epoch:
+        save_checkpoint()  # the budget ended mid-epoch: keep the state the final weights came from
+    test_metrics = job.evaluate(eval_model, "test", autocast=autocast)
     log.log("test", step, test_metrics)
     save_weights(model, run_dir / WEIGHTS, model_name=config.model.name)
+    if ema is not None:
+        save_weights(ema.module, run_dir / EMA_WEIGHTS, model_name=config.model.name)
     summary = {
         "model": config.model.name,
         "params": n_params,
@@ -259,6 +289,8 @@ def train(config: RunConfig, *, resume_dir: Path | None = None) -> dict[str, Any
         f"train_{unit}_per_s": train_samples / train_time if train_time else None,
         "train_time_s": train_time,
         "test": test_metrics,
+        "weights": "ema" if ema is not None else "model",
+        "time_budget_s": budget,
         "device": str(device),
         "threads": torch.get_num_threads(),
     }
@@ -274,27 +306,41 @@ def train(config: RunConfig, *, resume_dir: Path | None = None) -> dict[str, Any
     return summary
 
 
+def load_run_model(run_dir: Path, *, ema: bool | None = None,
+                   device: torch.device | str = "cpu") -> tuple[nn.Module, RunConfig]:
+    """The model of a run directory with its trained weights (in eval mode), and the run's config.
+
+    Final weights when the run finished, else its latest checkpoint's (with a note). `ema`: None uses the
+    averaged weights when the run kept them (train.ema_decay), True requires them, False uses the raw weights.
+    """
+    run_dir = Path(run_dir)
+    config = load_run_config(run_dir)
+    folder = run_dir
+    if not (run_dir / WEIGHTS).is_file():
+        folder = CheckpointDir(run_dir).latest()
+        if folder is None:
+            raise UserError(f"{run_dir} has neither final weights nor a checkpoint; train it first.")
+        print(f"note: {run_dir} did not finish; using its latest checkpoint {folder.name}.", file=sys.stderr)
+    weights = folder / WEIGHTS
+    if ema is not False and (folder / EMA_WEIGHTS).is_file():
+        weights = folder / EMA_WEIGHTS
+    elif ema:
+        raise UserError(f"{run_dir} kept no averaged weights (train.ema_decay was off); drop the EMA option.")
+    model, _ = build_model(config, {})
+    load_weights(model, weights, model_name=config.model.name)
+    return model.to(device).eval(), config
+
+
 def evaluate_run(run_dir: Path, *, data_source: str | None = None, split: str = "test",
-                 device_name: str = "auto") -> dict[str, Any]:
+                 device_name: str = "auto", ema: bool | None = None) -> dict[str, Any]:
     """Evaluates a finished run (or its latest checkpoint) with nothing but its directory."""
     from ..tasks import build_job
 
-    run_dir = Path(run_dir)
-    config = load_run_config(run_dir)
+    device = resolve_device(device_name)
+    model, config = load_run_model(run_dir, ema=ema, device=device)
     if data_source is not None:
         config.data.source = data_source
-    device = resolve_device(device_name)
-    weights = run_dir / WEIGHTS
-    if not weights.is_file():
-        latest = CheckpointDir(run_dir).latest()
-        if latest is None:
-            raise UserError(f"{run_dir} has neither final weights nor a checkpoint; train it first.")
-        print(f"note: {run_dir} did not finish; evaluating its latest checkpoint {latest.name}.", file=sys.stderr)
-        weights = latest / WEIGHTS
-    job = build_job(config, device=device, splits=(split,), run_dir=run_dir)
-    model, _ = build_model(config, {})
-    load_weights(model, weights, model_name=config.model.name)
-    model.to(device)
+    job = build_job(config, device=device, splits=(split,), run_dir=Path(run_dir))
     metrics = job.evaluate(model, split, autocast=autocast_for(config.train.precision, device))
     print(format_table([(f"{split} {k}", _fmt(v)) for k, v in metrics.items()],
                        f"{config.model.name} on {config.data.source}"))
@@ -319,4 +365,4 @@ def _progress(total: int, initial: int, enabled: bool):
                 bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}]{postfix}")
 
 
-__all__ = ["TrainingJob", "evaluate_run", "load_run_config", "train"]
+__all__ = ["TrainingJob", "evaluate_run", "load_run_config", "load_run_model", "train"]
