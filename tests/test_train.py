@@ -265,4 +265,11 @@ def test_time_budget_stops_training_and_ends_the_schedule_on_time(tmp_path, cach
     lr = build_config("default", []).train.lr
     # the cosine schedule runs on the budget's share of training: it starts at lr and ends near min_lr
     assert lrs[0] == pytest.approx(lr, rel=0.05) and lrs[-1] < 0.05 * lr
-    assert all(a >= b for a, b in zip(lrs, lrs[1:]))
+    assert all(a >= b for a, b in itertools.pairwise(lrs))
+
+
+def test_training_length_in_steps_need_not_be_whole_epochs(tmp_path, cache_dir):
+    summary = train(tiny_config(tmp_path, "train.steps=7", "train.log_every=1", "train.run_name=s"))
+    assert summary["steps"] == 7
+    lrs = [r["lr"] for r in read_metrics(tmp_path / "s") if r["kind"] == "train"]
+    assert len(lrs) == 7 and lrs[-1] < 0.1 * lrs[0] + 1e-4  # the cosine schedule spans the 7 steps

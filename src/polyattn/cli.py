@@ -162,7 +162,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-BENCH_SUITES = {"mixers": "time and peak memory of token mixers against sequence length and grid size"}
+BENCH_SUITES = {"mixers": "time and peak memory of token mixers against sequence length and grid size",
+                "compare": "train a comparison suite's models with one recipe and one time budget; rebuild its table"}
 
 
 def _add_bench_suites(bench) -> None:

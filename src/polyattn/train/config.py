@@ -82,6 +82,9 @@ class TrainConfig:
     """The optimisation loop; it knows nothing about particular models."""
 
     epochs: int = 10
+    steps: int | None = None
+    """Length of training in optimizer steps, when it should not be a whole number of epochs; None = epochs ×
+    steps per epoch. Warmup keeps its share warmup_epochs / epochs of it."""
     batch_size: int = 128
     """Samples per optimizer step (split into `accumulation_steps` micro-batches)."""
     accumulation_steps: int = 1

@@ -129,8 +129,11 @@ def build_model(config: RunConfig, job_inferred: dict[str, Any]) -> tuple[nn.Mod
     return model, args
 
 
-def train(config: RunConfig, *, resume_dir: Path | None = None) -> dict[str, Any]:
-    """Trains (or resumes) one run and returns its summary; see the module docstring."""
+def train(config: RunConfig, *, resume_dir: Path | None = None, evaluate: bool = True) -> dict[str, Any]:
+    """Trains (or resumes) one run and returns its summary; see the module docstring.
+
+    `evaluate=False` skips every evaluation (for throughput measurements); the summary then has no test metrics.
+    """
     from ..tasks import build_job
 
     cfg = config.train
@@ -148,7 +151,8 @@ def train(config: RunConfig, *, resume_dir: Path | None = None) -> dict[str, Any
     config.model.args = model_args
     model.to(device)
     n_params = sum(p.numel() for p in model.parameters())
-    total_steps = cfg.epochs * job.steps_per_epoch
+    total_steps = cfg.steps or cfg.epochs * job.steps_per_epoch
+    num_epochs = math.ceil(total_steps / job.steps_per_epoch)
     soft_mask = None
     if cfg.soft_mask != "none":
         if "soft_mask_a" not in inspect.signature(model.forward).parameters:
@@ -167,7 +171,7 @@ def train(config: RunConfig, *, resume_dir: Path | None = None) -> dict[str, Any
     ema = WeightEma(model, cfg.ema_decay) if cfg.ema_decay else None
     eval_model = ema.module if ema is not None else model  # the weights that evaluation and sampling use
     optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay, tuple(cfg.betas))
-    schedule = CosineSchedule(cfg.lr, cfg.min_lr, round(cfg.warmup_epochs * job.steps_per_epoch), total_steps)
+    schedule = CosineSchedule(cfg.lr, cfg.min_lr, round(cfg.warmup_epochs / cfg.epochs * total_steps), total_steps)
     checkpoints = CheckpointDir(run_dir)
 
     step, train_time, train_samples = 0, 0.0, 0
@@ -251,7 +255,7 @@ def train(config: RunConfig, *, resume_dir: Path | None = None) -> dict[str, Any
                 window_loss, window_n = window_loss + loss_value, window_n + 1
                 throughput = train_samples / max(train_time, 1e-9)
                 progress.update(1)
-                progress.set_postfix_str(f"epoch {epoch + 1}/{cfg.epochs} loss {loss_value:.4f} "
+                progress.set_postfix_str(f"epoch {epoch + 1}/{num_epochs} loss {loss_value:.4f} "
                                          f"lr {lr:.2e} {throughput:.0f} {unit}/s", refresh=False)
                 if step % cfg.log_every == 0 or step == max_steps:
                     values = {"loss": window_loss / window_n, "lr": lr,
@@ -262,7 +266,8 @@ def train(config: RunConfig, *, resume_dir: Path | None = None) -> dict[str, Any
                     log.log("train", step, values)
                     window_loss, window_n = 0.0, 0
                 epoch_done = step % job.steps_per_epoch == 0
-                if epoch_done and ((step // job.steps_per_epoch) % cfg.eval_every == 0 or step == total_steps):
+                if evaluate and epoch_done and ((step // job.steps_per_epoch) % cfg.eval_every == 0
+                                                or step == total_steps):
                     metrics = job.evaluate(eval_model, job.eval_split, autocast=autocast)
                     log.log(job.eval_split, step, {**metrics, "epoch": step // job.steps_per_epoch})
                     progress.write(_format_metrics(f"epoch {step // job.steps_per_epoch} {job.eval_split}",
@@ -276,8 +281,9 @@ def train(config: RunConfig, *, resume_dir: Path | None = None) -> dict[str, Any
 
     if out_of_time() and step % job.steps_per_epoch:
         save_checkpoint()  # the budget ended mid-epoch: keep the state the final weights came from
-    test_metrics = job.evaluate(eval_model, "test", autocast=autocast)
-    log.log("test", step, test_metrics)
+    test_metrics = job.evaluate(eval_model, "test", autocast=autocast) if evaluate else {}
+    if test_metrics:
+        log.log("test", step, test_metrics)
     save_weights(model, run_dir / WEIGHTS, model_name=config.model.name)
     if ema is not None:
         save_weights(ema.module, run_dir / EMA_WEIGHTS, model_name=config.model.name)

@@ -1,0 +1,210 @@
+"""Side-by-side comparisons of models trained with one recipe and one training budget, saved row by row.
+
+A suite (`configs/compare/<suite>.yaml`) names a base recipe, the budget in seconds and the rows: a model and the
+overrides that make it that row. Each row is trained for the number of optimizer steps it completes in the budget
+on this machine: a short calibration run measures the row's training throughput first (`calibration.json` keeps
+every measurement and the best one is used, so a calibration taken while the machine was busy can be redone), and
+the run then trains for `budget × samples/s / batch size` steps with its schedule spanning exactly those steps.
+Results are therefore repeatable and unaffected by other work on the machine while the run trains.
+
+Each finished row is written at once to `<results>/<suite>/<row>.json` (its summary, config, calibration and
+machine); `--table` rebuilds the Markdown table from those files alone.
+
+    polyattn bench compare vision                     train every row that has no result yet
+    polyattn bench compare vision --rows vit lightnet train these rows (again, with --force)
+    polyattn bench compare vision --calibrate         only (re)measure throughput, keeping the best per row
+    polyattn bench compare vision --table             print the table from the saved results
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import UserError
+from ..train.checkpoint import atomic_write_text
+from ..train.config import RECIPE_DIRS, build_config, load_yaml
+from .common import bench_header
+
+CALIBRATION = "calibration.json"
+
+
+@dataclass
+class Row:
+    name: str
+    label: str
+    overrides: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Suite:
+    name: str
+    title: str
+    recipe: str
+    budget_s: float
+    overrides: list[str]
+    rows: list[Row]
+    columns: list[list[str]]
+    """Table columns after the row label: [header, dotted path into the result JSON, format, optional scale]."""
+    calibration_steps: int = 30
+    measure: str | None = None
+    """Measures taken on each finished run besides its training summary: None, or "generation" (LM decoding
+    speed, see polyattn.bench.generation_speed)."""
+
+
+def suite_path(name: str) -> Path:
+    for folder in RECIPE_DIRS:
+        path = folder / "compare" / f"{name}.yaml"
+        if path.is_file():
+            return path
+    known = sorted({p.stem for folder in RECIPE_DIRS for p in (folder / "compare").glob("*.yaml")})
+    raise UserError(f"There is no comparison suite '{name}'; the suites are: {', '.join(known) or 'none'}.")
+
+
+def load_suite(name: str) -> Suite:
+    raw = load_yaml(suite_path(name))
+    rows = [Row(r["name"], r.get("label", r["name"]), list(r.get("overrides", []))) for r in raw["rows"]]
+    return Suite(name=name, title=raw["title"], recipe=raw["recipe"], budget_s=float(raw["budget_s"]),
+                 overrides=list(raw.get("overrides", [])), rows=rows, columns=raw["columns"],
+                 calibration_steps=int(raw.get("calibration_steps", 30)), measure=raw.get("measure"))
+
+
+def row_config(suite: Suite, row: Row, *extra: str):
+    return build_config(suite.recipe, [*suite.overrides, *row.overrides, "train.progress=false", *extra])
+
+
+def _throughput_key(summary: dict[str, Any]) -> str:
+    return next(k for k in summary if k.startswith("train_") and k.endswith("_per_s"))
+
+
+def calibrate(suite: Suite, row: Row, results: Path) -> dict[str, Any]:
+    """Measures the row's training throughput and records it; returns the row's calibration record: `unit`
+    (samples or tokens), `per_step` (units per optimizer step), `best` (units/s) and every measurement."""
+    from ..train.loop import train
+
+    path = results / CALIBRATION
+    record = json.loads(path.read_text()) if path.is_file() else {}
+    with tempfile.TemporaryDirectory(prefix="polyattn-calibrate-") as tmp:
+        # Skip the warm-up steps (allocator, first-call overheads) by timing two runs and taking the difference.
+        short = row_config(suite, row, f"train.out_dir={tmp}", "train.run_name=a", "train.max_steps=5")
+        long = row_config(suite, row, f"train.out_dir={tmp}", "train.run_name=b",
+                          f"train.max_steps={5 + suite.calibration_steps}")
+        first, second = train(short, evaluate=False), train(long, evaluate=False)
+    key = _throughput_key(second)
+    units = second[key] * second["train_time_s"] - first[key] * first["train_time_s"]
+    value = units / max(second["train_time_s"] - first["train_time_s"], 1e-9)
+    entry = record.setdefault(row.name, {"unit": key[6:-6], "measurements": []})
+    entry["per_step"] = round(units / suite.calibration_steps)
+    entry["measurements"].append({**bench_header(torch.device("cpu")), "value": value})
+    entry["best"] = max(m["value"] for m in entry["measurements"])
+    results.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, json.dumps(record, indent=2) + "\n")
+    print(f"calibration {suite.name}/{row.name}: {value:.1f} {entry['unit']}/s (best {entry['best']:.1f})")
+    return entry
+
+
+def run_row(suite: Suite, row: Row, results: Path, runs: Path, *, extra_measures=None) -> dict[str, Any]:
+    from ..train.loop import train
+
+    calibration = results / CALIBRATION
+    record = json.loads(calibration.read_text()) if calibration.is_file() else {}
+    entry = record[row.name] if row.name in record else calibrate(suite, row, results)
+    throughput = entry["best"]
+    steps = max(1, math.floor(suite.budget_s * throughput / entry["per_step"]))
+    run_dir = runs / suite.name / row.name
+    if run_dir.exists():
+        shutil.rmtree(run_dir)  # a row is retrained from scratch: an interrupted earlier attempt is discarded
+    config = row_config(suite, row, f"train.steps={steps}", f"train.out_dir={runs / suite.name}",
+                        f"train.run_name={row.name}")
+    print(f"{suite.name}/{row.name}: {steps} steps ({suite.budget_s:.0f} s at {throughput:.1f}/s)")
+    summary = train(config)
+    result = {"suite": suite.name, "row": row.name, "label": row.label, "recipe": suite.recipe,
+              "overrides": [*suite.overrides, *row.overrides], "budget_s": suite.budget_s,
+              "calibrated_throughput": throughput, "steps": steps, "summary": summary,
+              "config": config.to_dict(), "run_dir": str(run_dir), **bench_header(torch.device("cpu"))}
+    if extra_measures is not None:
+        result.update(extra_measures(run_dir))
+    results.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(results / f"{row.name}.json", json.dumps(result, indent=2) + "\n")
+    return result
+
+
+def lookup(result: dict[str, Any], dotted: str) -> Any:
+    value: Any = result
+    for key in dotted.split("."):
+        if not isinstance(value, dict) or key not in value:
+            return None
+        value = value[key]
+    return value
+
+
+def table(suite: Suite, results: Path) -> str:
+    """The Markdown table of the suite's saved results (rows without a result are listed as not run)."""
+    header = ["model", *[c[0] for c in suite.columns]]
+    lines = [f"**{suite.title}**", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    missing = []
+    for row in suite.rows:
+        path = results / f"{row.name}.json"
+        if not path.is_file():
+            missing.append(row.label)
+            continue
+        result = json.loads(path.read_text())
+        cells = []
+        for column in suite.columns:
+            _, dotted, fmt, *scale = column
+            value = lookup(result, dotted)
+            cells.append("–" if value is None else format(value * scale[0] if scale else value, fmt))
+        lines.append(f"| {row.label} | " + " | ".join(cells) + " |")
+    if missing:
+        lines += ["", "Not run yet: " + ", ".join(missing) + "."]
+    return "\n".join(lines) + "\n"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("suite", help="comparison suite: a file in configs/compare (vision, lm, ...)")
+    parser.add_argument("--rows", nargs="+", help="only these rows (default: every row without a result)")
+    parser.add_argument("--force", action="store_true", help="retrain rows that already have a result")
+    parser.add_argument("--calibrate", action="store_true", help="only measure throughput (keeps the best)")
+    parser.add_argument("--table", action="store_true", help="only print the table from the saved results")
+    parser.add_argument("--results", type=Path, default=Path("results"), help="results folder (default: results)")
+    parser.add_argument("--runs", type=Path, default=Path("runs/compare"), help="run directories")
+
+
+def run(args) -> int:
+    suite = load_suite(args.suite)
+    results = args.results / suite.name
+    names = {r.name for r in suite.rows}
+    unknown = sorted(set(args.rows or []) - names)
+    if unknown:
+        raise UserError(f"Suite '{suite.name}' has no row {', '.join(unknown)}; its rows are: "
+                        f"{', '.join(r.name for r in suite.rows)}.")
+    if not args.table:
+        rows = [r for r in suite.rows if args.rows is None or r.name in args.rows]
+        for row in rows:
+            if args.calibrate:
+                calibrate(suite, row, results)
+            elif args.force or not (results / f"{row.name}.json").is_file():
+                run_row(suite, row, results, args.runs, extra_measures=_extra_measures(suite))
+    text = table(suite, results)
+    if not args.calibrate:
+        atomic_write_text(results / "table.md", text)
+    print(text)
+    return 0
+
+
+def _extra_measures(suite: Suite):
+    if suite.measure == "generation":
+        from .generation_speed import generation_measures
+
+        return generation_measures
+    if suite.measure is not None:
+        raise UserError(f"Suite '{suite.name}' asks for measure '{suite.measure}'; the only one is 'generation'.")
+    return None
