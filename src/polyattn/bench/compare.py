@@ -32,7 +32,8 @@ import torch
 from ..errors import UserError
 from ..train.checkpoint import atomic_write_text
 from ..train.config import RECIPE_DIRS, build_config, load_yaml
-from .common import bench_header
+from ..train.run_log import read_metrics
+from .common import bench_header, median
 
 CALIBRATION = "calibration.json"
 
@@ -92,17 +93,21 @@ def calibrate(suite: Suite, row: Row, results: Path) -> dict[str, Any]:
 
     path = results / CALIBRATION
     record = json.loads(path.read_text()) if path.is_file() else {}
+    warmup = 5  # first steps pay one-off costs (allocator growth, first calls); they are not timed
     with tempfile.TemporaryDirectory(prefix="polyattn-calibrate-") as tmp:
-        # Skip the warm-up steps (allocator, first-call overheads) by timing two runs and taking the difference.
-        short = row_config(suite, row, f"train.out_dir={tmp}", "train.run_name=a", "train.max_steps=5")
-        long = row_config(suite, row, f"train.out_dir={tmp}", "train.run_name=b",
-                          f"train.max_steps={5 + suite.calibration_steps}")
-        first, second = train(short, evaluate=False), train(long, evaluate=False)
-    key = _throughput_key(second)
-    units = second[key] * second["train_time_s"] - first[key] * first["train_time_s"]
-    value = units / max(second["train_time_s"] - first["train_time_s"], 1e-9)
+        config = row_config(suite, row, f"train.out_dir={tmp}", "train.run_name=c", "train.log_every=1",
+                            f"train.max_steps={warmup + suite.calibration_steps}")
+        summary = train(config, evaluate=False)
+        records = [r for r in read_metrics(Path(tmp) / "c") if r["kind"] == "train"]
+    key = _throughput_key(summary)
+    # The log holds the cumulative throughput after every step; the units per step are fixed, so the time of
+    # step k is units_k / throughput_k − units_{k−1} / throughput_{k−1}.
+    per_step = summary[key] * summary["train_time_s"] / summary["steps"]
+    elapsed = [r["step"] * per_step / r[key[6:]] for r in records]
+    step_times = [b - a for a, b in zip(elapsed[warmup - 1:], elapsed[warmup:], strict=False)]
+    value = per_step / median(step_times)
     entry = record.setdefault(row.name, {"unit": key[6:-6], "measurements": []})
-    entry["per_step"] = round(units / suite.calibration_steps)
+    entry["per_step"] = round(per_step)
     entry["measurements"].append({**bench_header(torch.device("cpu")), "value": value})
     entry["best"] = max(m["value"] for m in entry["measurements"])
     results.mkdir(parents=True, exist_ok=True)

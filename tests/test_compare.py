@@ -1,0 +1,52 @@
+"""Comparison suites: calibrated step budgets, one result file per row, and the table rebuilt from them."""
+
+import json
+
+import pytest
+
+from polyattn.bench.compare import Row, Suite, calibrate, load_suite, lookup, row_config, run_row, table
+from polyattn.cli import main
+from polyattn.errors import UserError
+
+TINY = ["model.embed_dim=32", "model.depth=1", "model.num_heads=2", "model.patch_size=4", "data.image_size=8",
+        "data.crop_padding=1", "train.batch_size=64", "train.log_every=5"]
+
+
+def tiny_suite():
+    return Suite(name="tiny", title="Tiny", recipe="default", budget_s=0.5, overrides=TINY,
+                 rows=[Row("a", "first model"), Row("b", "second model", ["model.depth=2"])],
+                 columns=[["top-1 (%)", "summary.test.top1", ".1f", 100], ["steps", "steps", "d"]],
+                 calibration_steps=3)
+
+
+def test_rows_train_for_their_calibrated_budget_and_the_table_reads_the_saved_results(tmp_path, cache_dir):
+    suite, results = tiny_suite(), tmp_path / "results"
+    first = calibrate(suite, suite.rows[0], results)
+    assert first["unit"] == "samples" and first["per_step"] == 64 and first["best"] > 0
+    result = run_row(suite, suite.rows[0], results, tmp_path / "runs")
+    assert result["steps"] == max(1, int(0.5 * first["best"] / 64)) == result["summary"]["steps"]
+    saved = json.loads((results / "a.json").read_text())
+    assert saved["summary"]["test"] == result["summary"]["test"] and saved["label"] == "first model"
+
+    text = table(suite, results)
+    assert "| first model |" in text and f"| {result['steps']} |" in text
+    assert "Not run yet: second model." in text
+
+    # a second calibration keeps every measurement and uses the best
+    again = calibrate(suite, suite.rows[0], results)
+    assert len(again["measurements"]) == 2 and again["best"] == max(m["value"] for m in again["measurements"])
+
+
+def test_lookup_and_suite_files():
+    assert lookup({"a": {"b": 2}}, "a.b") == 2 and lookup({"a": {}}, "a.b") is None
+    suite = load_suite("vision")
+    assert suite.budget_s == 600 and len({r.name for r in suite.rows}) == len(suite.rows)
+    for row in suite.rows:  # every row is a valid configuration
+        row_config(suite, row)
+    with pytest.raises(UserError, match="no comparison suite 'nope'"):
+        load_suite("nope")
+
+
+def test_unknown_row_is_one_sentence(capsys):
+    assert main(["bench", "compare", "vision", "--rows", "nope", "--table"]) == 2
+    assert "has no row nope" in capsys.readouterr().err
