@@ -18,7 +18,10 @@ def _one_per_class(names):
     return sorted(seen.values())
 
 
-LMS = _one_per_class(polyattn.list_models("causal_lm"))
+# Options that change the computation of a registered model, checked against the same contracts: LongLoRA
+# S²-Attn kept at inference (groups of 6, so T = 21 crosses several boundaries of both head halves).
+OPTIONS = {"llama_lm_nano+s2": ("llama_lm_nano", dict(s2_group_size=6, s2_at_inference=True))}
+LMS = _one_per_class(polyattn.list_models("causal_lm")) + sorted(OPTIONS)
 V = 61  # a vocabulary size that is not a power of two
 
 
@@ -26,10 +29,11 @@ def tiny_lm(name: str, **overrides):
     """The model at a test size; LightNet with short chunks so that T = 21 spans several of them."""
     from polyattn.registry import get_entry
 
+    name, options = OPTIONS.get(name, (name, {}))
     params = get_entry(name).parameters()
     args = {k: v for k, v in dict(vocab_size=V, dim=32, depth=2, num_heads=2, chunk_size=8).items() if k in params}
     torch.manual_seed(0)
-    return polyattn.create_model(name, **{**args, **overrides}).eval()
+    return polyattn.create_model(name, **{**args, **options, **overrides}).eval()
 
 
 def tokens(B: int, T: int, seed: int = 1) -> torch.Tensor:

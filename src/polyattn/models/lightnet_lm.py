@@ -1,6 +1,7 @@
-"""LightNet causal language model: additive linear attention, trained in chunks, decoded as a recurrence.
+"""LightNet language models: causal (trained in chunks, decoded as a recurrence) and bidirectional (masked LM).
 
-arXiv 2405.21022 (Qin et al., LightNet); spec shared/reference/lightnet.md §3.4 (`LightNetLM`), §4.
+arXiv 2405.21022 (Qin et al., LightNet); spec shared/reference/lightnet.md §3.4 (`LightNetLM`, `LightNetEncoder`),
+§4. Both share one body (`LightNetText`) and differ by a constructor value, `causal`.
 
     tokens → embed → causal TPE (x + TPE(x)) → [h + LNA(RMSNorm(h)); h + GLU(RMSNorm(h))] × depth
            → RMSNorm → head (untied by default)
@@ -19,6 +20,18 @@ layer then sees each document on its own (TPE and LRPE restart at each document)
 Decoding state (`LightNetLMCache`): the TPE scan state and one `LightNetCache` per layer (`S`, the
 log-normaliser `z`, float32, and the layer's own real-token counter for LRPE). Cached calls accept left padding
 only (prompts); padding inside a continued sequence would decay the TPE state.
+
+`LightNetMLM` (the spec's bidirectional text encoder, §3.4) is the same body with `causal=False`:
+
+    tokens → embed → two-sided TPE (x + TPE(x)) → [h + LNA(RMSNorm(h)); h + GLU(RMSNorm(h))] × depth
+           → RMSNorm → head (tied, as BERT)
+
+- LNA in its global form: per key channel a softmax over all (real) tokens, then two matmuls; one pass.
+- TPE with the two-sided kernel `λ^{|t−s|}` (spec §4.3 recommendation for bidirectional text), added residually.
+- 1-D cosine LRPE on queries and normalised keys, positions counting real tokens.
+- Padding: padded keys get logit −inf before the softmax and a zero value, padded inputs are zeroed before the
+  TPE scans; since padding sits at one end, left and right padding are both exact.
+- `[MASK]` is the last vocabulary id, as for every masked LM (`polyattn.models.bert`).
 """
 
 from __future__ import annotations
@@ -31,6 +44,7 @@ from torch import nn
 from ..layers.lightnet import LightNetAttention, LightNetBlock, LightNetCache, MdTpe
 from ..layers.token_io import TokenIO
 from ..registry import register_model
+from .bert import MaskedLMMixin, masked_lm_loss
 from .generation import CausalLMMixin, next_token_loss
 
 
@@ -59,7 +73,53 @@ def _unpack(tokens: torch.Tensor, cu_seqlens: torch.Tensor) -> tuple[torch.Tenso
     return tokens[0][index].masked_fill(~mask, 0), mask, index[mask]
 
 
-class LightNetLM(CausalLMMixin, nn.Module):
+class LightNetText(nn.Module):
+    """Embedding → 1-D TPE → LightNet blocks → RMSNorm → head: the body of `LightNetLM` (`causal=True`: prefix
+    softmax, causal TPE) and `LightNetMLM` (`causal=False`: global one-scan softmax, two-sided TPE).
+
+    Arguments as `LightNetLM`; subclasses add the loss of their task.
+    """
+
+    def __init__(self, vocab_size: int, dim: int, depth: int, num_heads: int, mlp_hidden_dim: int | None,
+                 lrpe: str | None, tpe: bool, tpe_residual: bool, scale: float | None, normalizer_init: str,
+                 chunk_size: int, norm_eps: float, tie_embeddings: bool, init: str, *, causal: bool):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"dim ({dim}) must be divisible by num_heads ({num_heads})")
+        self.vocab_size, self.dim, self.depth, self.tie_embeddings = vocab_size, dim, depth, tie_embeddings
+        self.causal = causal
+        self.io = TokenIO(vocab_size, dim, tie_embeddings=tie_embeddings, norm_eps=norm_eps)
+        self.tpe = MdTpe(dim, num_heads, num_axes=1, causal=causal, residual=tpe_residual, norm_eps=norm_eps) \
+            if tpe else None
+        self.blocks = nn.ModuleList(
+            LightNetBlock(dim, num_heads, mlp_hidden_dim=mlp_hidden_dim, mixer_layer=LightNetAttention,
+                          norm_eps=norm_eps, layer_idx=i, causal=causal, lrpe=lrpe, scale=scale,
+                          normalizer_init=normalizer_init, chunk_size=chunk_size, init=init)
+            for i in range(depth))
+
+    def _logits(self, tokens: torch.Tensor, attention_mask: torch.Tensor | None,
+                cu_seqlens: torch.Tensor | None) -> torch.Tensor:
+        """Logits `[B, T, V]` of `tokens [B, T]` with a padding mask or packed documents (module docstring)."""
+        if cu_seqlens is None:
+            return self._run(tokens, None if attention_mask is None else attention_mask.bool())
+        if tokens.shape[0] != 1 or attention_mask is not None:
+            raise ValueError("packed documents (cu_seqlens) need B == 1 and no attention_mask")
+        padded, mask, index = _unpack(tokens, cu_seqlens)
+        out = self._run(padded, mask)  # (N, T_max, V)
+        logits = out.new_zeros(1, tokens.shape[1], out.shape[-1])
+        logits[0, index] = out[mask]
+        return logits
+
+    def _run(self, tokens: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        x = self.io.embed_tokens(tokens)  # (B, T, D)
+        if self.tpe is not None:
+            x, _ = self.tpe(x, attention_mask=mask)
+        for block in self.blocks:
+            x, _ = block(x, attention_mask=mask)
+        return self.io.logits(x)
+
+
+class LightNetLM(CausalLMMixin, LightNetText):
     """Causal LightNet LM (module docstring).
 
     Args:
@@ -83,18 +143,8 @@ class LightNetLM(CausalLMMixin, nn.Module):
                  mlp_hidden_dim: int | None = None, lrpe: str | None = "cosine", tpe: bool = True,
                  tpe_residual: bool = True, scale: float | None = 1.0, normalizer_init: str = "empty",
                  chunk_size: int = 64, norm_eps: float = 1e-6, tie_embeddings: bool = False, init: str = "default"):
-        super().__init__()
-        if dim % num_heads:
-            raise ValueError(f"dim ({dim}) must be divisible by num_heads ({num_heads})")
-        self.vocab_size, self.dim, self.depth, self.tie_embeddings = vocab_size, dim, depth, tie_embeddings
-        self.io = TokenIO(vocab_size, dim, tie_embeddings=tie_embeddings, norm_eps=norm_eps)
-        self.tpe = MdTpe(dim, num_heads, num_axes=1, causal=True, residual=tpe_residual, norm_eps=norm_eps) \
-            if tpe else None
-        self.blocks = nn.ModuleList(
-            LightNetBlock(dim, num_heads, mlp_hidden_dim=mlp_hidden_dim, mixer_layer=LightNetAttention,
-                          norm_eps=norm_eps, layer_idx=i, causal=True, lrpe=lrpe, scale=scale,
-                          normalizer_init=normalizer_init, chunk_size=chunk_size, init=init)
-            for i in range(depth))
+        super().__init__(vocab_size, dim, depth, num_heads, mlp_hidden_dim, lrpe, tpe, tpe_residual, scale,
+                         normalizer_init, chunk_size, norm_eps, tie_embeddings, init, causal=True)
 
     def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None, *,
                 attention_mask: torch.Tensor | None = None,
@@ -107,24 +157,8 @@ class LightNetLM(CausalLMMixin, nn.Module):
             attention_mask (Tensor, Optional): `[B, T]` bool/0-1, True = real token (padding mask).
             cu_seqlens (Tensor, Optional): `[N + 1]` offsets of documents packed into one row (`B == 1`).
         """
-        if cu_seqlens is not None:
-            if tokens.shape[0] != 1 or attention_mask is not None:
-                raise ValueError("packed documents (cu_seqlens) need B == 1 and no attention_mask")
-            padded, mask, index = _unpack(tokens, cu_seqlens)
-            out = self._run(padded, mask)  # (N, T_max, V)
-            logits = out.new_zeros(1, tokens.shape[1], out.shape[-1])
-            logits[0, index] = out[mask]
-        else:
-            logits = self._run(tokens, None if attention_mask is None else attention_mask.bool())
+        logits = self._logits(tokens, attention_mask, cu_seqlens)
         return logits if targets is None else (logits, next_token_loss(logits, targets))
-
-    def _run(self, tokens: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        x = self.io.embed_tokens(tokens)  # (B, T, D)
-        if self.tpe is not None:
-            x, _ = self.tpe(x, attention_mask=mask)
-        for block in self.blocks:
-            x, _ = block(x, attention_mask=mask)
-        return self.io.logits(x)
 
     def forward_cached(self, tokens: torch.Tensor, cache: LightNetLMCache | None = None, *,
                        attention_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, LightNetLMCache]:
@@ -169,4 +203,65 @@ def lightnet_lm_tiny():
 @register_model(LightNetLM, task="causal_lm")
 def lightnet_lm_small():
     """Causal LightNet LM in the GPT-3 Small / 125M-class shape: D 768, 12 layers, 12 heads."""
+    return dict(dim=768, depth=12, num_heads=12)
+
+
+class LightNetMLM(MaskedLMMixin, LightNetText):
+    """Bidirectional LightNet encoder with a masked-LM head (module docstring).
+
+    Args:
+        vocab_size (int): number of token ids `V`, the last of them `[MASK]`. Default: 257 (256 bytes + `[MASK]`).
+        dim (int): width `D`. Default: 128.
+        depth (int): number of blocks. Default: 4.
+        num_heads (int): heads of LNA and TPE; head dim `D / H`. Default: 4.
+        mlp_hidden_dim (int, Optional): GLU hidden width; None = `8D/3` rounded up to a multiple of 8.
+        lrpe (str, Optional): "cosine", "rotary" (both exact in the global form), or None. Default: "cosine".
+        tpe (bool): the two-sided TPE after the embedding. Default: True.
+        tpe_residual (bool): `x + TPE(x)` (True) or `TPE(x)`. Default: True.
+        scale (float, Optional): output scale of the LightNet core; None = `d^-0.5`. Default: 1.0 (the authors').
+        normalizer_init (str): "empty" (plain softmax over the tokens) or "unit" (an extra virtual key of logit 0
+            and value 0 in every softmax).
+        norm_eps (float): RMSNorm epsilon. Default: 1e-6.
+        tie_embeddings (bool): output head shares the embedding matrix (BERT). Default: True.
+        init (str): "default" (trunc-normal 0.02) or "author" (Xavier gain 0.01, zero `o_proj`) for the mixers.
+    """
+
+    def __init__(self, vocab_size: int = 257, dim: int = 128, depth: int = 4, num_heads: int = 4,
+                 mlp_hidden_dim: int | None = None, lrpe: str | None = "cosine", tpe: bool = True,
+                 tpe_residual: bool = True, scale: float | None = 1.0, normalizer_init: str = "empty",
+                 norm_eps: float = 1e-6, tie_embeddings: bool = True, init: str = "default"):
+        super().__init__(vocab_size, dim, depth, num_heads, mlp_hidden_dim, lrpe, tpe, tpe_residual, scale,
+                         normalizer_init, 64, norm_eps, tie_embeddings, init, causal=False)
+
+    def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None, *,
+                attention_mask: torch.Tensor | None = None,
+                cu_seqlens: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Logits `[B, T, V]` of `tokens [B, T]` (with `[MASK]` ids in it), or `(logits, loss)` with `targets`.
+
+        Args:
+            tokens (Tensor): `[B, T]` int64.
+            targets (Tensor, Optional): `[B, T]` int64, the original tokens at the masked positions, -100 elsewhere
+                (see `polyattn.models.bert.masked_lm_loss`).
+            attention_mask (Tensor, Optional): `[B, T]` bool/0-1, True = real token (padding mask).
+            cu_seqlens (Tensor, Optional): `[N + 1]` offsets of documents packed into one row (`B == 1`).
+        """
+        logits = self._logits(tokens, attention_mask, cu_seqlens)
+        return logits if targets is None else (logits, masked_lm_loss(logits, targets))
+
+
+@register_model(LightNetMLM, task="masked_lm")
+def lightnet_mlm_nano():
+    """Bidirectional LightNet masked LM (1-D LRPE + two-sided TPE), D 128, 4 layers, 4 heads: a CPU size."""
+    return dict(dim=128, depth=4, num_heads=4)
+
+
+@register_model(LightNetMLM, task="masked_lm")
+def lightnet_mlm_tiny():
+    """Bidirectional LightNet masked LM, D 256, 6 layers, 4 heads."""
+    return dict(dim=256, depth=6, num_heads=4)
+
+
+@register_model(LightNetMLM, task="masked_lm")
+def lightnet_mlm_base():
+    """Bidirectional LightNet masked LM in the BERT-base shape: D 768, 12 layers, 12 heads."""
     return dict(dim=768, depth=12, num_heads=12)

@@ -16,6 +16,18 @@ That mask is `[ΣT, ΣT]`; fine for training-size rows (a flash-attn varlen kern
 
 Decoding: `forward_cached` (see `polyattn.models.generation`) with a tuple of one `KVCache` per layer; each layer
 derives its RoPE positions from its own cache's count of real tokens.
+
+LongLoRA S²-Attn (arXiv 2309.12307; spec `perceiver_ar_and_llp.md` §3) is an option, `s2_group_size=G`: tokens
+are split into groups of G, half the heads attend causally within the groups, the other half within groups
+shifted by G/2 (`polyattn.ops.attention.shifted_group_mask_at`, the mask form: nothing wraps around the ends of
+the sequence). Groups are taken over the real-token positions, so padding and packing stay exact. As in LongLoRA,
+it is a training-time approximation: in eval mode and in generation the model attends with full causal attention
+unless `s2_at_inference=True`, which keeps the grouped mask there too (cached decoding then masks the cache by
+position, so cached and uncached generation still agree). The mask form materialises an `[H, T, T]` mask and
+runs dense attention: it reproduces the operator, not LongLoRA's O(T·G) cost.
+
+`RopeTransformer` is the body shared with the bidirectional encoder (`polyattn.models.bert`): the same blocks,
+causal or not by a constructor value.
 """
 
 from __future__ import annotations
@@ -31,6 +43,7 @@ from ..layers.mlp import GatedMlp, llama_hidden_size
 from ..layers.norm import RMSNorm
 from ..layers.rope import RotaryEmbedding
 from ..layers.token_io import TokenIO
+from ..ops.attention import shifted_group_mask_at
 from ..registry import register_model
 from .generation import CausalLMMixin, next_token_loss
 
@@ -49,6 +62,18 @@ def _positions(cache: KVCache | None, mask: torch.Tensor | None, T: int, device)
     return cache.key_padding_mask.sum(-1, keepdim=True) + within
 
 
+def _key_positions(cache: KVCache | None, mask: torch.Tensor | None, tokens: torch.Tensor) -> torch.Tensor:
+    """Positions `[S]` or `[B, S]` of every key a cached call attends to: the cache's, then the new tokens'."""
+    B, T = tokens.shape
+    old = 0 if cache is None else cache.offset
+    old_mask = None if cache is None else cache.key_padding_mask
+    if old_mask is None and mask is None:
+        return torch.arange(old + T, device=tokens.device)
+    ones = lambda n: torch.ones(B, n, dtype=torch.bool, device=tokens.device)
+    full = torch.cat((ones(old) if old_mask is None else old_mask, ones(T) if mask is None else mask), dim=1)
+    return (full.long().cumsum(1) - 1).clamp_min(0)
+
+
 def document_positions(cu_seqlens: torch.Tensor, total: int) -> tuple[torch.Tensor, torch.Tensor]:
     """For tokens packed by `cu_seqlens [N + 1]`: each token's document index `[ΣT]` and position in it `[ΣT]`."""
     cu = cu_seqlens.to(torch.long)
@@ -59,36 +84,33 @@ def document_positions(cu_seqlens: torch.Tensor, total: int) -> tuple[torch.Tens
     return doc, idx - cu[doc]
 
 
-class LlamaLM(CausalLMMixin, nn.Module):
-    """LLaMA-style decoder-only LM (module docstring).
+class RopeTransformer(nn.Module):
+    """Embedding → pre-norm RoPE blocks (RMSNorm, softmax attention, SwiGLU) → RMSNorm → head.
 
-    Args:
-        vocab_size (int): number of token ids `V`. Default: 256 (byte-level).
-        dim (int): width `D`. Default: 128.
-        depth (int): number of blocks. Default: 4.
-        num_heads (int): attention heads. Default: 4.
-        num_kv_heads (int, Optional): key/value heads (grouped-query attention); None = `num_heads`.
-        mlp_hidden_dim (int, Optional): SwiGLU hidden width; None = LLaMA's `8D/3` rounded up to a multiple of 64.
-        rope_base (float): RoPE frequency base. Default: 10000.0.
-        norm_eps (float): RMSNorm epsilon. Default: 1e-6.
-        tie_embeddings (bool): output head shares the embedding matrix. Default: False.
-        dropout (float): dropout on attention weights and residual branches (training only). Default: 0.0.
+    The body of `LlamaLM` (`causal=True`) and `BertMLM` (`causal=False`); arguments as `LlamaLM`. Subclasses add
+    the loss of their task. `s2_group_size` / `s2_at_inference`: the S²-Attn option (module docstring).
     """
 
-    def __init__(self, vocab_size: int = 256, dim: int = 128, depth: int = 4, num_heads: int = 4,
-                 num_kv_heads: int | None = None, mlp_hidden_dim: int | None = None, rope_base: float = 10000.0,
-                 norm_eps: float = 1e-6, tie_embeddings: bool = False, dropout: float = 0.0):
+    def __init__(self, vocab_size: int, dim: int, depth: int, num_heads: int, num_kv_heads: int | None,
+                 mlp_hidden_dim: int | None, rope_base: float, norm_eps: float, tie_embeddings: bool, dropout: float,
+                 *, causal: bool, s2_group_size: int | None = None, s2_at_inference: bool = False):
         super().__init__()
         if dim % num_heads:
             raise ValueError(f"dim ({dim}) must be divisible by num_heads ({num_heads})")
+        if s2_group_size is not None and s2_group_size < 2:
+            raise ValueError(f"s2_group_size must be at least 2 tokens (or None for full attention), got "
+                             f"{s2_group_size}")
         self.vocab_size, self.dim, self.depth, self.tie_embeddings = vocab_size, dim, depth, tie_embeddings
+        self.num_heads, self.causal = num_heads, causal
+        self.s2_group_size, self.s2_at_inference = s2_group_size, s2_at_inference
         self.io = TokenIO(vocab_size, dim, tie_embeddings=tie_embeddings, norm_eps=norm_eps)
         self.rope = RotaryEmbedding(dim // num_heads, base=rope_base)
         hidden = mlp_hidden_dim or llama_hidden_size(dim, multiple_of=64)
         norm = lambda d: RMSNorm(d, eps=norm_eps)
         self.blocks = nn.ModuleList(
             TransformerBlock(dim, Attention(dim, num_heads, num_kv_heads=num_kv_heads, proj_bias=False,
-                                            mask_mode="causal", attn_drop=dropout, proj_drop=dropout),
+                                            mask_mode="causal" if causal else "bidirectional", attn_drop=dropout,
+                                            proj_drop=dropout),
                              GatedMlp(dim, hidden, drop=dropout), norm)
             for _ in range(depth))
         self.reset_parameters()
@@ -103,17 +125,18 @@ class LlamaLM(CausalLMMixin, nn.Module):
             for proj in (block.attn.o_proj, block.mlp.w2):
                 nn.init.normal_(proj.weight, std=0.02 / math.sqrt(2 * self.depth))
 
-    def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None, *,
-                attention_mask: torch.Tensor | None = None,
-                cu_seqlens: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        """Logits `[B, T, V]` of `tokens [B, T]`, or `(logits, loss)` with next-token `targets [B, T]`.
+    def s2_active(self) -> bool:
+        """Whether attention is S²-grouped now: with a group size, in training (or always with s2_at_inference)."""
+        return self.s2_group_size is not None and (self.training or self.s2_at_inference)
 
-        Args:
-            tokens (Tensor): `[B, T]` int64.
-            targets (Tensor, Optional): `[B, T]` int64, -100 = not scored (see `next_token_loss`).
-            attention_mask (Tensor, Optional): `[B, T]` bool/0-1, True = real token (padding mask).
-            cu_seqlens (Tensor, Optional): `[N + 1]` offsets of documents packed into one row (`B == 1`).
-        """
+    def _s2_mask(self, q_positions: torch.Tensor, k_positions: torch.Tensor) -> torch.Tensor:
+        mask = shifted_group_mask_at(q_positions, k_positions, self.s2_group_size, self.num_heads,
+                                     causal=self.causal)
+        return mask if mask.ndim == 4 else mask[None]  # (B | 1, H, T, S)
+
+    def _logits(self, tokens: torch.Tensor, attention_mask: torch.Tensor | None,
+                cu_seqlens: torch.Tensor | None) -> torch.Tensor:
+        """Logits `[B, T, V]` of `tokens [B, T]` with a padding mask or packed documents (see `LlamaLM.forward`)."""
         B, T = tokens.shape
         attn_mask, key_padding_mask = None, None
         if cu_seqlens is not None:
@@ -125,11 +148,56 @@ class LlamaLM(CausalLMMixin, nn.Module):
             if attention_mask is not None:
                 key_padding_mask = attention_mask.bool()
             positions = _positions(None, key_padding_mask, T, tokens.device)
+        if self.s2_active():
+            s2 = self._s2_mask(positions, positions)  # (B | 1, H, T, T)
+            attn_mask = s2 if attn_mask is None else attn_mask & s2
         rope = self.rope(positions)
         x = self.io.embed_tokens(tokens)  # (B, T, D)
         for block in self.blocks:
             x, _ = block(x, rope=rope, key_padding_mask=key_padding_mask, attn_mask=attn_mask)
-        logits = self.io.logits(x)  # (B, T, V)
+        return self.io.logits(x)  # (B, T, V)
+
+
+class LlamaLM(CausalLMMixin, RopeTransformer):
+    """LLaMA-style decoder-only LM (module docstring).
+
+    Args:
+        vocab_size (int): number of token ids `V`. Default: 256 (byte-level).
+        dim (int): width `D`. Default: 128.
+        depth (int): number of blocks. Default: 4.
+        num_heads (int): attention heads. Default: 4.
+        num_kv_heads (int, Optional): key/value heads (grouped-query attention); None = `num_heads`.
+        mlp_hidden_dim (int, Optional): SwiGLU hidden width; None = LLaMA's `8D/3` rounded up to a multiple of 64.
+        rope_base (float): RoPE frequency base. Default: 10000.0.
+        norm_eps (float): RMSNorm epsilon. Default: 1e-6.
+        tie_embeddings (bool): output head shares the embedding matrix. Default: False.
+        dropout (float): dropout on attention weights and residual branches (training only). Default: 0.0.
+        s2_group_size (int, Optional): LongLoRA S²-Attn group size `G` (module docstring); None = full causal
+            attention. Default: None.
+        s2_at_inference (bool): keep S²-Attn in eval mode and generation too (LongLoRA: full attention there).
+            Default: False.
+    """
+
+    def __init__(self, vocab_size: int = 256, dim: int = 128, depth: int = 4, num_heads: int = 4,
+                 num_kv_heads: int | None = None, mlp_hidden_dim: int | None = None, rope_base: float = 10000.0,
+                 norm_eps: float = 1e-6, tie_embeddings: bool = False, dropout: float = 0.0,
+                 s2_group_size: int | None = None, s2_at_inference: bool = False):
+        super().__init__(vocab_size, dim, depth, num_heads, num_kv_heads, mlp_hidden_dim, rope_base, norm_eps,
+                         tie_embeddings, dropout, causal=True, s2_group_size=s2_group_size,
+                         s2_at_inference=s2_at_inference)
+
+    def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None, *,
+                attention_mask: torch.Tensor | None = None,
+                cu_seqlens: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Logits `[B, T, V]` of `tokens [B, T]`, or `(logits, loss)` with next-token `targets [B, T]`.
+
+        Args:
+            tokens (Tensor): `[B, T]` int64.
+            targets (Tensor, Optional): `[B, T]` int64, -100 = not scored (see `next_token_loss`).
+            attention_mask (Tensor, Optional): `[B, T]` bool/0-1, True = real token (padding mask).
+            cu_seqlens (Tensor, Optional): `[N + 1]` offsets of documents packed into one row (`B == 1`).
+        """
+        logits = self._logits(tokens, attention_mask, cu_seqlens)
         return logits if targets is None else (logits, next_token_loss(logits, targets))
 
     def forward_cached(self, tokens: torch.Tensor, cache: LlamaCache | None = None, *,
@@ -142,12 +210,18 @@ class LlamaLM(CausalLMMixin, nn.Module):
         mask = None if attention_mask is None else attention_mask.bool()
         if cache is not None and len(cache) != self.depth:
             raise ValueError(f"the cache has {len(cache)} layers, the model {self.depth}")
+        T = tokens.shape[1]
+        attn_mask = None
+        if self.s2_active():  # every layer has seen the same tokens: one mask over (cache + new) keys
+            first = None if cache is None else cache[0]
+            attn_mask = self._s2_mask(_positions(first, mask, T, tokens.device), _key_positions(first, mask, tokens))
         x = self.io.embed_tokens(tokens)
         new_cache = []
         for i, block in enumerate(self.blocks):
             layer_cache = None if cache is None else cache[i]
-            rope = self.rope(_positions(layer_cache, mask, tokens.shape[1], tokens.device))
-            x, layer_cache = block(x, rope=rope, key_padding_mask=mask, cache=layer_cache, use_cache=True)
+            rope = self.rope(_positions(layer_cache, mask, T, tokens.device))
+            x, layer_cache = block(x, rope=rope, key_padding_mask=mask, attn_mask=attn_mask, cache=layer_cache,
+                                   use_cache=True)
             new_cache.append(layer_cache)
         return self.io.logits(x), tuple(new_cache)
 

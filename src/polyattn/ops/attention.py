@@ -51,6 +51,63 @@ def causal_mask(T: int, S: int, device: torch.device | str | None = None) -> tor
     return j <= i + (S - T)
 
 
+def shifted_group_mask_at(q_positions: torch.Tensor, k_positions: torch.Tensor, group_size: int, num_heads: int,
+                          *, causal: bool = True) -> torch.Tensor:
+    """LongLoRA S²-Attn mask (arXiv 2309.12307, spec `perceiver_ar_and_llp.md` §3.2) at given token positions.
+
+    The positions are split into groups of `G = group_size`. Heads `h < H // 2` attend within groups
+    `[kG, (k+1)G)`; heads `h ≥ H // 2` (LongLoRA shifts `qkv[:, H // 2:]`) within groups shifted by `G // 2`,
+    which straddle the first half's boundaries:
+
+        unshifted: allowed(t, u) = ⌊p_t / G⌋ = ⌊p_u / G⌋                  (∧ p_u ≤ p_t when causal)
+        shifted:   allowed(t, u) = ⌊(p_t + G/2) / G⌋ = ⌊(p_u + G/2) / G⌋  (∧ p_u ≤ p_t when causal)
+
+    No wrap-around: in the shifted half the first group is only `G/2` long and the last one may be partial, so
+    nothing leaks across the ends of the sequence (this equals LongLoRA's flash-attn varlen implementation).
+
+    Args:
+        q_positions (Tensor): `[..., T]` int positions of the queries (e.g. `[T]`, or `[B, T]` counting real
+            tokens only, so that a padded row equals its unpadded version).
+        k_positions (Tensor): `[..., S]` int positions of the keys (a KV cache: every position seen so far).
+        group_size (int): `G ≥ 1`.
+        num_heads (int): `H`.
+        causal (bool): also require `p_u ≤ p_t`. Default: True.
+
+    Returns:
+        Tensor: bool `[..., H, T, S]`, True = may attend.
+    """
+    if group_size < 1:
+        raise ValueError(f"group_size must be a positive number of tokens, got {group_size}")
+    shift = (torch.arange(num_heads, device=q_positions.device) >= num_heads // 2).long() * (group_size // 2)
+    shift = shift[:, None, None]  # (H, 1, 1)
+    q = q_positions.long()[..., None, :, None]  # (..., 1, T, 1)
+    k = k_positions.long()[..., None, None, :]  # (..., 1, 1, S)
+    allowed = (q + shift) // group_size == (k + shift) // group_size  # (..., H, T, S)
+    return allowed & (k <= q) if causal else allowed
+
+
+def shifted_group_mask(T: int, group_size: int, num_heads: int, *, causal: bool = True, wrap_around: bool = False,
+                       device: torch.device | str | None = None) -> torch.Tensor:
+    """The S²-Attn mask `[H, T, T]` of a sequence of `T` tokens (see `shifted_group_mask_at`).
+
+    `wrap_around=True` is the roll form of the paper's pseudo-code (§3.3, for reproduction only): the shifted
+    heads' queries, keys and values are rolled by `−G/2`, grouped, and rolled back, so the last group holds the
+    last `G/2` and the first `G/2` tokens together: tokens `0 … G/2 − 1` then see tokens `T − G/2 … T − 1`, the
+    future (LongLoRA #15, #90). It needs `T` to be a multiple of `G`. The library default is the mask form
+    (`wrap_around=False`), which never leaks.
+    """
+    pos = torch.arange(T, device=device)
+    if not wrap_around:
+        return shifted_group_mask_at(pos, pos, group_size, num_heads, causal=causal)
+    if T % group_size:
+        raise ValueError(f"the roll form of S²-Attn needs T ({T}) to be a multiple of group_size ({group_size})")
+    shifted = (torch.arange(num_heads, device=device) >= num_heads // 2)[:, None]  # (H, 1)
+    rolled = torch.where(shifted, (pos - group_size // 2) % T, pos)  # (H, T): each token's index after the roll
+    q, k = rolled[:, :, None], rolled[:, None, :]
+    allowed = q // group_size == k // group_size
+    return allowed & (k <= q) if causal else allowed
+
+
 def padding_to_attn_mask(key_padding_mask: torch.Tensor) -> torch.Tensor:
     """Turns a key padding mask `[B, S]` (True = real token) into an attention mask `[B, 1, 1, S]`."""
     return key_padding_mask.bool()[:, None, None, :]
