@@ -120,13 +120,30 @@ def test_random_windows_are_a_pure_function_of_seed_epoch_step():
         random_windows(tokens[:10], 1, 16, seed=0, epoch=0, step=0)
 
 
-@pytest.mark.parametrize("n, max_tokens", [(50, None), (49, None), (50, 23)])
-def test_eval_windows_score_every_target_once(n, max_tokens):
+@pytest.mark.parametrize("n, max_tokens, stride", [(50, None, None), (49, None, None), (50, 23, None), (50, None, 3),
+                                                   (50, 20, 5), (7, None, None), (9, None, 8)])
+def test_eval_windows_score_every_target_once(n, max_tokens, stride):
+    seq_len = 8
     tokens = np.arange(n, dtype=np.uint16)
-    batches = list(eval_windows(tokens, seq_len=8, batch_size=2, max_tokens=max_tokens))
-    targets = torch.cat([y.flatten() for _, y in batches])
-    assert targets.tolist() == list(range(1, 1 + (max_tokens or n - 1)))
-    assert all(torch.equal(y, x + 1) for x, y in batches)
+    batches = list(eval_windows(tokens, seq_len=seq_len, batch_size=2, max_tokens=max_tokens, stride=stride))
+    first = seq_len - (stride or seq_len)
+    scored, context = [], []
+    for x, y in batches:
+        assert x.shape == y.shape and x.shape[1] == min(seq_len, n - 1)
+        for row_x, row_y in zip(x, y, strict=True):
+            keep = row_y != -100
+            assert torch.equal(row_y[keep], row_x[keep] + 1)  # the targets are the next tokens
+            scored += row_y[keep].tolist()
+            context += keep.nonzero().flatten().tolist()  # tokens before the target inside its window
+    end = n - 1 if max_tokens is None else min(n - 1, first + max_tokens)
+    assert scored == list(range(1 + first, 1 + end))  # every target once, in order
+    if stride:
+        assert all(c >= first for c in context)
+
+
+def test_eval_windows_refuse_a_bad_stride():
+    with pytest.raises(UserError, match=r"eval_stride must be between 1 and data\.seq_len"):
+        next(eval_windows(np.arange(20), seq_len=8, batch_size=2, stride=9))
 
 
 def test_padding_packing_and_shifted_targets():

@@ -291,23 +291,44 @@ def random_windows(tokens: np.ndarray, batch_size: int, seq_len: int, *, seed: i
     return w[:, :-1], w[:, 1:]
 
 
-def eval_windows(tokens: np.ndarray, seq_len: int, batch_size: int,
-                 max_tokens: int | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Consecutive windows `([b, l], [b, l])` whose targets are `tokens[1:]` (at most `max_tokens` of them),
-    each exactly once; the last window may be shorter (it comes in a batch of its own)."""
-    n_targets = len(tokens) - 1
+def eval_windows(tokens: np.ndarray, seq_len: int, batch_size: int, max_tokens: int | None = None, *,
+                 stride: int | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Windows `([b, l], [b, l])` over the stream that score each target once; unscored targets are
+    `IGNORE_INDEX`.
+
+    Windows of `seq_len` tokens advance by `stride` (default `seq_len`: consecutive windows) and score their
+    last `stride` targets, the first window all of its own from position `seq_len − stride` on. Every scored
+    target therefore sees at least `seq_len − stride` tokens before it, and the first `seq_len − stride`
+    targets of the stream are not scored, whichever model reads the windows: so a model that only predicts a
+    window's last positions (Perceiver AR's latents) and one that predicts all of them are scored on the same
+    targets with the same context. At most `max_tokens` targets are scored. The last window ends at the end of
+    the stream (it is full length when the stream allows, and re-reads tokens it does not score)."""
+    stride = seq_len if stride is None else stride
+    if not 0 < stride <= seq_len:
+        raise UserError(f"data.eval_stride must be between 1 and data.seq_len ({seq_len}), got {stride}.")
+    first = seq_len - stride  # index of the first scored target (target i predicts tokens[i + 1])
+    end = len(tokens) - 1
     if max_tokens is not None:
-        n_targets = min(n_targets, max_tokens)
-    full = n_targets // seq_len
-    for i in range(0, full, batch_size):
-        rows = range(i, min(i + batch_size, full))
-        w = torch.from_numpy(np.stack([np.asarray(tokens[r * seq_len:(r + 1) * seq_len + 1], dtype=np.int64)
-                                       for r in rows]))
-        yield w[:, :-1], w[:, 1:]
-    rest = n_targets - full * seq_len
-    if rest:
-        w = torch.from_numpy(np.asarray(tokens[full * seq_len:full * seq_len + rest + 1], dtype=np.int64))[None]
-        yield w[:, :-1], w[:, 1:]
+        end = min(end, first + max_tokens)
+    if end <= first:
+        raise UserError(f"The evaluated split holds {len(tokens)} tokens, too few to score any after "
+                        f"seq_len − eval_stride = {first} tokens of context; lower data.seq_len or raise "
+                        f"data.eval_stride.")
+    windows = []  # (window start, first scored target) with the window's targets tokens[start + 1 : start + l + 1]
+    scored_to = first
+    while scored_to < end:
+        start = max(0, min(scored_to + stride, end) - seq_len)
+        windows.append((start, scored_to))
+        scored_to = min(scored_to + stride, end)
+    length = min(seq_len, end)
+    for i in range(0, len(windows), batch_size):
+        rows = windows[i:i + batch_size]
+        w = torch.from_numpy(np.stack([np.asarray(tokens[a:a + length + 1], dtype=np.int64) for a, _ in rows]))
+        x, y = w[:, :-1], w[:, 1:].clone()
+        for r, (a, b) in enumerate(rows):
+            y[r, :b - a] = IGNORE_INDEX  # targets before this window's share were scored by an earlier one
+            y[r, min(a + length, end) - a:] = IGNORE_INDEX
+        yield x, y
 
 
 def pad_documents(docs: Sequence[Sequence[int] | np.ndarray | torch.Tensor], *, side: str = "right",

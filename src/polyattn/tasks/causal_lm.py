@@ -12,7 +12,8 @@ Metrics on a split (`evaluate_lm`), over consecutive windows that predict every 
 `data.seq_len + 1` tokens from the first `1 − data.val_fraction` of the token stream, at positions that are a
 pure function of `(train.seed, epoch, step)` so a resumed run sees the same batches; evaluation on the last
 `data.val_fraction` (the `val` split; `test` names the same held-out tail, since text corpora here come without
-a separate test set).
+a separate test set). Its data plumbing (tokenizer, stream, splits, epoch size, the token-weighted loss step) is
+`TextStreamJob`, which the masked-LM job (`polyattn.tasks.masked_lm`) shares.
 """
 
 from __future__ import annotations
@@ -58,6 +59,13 @@ def causal_lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX)
 
 
+def scored_targets(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """The targets that `logits [B, L, V]` score: the last `L` of `targets [B, T]`. Most models score every
+    position (`L = T`); Perceiver AR and its variants return logits for their latents only, the window's last
+    positions."""
+    return targets[:, targets.shape[1] - logits.shape[1]:]
+
+
 def lm_metrics(total_nats: float, num_tokens: int, num_bytes: int) -> dict[str, float]:
     """`{"loss", "ppl", "bpb", "tokens"}` from summed nats over `num_tokens` targets that decode to `num_bytes`."""
     loss = total_nats / max(num_tokens, 1)
@@ -74,30 +82,40 @@ def target_bytes(tokenizer: Tokenizer, targets: np.ndarray) -> int:
 
 @torch.no_grad()
 def evaluate_lm(model: nn.Module, tokens: np.ndarray, tokenizer: Tokenizer, *, seq_len: int, batch_size: int,
-                device: torch.device, autocast=None, max_tokens: int | None = None) -> dict[str, float]:
+                device: torch.device, autocast=None, max_tokens: int | None = None,
+                stride: int | None = None) -> dict[str, float]:
     """Loss, perplexity and bits per byte of `model` on the token stream `tokens` (module docstring).
 
-    Every target `tokens[1:]` (the first `max_tokens` of them) is scored once, from the up to `seq_len` tokens
-    before it in its window. The model is put in eval mode and restored.
+    The targets `tokens[1:]` are scored once each (the first `max_tokens` of them), from the windows of
+    `polyattn.data.text.eval_windows`: consecutive windows of `seq_len` tokens by default, or windows advanced by
+    `stride` that give every scored target at least `seq_len − stride` tokens of context. The model is put in
+    eval mode and restored.
     """
     if len(tokens) < 2:
         raise UserError("The evaluated split holds fewer than 2 tokens; use a larger corpus or data.val_fraction.")
     was_training = model.training
     model.eval()
-    total, count = 0.0, 0
+    total, count, scored = 0.0, 0, []
     try:
-        for x, y in eval_windows(tokens, seq_len, batch_size, max_tokens):
+        for x, y in eval_windows(tokens, seq_len, batch_size, max_tokens, stride=stride):
             x, y = x.to(device), y.to(device)
             if autocast is not None:
                 with autocast():
                     logits = model(x)
             else:
                 logits = model(x)
-            total += F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum").item()
-            count += y.numel()
+            kept = scored_targets(logits, y)  # a model that scores only its last positions (latents) sees fewer
+            if (kept != IGNORE_INDEX).sum() != (y != IGNORE_INDEX).sum():
+                raise UserError(f"The model predicts only the last {logits.shape[1]} positions of a window, fewer "
+                                f"than the scored ones; set data.eval_stride to at most {logits.shape[1]}.")
+            total += F.cross_entropy(logits.float().flatten(0, 1), kept.flatten(), reduction="sum",
+                                     ignore_index=IGNORE_INDEX).item()
+            kept = kept[kept != IGNORE_INDEX]
+            count += kept.numel()
+            scored.append(kept.cpu())
     finally:
         model.train(was_training)
-    return lm_metrics(total, count, target_bytes(tokenizer, np.asarray(tokens[1:1 + count])))
+    return lm_metrics(total, count, target_bytes(tokenizer, torch.cat(scored).numpy()))
 
 
 def _bpe_for_source(source: str, vocab_size: int, val_fraction: float) -> BpeTokenizer:
@@ -123,8 +141,13 @@ def _is_token_file(source: str) -> bool:
     return source not in EMBEDDED and Path(source).suffix == ".bin"
 
 
-class CausalLMJob:
-    """Supplies windows of a token stream, the next-token loss and LM metrics to the training loop.
+class TextStreamJob:
+    """The data plumbing every text task shares, for the training loop (`polyattn.train.loop.TrainingJob`).
+
+    A tokenizer (byte-level, the run's own BPE, or a token file's), the token stream of `data.source` split into
+    its first `1 − data.val_fraction` (train) and the rest (val, test), the size of an epoch, the files a run
+    directory needs, and the loss step: mean cross-entropy over the scored targets (`IGNORE_INDEX` elsewhere),
+    with micro-batches weighted by their share of scored tokens. Subclasses supply `batches` and `evaluate`.
 
     Args:
         config: the run's `RunConfig` (data.source, data.tokenizer, data.vocab_size, data.seq_len,
@@ -136,18 +159,22 @@ class CausalLMJob:
 
     throughput_unit = "tokens"
     """The loop reports tokens/s: `loss` returns the number of target tokens."""
+    extra_ids = 0
+    """Ids the model has beyond the tokenizer's (a masked LM reserves one for `[MASK]`)."""
+    task_label = "a causal LM"
+    example_recipe = "llama_lm_shakespeare"
 
     def __init__(self, config, device: torch.device, splits: tuple[str, ...] = ("train", "test"),
                  run_dir: Path | None = None):
         d, t = config.data, config.train
         if d.source == "digits":
-            raise UserError("data.source is 'digits', an image dataset, but a causal LM trains on text; use "
-                            "data.source=shakespeare (embedded), a .txt file, a directory of .txt files or a "
-                            "token file (.bin), or a text recipe such as `polyattn train llama_lm_shakespeare`.")
+            raise UserError(f"data.source is 'digits', an image dataset, but {self.task_label} trains on text; use "
+                            f"data.source=shakespeare (embedded), a .txt file, a directory of .txt files or a "
+                            f"token file (.bin), or a text recipe such as `polyattn train {self.example_recipe}`.")
         if not isinstance(d.seq_len, int) or d.seq_len < 1:
             raise UserError(f"data.seq_len must be a positive number of tokens, got {d.seq_len!r}.")
         self.device, self.seq_len, self.seed = device, d.seq_len, t.seed
-        self.eval_batch_size, self.eval_tokens = d.eval_batch_size, d.eval_tokens
+        self.eval_batch_size, self.eval_tokens, self.eval_stride = d.eval_batch_size, d.eval_tokens, d.eval_stride
         self.tokenizer = self._tokenizer(d, run_dir)
         stream = token_file_for_source(d.source, self.tokenizer)
         train_range, val_range = split_stream(len(stream), d.val_fraction)
@@ -158,11 +185,11 @@ class CausalLMJob:
                 raise UserError(f"Split '{split}' is not available for text; use 'train', 'val' or 'test' (the "
                                 f"last data.val_fraction of the stream).")
         self.eval_split = "val"
-        self.inferred_model_args = {"vocab_size": self.tokenizer.vocab_size}
+        self.inferred_model_args = {"vocab_size": self.tokenizer.vocab_size + self.extra_ids}
         user_vocab = config.model.args.get("vocab_size")
-        if isinstance(user_vocab, int) and user_vocab < self.tokenizer.vocab_size:
-            raise UserError(f"model.vocab_size={user_vocab} is smaller than the tokenizer's "
-                            f"{self.tokenizer.vocab_size} ids; remove it so the model follows the tokenizer.")
+        if isinstance(user_vocab, int) and user_vocab < self.tokenizer.vocab_size + self.extra_ids:
+            raise UserError(f"model.vocab_size={user_vocab} is smaller than {self._ids_needed()}; remove it so the "
+                            f"model follows the tokenizer.")
         self.batch_size = t.batch_size
         n_train = len(self.splits["train"])
         if "train" in splits and n_train < d.seq_len + 1:
@@ -171,6 +198,10 @@ class CausalLMJob:
         # An "epoch" is as many windows as the training split holds tokens (each token seen once on average).
         self.samples_per_step = t.batch_size * d.seq_len
         self.steps_per_epoch = max(1, n_train // self.samples_per_step)
+
+    def _ids_needed(self) -> str:
+        ids = f"the tokenizer's {self.tokenizer.vocab_size} ids"
+        return ids if not self.extra_ids else f"{ids} plus {self.extra_ids} reserved"
 
     @staticmethod
     def _tokenizer(d, run_dir: Path | None) -> Tokenizer:
@@ -193,44 +224,63 @@ class CausalLMJob:
 
     def _check_vocab(self, model: nn.Module) -> None:
         vocab = getattr(model, "vocab_size", None)
-        if vocab is not None and vocab < self.tokenizer.vocab_size:
-            raise UserError(f"The model has {vocab} token ids but the tokenizer produces {self.tokenizer.vocab_size};"
-                            f" remove model.vocab_size so it follows the tokenizer.")
+        if vocab is not None and vocab < self.tokenizer.vocab_size + self.extra_ids:
+            raise UserError(f"The model has {vocab} token ids but the task needs {self._ids_needed()}; remove "
+                            f"model.vocab_size so it follows the tokenizer.")
 
-    def batches(self, epoch: int, start_step: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def _check_start_step(self, start_step: int) -> None:
         if not 0 <= start_step <= self.steps_per_epoch:
             raise UserError(f"Cannot resume at step {start_step} of an epoch that has {self.steps_per_epoch} steps; "
                             f"check that the checkpoint matches this corpus and batch size.")
-        tokens = self.splits["train"]
-        for step in range(start_step, self.steps_per_epoch):
-            yield random_windows(tokens, self.batch_size, self.seq_len, seed=self.seed, epoch=epoch, step=step)
 
     def loss(self, model: nn.Module, batch, *, accumulation_steps: int, autocast,
              forward_kwargs: dict[str, Any]) -> tuple[torch.Tensor, int]:
         self._check_vocab(model)
         x, y = (b.to(self.device, non_blocking=True) for b in batch)
         n_total = int((y != IGNORE_INDEX).sum())
+        n_scored = None  # known after the first forward: a model may score only its last positions (latents)
         total = torch.zeros((), device=self.device)
         for xs, ys in zip(x.chunk(accumulation_steps), y.chunk(accumulation_steps)):
             with autocast():
                 logits = model(xs, **forward_kwargs)
+            ys = scored_targets(logits, ys)
+            if n_scored is None:
+                n_scored = int((scored_targets(logits, y) != IGNORE_INDEX).sum())
             # weighted by its share of scored tokens, so accumulation gives the gradient of one big batch
-            loss = causal_lm_loss(logits, ys) * (int((ys != IGNORE_INDEX).sum()) / n_total)
+            loss = causal_lm_loss(logits, ys) * (int((ys != IGNORE_INDEX).sum()) / n_scored)
             loss.backward()
             total += loss.detach()
-        return total, n_total
+        return total, self._tokens_processed(x, n_total)
 
-    def evaluate(self, model: nn.Module, split: str, *, autocast) -> dict[str, float]:
-        self._check_vocab(model)
-        return evaluate_lm(model, self.splits[split], self.tokenizer, seq_len=self.seq_len,
-                           batch_size=self.eval_batch_size, device=self.device, autocast=autocast,
-                           max_tokens=self.eval_tokens)
+    def _tokens_processed(self, inputs: torch.Tensor, n_scored: int) -> int:
+        """What the loop's tokens/s counts: the scored targets (every input token of a next-token window)."""
+        return n_scored
 
     def state_dict(self) -> dict[str, Any]:
         return {}  # batches are a pure function of (seed, epoch, step): nothing to save
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         pass
+
+
+class CausalLMJob(TextStreamJob):
+    """Supplies windows of a token stream, the next-token loss and LM metrics to the training loop.
+
+    Training batches: `data.seq_len + 1` tokens at random positions of the training split, drawn from
+    `(train.seed, epoch, step)`; evaluation: `evaluate_lm` over consecutive windows. Arguments as `TextStreamJob`.
+    """
+
+    def batches(self, epoch: int, start_step: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        self._check_start_step(start_step)
+        tokens = self.splits["train"]
+        for step in range(start_step, self.steps_per_epoch):
+            yield random_windows(tokens, self.batch_size, self.seq_len, seed=self.seed, epoch=epoch, step=step)
+
+    def evaluate(self, model: nn.Module, split: str, *, autocast) -> dict[str, float]:
+        self._check_vocab(model)
+        return evaluate_lm(model, self.splits[split], self.tokenizer, seq_len=self.seq_len,
+                           batch_size=self.eval_batch_size, device=self.device, autocast=autocast,
+                           max_tokens=self.eval_tokens, stride=self.eval_stride)
 
 
 def encode_prompt(tokenizer: Tokenizer, prompt: str) -> list[int]:
@@ -261,4 +311,5 @@ def stream_text(model: nn.Module, tokenizer: Tokenizer, prompt: str, max_new_tok
         yield rest
 
 
-__all__ = ["CausalLMJob", "causal_lm_loss", "encode_prompt", "evaluate_lm", "lm_metrics", "stream_text"]
+__all__ = ["CausalLMJob", "TextStreamJob", "causal_lm_loss", "encode_prompt", "evaluate_lm", "lm_metrics",
+           "scored_targets", "stream_text"]
