@@ -1,0 +1,309 @@
+"""DiT: a class-conditional diffusion transformer whose token mixer is a constructor choice.
+
+DiT: Peebles & Xie, "Scalable Diffusion Models with Transformers", arXiv 2212.09748 (facebookresearch/DiT
+`models.py`). LightNet as the token mixer: arXiv 2405.21022, spec shared/reference/lightnet.md §3.4 (the
+`LightNetDiT` row: non-causal LightNet attention, MD-LRPE + MD-TPE, DiT head and adaLN-Zero unchanged).
+
+Images `[B, C, H, W]` → non-overlapping p×p patches → tokens `[B, N, D]` plus a fixed 2-D sin-cos position table
+(→ MD-TPE once, for the LightNet mixer) → `depth` DiT blocks conditioned on `c = t_emb(t) + y_emb(y)` → a final
+adaLN + linear layer → unpatchify to the input's shape. Each block is
+
+    shift₁, scale₁, gate₁, shift₂, scale₂, gate₂ = Linear(SiLU(c))          (adaLN-Zero, zero-initialised)
+    x ← x + gate₁ · Mixer(LayerNorm(x) · (1 + scale₁) + shift₁)
+    x ← x + gate₂ · MLP(LayerNorm(x) · (1 + scale₂) + shift₂)
+
+with LayerNorms without affine parameters. Every gate and the final linear layer start at zero, so a new model
+is the identity on its tokens and predicts exactly 0 ("adaLN-Zero", the paper's best conditioning).
+
+The mixer is `"softmax"` (bidirectional multi-head softmax attention with qkv biases, the DiT baseline) or
+`"lightnet"` (non-causal LightNet attention with MD-LRPE on the patch grid, and MD-TPE once after the patch
+embedding). Everything else (MLP, norms, modulation, head, initialisation) is the same for both, so a comparison
+of the two changes only the token mixer.
+
+The timestep is continuous, `t ∈ [0, 1]`; its sinusoidal embedding is taken of `1000·t`, DiT's range of integer
+DDPM steps. Class `num_classes` is the null label of classifier-free guidance (arXiv 2207.12598).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from functools import partial
+from typing import Literal
+
+import torch
+from einops import rearrange
+from torch import nn
+
+from ..layers.attention import Attention
+from ..layers.lightnet import LightNetAttention, MdTpe
+from ..layers.mlp import Mlp
+from ..layers.patch_embed import PatchEmbed, to_2tuple
+from ..layers.pos_embed import sincos_pos_embed
+from ..registry import register_model
+
+TIME_SCALE = 1000.0
+"""t ∈ [0, 1] is embedded as DiT's integer step 1000·t."""
+
+
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """adaLN: `x · (1 + scale) + shift`, with `shift`, `scale` `[B, D]` broadcast over the tokens of `x` `[B, N, D]`."""
+    return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+
+
+def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """Sinusoidal embedding `[B, dim]` of (possibly fractional) timesteps `t` `[B]`: `[cos(t·ω), sin(t·ω)]`,
+    `ω_i = max_period^(−i/(dim/2))` (DiT's `TimestepEmbedder.timestep_embedding`)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    args = t.float()[:, None] * freqs[None]  # (B, dim/2)
+    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    if dim % 2:
+        emb = torch.cat([emb, torch.zeros_like(emb[:, :1])], dim=-1)
+    return emb
+
+
+class TimestepEmbedder(nn.Module):
+    """`t` `[B]` in [0, 1] → `[B, D]`: sinusoidal features of `1000·t`, then Linear → SiLU → Linear."""
+
+    def __init__(self, dim: int, frequency_dim: int = 256):
+        super().__init__()
+        self.frequency_dim = frequency_dim
+        self.mlp = nn.Sequential(nn.Linear(frequency_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        freq = timestep_embedding(t * TIME_SCALE, self.frequency_dim)
+        return self.mlp(freq.to(self.mlp[0].weight.dtype))
+
+
+class SoftmaxMixer(nn.Module):
+    """DiT's token mixer: bidirectional multi-head softmax attention, with qkv and output biases.
+
+    Positions come from the absolute table added after the patch embedding; `grid_shape` is not needed.
+    """
+
+    def __init__(self, dim: int, num_heads: int, grid_shape: tuple[int, int]):
+        super().__init__()
+        self.layer = Attention(dim, num_heads, qkv_bias=True, proj_bias=True, mask_mode="bidirectional")
+
+    def forward(self, x: torch.Tensor, grid_shape: Sequence[int]) -> torch.Tensor:
+        return self.layer(x)[0]  # (B, N, D)
+
+
+class LightNetMixer(nn.Module):
+    """Non-causal LightNet attention (one global additive scan) with MD-LRPE over the patch grid.
+
+    Args:
+        lrpe: "cosine" (the default), "rotary" or None (no relative positions).
+    """
+
+    def __init__(self, dim: int, num_heads: int, grid_shape: tuple[int, int],
+                 lrpe: Literal["cosine", "rotary"] | None = "cosine"):
+        super().__init__()
+        self.layer = LightNetAttention(dim, num_heads, causal=False, lrpe=lrpe, grid_shape=grid_shape)
+
+    def forward(self, x: torch.Tensor, grid_shape: Sequence[int]) -> torch.Tensor:
+        return self.layer(x, grid_shape=grid_shape)[0]  # (B, N, D)
+
+
+class DiTBlock(nn.Module):
+    """A DiT block with adaLN-Zero conditioning (see the module docstring); `mixer` maps `(x, grid) → x`."""
+
+    def __init__(self, dim: int, mixer: nn.Module, mlp_ratio: float = 4.0):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.mixer = mixer
+        self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=partial(nn.GELU, approximate="tanh"))
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor, grid_shape: Sequence[int]) -> torch.Tensor:
+        """x `[B, N, D]`, c `[B, D]` → `[B, N, D]`."""
+        shift1, scale1, gate1, shift2, scale2, gate2 = self.adaLN_modulation(c).chunk(6, dim=-1)  # 6 × (B, D)
+        x = x + gate1.unsqueeze(1) * self.mixer(modulate(self.norm1(x), shift1, scale1), grid_shape)
+        return x + gate2.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift2, scale2))
+
+
+class FinalLayer(nn.Module):
+    """adaLN (shift, scale from c) → Linear to `p·p·C_out` values per token; both zero-initialised."""
+
+    def __init__(self, dim: int, patch_size: tuple[int, int], out_chans: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.linear = nn.Linear(dim, patch_size[0] * patch_size[1] * out_chans)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim))
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        shift, scale = self.adaLN_modulation(c).chunk(2, dim=-1)
+        return self.linear(modulate(self.norm(x), shift, scale))  # (B, N, p·p·C_out)
+
+
+MIXERS: dict[str, type[nn.Module]] = {"softmax": SoftmaxMixer, "lightnet": LightNetMixer}
+
+
+class DiT(nn.Module):
+    """Class-conditional diffusion transformer (arXiv 2212.09748) with a softmax or LightNet token mixer.
+
+    `forward(x [B, C, H, W], t [B] in [0, 1], y [B] int64 | None) → [B, C_out, H, W]` (C_out = C unless given):
+    the task decides what the output means (`polyattn.tasks.diffusion` trains it as a flow velocity). `y` holds
+    class indices in `[0, num_classes]`; `num_classes` (or `y=None`) is the null label of classifier-free guidance.
+
+    Parameters (`D` width, `L` depth, `P` patch side, `C`/`C_out` channels, `K` classes, MLP hidden `h = r·D`):
+
+        patch conv              P²·C·D + D
+        time MLP                256·D + D + D² + D
+        class table             (K + 1)·D
+        per block               mixer + 2Dh + h + D (MLP) + 6D² + 6D (adaLN)
+          softmax mixer         4D² + 4D
+          lightnet mixer        4D² + 2D·(D/H) + D        (q/k/v/o, low-rank gate, per-head norm)
+        MD-TPE (lightnet)       2·(D² + 3D + H)
+        final layer             2D² + 2D + D·P²·C_out + P²·C_out
+
+    With DiT's latent setting (32×32×4 input, C_out = 8 for the learned variance, K = 1000) the softmax model has
+    DiT's published counts less the fixed position table, which DiT stores as a frozen parameter and this model as
+    a buffer: e.g. DiT-XL/2 675,129,632 − 294,912.
+
+    Args:
+        img_size: image side (or (H, W)) the position table and patch grid are built for.
+        patch_size: patch side p (or (ph, pw)); DiT's "/2" models use 2.
+        in_chans: image channels C.
+        out_chans: output channels; None → `in_chans` (DiT's learned-variance models use 2·C).
+        num_classes: K classes; K is the null label (K = 0: unconditional, only the null label).
+        embed_dim, depth, num_heads: width D, blocks L, heads H.
+        mlp_ratio: MLP hidden width / D (DiT: 4).
+        mixer: "softmax" (DiT) or "lightnet" (non-causal LightNet attention with MD-LRPE).
+        lrpe: LightNet only: "cosine", "rotary" or None (no MD-LRPE).
+        use_tpe: LightNet only: MD-TPE (two-sided per axis, residual) once after the patch embedding.
+        pos_embed: "sincos" (DiT's fixed 2-D table) or "none" (LightNet then relies on MD-LRPE/MD-TPE alone).
+    """
+
+    def __init__(
+        self,
+        img_size: int | tuple[int, int] = 32,
+        patch_size: int | tuple[int, int] = 2,
+        in_chans: int = 3,
+        out_chans: int | None = None,
+        num_classes: int = 10,
+        embed_dim: int = 384,
+        depth: int = 12,
+        num_heads: int = 6,
+        mlp_ratio: float = 4.0,
+        mixer: Literal["softmax", "lightnet"] = "softmax",
+        lrpe: Literal["cosine", "rotary"] | None = "cosine",
+        use_tpe: bool = True,
+        pos_embed: Literal["sincos", "none"] = "sincos",
+    ):
+        super().__init__()
+        if mixer not in MIXERS:
+            raise ValueError(f"mixer must be one of {sorted(MIXERS)}, got {mixer!r}")
+        if pos_embed not in ("sincos", "none"):
+            raise ValueError(f"pos_embed must be 'sincos' or 'none', got {pos_embed!r}")
+        if num_classes < 0:
+            raise ValueError(f"num_classes must be >= 0, got {num_classes}")
+        self.img_size, self.patch_size = to_2tuple(img_size), to_2tuple(patch_size)
+        self.in_chans, self.out_chans = in_chans, out_chans or in_chans
+        self.num_classes, self.embed_dim, self.mixer = num_classes, embed_dim, mixer
+
+        self.patch_embed = PatchEmbed(self.img_size, self.patch_size, in_chans, embed_dim)
+        grid = self.patch_embed.grid_size
+        table = sincos_pos_embed(grid, embed_dim)[None] if pos_embed == "sincos" else None  # (1, N, D)
+        self.register_buffer("pos_embed", table, persistent=False)
+        self.tpe = (MdTpe(embed_dim, num_heads, num_axes=2, causal=False, residual=True)
+                    if mixer == "lightnet" and use_tpe else None)
+        self.t_embedder = TimestepEmbedder(embed_dim)
+        self.y_embedder = nn.Embedding(num_classes + 1, embed_dim)  # row num_classes: the null label
+        mixer_cls = MIXERS[mixer]
+        mixer_kwargs = {"lrpe": lrpe} if mixer == "lightnet" else {}
+        self.blocks = nn.ModuleList(
+            DiTBlock(embed_dim, mixer_cls(embed_dim, num_heads, grid, **mixer_kwargs), mlp_ratio)
+            for _ in range(depth)
+        )
+        self.final_layer = FinalLayer(embed_dim, self.patch_size, self.out_chans)
+        self.initialize_weights()
+
+    def initialize_weights(self) -> None:
+        """DiT's initialisation: Xavier-uniform linears with zero biases (the patch conv as a linear), N(0, 0.02)
+        for the class table and the time MLP, and zeros for every adaLN modulation and the final linear layer."""
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+        w = self.patch_embed.proj.weight
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        nn.init.zeros_(self.patch_embed.proj.bias)
+        nn.init.normal_(self.y_embedder.weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
+        for block in self.blocks:
+            nn.init.zeros_(block.adaLN_modulation[-1].weight)
+            nn.init.zeros_(block.adaLN_modulation[-1].bias)
+        for layer in (self.final_layer.adaLN_modulation[-1], self.final_layer.linear):
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
+
+    def no_weight_decay(self) -> set[str]:
+        """MD-TPE's per-channel scales and decay logits (2-D, but not weight matrices); see `LightNetViT`."""
+        return {"tpe.q", "tpe.k", "tpe.decay_logit"} if self.tpe is not None else set()
+
+    def unpatchify(self, x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        """Tokens `[B, h·w, ph·pw·C]` (raster order) → images `[B, C, h·ph, w·pw]`."""
+        (ph, pw), (h, w) = self.patch_size, grid
+        return rearrange(x, "b (h w) (p q c) -> b c (h p) (w q)", h=h, w=w, p=ph, q=pw)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        """x `[B, C, H, W]`, t `[B]` (or a scalar) in [0, 1], y `[B]` class indices (None: the null label)."""
+        B = x.shape[0]
+        grid = self.patch_embed.grid_for(tuple(x.shape[-2:]))
+        h = self.patch_embed(x)  # (B, N, D)
+        if self.pos_embed is not None:
+            pos = self.pos_embed if grid == self.patch_embed.grid_size else \
+                sincos_pos_embed(grid, self.embed_dim).to(h.device)[None]
+            h = h + pos.to(h.dtype)
+        if self.tpe is not None:
+            h, _ = self.tpe(h, grid_shape=grid)
+        if y is None:
+            y = torch.full((B,), self.num_classes, dtype=torch.long, device=x.device)
+        c = self.t_embedder(torch.as_tensor(t, device=x.device).expand(B)) + self.y_embedder(y)  # (B, D)
+        for block in self.blocks:
+            h = block(h, c, grid)
+        return self.unpatchify(self.final_layer(h, c), grid)  # (B, C_out, H, W)
+
+
+# DiT sizes (arXiv 2212.09748 Table 1; spec §3.4): S 384/12/6, B 768/12/12, L 1024/24/16, XL 1152/28/16, and two
+# CPU sizes. Defaults: 32 px RGB, 2×2 patches (a 16×16 grid), 10 classes; the token mixer is `model.mixer`.
+
+@register_model(DiT, task="diffusion")
+def dit_nano():
+    """DiT with D=128, 6 blocks, 4 heads: a CPU-sized model (as vit_nano)."""
+    return dict(embed_dim=128, depth=6, num_heads=4)
+
+
+@register_model(DiT, task="diffusion")
+def dit_tiny():
+    """DiT with D=192, 12 blocks, 3 heads (ViT-Ti sizes)."""
+    return dict(embed_dim=192, depth=12, num_heads=3)
+
+
+@register_model(DiT, task="diffusion")
+def dit_small():
+    """DiT-S: D=384, 12 blocks, 6 heads (DiT-S/2 at the default 32 px, 2x2 patches)."""
+    return dict(embed_dim=384, depth=12, num_heads=6)
+
+
+@register_model(DiT, task="diffusion")
+def dit_base():
+    """DiT-B: D=768, 12 blocks, 12 heads (DiT-B/2 at the default 32 px, 2x2 patches)."""
+    return dict(embed_dim=768, depth=12, num_heads=12)
+
+
+@register_model(DiT, task="diffusion")
+def dit_large():
+    """DiT-L: D=1024, 24 blocks, 16 heads."""
+    return dict(embed_dim=1024, depth=24, num_heads=16)
+
+
+@register_model(DiT, task="diffusion")
+def dit_xl():
+    """DiT-XL: D=1152, 28 blocks, 16 heads."""
+    return dict(embed_dim=1152, depth=28, num_heads=16)

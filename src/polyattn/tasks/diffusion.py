@@ -1,0 +1,483 @@
+"""Class-conditional image generation: the rectified-flow objective, classifier-free guidance, the training job
+and the samplers (Euler, Heun, DDIM).
+
+**Objective: rectified flow** (flow matching with the linear interpolant; Liu et al. arXiv 2209.03003, Lipman et
+al. arXiv 2210.02747). A clean image `x0` (pixels scaled to [-1, 1]) and Gaussian noise `ε` are joined by the
+straight line
+
+    x_t = (1 − t)·x0 + t·ε,    t ∈ [0, 1]  (t = 0: data, t = 1: pure noise)
+
+and the model regresses its velocity `v = dx_t/dt = ε − x0` with a mean-squared error. Sampling integrates the ODE
+`dx/dt = v(x, t)` from `t = 1` (noise) to `t = 0` (an image).
+
+Why this rather than DDPM ε-prediction with a cosine schedule:
+  - On the same DiT backbone, the linear interpolant with a velocity target gives lower FID than DDPM at every
+    model size (SiT, arXiv 2401.08740, Table 1), and it is the objective of recent DiT-style generators
+    (SD3, arXiv 2403.03206).
+  - Nothing to tune or tabulate: no β schedule, no 1000-step discretisation, no learned variance; the endpoint
+    `t = 1` is pure noise (zero terminal SNR) instead of the cosine schedule's clipped approximation.
+  - Its samplers are plain ODE solvers that work at any step count, and DDIM is not lost: for this interpolant
+    the deterministic DDIM update is exactly an Euler step (see `ddim_step`), so `ddim` here is DDIM's
+    η-family, whose η > 0 adds DDPM-like fresh noise on the way.
+Training times are drawn from a logit-normal distribution (`sigmoid(N(0, 1))`, SD3's best choice, which spends
+more steps at intermediate noise levels) or uniformly (`task.time_sampling`).
+
+**Classifier-free guidance** (Ho & Salimans, arXiv 2207.12598): in training each label is replaced by the null
+label (index `num_classes`) with probability `task.label_dropout`; at sampling the velocity is
+`v_u + w·(v_c − v_u)`, so `w = 1` is the conditional model and `w = 0` the unconditional one.
+
+Images in model space are `normalize(x, mean, std)` of the uint8 pixels with `data.mean = data.std = 0.5` per
+channel unless set (`polyattn.data.transforms.normalize`), i.e. [-1, 1]; `to_uint8` inverts it.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import re
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..data.images import ImageDataset, load_image_split, stratified_split
+from ..data.loader import BatchLoader
+from ..data.tokenizers import atomic_write
+from ..data.transforms import EvalTransform, TrainAugment
+from ..errors import UserError, nearest
+from .image_classification import VAL_SEED
+
+CLASSES_FILE = "classes.json"
+"""Class names of a diffusion run (index order), written into its run directory for `polyattn sample`."""
+EVAL_SEED = 1234
+"""Seed of the noise and times of the evaluation loss: the same draws at every evaluation."""
+SAMPLERS = ("euler", "heun", "ddim")
+
+Velocity = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+"""`v(x [B, C, H, W], t [B]) → [B, C, H, W]`."""
+
+
+# ---- the objective ---------------------------------------------------------------------------------------------
+
+class RectifiedFlow:
+    """The rectified-flow objective: `x_t = (1 − t)·x0 + t·ε`, target velocity `ε − x0` (module docstring).
+
+    Args:
+        time_sampling: "logit_normal" (`t = sigmoid(n)`, `n ~ N(0, 1)`) or "uniform" (`t ~ U(0, 1)`).
+    """
+
+    def __init__(self, time_sampling: Literal["logit_normal", "uniform"] = "logit_normal"):
+        if time_sampling not in ("logit_normal", "uniform"):
+            raise UserError(f"task.time_sampling must be 'logit_normal' or 'uniform', got {time_sampling!r}.")
+        self.time_sampling = time_sampling
+
+    def sample_time(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """`[n]` float32 training times in (0, 1), drawn on the CPU from `generator`."""
+        if self.time_sampling == "uniform":
+            return torch.rand(n, generator=generator)
+        return torch.sigmoid(torch.randn(n, generator=generator))
+
+    @staticmethod
+    def interpolate(x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """`x_t = (1 − t)·x0 + t·ε`, with `t` `[B]` broadcast over the image dimensions."""
+        t = t.view(-1, *([1] * (x0.ndim - 1))).to(x0.dtype)
+        return (1 - t) * x0 + t * noise
+
+    @staticmethod
+    def target(x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """The velocity `dx_t/dt = ε − x0`."""
+        return noise - x0
+
+    def loss(self, model: nn.Module, x0: torch.Tensor, labels: torch.Tensor, noise: torch.Tensor,
+             t: torch.Tensor, **forward_kwargs) -> torch.Tensor:
+        """Mean squared error between the model's velocity at `(x_t, t, labels)` and `ε − x0` (float32)."""
+        v = model(self.interpolate(x0, noise, t), t, labels, **forward_kwargs)
+        return F.mse_loss(v.float(), self.target(x0, noise).float())
+
+
+# ---- guidance and samplers ---------------------------------------------------------------------------------------
+
+def guided_velocity(model: Callable[..., torch.Tensor], x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor,
+                    cfg: float, null_label: int) -> torch.Tensor:
+    """Classifier-free guidance: `v_u + cfg·(v_c − v_u)`; `cfg = 1` is one conditional call, otherwise the
+    conditional and unconditional halves run as one batch of 2B."""
+    if cfg == 1.0:
+        return model(x, t, labels)
+    null = torch.full_like(labels, null_label)
+    v_c, v_u = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([labels, null])).chunk(2)
+    return v_u + cfg * (v_c - v_u)
+
+
+def time_grid(steps: int) -> list[float]:
+    """`steps + 1` uniformly spaced times from 1 (noise) to 0 (data)."""
+    return [1.0 - i / steps for i in range(steps + 1)]
+
+
+def ddim_step(x: torch.Tensor, v: torch.Tensor, t: float, s: float, eta: float = 0.0,
+              generator: torch.Generator | None = None) -> torch.Tensor:
+    """One DDIM step (Song et al., arXiv 2010.02502, eq. 12) from time `t` to `s < t` for `x_t = α_t x0 + σ_t ε`
+    with `α_t = 1 − t`, `σ_t = t`, through the predictions `x̂0 = x − t·v` and `ε̂ = x + (1 − t)·v`:
+
+        x_s = α_s x̂0 + sqrt(σ_s² − σ_η²)·ε̂ + σ_η z,    σ_η² = η²·(σ_t² − (α_t/α_s)²σ_s²)·σ_s²/σ_t²
+
+    `η = 0` is deterministic and equals the Euler step `x + (s − t)·v`; `η = 1` draws from the posterior
+    `q(x_s | x_t, x0 = x̂0)` (DDPM's ancestral step).
+    """
+    x0_hat, eps_hat = x - t * v, x + (1 - t) * v
+    if eta == 0.0 or s == 0.0:
+        return (1 - s) * x0_hat + s * eps_hat
+    var_ts = t * t - ((1 - t) / (1 - s)) ** 2 * s * s  # variance of q(x_t | x_s)
+    var = eta * eta * var_ts * s * s / (t * t)
+    z = torch.randn(x.shape, generator=generator).to(x.device, x.dtype)
+    return (1 - s) * x0_hat + math.sqrt(max(s * s - var, 0.0)) * eps_hat + math.sqrt(var) * z
+
+
+def integrate(velocity: Velocity, noise: torch.Tensor, steps: int, *, sampler: str = "euler", eta: float = 0.0,
+              generator: torch.Generator | None = None, on_step: Callable[[], None] | None = None) -> torch.Tensor:
+    """Integrates `dx/dt = velocity(x, t)` from `x_1 = noise` to `t = 0` over `time_grid(steps)`.
+
+    Samplers: "euler" (first order, one call per step); "heun" (the trapezoidal predictor-corrector, second order,
+    two calls per step, the second at the step's end, `t = 0` included); "ddim" (`ddim_step` with `eta`; `eta = 0`
+    is Euler).
+    """
+    if sampler not in SAMPLERS:
+        raise UserError(f"Unknown sampler '{sampler}'; use one of {', '.join(SAMPLERS)}.{nearest(sampler, SAMPLERS)}")
+    ts = time_grid(steps)
+    x = noise
+    for t, s in itertools.pairwise(ts):
+        t_vec = torch.full((x.shape[0],), t, device=x.device)
+        v = velocity(x, t_vec)
+        if sampler == "ddim":
+            x = ddim_step(x, v, t, s, eta, generator)
+        elif sampler == "heun":
+            x_euler = x + (s - t) * v
+            v_next = velocity(x_euler, torch.full_like(t_vec, s))
+            x = x + (s - t) * 0.5 * (v + v_next)
+        else:
+            x = x + (s - t) * v
+        if on_step is not None:
+            on_step()
+    return x
+
+
+def _check_sampling_args(n: int, steps: int, cfg: float, sampler: str, eta: float, batch_size: int) -> None:
+    if n < 1:
+        raise UserError(f"The number of images must be at least 1, got {n}.")
+    if steps < 1:
+        raise UserError(f"The number of sampling steps must be at least 1, got {steps}.")
+    if not math.isfinite(cfg) or cfg < 0:
+        raise UserError(f"The guidance scale must be a number >= 0 (1 = no guidance), got {cfg}.")
+    if sampler not in SAMPLERS:
+        raise UserError(f"Unknown sampler '{sampler}'; use one of {', '.join(SAMPLERS)}.{nearest(sampler, SAMPLERS)}")
+    if not 0.0 <= eta <= 1.0:
+        raise UserError(f"The DDIM eta must be in [0, 1] (0 = deterministic), got {eta}.")
+    if eta and sampler != "ddim":
+        raise UserError(f"eta applies to the ddim sampler only; drop it or use --sampler ddim (got '{sampler}').")
+    if batch_size < 1:
+        raise UserError(f"The sampling batch size must be at least 1, got {batch_size}.")
+
+
+@torch.no_grad()
+def sample(model: Callable[..., torch.Tensor], labels: torch.Tensor, *, shape: Sequence[int], null_label: int,
+           steps: int, cfg: float = 1.0, sampler: str = "euler", eta: float = 0.0,
+           generator: torch.Generator | None = None, batch_size: int = 64, device: torch.device | str = "cpu",
+           progress: bool = True) -> torch.Tensor:
+    """Draws one image per label with the guided flow of `model(x, t, y) → v`: returns `[n, *shape]` in model
+    space (≈ [-1, 1]), on the CPU.
+
+    The starting noise of all images is drawn first, on the CPU from `generator`, so the images of a seed do not
+    depend on `batch_size` or the device (DDIM with `eta > 0` draws more noise per batch as it goes).
+    A tqdm bar on stderr counts sampler steps over all batches.
+    """
+    from tqdm import tqdm
+
+    labels = torch.as_tensor(labels, dtype=torch.long).flatten()
+    _check_sampling_args(len(labels), steps, cfg, sampler, eta, batch_size)
+    noise = torch.randn(len(labels), *shape, generator=generator)
+    n_batches = -(-len(labels) // batch_size)
+    out = []
+    with tqdm(total=n_batches * steps, unit="step", desc="sampling", disable=not progress, file=sys.stderr,
+              dynamic_ncols=True) as bar:
+        for start in range(0, len(labels), batch_size):
+            y = labels[start:start + batch_size].to(device)
+            velocity = lambda x, t, y=y: guided_velocity(model, x, t, y, cfg, null_label)
+            x = integrate(velocity, noise[start:start + batch_size].to(device), steps, sampler=sampler, eta=eta,
+                          generator=generator, on_step=lambda: bar.update(1))
+            out.append(x.float().cpu())
+    return torch.cat(out)
+
+
+def to_uint8(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """Model space → uint8 pixels `[n, C, H, W]` (the inverse of `normalize`, rounded and clipped)."""
+    c = x.shape[1]
+    m = torch.as_tensor(mean, dtype=torch.float32).flatten().expand(c).view(1, c, 1, 1)
+    s = torch.as_tensor(std, dtype=torch.float32).flatten().expand(c).view(1, c, 1, 1)
+    return ((x.float().cpu() * s + m) * 255.0).round().clamp(0, 255).to(torch.uint8)
+
+
+# ---- the training job --------------------------------------------------------------------------------------------
+
+class DiffusionJob:
+    """Supplies batches, the rectified-flow loss and its evaluation to `polyattn.train.loop.train`.
+
+    Images come from the same sources as image classification (`polyattn.data.images`); the augmentation is the
+    configured crop and flip (recipes for generation use `data.crop=none`, since padded crops would teach the
+    model black borders). Noise, times and label dropout are drawn from the job's generator, whose state goes
+    into checkpoints, so a resumed run draws what the uninterrupted one would have.
+
+    `evaluate` is the flow-matching loss at times drawn uniformly, with noise, times and (with `task.eval_images`)
+    the subset of images fixed by `EVAL_SEED`: the same draws at every evaluation, and comparable between runs
+    whatever their `task.time_sampling`. It is cheap (one forward per image); sample quality is measured by
+    `polyattn sample --classifier` (`polyattn.tasks.sample_quality`).
+    """
+
+    def __init__(self, config, device: torch.device, splits: tuple[str, ...] = ("train", "test")):
+        d, t, task = config.data, config.train, config.task
+        if not 0.0 <= task.label_dropout < 1.0:
+            raise UserError(f"task.label_dropout must be in [0, 1), got {task.label_dropout}.")
+        if task.eval_images is not None and task.eval_images < 1:
+            raise UserError(f"task.eval_images must be a positive number of images or null, got {task.eval_images}.")
+        self.device = device
+        self.datasets: dict[str, ImageDataset] = {}
+        if "train" in splits or "val" in splits:
+            train = load_image_split(d.source, "train", image_size=d.image_size, test_fraction=d.test_fraction)
+            if d.val_fraction > 0:
+                train_idx, val_idx = stratified_split(train.labels, d.val_fraction, seed=VAL_SEED)
+                self.datasets["val"] = _subset(train, val_idx)
+                train = _subset(train, train_idx)
+            self.datasets["train"] = train
+        if "test" in splits:
+            self.datasets["test"] = load_image_split(d.source, "test", image_size=d.image_size,
+                                                     test_fraction=d.test_fraction)
+        for split in splits:
+            if split not in self.datasets:
+                raise UserError(f"Split '{split}' is not available; use 'train', 'test', or 'val' with "
+                                f"data.val_fraction > 0.")
+        reference = next(iter(self.datasets.values()))
+        _, channels, height, width = reference.images.shape
+        if d.mean is None or d.std is None:
+            d.mean, d.std = (0.5,) * channels, (0.5,) * channels  # pixels in [-1, 1]; stored in the run config
+        self.classes = list(reference.classes)
+        self.num_classes = len(self.classes)
+        self.inferred_model_args = {"num_classes": self.num_classes, "in_chans": channels,
+                                    "img_size": height if height == width else (height, width)}
+        self.flow = RectifiedFlow(task.time_sampling)
+        self.label_dropout = task.label_dropout
+        self.eval_images = task.eval_images
+        self.eval_batch_size = d.eval_batch_size
+        self.eval_transform = EvalTransform(d.mean, d.std)
+        self.eval_split = "val" if "val" in self.datasets else "test"
+        self.generator = torch.Generator().manual_seed(t.seed)
+        if "train" in splits:
+            train = self.datasets["train"]
+            if len(train) < t.batch_size:
+                raise UserError(f"The training split has {len(train)} images, fewer than train.batch_size "
+                                f"{t.batch_size}; lower the batch size.")
+            self.loader = BatchLoader(train, t.batch_size, shuffle=True, seed=t.seed, drop_last=True)
+            self.steps_per_epoch = len(self.loader)
+            self.samples_per_step = t.batch_size
+            crop = dict(pad=d.crop_padding) if d.crop == "pad" else \
+                dict(scale=tuple(d.crop_scale)) if d.crop == "resized" else {}
+            self.augment = TrainAugment(d.mean, d.std, flip=0.5 if d.hflip else 0.0, **crop)
+
+    def save_to_run_dir(self, run_dir: Path) -> None:
+        """Writes `classes.json` (the class names in label order), which `polyattn sample` reads."""
+        text = json.dumps(self.classes, indent=1) + "\n"
+        atomic_write(Path(run_dir) / CLASSES_FILE, lambda f: f.write(text.encode()))
+
+    def batches(self, epoch: int, start_step: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        return self.loader.epoch(epoch, start_step)
+
+    def loss(self, model: nn.Module, batch, *, accumulation_steps: int, autocast,
+             forward_kwargs: dict[str, Any]) -> tuple[torch.Tensor, int]:
+        images, labels = batch
+        b = len(labels)
+        # Draw order from the job's generator: augmentation, noise, times, label dropout.
+        x0 = self.augment(images, self.generator)
+        noise = torch.randn(x0.shape, generator=self.generator)
+        t = self.flow.sample_time(b, self.generator)
+        dropped = torch.rand(b, generator=self.generator) < self.label_dropout
+        y = labels.masked_fill(dropped, self.num_classes)
+        x0, noise, t, y = (v.to(self.device, non_blocking=True) for v in (x0, noise, t, y))
+        total = torch.zeros((), device=self.device)
+        for xs, ns, ts, ys in zip(*(v.chunk(accumulation_steps) for v in (x0, noise, t, y))):
+            with autocast():
+                # Weight each micro-batch by its share, so accumulation gives the gradient of one big batch.
+                loss = self.flow.loss(model, xs, ys, ns, ts, **forward_kwargs) * (len(ys) / b)
+            loss.backward()
+            total += loss.detach()
+        return total, b
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, split: str, *, autocast) -> dict[str, float]:
+        dataset = self.datasets[split]
+        generator = torch.Generator().manual_seed(EVAL_SEED)
+        if self.eval_images is not None and self.eval_images < len(dataset):
+            dataset = _subset(dataset, torch.randperm(len(dataset), generator=generator)[:self.eval_images])
+        was_training = model.training
+        model.eval()
+        total, count = 0.0, 0
+        for images, labels in BatchLoader(dataset, self.eval_batch_size, shuffle=False).epoch(0):
+            x0 = self.eval_transform(images)
+            noise = torch.randn(x0.shape, generator=generator)
+            t = torch.rand(len(labels), generator=generator)
+            x0, noise, t, y = (v.to(self.device) for v in (x0, noise, t, labels))
+            with autocast():
+                v = model(self.flow.interpolate(x0, noise, t), t, y)
+            per_image = (v.float() - self.flow.target(x0, noise)).square().flatten(1).mean(1)
+            total += float(per_image.sum())
+            count += len(labels)
+        model.train(was_training)
+        return {"loss": total / count}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.generator.set_state(state["generator"])
+
+
+def _subset(dataset: ImageDataset, index: torch.Tensor) -> ImageDataset:
+    return ImageDataset(dataset.images[index], dataset.labels[index], dataset.classes, dataset.source)
+
+
+# ---- sampling a run ----------------------------------------------------------------------------------------------
+
+def read_class_names(run_dir: Path, num_classes: int) -> list[str]:
+    """The class names a diffusion run saved (`classes.json`); their indices as names if the file is missing."""
+    path = Path(run_dir) / CLASSES_FILE
+    if path.is_file():
+        names = json.loads(path.read_text())
+        if isinstance(names, list) and len(names) == num_classes:
+            return [str(n) for n in names]
+    return [str(i) for i in range(num_classes)]
+
+
+def parse_classes(text: str | None, class_names: Sequence[str]) -> list[int]:
+    """`"0,3,cat"` → class indices: names first, then integer indices; None or "all" → every class."""
+    if text is None or text.strip().lower() == "all":
+        return list(range(len(class_names)))
+    indices = []
+    for item in (s.strip() for s in text.split(",")):
+        if not item:
+            continue
+        if item in class_names:
+            indices.append(list(class_names).index(item))
+        elif re.fullmatch(r"\d+", item) and int(item) < len(class_names):
+            indices.append(int(item))
+        else:
+            shown = ", ".join(class_names[:20]) + (", ..." if len(class_names) > 20 else "")
+            raise UserError(f"Unknown class '{item}'; this run's classes are {shown} (names or indices 0-"
+                            f"{len(class_names) - 1}).{nearest(item, class_names)}")
+    if not indices:
+        raise UserError("--classes names no class; give names or indices separated by commas, or leave it out "
+                        "for all classes.")
+    return indices
+
+
+def _png_bytes(image: torch.Tensor, scale: int = 1) -> bytes:
+    """uint8 `[C, H, W]` (C = 1 or 3) → PNG bytes, optionally upscaled by an integer factor (nearest)."""
+    import io
+
+    from PIL import Image
+
+    array = image.permute(1, 2, 0).numpy()
+    pil = Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array)  # uint8: mode L or RGB
+    if scale > 1:
+        pil = pil.resize((pil.width * scale, pil.height * scale), Image.Resampling.NEAREST)
+    buffer = io.BytesIO()
+    pil.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def image_grid(images: torch.Tensor, rows: Sequence[Sequence[int]], *, pad: int = 2) -> torch.Tensor:
+    """uint8 `[n, C, H, W]` → one uint8 image `[C, H', W']`: row r holds `images[rows[r]]`, `pad` white pixels
+    between cells."""
+    _, c, h, w = images.shape
+    n_cols = max(len(r) for r in rows)
+    grid = torch.full((c, pad + len(rows) * (h + pad), pad + n_cols * (w + pad)), 255, dtype=torch.uint8)
+    for i, row in enumerate(rows):
+        for j, k in enumerate(row):
+            top, left = pad + i * (h + pad), pad + j * (w + pad)
+            grid[:, top:top + h, left:left + w] = images[k]
+    return grid
+
+
+def _folder_name(name: str, index: int) -> str:
+    safe = re.sub(r"[^\w.-]", "_", name).strip(".")
+    return safe or f"class{index}"
+
+
+def write_samples(images: torch.Tensor, labels: Sequence[int], class_names: Sequence[str], out_dir: Path, *,
+                  grid_columns: int = 16) -> tuple[Path, list[Path]]:
+    """Writes `out_dir/grid.png` (one row per class, at most `grid_columns` images each, small images upscaled
+    to at least 32 px) and every image as `out_dir/images/<class name>/NNNN.png` (one folder per class, as an
+    image-folder dataset). Every file is written atomically."""
+    out_dir = Path(out_dir)
+    labels = [int(y) for y in labels]
+    paths, counts = [], {}
+    for k, y in enumerate(labels):
+        i = counts[y] = counts.get(y, -1) + 1
+        name = class_names[y] if y < len(class_names) else "unconditional"
+        path = out_dir / "images" / _folder_name(name, y) / f"{i:04d}.png"
+        data = _png_bytes(images[k])
+        atomic_write(path, lambda f, data=data: f.write(data))
+        paths.append(path)
+    rows = [[k for k, y in enumerate(labels) if y == c][:grid_columns] for c in dict.fromkeys(labels)]
+    scale = max(1, -(-32 // max(images.shape[-2:])))
+    grid = _png_bytes(image_grid(images, rows), scale=scale)
+    grid_path = out_dir / "grid.png"
+    atomic_write(grid_path, lambda f: f.write(grid))
+    return grid_path, paths
+
+
+def sample_to_dir(model: nn.Module, data_config, class_names: Sequence[str], out_dir: Path, *, classes: str | None,
+                  n: int, steps: int, cfg: float, sampler: str = "euler", eta: float = 0.0, seed: int = 0,
+                  batch_size: int = 64, device: torch.device | str = "cpu", progress: bool = True) -> dict[str, Any]:
+    """Samples `n` images of each class in `classes` ("0,3,cat", None = all) from a trained `DiT`-like model
+    (attributes `num_classes`, `in_chans`, `img_size`), writes them with `write_samples` and returns a summary:
+    `grid`, `paths`, `images` (uint8), `labels`, `seconds` (sampling time, files excluded)."""
+    import time
+
+    if n < 1:
+        raise UserError(f"--n must be at least 1 image per class, got {n}.")
+    if model.num_classes == 0:  # unconditional: every image uses the null label
+        if classes is not None:
+            raise UserError("This run's model is unconditional (0 classes); leave out --classes.")
+        labels, class_names = [0] * n, ["unconditional"]
+    else:
+        labels = [c for c in parse_classes(classes, class_names) for _ in range(n)]
+    generator = torch.Generator().manual_seed(seed)
+    model.eval()
+    start = time.perf_counter()
+    x = sample(model, torch.tensor(labels), shape=(model.in_chans, *model.img_size), null_label=model.num_classes,
+               steps=steps, cfg=cfg, sampler=sampler, eta=eta, generator=generator, batch_size=batch_size,
+               device=device, progress=progress)
+    seconds = time.perf_counter() - start
+    images = to_uint8(x, data_config.mean, data_config.std)
+    grid, paths = write_samples(images, labels, class_names, out_dir)
+    return {"grid": grid, "paths": paths, "images": images, "labels": labels, "seconds": seconds}
+
+
+__all__ = [
+    "CLASSES_FILE",
+    "SAMPLERS",
+    "DiffusionJob",
+    "RectifiedFlow",
+    "ddim_step",
+    "guided_velocity",
+    "image_grid",
+    "integrate",
+    "parse_classes",
+    "read_class_names",
+    "sample",
+    "sample_to_dir",
+    "time_grid",
+    "to_uint8",
+    "write_samples",
+]
