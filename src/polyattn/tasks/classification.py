@@ -1,4 +1,5 @@
-"""Image (or any) classification: cross-entropy loss with label smoothing, and its metrics.
+"""Image (or any) classification: cross-entropy loss with label smoothing (against class indices, or soft targets
+from mixup/cutmix), and its metrics.
 
 Metrics over a whole evaluation set: mean cross-entropy, top-1 and top-k accuracy (fractions in [0, 1]) and
 the expected calibration error (Guo et al., arXiv 1706.04599) of the top-1 confidence.
@@ -93,13 +94,21 @@ class ClassificationTask:
         if logits.shape[-1] != self.num_classes:
             raise UserError(f"The model gives {logits.shape[-1]} logits per sample but the task has "
                             f"{self.num_classes} classes; set the model's number of classes to match the data.")
-        targets = targets.float() if targets.is_floating_point() else targets.long()
+        if targets.is_floating_point():
+            if targets.shape != logits.shape:
+                raise UserError(f"Soft targets of shape {tuple(targets.shape)} do not match the logits "
+                                f"{tuple(logits.shape)}; give one probability per class and sample.")
+            targets = targets.float()
+        else:
+            targets = targets.long()
         return F.cross_entropy(logits.float(), targets, label_smoothing=self.label_smoothing)
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], *,
-                 autocast_dtype: torch.dtype | None = None, device: str | torch.device = "cpu") -> dict:
-        """{"loss", "top1", "top{k}", "ece", "count"} over all the batches (every sample weighs the same).
+                 autocast_dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
+                 reliability: bool = False) -> dict:
+        """{"loss", "top1", "top{k}", "ece", "count"} over all the batches (every sample weighs the same), and
+        with `reliability` also "reliability": the `ReliabilityBins` behind the ECE (for a reliability diagram).
 
         "loss" is the plain cross-entropy (negative log-likelihood, no label smoothing), so it can be compared
         across runs trained with different smoothing. k is 5, or the number of classes when fewer (no
@@ -138,6 +147,9 @@ class ClassificationTask:
             raise UserError("The evaluation set is empty; check the test split of the data source.")
         metrics = {"loss": loss_sum / count}
         metrics.update({f"top{k}": correct[k] / count for k in self.topk})
-        metrics["ece"] = expected_calibration_error(torch.cat(confidences), torch.cat(top1_ok), self.ece_bins)
+        confidences, top1_ok = torch.cat(confidences), torch.cat(top1_ok)
+        metrics["ece"] = expected_calibration_error(confidences, top1_ok, self.ece_bins)
         metrics["count"] = count
+        if reliability:
+            metrics["reliability"] = reliability_bins(confidences, top1_ok, self.ece_bins)
         return metrics

@@ -9,7 +9,7 @@ from torch import nn
 
 from ..data.images import ImageDataset, load_image_split, stratified_split
 from ..data.loader import BatchLoader
-from ..data.transforms import EvalTransform, TrainAugment, channel_stats
+from ..data.transforms import EvalTransform, MixupCutmix, TrainAugment, channel_stats
 from ..errors import UserError
 from .classification import ClassificationTask
 
@@ -19,8 +19,9 @@ VAL_SEED = 1  # the validation hold-out is fixed, independent of the training se
 class ImageClassificationJob:
     """Supplies batches, the loss and evaluation of an image classifier to `polyattn.train.loop.train`.
 
-    Datasets live in memory as uint8 tensors; augmentation runs on whole batches with the job's own
-    generator, whose state goes into checkpoints so a resumed run draws the same crops and flips.
+    Datasets live in memory as uint8 tensors; augmentation (crop, flip, RandAugment, erasing, then mixup or
+    cutmix) runs on whole batches with the job's own generator, whose state goes into checkpoints so a resumed
+    run draws the same augmentation. With mixup or cutmix on, the loss is taken against soft targets.
     """
 
     def __init__(self, config, device: torch.device, splits: tuple[str, ...] = ("train", "test")):
@@ -65,7 +66,13 @@ class ImageClassificationJob:
             self.samples_per_step = t.batch_size
             crop = dict(pad=d.crop_padding) if d.crop == "pad" else \
                 dict(scale=tuple(d.crop_scale)) if d.crop == "resized" else {}
-            self.augment = TrainAugment(d.mean, d.std, flip=0.5 if d.hflip else 0.0, **crop)
+            self.augment = TrainAugment(d.mean, d.std, flip=0.5 if d.hflip else 0.0,
+                                        randaugment_ops=d.randaugment_ops,
+                                        randaugment_magnitude=d.randaugment_magnitude, erase=d.random_erase,
+                                        **crop)
+            mix = MixupCutmix(self.num_classes, mixup_alpha=d.mixup_alpha, cutmix_alpha=d.cutmix_alpha,
+                              prob=d.mix_prob, switch_prob=d.mix_switch_prob)
+            self.mix = mix if mix.enabled else None
 
     def batches(self, epoch: int, start_step: int):
         return self.loader.epoch(epoch, start_step)
@@ -73,8 +80,10 @@ class ImageClassificationJob:
     def loss(self, model: nn.Module, batch, *, accumulation_steps: int, autocast,
              forward_kwargs: dict[str, Any]) -> tuple[torch.Tensor, int]:
         images, labels = batch
-        x = self.augment(images, self.generator).to(self.device, non_blocking=True)
-        y = labels.to(self.device, non_blocking=True)
+        x, y = self.augment(images, self.generator), labels
+        if self.mix is not None:
+            x, y = self.mix(x, y, self.generator)  # y: soft targets (B, classes)
+        x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
         total = torch.zeros((), device=self.device)
         for xs, ys in zip(x.chunk(accumulation_steps), y.chunk(accumulation_steps)):
             with autocast():
@@ -85,11 +94,21 @@ class ImageClassificationJob:
             total += loss.detach()
         return total, len(y)
 
-    def evaluate(self, model: nn.Module, split: str, *, autocast) -> dict[str, float]:
+    def evaluate(self, model: nn.Module, split: str, *, autocast, reliability: bool = False,
+                 progress: bool = False) -> dict[str, Any]:
+        """Metrics of `ClassificationTask.evaluate` on `split`; `reliability` adds its per-bin calibration
+        ("reliability": `ReliabilityBins`), `progress` shows a progress bar over the batches."""
         loader = BatchLoader(self.datasets[split], self.eval_batch_size, shuffle=False)
         batches = ((self.eval_transform(x), y) for x, y in loader.epoch(0))
+        if progress:
+            import sys
+
+            from tqdm import tqdm
+
+            batches = tqdm(batches, total=len(loader), desc=f"evaluating {split}", unit="batch", file=sys.stderr,
+                           dynamic_ncols=True)
         with autocast():
-            return self.task.evaluate(model, batches, device=self.device)
+            return self.task.evaluate(model, batches, device=self.device, reliability=reliability)
 
     def state_dict(self) -> dict[str, Any]:
         return {"generator": self.generator.get_state()}

@@ -1,0 +1,101 @@
+"""PNG figures of `polyattn inspect`: reliability diagram, attention maps over the patch grid, ranks per layer.
+
+matplotlib (the `log` extra) is imported on first use, with the Agg backend (no display needed). Every figure
+is written atomically.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from ..errors import UserError
+from ..tasks.classification import ReliabilityBins
+
+
+def pyplot():
+    """matplotlib.pyplot on the Agg backend, or a UserError saying how to install it."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as err:
+        raise UserError("Inspecting a run draws figures with matplotlib; install it with pip install "
+                        "'polyattn[log]'.") from err
+    return plt
+
+
+def _save(fig, path: Path) -> None:
+    from ..train.checkpoint import _atomic_write
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight"))
+    pyplot().close(fig)
+
+
+def reliability_diagram(bins: ReliabilityBins, path: Path, *, ece: float, title: str) -> None:
+    """Accuracy per confidence bin against the diagonal (perfect calibration), with each bin's share of the
+    samples below it (Guo et al., arXiv 1706.04599, Fig. 1)."""
+    plt = pyplot()
+    edges = bins.edges.numpy()
+    lo, width = edges[:-1], edges[1:] - edges[:-1]
+    filled = bins.count.numpy() > 0
+    accuracy = bins.accuracy.nan_to_num(0.0).numpy()
+    confidence = bins.confidence.nan_to_num(0.0).numpy()
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(4.6, 5.4), sharex=True,
+                                      gridspec_kw={"height_ratios": [3, 1]})
+    top.bar(lo[filled], accuracy[filled], width=width[filled], align="edge", color="tab:blue", edgecolor="black",
+            linewidth=0.5, label="accuracy")
+    top.bar(lo[filled], (confidence - accuracy)[filled], bottom=accuracy[filled], width=width[filled],
+            align="edge", color="tab:red", alpha=0.3, edgecolor="tab:red", linewidth=0.5, label="gap to confidence")
+    top.plot([0, 1], [0, 1], "k--", linewidth=1, label="perfect calibration")
+    top.set_ylim(0, 1)
+    top.set_ylabel("accuracy")
+    top.set_title(f"{title}\nECE {ece:.4f}", fontsize=9)
+    top.legend(loc="upper left", fontsize=7)
+    share = bins.count.double() / max(int(bins.count.sum()), 1)
+    bottom.bar(lo, share.numpy(), width=width, align="edge", color="gray", edgecolor="black", linewidth=0.5)
+    bottom.set_xlim(0, 1)
+    bottom.set_xlabel("confidence (top-1 probability)")
+    bottom.set_ylabel("share")
+    _save(fig, path)
+
+
+def attention_figure(image: torch.Tensor, layer_maps: Sequence[torch.Tensor], layer_names: Sequence[str],
+                     path: Path, *, title: str, what: str) -> None:
+    """One input image (uint8 `[C, H, W]`) and, per layer, its map over the patch grid (`[rows, cols]`)."""
+    plt = pyplot()
+    n = len(layer_maps) + 1
+    fig, axes = plt.subplots(1, n, figsize=(1.7 * n, 2.2), squeeze=False)
+    axes = axes[0]
+    picture = image.permute(1, 2, 0).numpy()
+    if picture.shape[-1] == 1:
+        axes[0].imshow(picture[..., 0], cmap="gray", vmin=0, vmax=255)
+    else:
+        axes[0].imshow(picture)
+    axes[0].set_title("input", fontsize=8)
+    for ax, grid, name in zip(axes[1:], layer_maps, layer_names):
+        ax.imshow(grid.numpy(), cmap="viridis")
+        ax.set_title(name, fontsize=7)
+    for ax in axes:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.suptitle(f"{title}\n{what}", fontsize=8, y=1.08)
+    _save(fig, path)
+
+
+def rank_figure(ranks: Sequence[int], num_tokens: int, path: Path, *, title: str, threshold: float) -> None:
+    """Attention-map rank per layer, with the number of tokens (the largest possible rank) for scale."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(max(3.5, 0.45 * len(ranks) + 1.5), 3.0))
+    ax.bar(range(len(ranks)), list(ranks), color="tab:blue")
+    ax.axhline(num_tokens, color="black", linestyle="--", linewidth=1, label=f"tokens ({num_tokens})")
+    ax.set_xticks(range(len(ranks)))
+    ax.set_xlabel("layer")
+    ax.set_ylabel(f"rank at {threshold:.0%} of Σσ")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7)
+    _save(fig, path)
