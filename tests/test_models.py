@@ -73,6 +73,59 @@ def test_causal_lm_contract(name):
     assert model.generate(x[:, :3], 4).shape == (2, 7)
 
 
+MASKED_LMS = polyattn.list_models("masked_lm")
+
+
+@pytest.mark.parametrize("name", MASKED_LMS)
+def test_masked_lm_contract(name):
+    """Every masked LM at a tiny size: logits [B, T, V], (logits, loss) with targets on masked positions only, a
+    padding mask, a gradient for every parameter, `[MASK]` = the last id, and no generation API."""
+    torch.manual_seed(0)
+    params = get_entry(name).parameters()
+    overrides = {k: v for k, v in dict(vocab_size=37, dim=32, depth=2, num_heads=2).items() if k in params}
+    model = polyattn.create_model(name, **overrides)
+    assert model.mask_token_id == 36
+    x = torch.randint(0, 36, (2, 11))
+    targets = torch.full_like(x, -100)
+    targets[:, 3] = x[:, 3]
+    x[:, 3] = model.mask_token_id
+    logits = model(x)
+    assert logits.shape == (2, 11, 37) and torch.isfinite(logits).all()
+    mask = torch.ones(2, 11, dtype=torch.bool)
+    mask[1, 8:] = False
+    logits, loss = model(x, targets, attention_mask=mask)
+    assert loss.ndim == 0 and torch.isfinite(loss)
+    (loss + logits.square().mean()).backward()
+    missing = [n for n, p in model.named_parameters() if p.requires_grad and (p.grad is None or not p.grad.any())]
+    assert not missing, f"parameters without gradient: {missing}"
+    assert not hasattr(model, "generate") and not hasattr(model, "forward_cached")
+
+
+DIFFUSION_MODELS = polyattn.list_models("diffusion")
+
+
+@pytest.mark.parametrize("name", DIFFUSION_MODELS)
+def test_diffusion_model_contract(name):
+    """Every diffusion model at a tiny depth: `model(x, t, y)` has the shape of x, is exactly 0 at init (adaLN-Zero),
+    accepts the null label (`y=None` or `num_classes`), and once its zero-initialised layers are perturbed every
+    parameter gets a gradient."""
+    torch.manual_seed(0)
+    model = polyattn.create_model(name, img_size=16, patch_size=4, in_chans=3, num_classes=5, depth=2)
+    x, t, y = torch.randn(2, 3, 16, 16), torch.rand(2), torch.tensor([0, 5])
+    out = model(x, t, y)
+    assert out.shape == x.shape and torch.equal(out, torch.zeros_like(out))
+    assert model(x, t).shape == x.shape
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    out = model(x, t, y)
+    assert torch.isfinite(out).all()
+    out.square().sum().backward()
+    missing = [n for n, p in model.named_parameters() if p.requires_grad and (p.grad is None or not p.grad.any())]
+    assert not missing, f"parameters without gradient: {missing}"
+    assert isinstance(model.no_weight_decay(), set)
+
+
 def test_reset_classifier_switches_pooling_and_rejects_unknown_modes():
     vit = small_classifier("vit_nano")
     vit.reset_classifier(5, global_pool="avg")

@@ -105,6 +105,58 @@ def _cmd_generate(args) -> int:
     return 0
 
 
+def _cmd_sample(args) -> int:
+    import json
+
+    from .registry import model_task
+    from .tasks.diffusion import read_class_names, sample_to_dir
+    from .train.checkpoint import atomic_write_text
+    from .train.loop import load_run_config, load_run_model, resolve_device
+
+    run_dir = Path(args.run_dir)
+    config = load_run_config(run_dir)
+    if model_task(config.model.name) != "diffusion":
+        raise UserError(f"{run_dir} holds a {model_task(config.model.name)} model ('{config.model.name}'); "
+                        f"`polyattn sample` needs a diffusion run (a dit_* model).")
+    if args.classifier is not None:
+        classifier_config = load_run_config(Path(args.classifier))
+        if model_task(classifier_config.model.name) != "classification":
+            raise UserError(f"--classifier {args.classifier} holds a {model_task(classifier_config.model.name)} "
+                            f"model; it must be an image-classifier run trained on the same dataset.")
+    device = resolve_device(args.device)
+    model, config = load_run_model(run_dir, ema=False if args.no_ema else None, device=device)
+    name = f"{args.sampler}-{args.steps}steps-cfg{args.cfg:g}-seed{args.seed}"
+    out = Path(args.out) if args.out else run_dir / "samples" / name
+    result = sample_to_dir(model, config.data, read_class_names(run_dir, model.num_classes), out,
+                           classes=args.classes, n=args.n, steps=args.steps, cfg=args.cfg, sampler=args.sampler,
+                           eta=args.eta, seed=args.seed, batch_size=args.batch_size, device=device)
+    n = len(result["labels"])
+    print(f"{n} images in {result['seconds']:.1f} s ({result['seconds'] / n:.3f} s per image, {args.steps} "
+          f"{args.sampler} steps, cfg {args.cfg:g}); grid: {result['grid']}; images: {out / 'images'}")
+    if args.classifier is not None:
+        from .tasks.sample_quality import measure_samples
+
+        classifier, classifier_config = load_run_model(Path(args.classifier), device=device)
+        metrics = measure_samples(result["images"], result["labels"], classifier=classifier,
+                                  classifier_config=classifier_config, data_config=config.data, device=device)
+        metrics = {"run": str(run_dir), "classifier_run": str(args.classifier), "steps": args.steps,
+                   "sampler": args.sampler, "cfg": args.cfg, "seed": args.seed, **metrics}
+        atomic_write_text(out / "quality.json", json.dumps(metrics, indent=2) + "\n")
+        print(f"classifier Fréchet distance {metrics['classifier_fd']:.4f} (real held-out images: "
+              f"{metrics['real_classifier_fd']:.4f}); class accuracy {metrics['classifier_accuracy']:.4f} (real: "
+              f"{metrics['real_classifier_accuracy']:.4f}); written to {out / 'quality.json'}")
+    return 0
+
+
+def _cmd_inspect(args) -> int:
+    from .analysis import inspect_run
+
+    inspect_run(Path(args.run_dir), n_images=args.n_images, rank_images=args.rank_images, split=args.split,
+                out_dir=Path(args.out) if args.out else None, device_name=args.device,
+                ema=False if args.no_ema else None)
+    return 0
+
+
 def _cmd_bench(args) -> int:
     return args.bench_run(args)
 
@@ -153,6 +205,43 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-cache", action="store_true", help="recompute the whole sequence at every step")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
     p.set_defaults(func=_cmd_generate)
+
+    p = sub.add_parser("sample", help="generate images with a diffusion run",
+                       description="Sample class-conditional images from a diffusion run (its EMA weights when it "
+                                   "has them) and write a PNG grid and the individual images; with --classifier, "
+                                   "also measure them (see polyattn.tasks.sample_quality).")
+    p.add_argument("run_dir", metavar="RUN_DIR")
+    p.add_argument("--classes", help="comma-separated class names or indices (default: all classes)")
+    p.add_argument("--n", type=int, default=8, help="images per class (default: 8)")
+    p.add_argument("--steps", type=int, default=50, help="sampler steps (default: 50)")
+    p.add_argument("--cfg", type=float, default=1.0, help="classifier-free guidance scale; 1 = none (default: 1)")
+    p.add_argument("--sampler", default="euler", choices=["euler", "heun", "ddim"], help="ODE sampler (default: "
+                   "euler; heun: 2 model calls per step; ddim: with --eta > 0 adds noise)")
+    p.add_argument("--eta", type=float, default=0.0, help="ddim only: 0 = deterministic, 1 = ancestral (default: 0)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    p.add_argument("--batch-size", type=int, default=64, help="images per model call (default: 64)")
+    p.add_argument("--out", help="output directory (default: RUN_DIR/samples/<sampler>-<steps>steps-cfg<W>-seed<S>)")
+    p.add_argument("--classifier", metavar="CLS_RUN_DIR", help="an image-classifier run on the same dataset: write "
+                   "quality.json with the classifier Fréchet distance and class accuracy of the samples and of "
+                   "held-out real images")
+    p.add_argument("--no-ema", action="store_true", help="use the raw weights even if the run has EMA weights")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
+    p.set_defaults(func=_cmd_sample)
+
+    p = sub.add_parser("inspect", help="attention maps, attention-map ranks and calibration of a classifier run",
+                       description="Write attention-map images of a few inputs, the attention-map rank per layer "
+                                   "(iLLaMA paper: where the cumulative singular values reach 80%%), the ECE and a "
+                                   "reliability diagram of an image-classifier run, with inspect.json holding "
+                                   "every number.")
+    p.add_argument("run_dir", metavar="RUN_DIR")
+    p.add_argument("--n-images", type=int, default=4, help="inputs to draw attention maps for (default: 4)")
+    p.add_argument("--rank-images", type=int, default=30,
+                   help="inputs whose mean map gives the rank, as in the paper (default: 30)")
+    p.add_argument("--split", default="test", help="split to use (default: test)")
+    p.add_argument("--out", help="output directory (default: RUN_DIR/inspect)")
+    p.add_argument("--no-ema", action="store_true", help="use the raw weights even if the run has EMA weights")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
+    p.set_defaults(func=_cmd_inspect)
 
     p = sub.add_parser("bench", help="run a benchmark suite", description="Benchmarks that print tables and write "
                        "plots and JSON. They measure; they never assert times.")

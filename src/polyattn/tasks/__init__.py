@@ -22,4 +22,12 @@ def build_job(config, *, device: torch.device, splits: tuple[str, ...] = ("train
         from .causal_lm import CausalLMJob
 
         return CausalLMJob(config, device, splits, run_dir=run_dir)
+    if task == "masked_lm":
+        from .masked_lm import MaskedLMJob
+
+        return MaskedLMJob(config, device, splits, run_dir=run_dir)
+    if task == "diffusion":
+        from .diffusion import DiffusionJob
+
+        return DiffusionJob(config, device, splits)
     raise UserError(f"Training for task '{task}' (model '{config.model.name}') is not available yet.")

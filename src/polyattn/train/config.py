@@ -52,6 +52,20 @@ class DataConfig:
     """Area range for crop='resized'."""
     hflip: bool = True
     """Random horizontal flips (turn off for data that is not mirror-symmetric, such as digits)."""
+    randaugment_ops: int = 0
+    """RandAugment: operations applied to each training image (0 = off; DeiT: 2). Needs kornia."""
+    randaugment_magnitude: float = 9.0
+    """RandAugment magnitude on the 0-10 scale of timm and DeiT ('rand-m9'), strictly between 0 and 10."""
+    random_erase: float = 0.0
+    """Probability of erasing one random rectangle of a training image (0 = off; DeiT: 0.25). Needs kornia."""
+    mixup_alpha: float = 0.0
+    """Mixup: λ ~ Beta(α, α) per batch; 0 = off (DeiT: 0.8). Targets become soft; see polyattn.data.transforms."""
+    cutmix_alpha: float = 0.0
+    """CutMix: λ ~ Beta(α, α) per batch; 0 = off (DeiT: 1.0)."""
+    mix_prob: float = 1.0
+    """Probability that a training batch is mixed, when mixup_alpha or cutmix_alpha is > 0."""
+    mix_switch_prob: float = 0.5
+    """With both alphas > 0: probability that a mixed batch uses cutmix rather than mixup."""
     eval_batch_size: int = 512
     """Images per evaluation batch; for text, windows of seq_len tokens per evaluation batch."""
     tokenizer: Literal["byte", "bpe"] = "byte"
@@ -63,6 +77,10 @@ class DataConfig:
     """Text: tokens per training window (each token is predicted from up to seq_len tokens before it)."""
     eval_tokens: int | None = None
     """Text: score at most this many tokens of the evaluated split; None scores all of it."""
+    eval_stride: int | None = None
+    """Causal LM evaluation: windows of seq_len advance by this many tokens and score their last eval_stride
+    targets, so every scored target has at least seq_len − eval_stride tokens of context (the first ones of the
+    split are not scored); None = seq_len, consecutive windows. Perceiver models need it ≤ their latents."""
     mean: tuple[float, ...] | None = None
     """Per-channel normalisation mean (0..1 scale); None computes it from the training split."""
     std: tuple[float, ...] | None = None
@@ -75,6 +93,18 @@ class TaskConfig:
 
     label_smoothing: float = 0.1
     ece_bins: int = 15
+    label_dropout: float = 0.1
+    """Diffusion: probability of training on the null label instead of the class (classifier-free guidance)."""
+    time_sampling: Literal["logit_normal", "uniform"] = "logit_normal"
+    """Diffusion: distribution of the flow time t in training: sigmoid of a standard normal, or uniform."""
+    eval_images: int | None = None
+    """Diffusion: evaluate the loss on at most this many images of the split (a fixed subset); null = all."""
+    mask_prob: float = 0.15
+    """Masked LM: share of the real tokens of each window selected for prediction (BERT: 0.15)."""
+    mask_replace: float = 0.8
+    """Masked LM: share of the selected tokens replaced by [MASK] (BERT: 0.8)."""
+    mask_random: float = 0.1
+    """Masked LM: share of the selected tokens replaced by a random token (BERT: 0.1); the rest stay unchanged."""
 
 
 @dataclass
