@@ -116,7 +116,10 @@ def calibrate(suite: Suite, row: Row, results: Path) -> dict[str, Any]:
     return entry
 
 
-def run_row(suite: Suite, row: Row, results: Path, runs: Path, *, extra_measures=None) -> dict[str, Any]:
+def run_row(suite: Suite, row: Row, results: Path, runs: Path, *, extra_measures=None,
+            threads: int | None = None) -> dict[str, Any]:
+    """Trains one row for its calibrated step budget and saves its result. `threads` sets the CPU threads of the
+    training run only (two rows can then train side by side); the budget is the calibrated one either way."""
     from ..train.loop import train
 
     calibration = results / CALIBRATION
@@ -128,7 +131,7 @@ def run_row(suite: Suite, row: Row, results: Path, runs: Path, *, extra_measures
     if run_dir.exists():
         shutil.rmtree(run_dir)  # a row is retrained from scratch: an interrupted earlier attempt is discarded
     config = row_config(suite, row, f"train.steps={steps}", f"train.out_dir={runs / suite.name}",
-                        f"train.run_name={row.name}")
+                        f"train.run_name={row.name}", *([f"train.threads={threads}"] if threads else []))
     print(f"{suite.name}/{row.name}: {steps} steps ({suite.budget_s:.0f} s at {throughput:.1f}/s)")
     summary = train(config)
     result = {"suite": suite.name, "row": row.name, "label": row.label, "recipe": suite.recipe,
@@ -181,6 +184,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--table", action="store_true", help="only print the table from the saved results")
     parser.add_argument("--results", type=Path, default=Path("results"), help="results folder (default: results)")
     parser.add_argument("--runs", type=Path, default=Path("runs/compare"), help="run directories")
+    parser.add_argument("--threads", type=int, help="CPU threads of the training runs (calibration keeps the "
+                        "default), e.g. 1 to train two rows side by side on a 2-core machine")
 
 
 def run(args) -> int:
@@ -197,7 +202,7 @@ def run(args) -> int:
             if args.calibrate:
                 calibrate(suite, row, results)
             elif args.force or not (results / f"{row.name}.json").is_file():
-                run_row(suite, row, results, args.runs, extra_measures=_extra_measures(suite))
+                run_row(suite, row, results, args.runs, extra_measures=_extra_measures(suite), threads=args.threads)
     text = table(suite, results)
     if not args.calibrate:
         atomic_write_text(results / "table.md", text)
