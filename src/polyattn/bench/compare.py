@@ -145,6 +145,18 @@ def run_row(suite: Suite, row: Row, results: Path, runs: Path, *, extra_measures
     return result
 
 
+def remeasure(suite: Suite, row: Row, results: Path) -> None:
+    path = results / f"{row.name}.json"
+    measures = _extra_measures(suite)
+    if measures is None or not path.is_file():
+        return
+    result = json.loads(path.read_text())
+    result.update(measures(Path(result["run_dir"])))
+    result["measured"] = bench_header(torch.device("cpu"))
+    atomic_write_text(path, json.dumps(result, indent=2) + "\n")
+    print(f"{suite.name}/{row.name}: measures retaken")
+
+
 def lookup(result: dict[str, Any], dotted: str) -> Any:
     value: Any = result
     for key in dotted.split("."):
@@ -182,6 +194,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--force", action="store_true", help="retrain rows that already have a result")
     parser.add_argument("--calibrate", action="store_true", help="only measure throughput (keeps the best)")
     parser.add_argument("--table", action="store_true", help="only print the table from the saved results")
+    parser.add_argument("--remeasure", action="store_true", help="only retake the suite's extra measures (e.g. "
+                        "decoding speed) of finished rows, e.g. once the machine is idle, and update their results")
     parser.add_argument("--results", type=Path, default=Path("results"), help="results folder (default: results)")
     parser.add_argument("--runs", type=Path, default=Path("runs/compare"), help="run directories")
     parser.add_argument("--threads", type=int, help="CPU threads of the training runs (calibration keeps the "
@@ -201,6 +215,8 @@ def run(args) -> int:
         for row in rows:
             if args.calibrate:
                 calibrate(suite, row, results)
+            elif args.remeasure:
+                remeasure(suite, row, results)
             elif args.force or not (results / f"{row.name}.json").is_file():
                 run_row(suite, row, results, args.runs, extra_measures=_extra_measures(suite), threads=args.threads)
     text = table(suite, results)
