@@ -50,3 +50,26 @@ def test_lookup_and_suite_files():
 def test_unknown_row_is_one_sentence(capsys):
     assert main(["bench", "compare", "vision", "--rows", "nope", "--table"]) == 2
     assert "has no row nope" in capsys.readouterr().err
+
+
+def test_every_suite_file_builds_its_rows():
+    for name in ("vision", "lm", "diffusion"):
+        suite = load_suite(name)
+        for row in suite.rows:
+            row_config(suite, row)
+
+
+def test_a_diffusion_row_is_sampled_and_measured(tmp_path, cache_dir):
+    suite = Suite(name="gen", title="Gen", recipe="dit_digits", budget_s=0.3,
+                  overrides=["model.depth=1", "model.embed_dim=32", "model.num_heads=2", "train.batch_size=32"],
+                  rows=[Row("softmax", "softmax")], columns=[["FD", "quality.classifier_fd", ".2f"]],
+                  calibration_steps=2, measure="sample_quality",
+                  measure_args={"classifier": {"recipe": "default", "overrides": [*TINY[:3], "train.max_steps=2"]},
+                                "n": 2, "steps": 2, "cfg": 2.0})
+    from polyattn.bench.compare import _extra_measures
+
+    result = run_row(suite, suite.rows[0], tmp_path / "results", tmp_path / "runs",
+                     extra_measures=_extra_measures(suite))
+    assert result["quality"]["classifier_fd"] >= 0 and result["sampling"]["n_per_class"] == 2
+    assert (tmp_path / "runs" / "gen" / "_classifier" / "summary.json").is_file()
+    assert "| softmax |" in table(suite, tmp_path / "results")

@@ -57,8 +57,10 @@ class Suite:
     """Table columns after the row label: [header, dotted path into the result JSON, format, optional scale]."""
     calibration_steps: int = 30
     measure: str | None = None
-    """Measures taken on each finished run besides its training summary: None, or "generation" (LM decoding
-    speed, see polyattn.bench.generation_speed)."""
+    """Measures taken on each finished run besides its training summary: None, "generation" (LM decoding
+    speed, see polyattn.bench.generation_speed) or "sample_quality" (diffusion samples measured by a classifier,
+    see polyattn.bench.sample_quality), with `measure_args`."""
+    measure_args: dict[str, Any] = field(default_factory=dict)
 
 
 def suite_path(name: str) -> Path:
@@ -75,7 +77,8 @@ def load_suite(name: str) -> Suite:
     rows = [Row(r["name"], r.get("label", r["name"]), list(r.get("overrides", []))) for r in raw["rows"]]
     return Suite(name=name, title=raw["title"], recipe=raw["recipe"], budget_s=float(raw["budget_s"]),
                  overrides=list(raw.get("overrides", [])), rows=rows, columns=raw["columns"],
-                 calibration_steps=int(raw.get("calibration_steps", 30)), measure=raw.get("measure"))
+                 calibration_steps=int(raw.get("calibration_steps", 30)), measure=raw.get("measure"),
+                 measure_args=dict(raw.get("measure_args", {})))
 
 
 def row_config(suite: Suite, row: Row, *extra: str):
@@ -230,7 +233,12 @@ def _extra_measures(suite: Suite):
     if suite.measure == "generation":
         from .generation_speed import generation_measures
 
-        return generation_measures
+        return lambda run_dir: generation_measures(run_dir, **suite.measure_args)
+    if suite.measure == "sample_quality":
+        from .sample_quality import quality_measures
+
+        return lambda run_dir: quality_measures(run_dir, **suite.measure_args)
     if suite.measure is not None:
-        raise UserError(f"Suite '{suite.name}' asks for measure '{suite.measure}'; the only one is 'generation'.")
+        raise UserError(f"Suite '{suite.name}' asks for measure '{suite.measure}'; the measures are 'generation' "
+                        f"and 'sample_quality'.")
     return None

@@ -1,0 +1,48 @@
+"""Sample quality of a finished diffusion run, for `polyattn bench compare`: samples of every class, their
+classifier Fréchet distance and class accuracy (polyattn.tasks.sample_quality) in the features of a classifier
+run on the same data, beside the same measures on held-out real images, and the sampling time per image."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..tasks.diffusion import read_class_names, sample_to_dir
+from ..tasks.sample_quality import measure_samples
+
+
+def classifier_run(results_runs: Path, recipe: str, overrides: list[str]) -> Path:
+    """The classifier run that measures the samples: trained once (under `results_runs/_classifier`) and reused."""
+    from ..train.config import build_config
+    from ..train.loop import train
+
+    run_dir = results_runs / "_classifier"
+    if not (run_dir / "summary.json").is_file():
+        config = build_config(recipe, [*overrides, f"train.out_dir={results_runs}", "train.run_name=_classifier",
+                                       "train.progress=false"])
+        if run_dir.exists():
+            import shutil
+
+            shutil.rmtree(run_dir)
+        train(config)
+    return run_dir
+
+
+def quality_measures(run_dir: Path, *, classifier: dict[str, Any], n: int, steps: int, cfg: float,
+                     sampler: str = "euler", seed: int = 0) -> dict[str, Any]:
+    from ..train.loop import load_run_model
+
+    classifier_dir = classifier_run(Path(run_dir).parent, classifier["recipe"], list(classifier.get("overrides", [])))
+    model, config = load_run_model(run_dir)
+    out = Path(run_dir) / "samples" / f"{sampler}-{steps}steps-cfg{cfg:g}-seed{seed}"
+    result = sample_to_dir(model, config.data, read_class_names(run_dir, model.num_classes), out, classes=None, n=n,
+                           steps=steps, cfg=cfg, sampler=sampler, seed=seed, progress=False)
+    cls_model, cls_config = load_run_model(classifier_dir)
+    metrics = measure_samples(result["images"], result["labels"], classifier=cls_model, classifier_config=cls_config,
+                              data_config=config.data, device=torch.device("cpu"))
+    return {"sampling": {"sampler": sampler, "steps": steps, "cfg": cfg, "n_per_class": n, "grid": str(result["grid"]),
+                         "seconds_per_image": result["seconds"] / len(result["labels"]),
+                         "threads": torch.get_num_threads()},
+            "quality": metrics, "classifier_run": str(classifier_dir)}
