@@ -14,19 +14,23 @@ from ..tasks.sample_quality import measure_samples
 
 
 def classifier_run(results_runs: Path, recipe: str, overrides: list[str]) -> Path:
-    """The classifier run that measures the samples: trained once (under `results_runs/_classifier`) and reused."""
+    """The classifier run that measures the samples: trained once (under `results_runs/_classifier`) and reused.
+    A file lock lets rows measured side by side share it."""
+    import fcntl
+    import shutil
+
     from ..train.config import build_config
     from ..train.loop import train
 
     run_dir = results_runs / "_classifier"
-    if not (run_dir / "summary.json").is_file():
-        config = build_config(recipe, [*overrides, f"train.out_dir={results_runs}", "train.run_name=_classifier",
-                                       "train.progress=false"])
-        if run_dir.exists():
-            import shutil
-
-            shutil.rmtree(run_dir)
-        train(config)
+    results_runs.mkdir(parents=True, exist_ok=True)
+    with open(results_runs / "_classifier.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (run_dir / "summary.json").is_file():
+            if run_dir.exists():
+                shutil.rmtree(run_dir)  # an interrupted earlier attempt
+            train(build_config(recipe, [*overrides, f"train.out_dir={results_runs}", "train.run_name=_classifier",
+                                        "train.progress=false"]))
     return run_dir
 
 
