@@ -37,7 +37,7 @@ import json
 import math
 import re
 import sys
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -45,12 +45,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..data.images import ImageDataset, load_image_split, stratified_split
 from ..data.loader import BatchLoader
 from ..data.tokenizers import atomic_write
-from ..data.transforms import EvalTransform, TrainAugment
+from ..data.transforms import TrainAugment
 from ..errors import UserError, nearest
-from .image_classification import VAL_SEED
+from .image_job import ImageJob, subset
 
 CLASSES_FILE = "classes.json"
 """Class names of a diffusion run (index order), written into its run directory for `polyattn sample`."""
@@ -222,7 +221,7 @@ def to_uint8(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> to
 
 # ---- the training job --------------------------------------------------------------------------------------------
 
-class DiffusionJob:
+class DiffusionJob(ImageJob):
     """Supplies batches, the rectified-flow loss and its evaluation to `polyattn.train.loop.train`.
 
     Images come from the same sources as image classification (`polyattn.data.images`); the augmentation is the
@@ -237,61 +236,23 @@ class DiffusionJob:
     """
 
     def __init__(self, config, device: torch.device, splits: tuple[str, ...] = ("train", "test")):
-        d, t, task = config.data, config.train, config.task
+        d, task = config.data, config.task
         if not 0.0 <= task.label_dropout < 1.0:
             raise UserError(f"task.label_dropout must be in [0, 1), got {task.label_dropout}.")
         if task.eval_images is not None and task.eval_images < 1:
             raise UserError(f"task.eval_images must be a positive number of images or null, got {task.eval_images}.")
-        self.device = device
-        self.datasets: dict[str, ImageDataset] = {}
-        if "train" in splits or "val" in splits:
-            train = load_image_split(d.source, "train", image_size=d.image_size, test_fraction=d.test_fraction)
-            if d.val_fraction > 0:
-                train_idx, val_idx = stratified_split(train.labels, d.val_fraction, seed=VAL_SEED)
-                self.datasets["val"] = _subset(train, val_idx)
-                train = _subset(train, train_idx)
-            self.datasets["train"] = train
-        if "test" in splits:
-            self.datasets["test"] = load_image_split(d.source, "test", image_size=d.image_size,
-                                                     test_fraction=d.test_fraction)
-        for split in splits:
-            if split not in self.datasets:
-                raise UserError(f"Split '{split}' is not available; use 'train', 'test', or 'val' with "
-                                f"data.val_fraction > 0.")
-        reference = next(iter(self.datasets.values()))
-        _, channels, height, width = reference.images.shape
-        if d.mean is None or d.std is None:
-            d.mean, d.std = (0.5,) * channels, (0.5,) * channels  # pixels in [-1, 1]; stored in the run config
-        self.classes = list(reference.classes)
-        self.num_classes = len(self.classes)
-        self.inferred_model_args = {"num_classes": self.num_classes, "in_chans": channels,
-                                    "img_size": height if height == width else (height, width)}
+        # pixels in [-1, 1] unless the config says otherwise; stored in the run config
+        super().__init__(config, device, splits, default_stats=lambda channels: ((0.5,) * channels,) * 2)
         self.flow = RectifiedFlow(task.time_sampling)
         self.label_dropout = task.label_dropout
         self.eval_images = task.eval_images
-        self.eval_batch_size = d.eval_batch_size
-        self.eval_transform = EvalTransform(d.mean, d.std)
-        self.eval_split = "val" if "val" in self.datasets else "test"
-        self.generator = torch.Generator().manual_seed(t.seed)
         if "train" in splits:
-            train = self.datasets["train"]
-            if len(train) < t.batch_size:
-                raise UserError(f"The training split has {len(train)} images, fewer than train.batch_size "
-                                f"{t.batch_size}; lower the batch size.")
-            self.loader = BatchLoader(train, t.batch_size, shuffle=True, seed=t.seed, drop_last=True)
-            self.steps_per_epoch = len(self.loader)
-            self.samples_per_step = t.batch_size
-            crop = dict(pad=d.crop_padding) if d.crop == "pad" else \
-                dict(scale=tuple(d.crop_scale)) if d.crop == "resized" else {}
-            self.augment = TrainAugment(d.mean, d.std, flip=0.5 if d.hflip else 0.0, **crop)
+            self.augment = TrainAugment(d.mean, d.std, flip=0.5 if d.hflip else 0.0, **self.crop_args(d))
 
     def save_to_run_dir(self, run_dir: Path) -> None:
         """Writes `classes.json` (the class names in label order), which `polyattn sample` reads."""
         text = json.dumps(self.classes, indent=1) + "\n"
         atomic_write(Path(run_dir) / CLASSES_FILE, lambda f: f.write(text.encode()))
-
-    def batches(self, epoch: int, start_step: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        return self.loader.epoch(epoch, start_step)
 
     def loss(self, model: nn.Module, batch, *, accumulation_steps: int, autocast,
              forward_kwargs: dict[str, Any]) -> tuple[torch.Tensor, int]:
@@ -318,7 +279,7 @@ class DiffusionJob:
         dataset = self.datasets[split]
         generator = torch.Generator().manual_seed(EVAL_SEED)
         if self.eval_images is not None and self.eval_images < len(dataset):
-            dataset = _subset(dataset, torch.randperm(len(dataset), generator=generator)[:self.eval_images])
+            dataset = subset(dataset, torch.randperm(len(dataset), generator=generator)[:self.eval_images])
         was_training = model.training
         model.eval()
         total, count = 0.0, 0
@@ -335,15 +296,6 @@ class DiffusionJob:
         model.train(was_training)
         return {"loss": total / count}
 
-    def state_dict(self) -> dict[str, Any]:
-        return {"generator": self.generator.get_state()}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.generator.set_state(state["generator"])
-
-
-def _subset(dataset: ImageDataset, index: torch.Tensor) -> ImageDataset:
-    return ImageDataset(dataset.images[index], dataset.labels[index], dataset.classes, dataset.source)
 
 
 # ---- sampling a run ----------------------------------------------------------------------------------------------
