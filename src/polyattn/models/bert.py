@@ -48,9 +48,25 @@ def masked_lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 
 
 class MaskedLMMixin:
-    """What a masked LM exposes besides `forward(tokens, targets=None, *, attention_mask=None)`: its `[MASK]` id."""
+    """What every masked LM shares: `forward` over its `_logits(tokens, attention_mask, cu_seqlens)` with the loss
+    on the masked positions, and its `[MASK]` id."""
 
     vocab_size: int
+
+    def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None, *,
+                attention_mask: torch.Tensor | None = None,
+                cu_seqlens: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Logits `[B, T, V]` of `tokens [B, T]` (with `[MASK]` ids in it), or `(logits, loss)` with `targets`.
+
+        Args:
+            tokens (Tensor): `[B, T]` int64.
+            targets (Tensor, Optional): `[B, T]` int64, the original tokens at the masked positions, -100 elsewhere
+                (see `masked_lm_loss`).
+            attention_mask (Tensor, Optional): `[B, T]` bool/0-1, True = real token (padding mask).
+            cu_seqlens (Tensor, Optional): `[N + 1]` offsets of documents packed into one row (`B == 1`).
+        """
+        logits = self._logits(tokens, attention_mask, cu_seqlens)
+        return logits if targets is None else (logits, masked_lm_loss(logits, targets))
 
     @property
     def mask_token_id(self) -> int:
@@ -80,20 +96,6 @@ class BertMLM(MaskedLMMixin, RopeTransformer):
         super().__init__(vocab_size, dim, depth, num_heads, num_kv_heads, mlp_hidden_dim, rope_base, norm_eps,
                          tie_embeddings, dropout, causal=False)
 
-    def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None, *,
-                attention_mask: torch.Tensor | None = None,
-                cu_seqlens: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        """Logits `[B, T, V]` of `tokens [B, T]` (with `[MASK]` ids in it), or `(logits, loss)` with `targets`.
-
-        Args:
-            tokens (Tensor): `[B, T]` int64.
-            targets (Tensor, Optional): `[B, T]` int64, the original tokens at the masked positions, -100 elsewhere
-                (see `masked_lm_loss`).
-            attention_mask (Tensor, Optional): `[B, T]` bool/0-1, True = real token (padding mask).
-            cu_seqlens (Tensor, Optional): `[N + 1]` offsets of documents packed into one row (`B == 1`).
-        """
-        logits = self._logits(tokens, attention_mask, cu_seqlens)
-        return logits if targets is None else (logits, masked_lm_loss(logits, targets))
 
 
 @register_model(BertMLM, task="masked_lm")

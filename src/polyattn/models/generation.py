@@ -149,7 +149,25 @@ def generate(model: nn.Module, tokens: torch.Tensor, max_new_tokens: int, temper
 
 
 class CausalLMMixin:
-    """Adds `generate` to a causal LM that implements `forward` and `forward_cached` (module docstring)."""
+    """Adds `generate` to a causal LM that implements `forward` and `forward_cached` (module docstring).
+
+    A model that computes its logits with `_logits(tokens, attention_mask, cu_seqlens) -> [B, T, V]` gets the
+    standard `forward` from here; models that score only some positions (Perceiver AR) define their own.
+    """
+
+    def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None, *,
+                attention_mask: torch.Tensor | None = None,
+                cu_seqlens: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Logits `[B, T, V]` of `tokens [B, T]`, or `(logits, loss)` with next-token `targets [B, T]`.
+
+        Args:
+            tokens (Tensor): `[B, T]` int64.
+            targets (Tensor, Optional): `[B, T]` int64, -100 = not scored (see `next_token_loss`).
+            attention_mask (Tensor, Optional): `[B, T]` bool/0-1, True = real token (padding mask).
+            cu_seqlens (Tensor, Optional): `[N + 1]` offsets of documents packed into one row (`B == 1`).
+        """
+        logits = self._logits(tokens, attention_mask, cu_seqlens)
+        return logits if targets is None else (logits, next_token_loss(logits, targets))
 
     def generate(self, tokens: torch.Tensor, max_new_tokens: int, temperature: float = 0.0,
                  top_k: int | None = None, top_p: float | None = None, use_cache: bool = True, *,

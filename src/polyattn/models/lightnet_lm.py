@@ -44,8 +44,8 @@ from torch import nn
 from ..layers.lightnet import LightNetAttention, LightNetBlock, LightNetCache, MdTpe
 from ..layers.token_io import TokenIO
 from ..registry import register_model
-from .bert import MaskedLMMixin, masked_lm_loss
-from .generation import CausalLMMixin, next_token_loss
+from .bert import MaskedLMMixin
+from .generation import CausalLMMixin
 
 
 class LightNetLMCache(NamedTuple):
@@ -146,19 +146,6 @@ class LightNetLM(CausalLMMixin, LightNetText):
         super().__init__(vocab_size, dim, depth, num_heads, mlp_hidden_dim, lrpe, tpe, tpe_residual, scale,
                          normalizer_init, chunk_size, norm_eps, tie_embeddings, init, causal=True)
 
-    def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None, *,
-                attention_mask: torch.Tensor | None = None,
-                cu_seqlens: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        """Logits `[B, T, V]` of `tokens [B, T]`, or `(logits, loss)` with next-token `targets [B, T]`.
-
-        Args:
-            tokens (Tensor): `[B, T]` int64.
-            targets (Tensor, Optional): `[B, T]` int64, -100 = not scored (see `next_token_loss`).
-            attention_mask (Tensor, Optional): `[B, T]` bool/0-1, True = real token (padding mask).
-            cu_seqlens (Tensor, Optional): `[N + 1]` offsets of documents packed into one row (`B == 1`).
-        """
-        logits = self._logits(tokens, attention_mask, cu_seqlens)
-        return logits if targets is None else (logits, next_token_loss(logits, targets))
 
     def forward_cached(self, tokens: torch.Tensor, cache: LightNetLMCache | None = None, *,
                        attention_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, LightNetLMCache]:
@@ -233,20 +220,6 @@ class LightNetMLM(MaskedLMMixin, LightNetText):
         super().__init__(vocab_size, dim, depth, num_heads, mlp_hidden_dim, lrpe, tpe, tpe_residual, scale,
                          normalizer_init, 64, norm_eps, tie_embeddings, init, causal=False)
 
-    def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None, *,
-                attention_mask: torch.Tensor | None = None,
-                cu_seqlens: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        """Logits `[B, T, V]` of `tokens [B, T]` (with `[MASK]` ids in it), or `(logits, loss)` with `targets`.
-
-        Args:
-            tokens (Tensor): `[B, T]` int64.
-            targets (Tensor, Optional): `[B, T]` int64, the original tokens at the masked positions, -100 elsewhere
-                (see `polyattn.models.bert.masked_lm_loss`).
-            attention_mask (Tensor, Optional): `[B, T]` bool/0-1, True = real token (padding mask).
-            cu_seqlens (Tensor, Optional): `[N + 1]` offsets of documents packed into one row (`B == 1`).
-        """
-        logits = self._logits(tokens, attention_mask, cu_seqlens)
-        return logits if targets is None else (logits, masked_lm_loss(logits, targets))
 
 
 @register_model(LightNetMLM, task="masked_lm")

@@ -45,7 +45,7 @@ from ..layers.rope import RotaryEmbedding
 from ..layers.token_io import TokenIO
 from ..ops.attention import shifted_group_mask_at
 from ..registry import register_model
-from .generation import CausalLMMixin, next_token_loss
+from .generation import CausalLMMixin
 
 LlamaCache = tuple[KVCache, ...]
 """The decoding state of `LlamaLM`: one `KVCache` per layer (keys stored after RoPE)."""
@@ -186,19 +186,6 @@ class LlamaLM(CausalLMMixin, RopeTransformer):
                          tie_embeddings, dropout, causal=True, s2_group_size=s2_group_size,
                          s2_at_inference=s2_at_inference)
 
-    def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None, *,
-                attention_mask: torch.Tensor | None = None,
-                cu_seqlens: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        """Logits `[B, T, V]` of `tokens [B, T]`, or `(logits, loss)` with next-token `targets [B, T]`.
-
-        Args:
-            tokens (Tensor): `[B, T]` int64.
-            targets (Tensor, Optional): `[B, T]` int64, -100 = not scored (see `next_token_loss`).
-            attention_mask (Tensor, Optional): `[B, T]` bool/0-1, True = real token (padding mask).
-            cu_seqlens (Tensor, Optional): `[N + 1]` offsets of documents packed into one row (`B == 1`).
-        """
-        logits = self._logits(tokens, attention_mask, cu_seqlens)
-        return logits if targets is None else (logits, next_token_loss(logits, targets))
 
     def forward_cached(self, tokens: torch.Tensor, cache: LlamaCache | None = None, *,
                        attention_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, LlamaCache]:
