@@ -187,7 +187,7 @@ def table(suite: Suite, results: Path) -> str:
             cells.append("–" if value is None else format(value * scale[0] if scale else value, fmt))
         lines.append(f"| {row.label} | " + " | ".join(cells) + " |")
     if missing:
-        lines += ["", "Not run yet: " + ", ".join(missing) + "."]
+        lines += ["", "Not run yet: " + "; ".join(missing) + "."]
     return "\n".join(lines) + "\n"
 
 
