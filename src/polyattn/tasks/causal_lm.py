@@ -99,10 +99,7 @@ def evaluate_lm(model: nn.Module, tokens: np.ndarray, tokenizer: Tokenizer, *, s
     try:
         for x, y in eval_windows(tokens, seq_len, batch_size, max_tokens, stride=stride):
             x, y = x.to(device), y.to(device)
-            if autocast is not None:
-                with autocast():
-                    logits = model(x)
-            else:
+            with autocast() if autocast is not None else contextlib.nullcontext():
                 logits = model(x)
             kept = scored_targets(logits, y)  # a model that scores only its last positions (latents) sees fewer
             if (kept != IGNORE_INDEX).sum() != (y != IGNORE_INDEX).sum():

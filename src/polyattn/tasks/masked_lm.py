@@ -32,6 +32,7 @@ Masked LMs do not generate text left to right; `polyattn generate` refuses their
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -156,10 +157,7 @@ def evaluate_mlm(model: nn.Module, tokens: np.ndarray, recipe: MaskingRecipe, *,
     try:
         for x, y in eval_masked_windows(tokens, recipe, seq_len, batch_size, max_tokens):
             x, y = x.to(device), y.to(device)
-            if autocast is not None:
-                with autocast():
-                    logits = model(x)
-            else:
+            with autocast() if autocast is not None else contextlib.nullcontext():
                 logits = model(x)
             scored = y != IGNORE_INDEX
             logits, y = logits[scored].float(), y[scored]  # (N, V), (N,)
