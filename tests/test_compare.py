@@ -4,7 +4,17 @@ import json
 
 import pytest
 
-from polyattn.bench.compare import Row, Suite, calibrate, load_suite, lookup, row_config, run_row, table
+from polyattn.bench.compare import (
+    Row,
+    Suite,
+    calibrate,
+    fill_markdown_block,
+    load_suite,
+    lookup,
+    row_config,
+    run_row,
+    table,
+)
 from polyattn.cli import main
 from polyattn.errors import UserError
 
@@ -73,3 +83,16 @@ def test_a_diffusion_row_is_sampled_and_measured(tmp_path, cache_dir):
     assert result["quality"]["classifier_fd"] >= 0 and result["sampling"]["n_per_class"] == 2
     assert (tmp_path / "runs" / "gen" / "_classifier" / "summary.json").is_file()
     assert "| softmax |" in table(suite, tmp_path / "results")
+
+
+def test_the_table_goes_between_its_markers_and_bad_markers_are_one_sentence(tmp_path):
+    readme = tmp_path / "README.md"
+    readme.write_text("intro\n<!-- table:vision -->\nold table\n<!-- /table:vision -->\nafter\n")
+    fill_markdown_block(readme, "vision", "| a |\n|---|\n")
+    assert readme.read_text() == "intro\n<!-- table:vision -->\n| a |\n|---|\n<!-- /table:vision -->\nafter\n"
+    fill_markdown_block(readme, "vision", "| b |")  # idempotent, one block
+    assert readme.read_text().count("| b |") == 1 and "| a |" not in readme.read_text()
+    with pytest.raises(UserError, match="needs one '<!-- table:lm -->' line"):
+        fill_markdown_block(readme, "lm", "x")
+    with pytest.raises(UserError, match="There is no file"):
+        fill_markdown_block(tmp_path / "missing.md", "lm", "x")

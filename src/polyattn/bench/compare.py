@@ -191,6 +191,19 @@ def table(suite: Suite, results: Path) -> str:
     return "\n".join(lines) + "\n"
 
 
+def fill_markdown_block(path: Path, suite: str, text: str) -> None:
+    """Replaces what lies between the `<!-- table:SUITE -->` and `<!-- /table:SUITE -->` lines of a Markdown file."""
+    if not path.is_file():
+        raise UserError(f"There is no file {path} to put the '{suite}' table into; check --readme.")
+    start, end = f"<!-- table:{suite} -->", f"<!-- /table:{suite} -->"
+    lines = path.read_text().splitlines(keepends=True)
+    marks = [i for i, line in enumerate(lines) if line.strip() in (start, end)]
+    if len(marks) != 2 or lines[marks[0]].strip() != start:
+        raise UserError(f"{path} needs one '{start}' line followed by one '{end}' line to put the table between.")
+    lines[marks[0] + 1:marks[1]] = [text if text.endswith("\n") else text + "\n"]
+    atomic_write_text(path, "".join(lines))
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("suite", help="comparison suite: a file in configs/compare (vision, lm, ...)")
     parser.add_argument("--rows", nargs="+", help="only these rows (default: every row without a result)")
@@ -199,6 +212,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--table", action="store_true", help="only print the table from the saved results")
     parser.add_argument("--remeasure", action="store_true", help="only retake the suite's extra measures (e.g. "
                         "decoding speed) of finished rows, e.g. once the machine is idle, and update their results")
+    parser.add_argument("--readme", type=Path, help="also put the table into this Markdown file, between its "
+                        "'<!-- table:SUITE -->' and '<!-- /table:SUITE -->' lines")
     parser.add_argument("--results", type=Path, default=Path("results"), help="results folder (default: results)")
     parser.add_argument("--runs", type=Path, default=Path("runs/compare"), help="run directories")
     parser.add_argument("--threads", type=int, help="CPU threads of the training runs (calibration keeps the "
@@ -225,6 +240,8 @@ def run(args) -> int:
     text = table(suite, results)
     if not args.calibrate:
         atomic_write_text(results / "table.md", text)
+        if args.readme:
+            fill_markdown_block(args.readme, suite.name, text)
     print(text)
     return 0
 
