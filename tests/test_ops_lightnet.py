@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from polyattn.ops import decay_scan
+from polyattn.ops import lightnet as lightnet_ops
 from polyattn.ops.lightnet import (
     LightNetState,
     PrefixLogSumExp,
@@ -317,3 +318,48 @@ def test_grouped_chunks_match_reference(monkeypatch):
     o, _ = lightnet_chunk(q, k, v, mask=mask, chunk_size=16)
     ref, _ = lightnet_reference(q[1:, 25:], k[1:, 25:], v[1:, 25:], causal=True)
     assert_close("left-padded row", ref[0], o[1, 25:], atol=1e-5)
+
+
+def test_blocked_global_matches_reference(monkeypatch):
+    """Many token blocks in the non-causal form (the state, the normaliser and their gradients gathered across
+    blocks): LRPE features, an initial state and right padding, against the float64 sums."""
+    monkeypatch.setattr(lightnet_ops, "GLOBAL_BLOCK_ELEMENTS", 1)  # one token per block
+    T = 37
+    q, k, v, s0 = make(T, R=2, state=True)
+    angles = md_lrpe_angles(torch.arange(T, dtype=torch.float32)[:, None], lrpe_theta(K, H), K)[None]
+    feats = lrpe_key_features(angles)
+    compare(lambda q, k, v, s: lightnet_reference(q, k, v, causal=False, initial_state=s, key_features=feats),
+            lambda q, k, v, s: lightnet_global(q, k, v, initial_state=s, output_final_state=True, key_features=feats),
+            q, k, v, s0)
+    mask = torch.ones(B, T, dtype=torch.bool)
+    mask[1, 20:] = False
+    q, k, v, _ = make(T)
+    o, _ = lightnet_global(q, k, v, mask=mask, scale=0.5)
+    ref, _ = lightnet_reference(q[1:, :20], k[1:, :20], v[1:, :20], causal=False, scale=0.5)
+    assert_close("right-padded row", ref[0], o[1, :20], atol=1e-5)
+    assert (o[1, 20:] == 0).all()
+
+
+def test_key_feature_gradients_match_reference():
+    """The LRPE features are inputs too (e.g. learned angles): their gradients, global and chunked."""
+    T = 29
+    q, k, v, _ = make(T, R=2)
+    angles = md_lrpe_angles(torch.arange(T, dtype=torch.float32)[:, None], lrpe_theta(K, H), K)[None]
+    feats = lrpe_key_features(angles)
+    for causal, fn in ((False, lightnet_global), (True, lightnet_chunk)):
+        grads = []
+        for f in (lambda c=causal, **a: lightnet_reference(causal=c, **a), fn):
+            x = feats.detach().clone().requires_grad_()
+            o, _ = f(q=q, k=k, v=v, key_features=x)
+            (o.double() * torch.linspace(-1, 1, o.numel(), dtype=torch.float64).view(o.shape)).sum().backward()
+            grads.append(x.grad)
+        assert_close(f"d features (causal={causal})", grads[0], grads[1], ratio=2e-5, atol=2e-5)
+
+
+def test_global_with_values_as_wide_as_the_key_copies():
+    """V = R·K (the usual head layout) must not confuse the sums over key copies with the sums over values."""
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(B, 11, H, K, generator=g) for _ in range(3))
+    s0 = LightNetState(torch.randn(B, H, K, K, generator=g), torch.randn(B, H, K, generator=g))
+    compare(lambda q, k, v, s: lightnet_reference(q, k, v, causal=False, initial_state=s),
+            lambda q, k, v, s: lightnet_global(q, k, v, initial_state=s, output_final_state=True), q, k, v, s0)

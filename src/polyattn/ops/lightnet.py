@@ -233,6 +233,118 @@ def lightnet_recurrent(
     return o.to(v.dtype), (_public_state(S, z) if output_final_state else None)
 
 
+# Tokens per block of the non-causal form: blocks of about this many elements per sample (1 MiB in float32) stay in
+# cache between the exponential and the matrix products that use it, so long inputs cost the same per token as short
+# ones instead of streaming every full-length temporary through memory.
+GLOBAL_BLOCK_ELEMENTS = 1 << 18
+
+
+class GlobalLightNet(torch.autograd.Function):
+    """Non-causal LightNet with a hand-written backward, in cache-sized blocks of tokens.
+
+    Forward: `z = log(exp(z_0) + Σ_t exp(k_t))` (one pass over the keys), then per block `P_t = exp(k_t − z)`,
+    `S = Σ_t (P_t ⊙ f_t) v_tᵀ + exp(z_0 − z) S_0`, and per block `o_t = scale · q_tᵀ S`. Nothing of length T is
+    stored besides the inputs: backward recomputes `P` block by block.
+
+    Backward, with `dS = scale Σ_t q_t do_tᵀ + ∂L/∂S` (the final state's own gradient), `c = Σ_R Σ_v dS ⊙ S`
+    (per key channel; this is `Σ_t P_t dP_t + w_0 dw_0` of the softmax over {k_t} ∪ {z_0}, no pass over T
+    needed) and `w_0 = exp(z_0 − z)`: `dq_t = scale · S do_t`, `dv_t = dSᵀ (P_t ⊙ f_t)`,
+    `dP_t = Σ_R f_t ⊙ dS v_t`, `dk_t = P_t ⊙ (dP_t − c + ∂L/∂z)`, `df_t = P_t ⊙ dS v_t`, `dS_0 = w_0 dS`,
+    `dz_0 = w_0 ⊙ (Σ_R Σ_v dS ⊙ S_0 − c + ∂L/∂z)`.
+    """
+
+    @staticmethod
+    def forward(ctx, q, kf, v, features, S0, z0, mask, scale, compute_dtype):
+        B, T, H, K = kf.shape
+        RK, V = q.shape[-1], v.shape[-1]
+        cdt, step = compute_dtype, GlobalLightNet._block(q, H, max(RK, V))
+        with torch.no_grad():  # as in eager autograd.Function.forward; torch.export traces it with grad enabled
+            z = torch.logaddexp(z0, torch.logsumexp(kf, dim=1))  # [B, H, K]
+            w0 = torch.exp(z0 - z)
+            S = w0.repeat(1, 1, RK // K).unsqueeze(-1) * S0  # float32; the blocks' shares are added to it
+            for t0 in range(0, T, step):
+                kw = GlobalLightNet._key_weights(kf, z, features, mask, t0, step, RK)
+                S += torch.einsum("bthj,bthv->bhjv", kw.to(cdt), v[:, t0:t0 + step].to(cdt)).float()
+            S_c = S.to(cdt)
+            o = q.new_empty(B, T, H, V, dtype=torch.float32)
+            for t0 in range(0, T, step):
+                o[:, t0:t0 + step] = torch.einsum("bthj,bhjv->bthv", q[:, t0:t0 + step].to(cdt), S_c)
+            if scale != 1.0:
+                o *= scale
+        ctx.save_for_backward(q, kf, v, features, S0, z0, mask, z, S)
+        ctx.scale, ctx.compute_dtype, ctx.step = scale, cdt, step
+        return o, S, z
+
+    @staticmethod
+    def _block(q, H, width):
+        """Tokens per block: about GLOBAL_BLOCK_ELEMENTS per sample and tensor on a CPU (independent of the batch
+        size, which torch.export keeps symbolic); everything at once elsewhere."""
+        if q.device.type != "cpu":
+            return max(q.shape[1], 1)
+        return max(1, GLOBAL_BLOCK_ELEMENTS // (H * width))
+
+    @staticmethod
+    def _normalised(kf, z, mask, t0, step):
+        """`P = exp(k − z)` of one block `[B, t, H, K]`; zero on padding (a fully padded row has z = k)."""
+        P = torch.exp(kf[:, t0:t0 + step] - z.unsqueeze(1))
+        if mask is not None:
+            P = P.masked_fill(~mask[:, t0:t0 + step, None, None], 0.0)
+        return P
+
+    @staticmethod
+    def _key_weights(kf, z, features, mask, t0, step, RK):
+        P = GlobalLightNet._normalised(kf, z, mask, t0, step)
+        return P if features is None else _key_weights(P, RK // P.shape[-1], features[:, t0:t0 + step]).flatten(-2)
+
+    @staticmethod
+    def backward(ctx, do, dS_out, dz_out):
+        q, kf, v, features, S0, z0, mask, z, S = ctx.saved_tensors
+        scale, cdt, step = ctx.scale, ctx.compute_dtype, ctx.step
+        T, K = kf.shape[1], kf.shape[3]
+        RK = q.shape[-1]
+        R = RK // K
+        do_c = do.to(cdt)
+        dS = torch.zeros_like(S) if dS_out is None else dS_out.float().clone()
+        for t0 in range(0, T, step):
+            dS += scale * torch.einsum("bthj,bthv->bhjv", q[:, t0:t0 + step].to(cdt), do_c[:, t0:t0 + step]).float()
+        dz = torch.zeros_like(z) if dz_out is None else dz_out.float()
+        c = _sum_copies((dS * S).sum(-1), R, K)  # [B, H, K]
+        S_c, dS_c = S.to(cdt), dS.to(cdt)
+        need_q, need_k, need_v, need_f = ctx.needs_input_grad[:4]
+        dq = q.new_empty(q.shape, dtype=torch.float32) if need_q else None
+        dk = torch.empty_like(kf) if need_k else None
+        dv = v.new_empty(v.shape, dtype=torch.float32) if need_v else None
+        df = torch.empty_like(features, dtype=torch.float32) if need_f else None
+        for t0 in range(0, T, step):
+            sl = slice(t0, t0 + step)
+            if need_q:
+                dq[:, sl] = torch.einsum("bthv,bhjv->bthj", do_c[:, sl], S_c)
+            if not (need_k or need_v or need_f):
+                continue
+            P = GlobalLightNet._normalised(kf, z, mask, t0, step)
+            kw = P if features is None else _key_weights(P, R, features[:, sl]).flatten(-2)
+            if need_v:
+                dv[:, sl] = torch.einsum("bthj,bhjv->bthv", kw.to(cdt), dS_c)
+            if need_k or need_f:
+                dkw = torch.einsum("bthv,bhjv->bthj", v[:, sl].to(cdt), dS_c).float()  # ∂L/∂(P ⊙ f)
+                if need_f:
+                    df[:, sl] = dkw * P.repeat(1, 1, 1, R)
+                if need_k:
+                    dP = dkw if features is None else dkw.mul_(features[:, sl])
+                    dk[:, sl] = P * (_sum_copies(dP, R, K) - (c - dz).unsqueeze(1))
+        if need_q and scale != 1.0:
+            dq *= scale
+        w0 = torch.exp(z0 - z)
+        dS0 = w0.repeat(1, 1, R).unsqueeze(-1) * dS
+        dz0 = w0 * (_sum_copies((dS * S0).sum(-1), R, K) - c + dz)
+        return dq, dk, dv, df, dS0, dz0, None, None, None
+
+
+def _sum_copies(x: torch.Tensor, R: int, K: int) -> torch.Tensor:
+    """Sums the R copies of every key channel (`[..., R·K]` → `[..., K]`; copy r holds channel `r·K + i`)."""
+    return x.unflatten(-1, (R, K)).sum(-2)
+
+
 def lightnet_global(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -248,9 +360,9 @@ def lightnet_global(
     """Non-causal LightNet attention: `O = scale · Q (softmax_tokens(K) ⊙ F)ᵀ V` (two matmuls, one pass).
 
     An `initial_state` acts as keys seen before this call (the state is the same as the causal one after the
-    last token). Arguments as `lightnet_attn`.
+    last token). Runs `GlobalLightNet` (blocked, hand-written backward). Arguments as `lightnet_attn`.
     """
-    B, _, H, K = k.shape
+    B, T, H, K = k.shape
     V = v.shape[-1]
     R = _check(q, k, v, key_features)
     S0, z0 = _initial(B, H, K, R * K, V, initial_state, normalizer_init, k)
@@ -258,15 +370,8 @@ def lightnet_global(
     if mask is not None:
         kf = kf.masked_fill(~mask[:, :, None, None], NEG)
         v = v.masked_fill(~mask[:, :, None, None], 0)
-    z = torch.logaddexp(z0, torch.logsumexp(kf, dim=1))  # [B, H, K]
-    k_hat = torch.exp(kf - z.unsqueeze(1))
-    if mask is not None:
-        k_hat = k_hat.masked_fill(~mask[:, :, None, None], 0.0)  # a fully padded row: z = NEG, exp(0) = 1
-    kw = _key_weights(k_hat, R, key_features).flatten(-2)  # [B, T, H, R·K]
-    cdt = _compute_dtype(q, v)
-    S = torch.einsum("bthk,bthv->bhkv", kw.to(cdt), v.to(cdt)).float()
-    S = S + torch.exp(z0 - z).repeat(1, 1, R).unsqueeze(-1) * S0
-    o = torch.einsum("bthk,bhkv->bthv", q.to(cdt), S.to(cdt)).float() * scale
+    features = None if key_features is None else key_features.float().expand(B, T, H, R * K)
+    o, S, z = GlobalLightNet.apply(q, kf, v, features, S0, z0, mask, scale, _compute_dtype(q, v))
     if mask is not None:
         o = o.masked_fill(~mask[:, :, None, None], 0.0)
     return o.to(v.dtype), (_public_state(S, z) if output_final_state else None)
