@@ -11,6 +11,7 @@ from polyattn.bench.compare import (
     fill_markdown_block,
     load_suite,
     lookup,
+    rescore,
     row_config,
     run_row,
     table,
@@ -96,3 +97,16 @@ def test_the_table_goes_between_its_markers_and_bad_markers_are_one_sentence(tmp
         fill_markdown_block(readme, "lm", "x")
     with pytest.raises(UserError, match="There is no file"):
         fill_markdown_block(tmp_path / "missing.md", "lm", "x")
+
+
+def test_rescore_reevaluates_a_finished_row_with_the_suites_current_settings(tmp_path, cache_dir):
+    suite, results = tiny_suite(), tmp_path / "results"
+    first = run_row(suite, suite.rows[0], results, tmp_path / "runs")["summary"]["test"]
+    suite.overrides = [*suite.overrides, "data.test_fraction=0.1"]  # a smaller test split than the row trained with
+    rescore(suite, suite.rows[0], results)
+    saved = json.loads((results / "a.json").read_text())
+    assert saved["rescored"]["test_before"] == first
+    assert 0 < saved["summary"]["test"]["count"] < first["count"]
+    assert saved["config"]["data"]["test_fraction"] == 0.1
+    rescore(suite, suite.rows[1], results)  # a row without a result is left alone
+    assert not (results / "b.json").exists()

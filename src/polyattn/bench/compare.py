@@ -14,6 +14,8 @@ machine); `--table` rebuilds the Markdown table from those files alone.
     polyattn bench compare vision --rows vit lightnet train these rows (again, with --force)
     polyattn bench compare vision --calibrate         only (re)measure throughput, keeping the best per row
     polyattn bench compare vision --table             print the table from the saved results
+    polyattn bench compare lm --rescore               re-evaluate finished rows with the suite's current settings
+    polyattn bench compare lm --table --readme README.md   also refill the README's <!-- table:lm --> block
 """
 
 from __future__ import annotations
@@ -160,6 +162,30 @@ def remeasure(suite: Suite, row: Row, results: Path) -> None:
     print(f"{suite.name}/{row.name}: measures retaken")
 
 
+def rescore(suite: Suite, row: Row, results: Path) -> None:
+    """Re-evaluates a finished row from its saved weights with the suite's current data and task settings (e.g. an
+    evaluation stride added after the row trained) and replaces its test metrics; the training is untouched."""
+    from ..tasks import build_job
+    from ..train.loop import autocast_for, load_run_model
+
+    path = results / f"{row.name}.json"
+    if not path.is_file():
+        return
+    result = json.loads(path.read_text())
+    run_dir = Path(result["run_dir"])
+    device = torch.device("cpu")
+    model, config = load_run_model(run_dir, device=device)
+    current = row_config(suite, row)
+    config.data, config.task = current.data, current.task
+    job = build_job(config, device=device, splits=("test",), run_dir=run_dir)
+    before = result["summary"].get("test")
+    result["summary"]["test"] = job.evaluate(model, "test", autocast=autocast_for(config.train.precision, device))
+    result["config"]["data"], result["config"]["task"] = current.to_dict()["data"], current.to_dict()["task"]
+    result["rescored"] = {**bench_header(device), "test_before": before}
+    atomic_write_text(path, json.dumps(result, indent=2) + "\n")
+    print(f"{suite.name}/{row.name}: rescored, test {before} -> {result['summary']['test']}")
+
+
 def lookup(result: dict[str, Any], dotted: str) -> Any:
     value: Any = result
     for key in dotted.split("."):
@@ -212,6 +238,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--table", action="store_true", help="only print the table from the saved results")
     parser.add_argument("--remeasure", action="store_true", help="only retake the suite's extra measures (e.g. "
                         "decoding speed) of finished rows, e.g. once the machine is idle, and update their results")
+    parser.add_argument("--rescore", action="store_true", help="only re-evaluate finished rows from their saved "
+                        "weights with the suite's current data and task settings, and update their results")
     parser.add_argument("--readme", type=Path, help="also put the table into this Markdown file, between its "
                         "'<!-- table:SUITE -->' and '<!-- /table:SUITE -->' lines")
     parser.add_argument("--results", type=Path, default=Path("results"), help="results folder (default: results)")
@@ -235,6 +263,8 @@ def run(args) -> int:
                 calibrate(suite, row, results)
             elif args.remeasure:
                 remeasure(suite, row, results)
+            elif args.rescore:
+                rescore(suite, row, results)
             elif args.force or not (results / f"{row.name}.json").is_file():
                 run_row(suite, row, results, args.runs, extra_measures=_extra_measures(suite), threads=args.threads)
     text = table(suite, results)
