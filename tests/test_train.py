@@ -42,6 +42,14 @@ def test_run_directory_describes_itself(tmp_path, cache_dir, capsys):
     out = capsys.readouterr().out
     assert f"{summary['test']['top1']:.4f}" in out
 
+    # settings changed for one evaluation: a smaller test split; a bad key is one sentence
+    from polyattn.train.loop import evaluate_run
+
+    assert 0 < evaluate_run(run, overrides=["data.test_fraction=0.1"])["count"] < summary["test"]["count"]
+    assert main(["eval", str(run), "data.test_fraction=0.1"]) == 0
+    assert main(["eval", str(run), "data.no_such_key=1"]) == 2
+    assert "no_such_key" in capsys.readouterr().err
+
 
 def test_gradient_accumulation_matches_one_batch(tmp_path, cache_dir):
     one = train(tiny_config(tmp_path, "train.max_steps=3", "train.run_name=a", "train.precision=fp32"))

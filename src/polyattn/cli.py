@@ -67,7 +67,7 @@ def _cmd_eval(args) -> int:
     from .train.loop import evaluate_run
 
     evaluate_run(Path(args.run_dir), data_source=args.data, split=args.split, device_name=args.device,
-                 ema=False if args.no_ema else None)
+                 ema=False if args.no_ema else None, overrides=args.overrides)
     return 0
 
 
@@ -185,6 +185,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="evaluate a run directory",
                        description="Evaluate a run directory's final weights (or its latest checkpoint).")
     p.add_argument("run_dir", metavar="RUN_DIR")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                   help="settings changed for this evaluation only, e.g. data.eval_stride=512 or an inference-time "
+                        "model option such as model.s2_at_inference=true (the weights stay the run's)")
     p.add_argument("--data", help="evaluate on another data source of the same kind (folder or archive)")
     p.add_argument("--split", default="test", help="split to evaluate (default: test)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")

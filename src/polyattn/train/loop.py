@@ -35,7 +35,7 @@ from .checkpoint import (
     set_rng_state,
 )
 from .checkpoint import rng_state as current_rng_state
-from .config import RunConfig, load_yaml, save_yaml
+from .config import RunConfig, apply_overrides, load_yaml, save_yaml
 from .ema import WeightEma
 from .optim import CosineSchedule, build_optimizer
 from .run_log import RunLog, format_table, write_plots
@@ -312,15 +312,17 @@ def train(config: RunConfig, *, resume_dir: Path | None = None, evaluate: bool =
     return summary
 
 
-def load_run_model(run_dir: Path, *, ema: bool | None = None,
-                   device: torch.device | str = "cpu") -> tuple[nn.Module, RunConfig]:
+def load_run_model(run_dir: Path, *, ema: bool | None = None, device: torch.device | str = "cpu",
+                   overrides: list[str] | None = None) -> tuple[nn.Module, RunConfig]:
     """The model of a run directory with its trained weights (in eval mode), and the run's config.
 
     Final weights when the run finished, else its latest checkpoint's (with a note). `ema`: None uses the
     averaged weights when the run kept them (train.ema_decay), True requires them, False uses the raw weights.
+    `overrides` (`key=value`) change the run's config before the model is built, e.g. an inference-time option.
     """
     run_dir = Path(run_dir)
     config = load_run_config(run_dir)
+    apply_overrides(config, overrides or [])
     folder = run_dir
     if not (run_dir / WEIGHTS).is_file():
         folder = CheckpointDir(run_dir).latest()
@@ -337,13 +339,14 @@ def load_run_model(run_dir: Path, *, ema: bool | None = None,
     return model.to(device).eval(), config
 
 
-def evaluate_run(run_dir: Path, *, data_source: str | None = None, split: str = "test",
-                 device_name: str = "auto", ema: bool | None = None) -> dict[str, Any]:
-    """Evaluates a finished run (or its latest checkpoint) with nothing but its directory."""
+def evaluate_run(run_dir: Path, *, data_source: str | None = None, split: str = "test", device_name: str = "auto",
+                 ema: bool | None = None, overrides: list[str] | None = None) -> dict[str, Any]:
+    """Evaluates a finished run (or its latest checkpoint) with nothing but its directory; `overrides` change
+    settings for this evaluation only (see `load_run_model`)."""
     from ..tasks import build_job
 
     device = resolve_device(device_name)
-    model, config = load_run_model(run_dir, ema=ema, device=device)
+    model, config = load_run_model(run_dir, ema=ema, device=device, overrides=overrides)
     if data_source is not None:
         config.data.source = data_source
     job = build_job(config, device=device, splits=(split,), run_dir=Path(run_dir))
