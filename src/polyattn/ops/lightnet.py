@@ -304,10 +304,10 @@ class GlobalLightNet(torch.autograd.Function):
         RK = q.shape[-1]
         R = RK // K
         do_c = do.to(cdt)
-        dS = torch.zeros_like(S) if dS_out is None else dS_out.float().clone()
+        dS = dS_out.float().clone()  # autograd passes zeros for unused outputs (materialize_grads)
         for t0 in range(0, T, step):
             dS += scale * torch.einsum("bthj,bthv->bhjv", q[:, t0:t0 + step].to(cdt), do_c[:, t0:t0 + step]).float()
-        dz = torch.zeros_like(z) if dz_out is None else dz_out.float()
+        dz = dz_out.float()
         c = _sum_copies((dS * S).sum(-1), R, K)  # [B, H, K]
         S_c, dS_c = S.to(cdt), dS.to(cdt)
         need_q, need_k, need_v, need_f = ctx.needs_input_grad[:4]
