@@ -20,7 +20,7 @@ def test_overrides_are_typed():
 @pytest.mark.parametrize("override, message", [
     ("train.epochs=abc", "train.epochs expects an integer"),
     ("train.epochs=2.5", "train.epochs expects an integer"),
-    ("train.precision=fp16", "one of 'bf16', 'fp32'"),
+    ("train.precision=fp8", "one of 'auto', 'bf16', 'fp16', 'fp32'"),
     ("train.lrr=1", "Did you mean 'train.lr'?"),
     ("trian.lr=1", "Did you mean 'train.lr'?"),
     ("train.compile=maybe", "true or false"),

@@ -47,7 +47,7 @@ def _cmd_train(args) -> int:
         recipe_like = [a for a in ([args.recipe] if args.recipe else []) if "=" not in a]
         if recipe_like:
             raise UserError("A resumed run keeps its own recipe; pass only key=value overrides with --resume.")
-        overrides = ([args.recipe] if args.recipe else []) + args.overrides
+        overrides = ([args.recipe] if args.recipe else []) + args.overrides + _device_overrides(args)
         config = load_run_config(Path(args.resume))
         before = config.to_dict()
         apply_overrides(config, overrides)
@@ -59,23 +59,34 @@ def _cmd_train(args) -> int:
     recipe, overrides = args.recipe, list(args.overrides)
     if recipe is not None and "=" in recipe:  # `polyattn train key=value` with the default recipe
         recipe, overrides = None, [recipe, *overrides]
-    train(build_config(recipe, overrides))
+    train(build_config(recipe, overrides + _device_overrides(args)))
     return 0
+
+
+def _device_overrides(args) -> list[str]:
+    """`train --device D` and `--precision P` as the overrides they stand for (they win over the recipe's)."""
+    out = []
+    if args.device is not None:
+        out.append(f"train.device={args.device}")
+    if args.precision is not None:
+        out.append(f"train.precision={args.precision}")
+    return out
 
 
 def _cmd_eval(args) -> int:
     from .train.loop import evaluate_run
 
     evaluate_run(Path(args.run_dir), data_source=args.data, split=args.split, device_name=args.device,
-                 ema=False if args.no_ema else None, overrides=args.overrides)
+                 precision=args.precision, ema=False if args.no_ema else None, overrides=args.overrides)
     return 0
 
 
 def _cmd_generate(args) -> int:
     from .data.tokenizers import load_run_tokenizer
+    from .hardware import autocast_for, resolve_device
     from .registry import model_task
     from .tasks.causal_lm import stream_text
-    from .train.loop import load_run_config, load_run_model, resolve_device
+    from .train.loop import announce, inference_precision, load_run_config, load_run_model
 
     if args.max_new_tokens < 0:
         raise UserError(f"--max-new-tokens must be 0 or more, got {args.max_new_tokens}.")
@@ -94,13 +105,17 @@ def _cmd_generate(args) -> int:
     device = resolve_device(args.device)
     tokenizer = load_run_tokenizer(run_dir, config.data.tokenizer)
     model, _ = load_run_model(run_dir, device=device)
+    precision = inference_precision(args.precision, device, config)
+    autocast = autocast_for(precision, device)
+    announce(config, model, device, precision)
     sys.stdout.write(args.prompt)
     sys.stdout.flush()
-    for piece in stream_text(model, tokenizer, args.prompt, args.max_new_tokens, temperature=args.temperature,
-                             top_k=args.top_k, top_p=args.top_p, use_cache=not args.no_cache, seed=args.seed,
-                             device=device):
-        sys.stdout.write(piece)
-        sys.stdout.flush()
+    with autocast():
+        for piece in stream_text(model, tokenizer, args.prompt, args.max_new_tokens, temperature=args.temperature,
+                                 top_k=args.top_k, top_p=args.top_p, use_cache=not args.no_cache, seed=args.seed,
+                                 device=device):
+            sys.stdout.write(piece)
+            sys.stdout.flush()
     sys.stdout.write("\n")
     return 0
 
@@ -108,10 +123,11 @@ def _cmd_generate(args) -> int:
 def _cmd_sample(args) -> int:
     import json
 
+    from .hardware import autocast_for, resolve_device
     from .registry import model_task
     from .tasks.diffusion import read_class_names, sample_to_dir
     from .train.checkpoint import atomic_write_text
-    from .train.loop import load_run_config, load_run_model, resolve_device
+    from .train.loop import announce, inference_precision, load_run_config, load_run_model
 
     run_dir = Path(args.run_dir)
     config = load_run_config(run_dir)
@@ -125,11 +141,15 @@ def _cmd_sample(args) -> int:
                             f"model; it must be an image-classifier run trained on the same dataset.")
     device = resolve_device(args.device)
     model, config = load_run_model(run_dir, ema=False if args.no_ema else None, device=device)
+    precision = inference_precision(args.precision, device, config)
+    autocast = autocast_for(precision, device)
+    announce(config, model, device, precision)
     name = f"{args.sampler}-{args.steps}steps-cfg{args.cfg:g}-seed{args.seed}"
     out = Path(args.out) if args.out else run_dir / "samples" / name
-    result = sample_to_dir(model, config.data, read_class_names(run_dir, model.num_classes), out,
-                           classes=args.classes, n=args.n, steps=args.steps, cfg=args.cfg, sampler=args.sampler,
-                           eta=args.eta, seed=args.seed, batch_size=args.batch_size, device=device)
+    with autocast():
+        result = sample_to_dir(model, config.data, read_class_names(run_dir, model.num_classes), out,
+                               classes=args.classes, n=args.n, steps=args.steps, cfg=args.cfg, sampler=args.sampler,
+                               eta=args.eta, seed=args.seed, batch_size=args.batch_size, device=device)
     n = len(result["labels"])
     print(f"{n} images in {result['seconds']:.1f} s ({result['seconds'] / n:.3f} s per image, {args.steps} "
           f"{args.sampler} steps, cfg {args.cfg:g}); grid: {result['grid']}; images: {out / 'images'}")
@@ -153,12 +173,20 @@ def _cmd_inspect(args) -> int:
 
     inspect_run(Path(args.run_dir), n_images=args.n_images, rank_images=args.rank_images, split=args.split,
                 out_dir=Path(args.out) if args.out else None, device_name=args.device,
-                ema=False if args.no_ema else None)
+                precision=args.precision, ema=False if args.no_ema else None)
     return 0
 
 
 def _cmd_bench(args) -> int:
     return args.bench_run(args)
+
+
+def _add_device_options(p: argparse.ArgumentParser) -> None:
+    """--device and --precision of the commands that run a trained model (eval, generate, sample, inspect)."""
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto = cuda when available)")
+    p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
+                   help="auto (default): the precision the run trained in, or float32 where this device does not "
+                        "compute that natively")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -180,6 +208,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.lr=3e-4")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run exactly where it stopped")
     p.add_argument("--list-recipes", action="store_true", help="print the available recipes and exit")
+    p.add_argument("--device", default=None, help="auto, cpu, cuda or cuda:N (default: the recipe's train.device, "
+                   "auto = cuda when available)")
+    p.add_argument("--precision", default=None, choices=["auto", "bf16", "fp16", "fp32"],
+                   help="the recipe's train.precision, overridden (default: the recipe's, auto = bfloat16 where the "
+                        "device computes it natively, else float32)")
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("eval", help="evaluate a run directory",
@@ -190,7 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "model option such as model.s2_at_inference=true (the weights stay the run's)")
     p.add_argument("--data", help="evaluate on another data source of the same kind (folder or archive)")
     p.add_argument("--split", default="test", help="split to evaluate (default: test)")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
+    _add_device_options(p)
     p.add_argument("--no-ema", action="store_true",
                    help="evaluate the raw weights of a run that kept averaged ones (train.ema_decay)")
     p.set_defaults(func=_cmd_eval)
@@ -206,7 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=None, help="nucleus sampling threshold in (0, 1] (default: off)")
     p.add_argument("--seed", type=int, default=None, help="random seed for reproducible samples")
     p.add_argument("--no-cache", action="store_true", help="recompute the whole sequence at every step")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
+    _add_device_options(p)
     p.set_defaults(func=_cmd_generate)
 
     p = sub.add_parser("sample", help="generate images with a diffusion run",
@@ -228,7 +261,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "quality.json with the classifier Fréchet distance and class accuracy of the samples and of "
                    "held-out real images")
     p.add_argument("--no-ema", action="store_true", help="use the raw weights even if the run has EMA weights")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
+    _add_device_options(p)
     p.set_defaults(func=_cmd_sample)
 
     p = sub.add_parser("inspect", help="attention maps, attention-map ranks and calibration of a classifier run",
@@ -243,7 +276,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="test", help="split to use (default: test)")
     p.add_argument("--out", help="output directory (default: RUN_DIR/inspect)")
     p.add_argument("--no-ema", action="store_true", help="use the raw weights even if the run has EMA weights")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
+    _add_device_options(p)
     p.set_defaults(func=_cmd_inspect)
 
     p = sub.add_parser("bench", help="run a benchmark suite", description="Benchmarks that print tables and write "
@@ -270,7 +303,14 @@ def _add_bench_suites(bench) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    # `train RECIPE --device cpu key=value`: argparse stops collecting positionals at the first option, so the
+    # key=value items after one come back here; they are overrides, anything else is an error.
+    unknown = [a for a in extra if a.startswith("-") or "=" not in a or not hasattr(args, "overrides")]
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
     try:
         return args.func(args)
     except UserError as err:

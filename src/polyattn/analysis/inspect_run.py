@@ -29,9 +29,10 @@ from typing import Any
 import torch
 
 from ..errors import UserError
+from ..hardware import autocast_for, resolve_device
 from ..registry import model_task
 from ..train.checkpoint import atomic_write_text
-from ..train.loop import autocast_for, load_run_config, load_run_model, resolve_device
+from ..train.loop import announce, inference_precision, load_run_config, load_run_model
 from ..train.run_log import format_table
 from .attention_maps import attention_rank, patch_grid_map, record_attention_maps, token_layout
 from .plots import attention_figure, pyplot, rank_figure, reliability_diagram
@@ -52,7 +53,8 @@ def spread_over_classes(labels: torch.Tensor, n: int) -> torch.Tensor:
 
 
 def inspect_run(run_dir: Path, *, n_images: int = 4, rank_images: int = 30, split: str = "test",
-                out_dir: Path | None = None, device_name: str = "auto", ema: bool | None = None) -> dict[str, Any]:
+                out_dir: Path | None = None, device_name: str = "auto", precision: str = "auto",
+                ema: bool | None = None) -> dict[str, Any]:
     """Writes the files listed in the module docstring and returns the contents of inspect.json."""
     from ..tasks import build_job
 
@@ -69,11 +71,13 @@ def inspect_run(run_dir: Path, *, n_images: int = 4, rank_images: int = 30, spli
     pyplot()  # fail before the work if matplotlib is missing
     device = resolve_device(device_name)
     model, config = load_run_model(run_dir, ema=ema, device=device)
+    resolved = inference_precision(precision, device, config)
+    announce(config, model, device, resolved)
     out = Path(out_dir) if out_dir is not None else run_dir / "inspect"
     title = f"{config.model.name} on {config.data.source} ({split})"
 
     job = build_job(config, device=device, splits=(split,), run_dir=run_dir)
-    metrics = job.evaluate(model, split, autocast=autocast_for(config.train.precision, device), reliability=True,
+    metrics = job.evaluate(model, split, autocast=autocast_for(resolved, device), reliability=True,
                            progress=True)
     bins = metrics.pop("reliability")
     reliability_diagram(bins, out / "reliability.png", ece=metrics["ece"], title=title)

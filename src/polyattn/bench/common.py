@@ -2,7 +2,6 @@
 
 import json
 import os
-import platform
 import statistics
 import subprocess
 import time
@@ -10,6 +9,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+
+from ..hardware import environment
 
 
 def git_revision() -> str:
@@ -25,28 +26,12 @@ def git_revision() -> str:
         return "unknown"
 
 
-def device_name(device: torch.device) -> str:
-    """A readable name of the device: the CPU model (from /proc/cpuinfo when present) or the CUDA device name."""
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def bench_header(device: torch.device, **extra) -> dict:
-    """Device, torch version, git revision, thread count and any benchmark-specific settings."""
+    """Device with its name and ISA level (polyattn.hardware.environment), torch version, git revision, thread
+    count and any benchmark-specific settings."""
     return {
-        "device": str(device),
-        "device_name": device_name(device),
-        "torch": torch.__version__,
+        **environment(device),
         "git": git_revision(),
-        "threads": torch.get_num_threads(),
         "cpu_count": os.cpu_count(),
         "time": time.strftime("%Y-%m-%d %H:%M:%S"),
         **extra,

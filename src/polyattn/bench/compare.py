@@ -165,8 +165,9 @@ def remeasure(suite: Suite, row: Row, results: Path) -> None:
 def rescore(suite: Suite, row: Row, results: Path) -> None:
     """Re-evaluates a finished row from its saved weights with the suite's current data and task settings (e.g. an
     evaluation stride added after the row trained) and replaces its test metrics; the training is untouched."""
+    from ..hardware import autocast_for
     from ..tasks import build_job
-    from ..train.loop import autocast_for, load_run_model
+    from ..train.loop import load_run_model, run_precision
 
     path = results / f"{row.name}.json"
     if not path.is_file():
@@ -179,7 +180,8 @@ def rescore(suite: Suite, row: Row, results: Path) -> None:
     config.data, config.task = current.data, current.task
     job = build_job(config, device=device, splits=("test",), run_dir=run_dir)
     before = result["summary"].get("test")
-    result["summary"]["test"] = job.evaluate(model, "test", autocast=autocast_for(config.train.precision, device))
+    autocast = autocast_for(run_precision(config, device), device)
+    result["summary"]["test"] = job.evaluate(model, "test", autocast=autocast)
     result["config"]["data"], result["config"]["task"] = current.to_dict()["data"], current.to_dict()["task"]
     result["rescored"] = {**bench_header(device), "test_before": before}
     atomic_write_text(path, json.dumps(result, indent=2) + "\n")

@@ -3,7 +3,7 @@
 What a user of a long-context model feels: with a prompt of `context` tokens already processed, how fast do new
 tokens come? Softmax attention's per-token cost grows with the context (its KV cache), LightNet's recurrent state
 does not, and the Perceiver family's cache strategies sit in between. The prompt is random token ids: speed does
-not depend on the text. Greedy decoding, batch 1, with the run's precision (bf16 autocast or fp32).
+not depend on the text. Greedy decoding, batch 1, with the precision the run trained in.
 """
 
 from __future__ import annotations
@@ -46,9 +46,10 @@ def decode_speed(model: torch.nn.Module, vocab_size: int, context: int, *, new_t
 
 def generation_measures(run_dir: Path, contexts: tuple[int, ...] = CONTEXTS) -> dict[str, Any]:
     """Decoding speed of a finished causal-LM run at each context length (for `polyattn bench compare`)."""
-    from ..train.loop import autocast_for, load_run_model
+    from ..hardware import autocast_for
+    from ..train.loop import load_run_model, run_precision
 
     model, config = load_run_model(run_dir)
-    autocast = autocast_for(config.train.precision, torch.device("cpu"))
+    autocast = autocast_for(run_precision(config, torch.device("cpu")), torch.device("cpu"))
     vocab = config.model.args["vocab_size"]  # the run's config holds every constructor argument
     return {"generation": {str(c): decode_speed(model, vocab, c, autocast=autocast) for c in contexts}}

@@ -25,6 +25,8 @@ from enum import Enum
 import torch
 import torch.nn.functional as F
 
+from ..hardware import native_bf16
+
 # SDPA shares kv heads across query groups without copying them from torch 2.5 on.
 _SDPA_HAS_GQA = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 5)
 
@@ -139,9 +141,11 @@ class Backend(str, Enum):
     EXPLICIT = "explicit"
 
 
-# On CPU, SDPA's flash kernel has a high fixed cost per (batch, head) in bfloat16; below this many keys an
-# explicit matmul-softmax-matmul in bfloat16 (softmax in float32) measured 2-5x faster for forward+backward
-# (T=65: 4.8 vs 22 ms; T=257: 29 vs 54 ms at D=64), while SDPA wins from ~1K keys and in float32.
+# On a CPU with native bfloat16 products, SDPA's flash kernel has a high fixed cost per (batch, head) in bfloat16;
+# below this many keys an explicit matmul-softmax-matmul in bfloat16 (softmax in float32) measured 2-5x faster for
+# forward+backward (AVX-512 BF16: T=65: 4.8 vs 22 ms; T=257: 29 vs 54 ms at D=64), while SDPA wins from ~1K keys
+# and in float32. Without native bfloat16 (AVX2) the explicit products are the slow part: 8 × 65 tokens × 4 heads
+# of 32, causal fwd+bwd, 1 thread: explicit 47 ms against SDPA's 11 ms; at 257 tokens 571 against 172 ms.
 EXPLICIT_MAX_KEYS_CPU = 512
 
 
@@ -151,7 +155,7 @@ def _pick_backend(backend: Backend, mode: MaskMode, q: torch.Tensor, S: int) -> 
     if backend is not Backend.AUTO:
         return backend
     low_precision = q.dtype in (torch.bfloat16, torch.float16)
-    if q.device.type == "cpu" and low_precision and S <= EXPLICIT_MAX_KEYS_CPU:
+    if q.device.type == "cpu" and low_precision and S <= EXPLICIT_MAX_KEYS_CPU and native_bf16(q.device):
         return Backend.EXPLICIT
     return Backend.SDPA
 

@@ -19,6 +19,8 @@ from collections.abc import Sequence
 
 import torch
 
+from ..hardware import native_bf16
+
 # A finite stand-in for −inf in log-space bookkeeping: exp(NEG − x) is exactly 0 for any sane x, while
 # NEG − NEG = 0 keeps padded positions free of the NaN that (−inf) − (−inf) would produce, forward and backward.
 NEG = -1e30
@@ -456,10 +458,16 @@ def _chunk_len(chunk_size: int, T: int) -> int:
 
 
 def _compute_dtype(q: torch.Tensor, v: torch.Tensor) -> torch.dtype:
-    """Matmul dtype: bfloat16/float16 if the inputs are, or if a CPU/CUDA autocast region asks for it."""
+    """Matmul dtype: bfloat16/float16 if the inputs are, or if a CPU/CUDA autocast region asks for it; float32 on a
+    CPU without native bfloat16 products, where a bfloat16 product is ~100x slower than the casts around a float32
+    one (polyattn.hardware)."""
     if torch.is_autocast_enabled(q.device.type):
-        return torch.get_autocast_dtype(q.device.type)
-    return torch.promote_types(q.dtype, v.dtype) if q.dtype != torch.float64 else torch.float64
+        dtype = torch.get_autocast_dtype(q.device.type)
+    else:
+        dtype = torch.promote_types(q.dtype, v.dtype) if q.dtype != torch.float64 else torch.float64
+    if dtype in (torch.bfloat16, torch.float16) and q.device.type == "cpu" and not native_bf16(q.device):
+        return torch.float32
+    return dtype
 
 
 def decay_attn_recurrent(

@@ -231,7 +231,7 @@ class TextStreamJob:
                             f"check that the checkpoint matches this corpus and batch size.")
 
     def loss(self, model: nn.Module, batch, *, accumulation_steps: int, autocast,
-             forward_kwargs: dict[str, Any]) -> tuple[torch.Tensor, int]:
+             forward_kwargs: dict[str, Any], backward=torch.Tensor.backward) -> tuple[torch.Tensor, int]:
         self._check_vocab(model)
         x, y = (b.to(self.device, non_blocking=True) for b in batch)
         n_total = int((y != IGNORE_INDEX).sum())
@@ -245,7 +245,7 @@ class TextStreamJob:
                 n_scored = int((scored_targets(logits, y) != IGNORE_INDEX).sum())
             # weighted by its share of scored tokens, so accumulation gives the gradient of one big batch
             loss = causal_lm_loss(logits, ys) * (int((ys != IGNORE_INDEX).sum()) / n_scored)
-            loss.backward()
+            backward(loss)
             total += loss.detach()
         return total, self._tokens_processed(x, n_total)
 

@@ -255,7 +255,7 @@ class DiffusionJob(ImageJob):
         atomic_write(Path(run_dir) / CLASSES_FILE, lambda f: f.write(text.encode()))
 
     def loss(self, model: nn.Module, batch, *, accumulation_steps: int, autocast,
-             forward_kwargs: dict[str, Any]) -> tuple[torch.Tensor, int]:
+             forward_kwargs: dict[str, Any], backward=torch.Tensor.backward) -> tuple[torch.Tensor, int]:
         images, labels = batch
         b = len(labels)
         # Draw order from the job's generator: augmentation, noise, times, label dropout.
@@ -270,7 +270,7 @@ class DiffusionJob(ImageJob):
             with autocast():
                 # Weight each micro-batch by its share, so accumulation gives the gradient of one big batch.
                 loss = self.flow.loss(model, xs, ys, ns, ts, **forward_kwargs) * (len(ys) / b)
-            loss.backward()
+            backward(loss)
             total += loss.detach()
         return total, b
 

@@ -35,7 +35,7 @@ class ImageClassificationJob(ImageJob):
             self.mix = mix if mix.enabled else None
 
     def loss(self, model: nn.Module, batch, *, accumulation_steps: int, autocast,
-             forward_kwargs: dict[str, Any]) -> tuple[torch.Tensor, int]:
+             forward_kwargs: dict[str, Any], backward=torch.Tensor.backward) -> tuple[torch.Tensor, int]:
         images, labels = batch
         x, y = self.augment(images, self.generator), labels
         if self.mix is not None:
@@ -47,7 +47,7 @@ class ImageClassificationJob(ImageJob):
                 logits = model(xs, **forward_kwargs)
             # Weight each micro-batch by its share, so accumulation gives the same gradient as one big batch.
             loss = self.task.loss(logits.float(), ys) * (len(ys) / len(y))
-            loss.backward()
+            backward(loss)
             total += loss.detach()
         return total, len(y)
 

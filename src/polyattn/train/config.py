@@ -125,8 +125,12 @@ class TrainConfig:
     betas: tuple[float, float] = (0.9, 0.999)
     grad_clip: float | None = 1.0
     """Clip the global gradient norm to this value; null disables clipping."""
-    precision: Literal["bf16", "fp32"] = "bf16"
-    """bf16: bfloat16 autocast with float32 master weights (AMX on recent CPUs); fp32: no autocast."""
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
+    """auto: bfloat16 autocast where the device computes bfloat16 products natively (CPUs with AVX-512 BF16 or
+    AMX, CUDA GPUs that support it), float32 elsewhere (polyattn.hardware says why); bf16: bfloat16 autocast with
+    float32 master weights (about 100x slower than fp32 on AVX2-only CPUs; warned); fp16: float16 autocast with a
+    gradient scaler, for CUDA GPUs without bfloat16; fp32: no autocast. A resumed run keeps the precision it
+    started with, so it stays exact."""
     compile: bool = False
     """Wrap the model in torch.compile."""
     device: str = "auto"
@@ -178,6 +182,10 @@ class RunConfig:
     task: TaskConfig = field(default_factory=TaskConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    environment: dict[str, Any] | None = None
+    """What the run resolved when it started: device and its name, CPU and ISA level, threads, torch, and the
+    precision `auto` chose with the reason (polyattn.hardware.environment). Written by the training loop; a
+    record, not an input."""
 
     SECTIONS: typing.ClassVar[tuple[str, ...]] = ("model", "task", "data", "train")
 
@@ -186,6 +194,8 @@ class RunConfig:
         out = {"recipe": self.recipe, "model": {"name": self.model.name, **_plain(self.model.args)}}
         for section in ("task", "data", "train"):
             out[section] = _plain(dataclasses.asdict(getattr(self, section)))
+        if self.environment is not None:
+            out["environment"] = _plain(self.environment)
         return out
 
     @classmethod
@@ -197,6 +207,9 @@ class RunConfig:
         for key, value in raw.items():
             if key == "recipe":
                 config.recipe = str(value)
+                continue
+            if key == "environment":
+                config.environment = dict(value) if isinstance(value, dict) else None
                 continue
             if key not in cls.SECTIONS:
                 raise UserError(f"Unknown section '{key}' in {origin}.{nearest(key, cls.SECTIONS)}")

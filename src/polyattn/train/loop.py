@@ -14,7 +14,6 @@ import json
 import math
 import sys
 import time
-from contextlib import nullcontext
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Protocol
@@ -23,6 +22,7 @@ import torch
 from torch import nn
 
 from ..errors import UserError
+from ..hardware import Precision, autocast_for, device_name, environment, resolve_device, resolve_precision
 from ..registry import get_entry
 from .checkpoint import (
     CONFIG,
@@ -60,10 +60,11 @@ class TrainingJob(Protocol):
     """Iterator over the optimizer-step batches of one epoch, starting at `start_step`."""
 
     def loss(self, model: nn.Module, batch: Any, *, accumulation_steps: int, autocast,
-             forward_kwargs: dict[str, Any]) -> tuple[torch.Tensor, int]:
+             forward_kwargs: dict[str, Any], backward=torch.Tensor.backward) -> tuple[torch.Tensor, int]:
         """Forward and backward over one optimizer-step batch (split into micro-batches), passing
-        `forward_kwargs` (scheduled model inputs such as `soft_mask_a`) to the model; returns the mean loss
-        (detached) and the number of samples."""
+        `forward_kwargs` (scheduled model inputs such as `soft_mask_a`) to the model and each micro-batch's loss
+        to `backward` (the loop's, which scales it under float16); returns the mean loss (detached) and the
+        number of samples."""
         ...
 
     def evaluate(self, model: nn.Module, split: str, *, autocast) -> dict[str, float]: ...
@@ -73,23 +74,22 @@ class TrainingJob(Protocol):
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError as err:
-        raise UserError(f"train.device '{name}' is not a device; use auto, cpu, cuda or cuda:N.") from err
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError("train.device asks for cuda but no CUDA device is available; use train.device=cpu.")
-    return device
+def _training_precision(config: RunConfig, device: torch.device, *, resuming: bool) -> Precision:
+    """The precision this run trains in. A resumed run keeps the precision it resolved when it started (its
+    config's `environment`), so resuming on another machine stays exact; `train.precision=fp32` (or bf16) on the
+    resume command changes it explicitly."""
+    return run_precision(config, device) if resuming else resolve_precision(config.train.precision, device)
 
 
-def autocast_for(precision: str, device: torch.device):
-    """A context-manager factory: bfloat16 autocast (float32 master weights stay untouched) or nothing."""
-    if precision == "bf16":
-        return lambda: torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-    return nullcontext
+def run_precision(config: RunConfig, device: torch.device) -> Precision:
+    """The precision a run trained in, as recorded in its config's `environment` (runs from before the record:
+    its `train.precision`), resolved on `device`; for resuming and for measures that must match the training."""
+    started_with = (config.environment or {}).get("precision")
+    if config.train.precision != "auto" or not started_with:
+        return resolve_precision(config.train.precision, device)
+    kept = resolve_precision(started_with, device)
+    return Precision(kept.name, f"kept from the run's start, {config.environment.get('precision_reason')}",
+                     kept.warning)
 
 
 def seed_everything(seed: int, device: torch.device) -> None:
@@ -140,6 +140,7 @@ def train(config: RunConfig, *, resume_dir: Path | None = None, evaluate: bool =
     device = resolve_device(cfg.device)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    precision = _training_precision(config, device, resuming=resume_dir is not None)
     seed_everything(cfg.seed, device)
     if cfg.batch_size % cfg.accumulation_steps:
         raise UserError(f"train.batch_size {cfg.batch_size} is not divisible by train.accumulation_steps "
@@ -162,6 +163,7 @@ def train(config: RunConfig, *, resume_dir: Path | None = None, evaluate: bool =
 
     run_dir = Path(resume_dir) if resume_dir is not None else new_run_dir(config)
     run_dir.mkdir(parents=True, exist_ok=True)
+    config.environment = environment(device, precision)
     save_yaml(config.to_dict(), run_dir / CONFIG)
     save_job_files = getattr(job, "save_to_run_dir", None)  # files the run needs besides weights (a tokenizer)
     if save_job_files is not None:
@@ -197,18 +199,25 @@ def train(config: RunConfig, *, resume_dir: Path | None = None, evaluate: bool =
             ema.n_averaged.fill_(state["ema_updates"])
         print(f"resuming {run_dir} at step {step}/{total_steps}", file=sys.stderr)
 
+    announce(config, model, device, precision)
     train_model = torch.compile(model) if cfg.compile else model
-    autocast = autocast_for(cfg.precision, device)
+    autocast = autocast_for(precision, device)
+    # float16 needs its loss scaled so small gradients do not flush to zero; bfloat16 has float32's range.
+    scaler = torch.amp.GradScaler(device.type) if precision.name == "fp16" else None
+    backward = (lambda loss: scaler.scale(loss).backward()) if scaler is not None else torch.Tensor.backward
+    if scaler is not None and resume_from is not None and "grad_scaler" in state:
+        scaler.load_state_dict(state["grad_scaler"])
     log = RunLog(run_dir, resume_step=step if resume_from is not None else None)
     if resume_from is None:
-        log.log("run", 0, {"params": n_params, "model": config.model.name, "device": str(device),
-                           "torch": torch.__version__, "threads": torch.get_num_threads()})
+        log.log("run", 0, {"params": n_params, "model": config.model.name, **config.environment})
 
     def save_checkpoint() -> None:
         state = {"step": step, "optimizer": optimizer.state_dict(), "job": job.state_dict(),
                  "rng": current_rng_state(), "train_time": train_time, "train_samples": train_samples}
         if ema is not None:
             state["ema_updates"] = ema.num_updates
+        if scaler is not None:
+            state["grad_scaler"] = scaler.state_dict()
         checkpoints.save(step, model, state, model_name=config.model.name,
                          ema_model=None if ema is None else ema.module)
 
@@ -235,15 +244,21 @@ def train(config: RunConfig, *, resume_dir: Path | None = None, evaluate: bool =
                 forward_kwargs = {"soft_mask_a": soft_mask(schedule_step())} if soft_mask else {}
                 t0 = time.perf_counter()
                 loss, n = job.loss(train_model, batch, accumulation_steps=cfg.accumulation_steps, autocast=autocast,
-                                   forward_kwargs=forward_kwargs)
+                                   forward_kwargs=forward_kwargs, backward=backward)
                 loss_value = loss.item()  # one device sync per step, shared by the checks and logs below
                 if not math.isfinite(loss_value):
                     raise UserError(f"The training loss became {loss_value} at step {step} (epoch {epoch}); "
                                     f"lower train.lr, keep train.grad_clip on, or check the data. The last "
                                     f"good checkpoint is in {checkpoints.root}.")
+                if scaler is not None:
+                    scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
                 grad_norm = (nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
                              if cfg.grad_clip else None)
-                optimizer.step()
+                if scaler is not None:
+                    scaler.step(optimizer)  # skips the step when the scaled gradients overflowed
+                    scaler.update()
+                else:
+                    optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 if ema is not None:
                     ema.update_parameters(model)
@@ -297,8 +312,7 @@ def train(config: RunConfig, *, resume_dir: Path | None = None, evaluate: bool =
         "test": test_metrics,
         "weights": "ema" if ema is not None else "model",
         "time_budget_s": budget,
-        "device": str(device),
-        "threads": torch.get_num_threads(),
+        **environment(device, precision),
     }
     atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
     log.close()
@@ -340,20 +354,56 @@ def load_run_model(run_dir: Path, *, ema: bool | None = None, device: torch.devi
 
 
 def evaluate_run(run_dir: Path, *, data_source: str | None = None, split: str = "test", device_name: str = "auto",
-                 ema: bool | None = None, overrides: list[str] | None = None) -> dict[str, Any]:
+                 precision: str = "auto", ema: bool | None = None,
+                 overrides: list[str] | None = None) -> dict[str, Any]:
     """Evaluates a finished run (or its latest checkpoint) with nothing but its directory; `overrides` change
-    settings for this evaluation only (see `load_run_model`)."""
+    settings for this evaluation only (see `load_run_model`). `precision` is resolved on this device, whatever
+    the run trained in (see `inference_precision`)."""
     from ..tasks import build_job
 
     device = resolve_device(device_name)
     model, config = load_run_model(run_dir, ema=ema, device=device, overrides=overrides)
+    resolved = inference_precision(precision, device, config)
     if data_source is not None:
         config.data.source = data_source
+    announce(config, model, device, resolved)
     job = build_job(config, device=device, splits=(split,), run_dir=Path(run_dir))
-    metrics = job.evaluate(model, split, autocast=autocast_for(config.train.precision, device))
+    metrics = job.evaluate(model, split, autocast=autocast_for(resolved, device))
     print(format_table([(f"{split} {k}", _fmt(v)) for k, v in metrics.items()],
                        f"{config.model.name} on {config.data.source}"))
     return metrics
+
+
+def inference_precision(requested: str, device: torch.device, config: RunConfig) -> Precision:
+    """The precision of an evaluation, generation or sampling command of a run on `device`.
+
+    auto: the precision the run trained in (so `eval` reproduces the run's own numbers), unless that is a low
+    precision this device does not compute natively, then float32: a run trained in bfloat16 on an AMX CPU should
+    not evaluate 100x slower on an AVX2 laptop. An explicit precision is resolved as for training.
+    """
+    if requested != "auto":
+        return resolve_precision(requested, device)
+    trained = (config.environment or {}).get("precision") or config.train.precision
+    if trained == "auto":
+        return resolve_precision("auto", device)
+    if trained == "fp32":
+        return Precision("fp32", "auto: the run trained in fp32")
+    here = resolve_precision("auto", device)
+    native = here.name == "bf16" or (trained == "fp16" and device.type == "cuda")
+    if native:
+        return Precision(trained, f"auto: the run trained in {trained}, native on {device_name(device)}")
+    return Precision("fp32", f"auto: the run trained in {trained}, which {device_name(device)} does not compute "
+                             f"natively")
+
+
+def announce(config: RunConfig, model: nn.Module, device: torch.device, precision: Precision) -> None:
+    """The first line of a command that runs a model: what runs, on what data, where and in which precision
+    (and a warning when that precision is slow here)."""
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"{config.model.name} ({n_params / 1e6:.2f}M params) on {config.data.source} · device {device} · threads "
+          f"{torch.get_num_threads()} · precision {precision.describe()}", file=sys.stderr)
+    if precision.warning:
+        print(f"warning: {precision.warning}", file=sys.stderr)
 
 
 def _fmt(value: Any) -> str:
@@ -374,4 +424,5 @@ def _progress(total: int, initial: int, enabled: bool):
                 bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}]{postfix}")
 
 
-__all__ = ["TrainingJob", "evaluate_run", "load_run_config", "load_run_model", "train"]
+__all__ = ["TrainingJob", "announce", "evaluate_run", "inference_precision", "load_run_config", "load_run_model",
+           "run_precision", "train"]
