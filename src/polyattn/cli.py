@@ -288,14 +288,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 BENCH_SUITES = {"mixers": "time and peak memory of token mixers against sequence length and grid size",
+                "training": "training-step throughput and model FLOPs utilisation of every model family",
+                "peers": "polyattn's training step against x-transformers and perceiver-ar-pytorch at the same shapes",
+                "decode": "per-token decoding latency against context length: KV cache, LightNet state, PerceiverAR",
                 "compare": "train a comparison suite's models with one recipe and one time budget; rebuild its table"}
+
+
+BENCH_COMMANDS = {"training": "train"}  # module → command where the command's name would shadow a package
 
 
 def _add_bench_suites(bench) -> None:
     import importlib
 
-    for name, help_text in BENCH_SUITES.items():
-        module = importlib.import_module(f".bench.{name}", __package__)
+    for module_name, help_text in BENCH_SUITES.items():
+        module = importlib.import_module(f".bench.{module_name}", __package__)
+        name = BENCH_COMMANDS.get(module_name, module_name)
         p = bench.add_parser(name, help=help_text, description=help_text)
         module.add_arguments(p)
         p.set_defaults(func=_cmd_bench, bench_run=module.run)

@@ -121,6 +121,7 @@ class LightNetAttention(nn.Module):
         chunk_size: int = 64,
         init: str = "default",
         layer_idx: int | None = None,
+        kernel_backend: str = "torch",
     ):
         super().__init__()
         assert hidden_size % num_heads == 0, f"hidden_size {hidden_size} not divisible by num_heads {num_heads}"
@@ -134,6 +135,7 @@ class LightNetAttention(nn.Module):
         self.grid_shape = tuple(grid_shape) if grid_shape is not None else None
         self.num_special = num_special
         self.normalizer_init, self.chunk_size, self.layer_idx = normalizer_init, chunk_size, layer_idx
+        self.kernel_backend = kernel_backend  # the causal chunked core: "torch" or a polyattn.ops.gla_backends name
         self.lrpe_base, self.lrpe_shared_heads = lrpe_base, lrpe_shared_heads
         self.q_proj = nn.Linear(hidden_size, hidden_size, bias=False)
         self.k_proj = nn.Linear(hidden_size, hidden_size, bias=False)
@@ -199,7 +201,8 @@ class LightNetAttention(nn.Module):
         state = None if past_key_values is None else LightNetState(past_key_values.S, past_key_values.z)
         o, new_state = lightnet_attn(q, k, v, causal=self.causal, scale=self.scale, initial_state=state,
                                      output_final_state=use_cache, mask=mask, chunk_size=self.chunk_size,
-                                     normalizer_init=self.normalizer_init, key_features=feats)
+                                     normalizer_init=self.normalizer_init, key_features=feats,
+                                     backend=self.kernel_backend)
         o = o.reshape(B, T, D)
         gate = torch.sigmoid(self.g_proj(x))
         o = self.g_norm(o * gate) if self.gate_position == "pre" else self.g_norm(o) * gate

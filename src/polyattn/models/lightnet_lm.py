@@ -82,7 +82,8 @@ class LightNetText(nn.Module):
 
     def __init__(self, vocab_size: int, dim: int, depth: int, num_heads: int, mlp_hidden_dim: int | None,
                  lrpe: str | None, tpe: bool, tpe_residual: bool, scale: float | None, normalizer_init: str,
-                 chunk_size: int, norm_eps: float, tie_embeddings: bool, init: str, *, causal: bool):
+                 chunk_size: int, norm_eps: float, tie_embeddings: bool, init: str, *, causal: bool,
+                 kernel_backend: str = "torch"):
         super().__init__()
         if dim % num_heads:
             raise ValueError(f"dim ({dim}) must be divisible by num_heads ({num_heads})")
@@ -94,7 +95,8 @@ class LightNetText(nn.Module):
         self.blocks = nn.ModuleList(
             LightNetBlock(dim, num_heads, mlp_hidden_dim=mlp_hidden_dim, mixer_layer=LightNetAttention,
                           norm_eps=norm_eps, layer_idx=i, causal=causal, lrpe=lrpe, scale=scale,
-                          normalizer_init=normalizer_init, chunk_size=chunk_size, init=init)
+                          normalizer_init=normalizer_init, chunk_size=chunk_size, init=init,
+                          kernel_backend=kernel_backend)
             for i in range(depth))
 
     def _logits(self, tokens: torch.Tensor, attention_mask: torch.Tensor | None,
@@ -137,14 +139,18 @@ class LightNetLM(CausalLMMixin, LightNetText):
         norm_eps (float): RMSNorm epsilon. Default: 1e-6.
         tie_embeddings (bool): output head shares the embedding matrix. Default: False.
         init (str): "default" (trunc-normal 0.02) or "author" (Xavier gain 0.01, zero `o_proj`) for the mixers.
+        kernel_backend (str): kernel of the causal chunked core: "torch" (default, the reference) or "fla"
+            (flash-linear-attention's GLA kernel, CUDA only; see polyattn.ops.gla_backends).
     """
 
     def __init__(self, vocab_size: int = 256, dim: int = 128, depth: int = 4, num_heads: int = 4,
                  mlp_hidden_dim: int | None = None, lrpe: str | None = "cosine", tpe: bool = True,
                  tpe_residual: bool = True, scale: float | None = 1.0, normalizer_init: str = "empty",
-                 chunk_size: int = 64, norm_eps: float = 1e-6, tie_embeddings: bool = False, init: str = "default"):
+                 chunk_size: int = 64, norm_eps: float = 1e-6, tie_embeddings: bool = False, init: str = "default",
+                 kernel_backend: str = "torch"):
         super().__init__(vocab_size, dim, depth, num_heads, mlp_hidden_dim, lrpe, tpe, tpe_residual, scale,
-                         normalizer_init, chunk_size, norm_eps, tie_embeddings, init, causal=True)
+                         normalizer_init, chunk_size, norm_eps, tie_embeddings, init, causal=True,
+                         kernel_backend=kernel_backend)
 
 
     def forward_cached(self, tokens: torch.Tensor, cache: LightNetLMCache | None = None, *,

@@ -461,8 +461,9 @@ def _compute_dtype(q: torch.Tensor, v: torch.Tensor) -> torch.dtype:
     """Matmul dtype: bfloat16/float16 if the inputs are, or if a CPU/CUDA autocast region asks for it; float32 on a
     CPU without native bfloat16 products, where a bfloat16 product is ~100x slower than the casts around a float32
     one (polyattn.hardware)."""
-    if torch.is_autocast_enabled(q.device.type):
-        dtype = torch.get_autocast_dtype(q.device.type)
+    kind = q.device.type
+    if torch.amp.is_autocast_available(kind) and torch.is_autocast_enabled(kind):
+        dtype = torch.get_autocast_dtype(kind)
     else:
         dtype = torch.promote_types(q.dtype, v.dtype) if q.dtype != torch.float64 else torch.float64
     if dtype in (torch.bfloat16, torch.float16) and q.device.type == "cpu" and not native_bf16(q.device):

@@ -156,6 +156,7 @@ def lightnet_chunk(
     chunk_size: int = 64,
     normalizer_init: str = "empty",
     key_features: torch.Tensor | None = None,
+    backend: str = "torch",
 ) -> tuple[torch.Tensor, LightNetState | None]:
     """Causal LightNet attention, chunk-parallel (training / prefill). Arguments as `lightnet_attn`."""
     B, T, H, K = k.shape
@@ -172,6 +173,8 @@ def lightnet_chunk(
     if mask is not None:
         k_hat = k_hat.masked_fill(~mask[:, :, None, None], 0.0)  # leading pads have z = k = NEG: exp(0) = 1
     kw = _key_weights(k_hat, R, key_features)
+    if backend != "torch":
+        return _chunk_on_backend(q, kw, v, z, z0, S0, R, scale, mask, output_final_state, backend)
 
     pad = -T % C
     if pad:
@@ -188,6 +191,23 @@ def lightnet_chunk(
     if mask is not None:
         o = o.masked_fill(~mask[:, :, None, None], 0.0)
     return o.to(v.dtype), (_public_state(S, z[:, -1]) if output_final_state else None)
+
+
+def _chunk_on_backend(q, kw, v, z, z0, S0, R, scale, mask, output_final_state, backend):
+    """The causal core as gated linear attention on an external kernel (`polyattn.ops.gla_backends`): keys are the
+    normalised key weights, log-decays `z_{t−1} − z_t` (≤ 0, repeated over the R copies of each channel)."""
+    from .gla_backends import get_backend
+
+    run = get_backend(backend, q.device)
+    z_before = torch.cat([z0.unsqueeze(1), z[:, :-1]], dim=1)  # z_{t−1}, with z_0 before the first token
+    g = (z_before - z).repeat(1, 1, 1, R)  # [B, T, H, R·K]; copy r of channel i sits at r·K + i, as in kw
+    cdt = _compute_dtype(q, v)
+    o, S = run(q.to(cdt), kw.flatten(-2).to(cdt), v.to(cdt), g, S0)  # kw [B, T, H, R, K] → R·K channels
+    if scale != 1.0:
+        o = o * scale
+    if mask is not None:
+        o = o.masked_fill(~mask[:, :, None, None], 0.0)
+    return o.to(v.dtype), (_public_state(S.float(), z[:, -1]) if output_final_state else None)
 
 
 def lightnet_recurrent(
@@ -453,6 +473,7 @@ def lightnet_attn(
     normalizer_init: str = "empty",
     key_features: torch.Tensor | None = None,
     cu_seqlens: torch.Tensor | None = None,
+    backend: str = "torch",
 ) -> tuple[torch.Tensor, LightNetState | None]:
     """LightNet attention (arXiv 2405.21022): per-channel softmax of the key logits over tokens, then linear attention.
 
@@ -475,6 +496,9 @@ def lightnet_attn(
             `[cos Θ_s, sin Θ_s]` for cosine LRPE; None → ones (then q must have K channels).
         cu_seqlens: `[N + 1]` int offsets of N sequences packed along T with B == 1 (flash-attn varlen). Uses
             data-dependent shapes: eager mode only.
+        backend: kernel of the causal chunked form: "torch" (polyattn's chunked PyTorch core, the default and
+            the reference) or a gated-linear-attention backend of `polyattn.ops.gla_backends` ("fla": flash-linear-
+            attention's Triton kernel, CUDA only). The decoding step and the non-causal form always use PyTorch.
 
     Returns:
         `o [B, T, H, V]` in the dtype of `v`, and the final `LightNetState` (float32) or None.
@@ -489,7 +513,7 @@ def lightnet_attn(
             fp = _unpack(key_features.expand(1, *q.shape[1:]), cu_seqlens)[0]
         o, state = lightnet_attn(qp, kp, vp, causal=causal, scale=scale, initial_state=initial_state,
                                  output_final_state=output_final_state, mask=mask_p, chunk_size=chunk_size,
-                                 normalizer_init=normalizer_init, key_features=fp)
+                                 normalizer_init=normalizer_init, key_features=fp, backend=backend)
         out = o.new_zeros(1, q.shape[1], *o.shape[2:])
         out[0, index[mask_p]] = o[mask_p]
         return out, state
@@ -499,4 +523,4 @@ def lightnet_attn(
         return lightnet_global(q, k, v, **kw)
     if q.shape[1] == 1:  # static shape: a decoding step
         return lightnet_recurrent(q, k, v, **kw)
-    return lightnet_chunk(q, k, v, chunk_size=chunk_size, **kw)
+    return lightnet_chunk(q, k, v, chunk_size=chunk_size, backend=backend, **kw)
