@@ -52,10 +52,8 @@ def test_lightnet_on_a_gla_backend_equals_the_reference(with_features, padded):
     out, state = lightnet_attn(q.float(), k.float(), v.float(), backend="test-loop", output_final_state=True, **kw)
     ref, ref_state = lightnet_reference(q, k, v, **kw)
     torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-4)
-    default, default_state = lightnet_attn(q.float(), k.float(), v.float(), output_final_state=True, chunk_size=8,
-                                           **kw)
-    torch.testing.assert_close(state.S, default_state.S, atol=1e-5, rtol=1e-4)
-    torch.testing.assert_close(state.z, default_state.z)
+    torch.testing.assert_close(state.S.double(), ref_state.S, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(state.z.double(), ref_state.z, atol=1e-5, rtol=1e-5)
     grads = torch.autograd.grad(out.double().sum(), (q, k, v))
     ref_grads = torch.autograd.grad(ref.sum(), (q, k, v))
     for a, b in zip(grads, ref_grads):
