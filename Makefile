@@ -1,7 +1,8 @@
 # The two Quickstart commands. Each sets up .venv first (see scripts/setup.sh for TORCH_SPEC and EXTRAS).
 #   make train [ARGS="recipe key=value ..."]   trains the default recipe (or ARGS) and evaluates it
 #   make test                                  runs ruff and the test suite
-.PHONY: setup train test lint
+#   make gpu-check                             the contracts and benchmarks on CUDA (scripts/gpu_check.sh)
+.PHONY: setup train test lint gpu-check
 
 setup:
 	@bash scripts/setup.sh
@@ -14,3 +15,6 @@ lint: setup
 
 test: lint
 	.venv/bin/python -m pytest $(PYTEST_ARGS)
+
+gpu-check: setup
+	bash scripts/gpu_check.sh

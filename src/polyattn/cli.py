@@ -143,13 +143,13 @@ def _cmd_sample(args) -> int:
     model, config = load_run_model(run_dir, ema=False if args.no_ema else None, device=device)
     precision = inference_precision(args.precision, device, config)
     autocast = autocast_for(precision, device)
-    announce(config, model, device, precision)
     name = f"{args.sampler}-{args.steps}steps-cfg{args.cfg:g}-seed{args.seed}"
     out = Path(args.out) if args.out else run_dir / "samples" / name
     with autocast():
         result = sample_to_dir(model, config.data, read_class_names(run_dir, model.num_classes), out,
                                classes=args.classes, n=args.n, steps=args.steps, cfg=args.cfg, sampler=args.sampler,
-                               eta=args.eta, seed=args.seed, batch_size=args.batch_size, device=device)
+                               eta=args.eta, seed=args.seed, batch_size=args.batch_size, device=device,
+                               on_start=lambda: announce(config, model, device, precision))
     n = len(result["labels"])
     print(f"{n} images in {result['seconds']:.1f} s ({result['seconds'] / n:.3f} s per image, {args.steps} "
           f"{args.sampler} steps, cfg {args.cfg:g}); grid: {result['grid']}; images: {out / 'images'}")

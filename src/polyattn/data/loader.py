@@ -10,6 +10,14 @@ from ..errors import UserError
 from .images import ImageDataset
 
 
+def to_device(*tensors: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, ...]:
+    """Host batches on `device`: on CUDA copied from pinned memory without blocking, so the copy overlaps the
+    previous step's kernels (a non_blocking copy from pageable memory is synchronous); elsewhere a plain copy."""
+    if device.type == "cuda":
+        return tuple(t.pin_memory().to(device, non_blocking=True) for t in tensors)
+    return tuple(t.to(device) for t in tensors)
+
+
 class BatchLoader:
     """Yields (images uint8 [B,C,H,W], labels [B]) batches of an in-memory dataset.
 

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..data.images import default_cache_dir
+from ..data.loader import to_device
 from ..data.text import (
     EMBEDDED,
     IGNORE_INDEX,
@@ -233,18 +234,21 @@ class TextStreamJob:
     def loss(self, model: nn.Module, batch, *, accumulation_steps: int, autocast,
              forward_kwargs: dict[str, Any], backward=torch.Tensor.backward) -> tuple[torch.Tensor, int]:
         self._check_vocab(model)
-        x, y = (b.to(self.device, non_blocking=True) for b in batch)
-        n_total = int((y != IGNORE_INDEX).sum())
+        x_host, y_host = batch
+        x, y = to_device(x_host, y_host, device=self.device)
+        # Token counts come from the host copy of the targets: counting on the device would sync it every step.
+        n_total = int((y_host != IGNORE_INDEX).sum())
         n_scored = None  # known after the first forward: a model may score only its last positions (latents)
         total = torch.zeros((), device=self.device)
-        for xs, ys in zip(x.chunk(accumulation_steps), y.chunk(accumulation_steps)):
+        for xs, ys, ys_host in zip(x.chunk(accumulation_steps), y.chunk(accumulation_steps),
+                                   y_host.chunk(accumulation_steps)):
             with autocast():
                 logits = model(xs, **forward_kwargs)
-            ys = scored_targets(logits, ys)
+            ys, ys_host = scored_targets(logits, ys), scored_targets(logits, ys_host)
             if n_scored is None:
-                n_scored = int((scored_targets(logits, y) != IGNORE_INDEX).sum())
+                n_scored = int((scored_targets(logits, y_host) != IGNORE_INDEX).sum())
             # weighted by its share of scored tokens, so accumulation gives the gradient of one big batch
-            loss = causal_lm_loss(logits, ys) * (int((ys != IGNORE_INDEX).sum()) / n_scored)
+            loss = causal_lm_loss(logits, ys) * (int((ys_host != IGNORE_INDEX).sum()) / n_scored)
             backward(loss)
             total += loss.detach()
         return total, self._tokens_processed(x, n_total)

@@ -45,7 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..data.loader import BatchLoader
+from ..data.loader import BatchLoader, to_device
 from ..data.tokenizers import atomic_write
 from ..data.transforms import TrainAugment
 from ..errors import UserError, nearest
@@ -264,7 +264,7 @@ class DiffusionJob(ImageJob):
         t = self.flow.sample_time(b, self.generator)
         dropped = torch.rand(b, generator=self.generator) < self.label_dropout
         y = labels.masked_fill(dropped, self.num_classes)
-        x0, noise, t, y = (v.to(self.device, non_blocking=True) for v in (x0, noise, t, y))
+        x0, noise, t, y = to_device(x0, noise, t, y, device=self.device)
         total = torch.zeros((), device=self.device)
         for xs, ns, ts, ys in zip(*(v.chunk(accumulation_steps) for v in (x0, noise, t, y))):
             with autocast():
@@ -390,10 +390,12 @@ def write_samples(images: torch.Tensor, labels: Sequence[int], class_names: Sequ
 
 def sample_to_dir(model: nn.Module, data_config, class_names: Sequence[str], out_dir: Path, *, classes: str | None,
                   n: int, steps: int, cfg: float, sampler: str = "euler", eta: float = 0.0, seed: int = 0,
-                  batch_size: int = 64, device: torch.device | str = "cpu", progress: bool = True) -> dict[str, Any]:
+                  batch_size: int = 64, device: torch.device | str = "cpu", progress: bool = True,
+                  on_start: Callable[[], None] | None = None) -> dict[str, Any]:
     """Samples `n` images of each class in `classes` ("0,3,cat", None = all) from a trained `DiT`-like model
     (attributes `num_classes`, `in_chans`, `img_size`), writes them with `write_samples` and returns a summary:
-    `grid`, `paths`, `images` (uint8), `labels`, `seconds` (sampling time, files excluded)."""
+    `grid`, `paths`, `images` (uint8), `labels`, `seconds` (sampling time, files excluded). `on_start` is called
+    once every argument has been checked, before the work (the command line announces the run there)."""
     import time
 
     if n < 1:
@@ -404,6 +406,9 @@ def sample_to_dir(model: nn.Module, data_config, class_names: Sequence[str], out
         labels, class_names = [0] * n, ["unconditional"]
     else:
         labels = [c for c in parse_classes(classes, class_names) for _ in range(n)]
+    _check_sampling_args(len(labels), steps, cfg, sampler, eta, batch_size)
+    if on_start is not None:
+        on_start()
     generator = torch.Generator().manual_seed(seed)
     model.eval()
     start = time.perf_counter()

@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..data.loader import BatchLoader
+from ..data.loader import BatchLoader, to_device
 from ..data.transforms import MixupCutmix, TrainAugment
 from .classification import ClassificationTask
 from .image_job import ImageJob
@@ -40,7 +40,7 @@ class ImageClassificationJob(ImageJob):
         x, y = self.augment(images, self.generator), labels
         if self.mix is not None:
             x, y = self.mix(x, y, self.generator)  # y: soft targets (B, classes)
-        x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+        x, y = to_device(x, y, device=self.device)
         total = torch.zeros((), device=self.device)
         for xs, ys in zip(x.chunk(accumulation_steps), y.chunk(accumulation_steps)):
             with autocast():
