@@ -290,6 +290,7 @@ def build_parser() -> argparse.ArgumentParser:
 BENCH_SUITES = {"mixers": "time and peak memory of token mixers against sequence length and grid size",
                 "training": "training-step throughput and model FLOPs utilisation of every model family",
                 "peers": "polyattn's training step against x-transformers and perceiver-ar-pytorch at the same shapes",
+                "dtypes": "the ops' internal dtype choices (bfloat16 or float32 products), measured both ways here",
                 "decode": "per-token decoding latency against context length: KV cache, LightNet state, PerceiverAR",
                 "compare": "train a comparison suite's models with one recipe and one time budget; rebuild its table"}
 

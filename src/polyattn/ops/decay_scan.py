@@ -348,6 +348,17 @@ class ChunkGatedCore(torch.autograd.Function):
                 dz.permute(0, 3, 1, 2, 4), dz_prev.permute(0, 2, 1, 3), d_state, None)
 
 
+def _core_dtype(device: torch.device, compute_dtype: torch.dtype) -> torch.dtype:
+    """The chunk core's product dtype: float32 on every CPU for low-precision inputs. Its products are small
+    (chunk × head dim), so casting their operands costs more than native bfloat16 saves. Measured, 2 threads,
+    causal LightNet fwd+bwd with bfloat16 inputs, AVX-512 BF16: 16K tokens × 4 heads of 64, 287 ms in float32
+    against 322–362 ms in bfloat16; 8 × 1024 tokens × 4 heads of 32, 72–76 ms against 89–108 ms. Without native
+    bfloat16 (AVX2) the bfloat16 products are ~100x slower still (`polyattn bench dtypes` takes it both ways)."""
+    if device.type == "cpu" and compute_dtype in (torch.bfloat16, torch.float16):
+        return torch.float32
+    return compute_dtype
+
+
 def chunk_gated_core(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -361,12 +372,7 @@ def chunk_gated_core(
     math, shapes and returns. Runs `ChunkGatedCore` (hand-written backward)."""
     B, H, _, C, R, K = q.shape
     assert C & (C - 1) == 0, f"chunk size {C} must be a power of two"
-    if q.device.type == "cpu" and compute_dtype in (torch.bfloat16, torch.float16):
-        # The core's products are small (chunk × head dim): on a CPU, casting their operands to bfloat16 and back
-        # costs more than AMX saves. Measured, 2 threads, causal LightNet fwd+bwd with bfloat16 inputs: 16K
-        # tokens × 4 heads of 64, 287 ms in float32 against 322–362 ms in bfloat16; 8 × 1024 tokens × 4 heads
-        # of 32, 72–76 ms against 89–108 ms.
-        compute_dtype = torch.float32
+    compute_dtype = _core_dtype(q.device, compute_dtype)
     if initial_state is None:
         initial_state = q.new_zeros(B, H, R * K, v.shape[-1], dtype=_acc(compute_dtype))
     return ChunkGatedCore.apply(q, k, v, z, z_prev, initial_state, compute_dtype)
