@@ -76,3 +76,12 @@ def test_bench_peers_times_both_sides_of_a_pair(tmp_path):
     assert row["ratio"] == pytest.approx(row["polyattn_seconds"] / row["peer_seconds"])
     # the same shapes: the two models' parameter counts agree within 2%
     assert abs(row["polyattn_params"] - row["peer_params"]) / row["peer_params"] < 0.02
+
+
+def test_bench_dtypes_takes_each_internal_choice_both_ways(tmp_path):
+    assert main(["bench", "dtypes", "--quick", "--out", str(tmp_path)]) == 0
+    data = json.loads((tmp_path / "dtypes.json").read_text())
+    assert {r["decision"] for r in data["rows"]} == {"attention_short", "lightnet_global", "chunk_core"}
+    for row in data["rows"]:
+        assert len(row["seconds"]) == 2 and row["chosen"] in row["seconds"] and row["fastest"] in row["seconds"]
+    assert isinstance(data["header"]["native_bf16"], bool)
