@@ -197,7 +197,8 @@ def test_lightnet_mlm_fast_form_equals_the_reference_op(monkeypatch):
     calls = []
 
     def reference(q, k, v, *, causal, scale, initial_state, output_final_state, mask, chunk_size, normalizer_init,
-                  key_features):
+                  key_features, backend):
+        assert backend == "torch"
         calls.append(causal)
         o, _ = lightnet_reference(q, k, v, causal=causal, scale=scale, initial_state=initial_state, mask=mask,
                                   normalizer_init=normalizer_init, key_features=key_features)
