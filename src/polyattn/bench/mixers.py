@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from ..hardware import native_bf16, resolve_device
 from ..ops.decay_scan import multi_scan_decay_attn
 from ..ops.lightnet import lightnet_attn
 from .common import SavedTensorBytes, bench_header, median, synchronize, time_call, write_json
@@ -37,7 +38,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sides", type=int, nargs="+", default=[16, 32, 64, 128, 256],
                         help="grid sides (tokens = side²)")
     parser.add_argument("--mixers", nargs="+", default=MIXERS, choices=MIXERS)
-    parser.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=list(DTYPES))
+    parser.add_argument("--dtypes", nargs="+", default=None, choices=list(DTYPES),
+                        help="default: float32, and bfloat16 where the device computes it natively")
     parser.add_argument("--width", type=int, default=256, help="model width D = heads × head dim")
     parser.add_argument("--heads", type=int, default=4)
     parser.add_argument("--batch", type=int, default=1)
@@ -45,7 +47,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--time-cap", type=float, default=15.0,
                         help="skip points whose predicted time per call exceeds this many seconds")
     parser.add_argument("--chunk-size", type=int, default=64, help="chunk length of the causal/scan forms")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None,
                         help="torch intra-op threads (default: torch's choice); 1 is steadier on a shared CPU")
@@ -112,7 +114,9 @@ def run(args) -> int:
         args.sides, args.repeats = [16, 32], 1
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
+    device = resolve_device(args.device)
+    if args.dtypes is None:
+        args.dtypes = ["float32", "bfloat16"] if native_bf16(device) else ["float32"]
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
     header = bench_header(device, width=args.width, heads=args.heads, head_dim=args.width // args.heads,
