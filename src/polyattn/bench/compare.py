@@ -248,10 +248,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--runs", type=Path, default=Path("runs/compare"), help="run directories")
     parser.add_argument("--threads", type=int, help="CPU threads of the training runs (calibration keeps the "
                         "default), e.g. 1 to train two rows side by side on a 2-core machine")
+    parser.add_argument("--device", help="train the rows on this device: auto, cpu, cuda or cuda:N (default: the "
+                        "suite's recipe, auto)")
+    parser.add_argument("--precision", choices=["auto", "bf16", "fp16", "fp32"],
+                        help="train the rows in this precision (default: the suite's recipe, auto)")
 
 
 def run(args) -> int:
     suite = load_suite(args.suite)
+    # device and precision become overrides of every row, so the rows' saved configs record them
+    suite.overrides += [f"train.{key}={getattr(args, key)}" for key in ("device", "precision")
+                        if getattr(args, key, None) is not None]
     results = args.results / suite.name
     names = {r.name for r in suite.rows}
     unknown = sorted(set(args.rows or []) - names)
