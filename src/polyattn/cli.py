@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -24,15 +25,86 @@ def _cmd_models(args) -> int:
     from .registry import count_parameters, get_entry, list_models
 
     names = list_models(args.task)
+    if args.name:
+        names = [n for n in names if args.name.lower() in n.lower()]
+    shape, recipe_args, recipe_model = {}, {}, None
+    if args.recipe:
+        shape, recipe_args, recipe_model = _recipe_shape(args.recipe)
+        task = get_entry(recipe_model).task
+        names = [n for n in names if get_entry(n).task == task]
+        note = (f"parameter counts at the shape of recipe {args.recipe}: " + ", ".join(f"{k}={v}" for k, v in
+                shape.items()) + f"; {recipe_model} also with the recipe's own model arguments")
+    else:
+        note = ("parameter counts at each model's default size and number of classes (224 px and 1,000 classes for "
+                "most image models); --recipe R counts them at a recipe's shape.")
+    if not names:
+        raise UserError(f"No registered model matches '{args.name}'" + (f" for task {args.task}" if args.task else "")
+                        + "; run `polyattn models` to list them all.")
     rows = []
     for name in names:
         entry = get_entry(name)
-        rows.append((name, entry.task, f"{count_parameters(name) / 1e6:.2f}M", entry.description))
+        params = entry.parameters()
+        args = {**shape, **(recipe_args if name == recipe_model else {})}
+        count = count_parameters(name, **{k: v for k, v in args.items() if k in params})
+        rows.append((name, entry.task, f"{count / 1e6:.2f}M", entry.description))
     widths = [max(len(r[i]) for r in [*rows, ("model", "task", "params", "")]) for i in range(3)]
     print(f"{'model':<{widths[0]}}  {'task':<{widths[1]}}  {'params':>{widths[2]}}  description")
     for row in rows:
         print(f"{row[0]:<{widths[0]}}  {row[1]:<{widths[1]}}  {row[2]:>{widths[2]}}  {row[3]}")
-    print(f"\n{len(rows)} models; parameter counts at each model's default size and number of classes.")
+    print(f"\n{len(rows)} models; {note}")
+    return 0
+
+
+def _recipe_shape(recipe: str) -> tuple[dict, dict, str]:
+    """What a recipe fixes for every model of its task: the model arguments that follow from its data (number of
+    classes, image size and channels, vocabulary; the data is loaded, from the cache after the first time) and
+    its patch size; then the recipe's own model arguments (its depth, width, ...) and its model's name."""
+    import torch
+
+    from .tasks import build_job
+    from .train.config import build_config
+
+    config = build_config(recipe, [])
+    job = build_job(config, device=torch.device("cpu"), splits=("train",))
+    shape = dict(job.inferred_model_args)
+    if "patch_size" in config.model.args:
+        shape["patch_size"] = config.model.args["patch_size"]
+    return shape, dict(config.model.args), config.model.name
+
+
+def _cmd_config(args) -> int:
+    from .train.config import build_config, config_keys, describe_config, find_recipe, format_value, keys_markdown
+
+    if args.keys or args.markdown:
+        if args.recipe or args.overrides:
+            raise UserError("--keys lists every key with its default; leave out the recipe and overrides, or drop "
+                            "--keys to see a recipe's resolved config.")
+        if args.markdown:
+            text = keys_markdown()
+            if args.readme:
+                from .bench.compare import fill_markdown_block
+
+                fill_markdown_block(args.readme, "config-keys", text)
+                print(f"wrote the table of {len(config_keys())} keys into {args.readme}")
+                return 0
+            print(text, end="")
+            return 0
+        keys = config_keys()
+        width = max(len(k.key) for k in keys)
+        type_width = max(len(k.type) for k in keys)
+        for k in keys:
+            print(f"{k.key:<{width}}  {k.type:<{type_width}}  {format_value(k.default):<12}  {k.help}")
+        print(f"\n{len(keys)} keys, plus model=NAME and model.ARG for the model's constructor arguments "
+              f"(`polyattn config RECIPE` lists them).")
+        return 0
+    recipe, overrides = args.recipe, list(args.overrides)
+    if recipe is not None and "=" in recipe:
+        recipe, overrides = None, [recipe, *overrides]
+    config = build_config(recipe, overrides)
+    origin = f"recipe {config.recipe} ({find_recipe(recipe or 'default')})"
+    if overrides:
+        origin += " with " + " ".join(overrides)
+    print(describe_config(config, origin=origin), end="")
     return 0
 
 
@@ -164,13 +236,31 @@ def _cmd_bench(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="polyattn", description="Efficient attention models: build, train, "
                                      "evaluate and benchmark.")
+    from . import __version__
+
+    parser.add_argument("--version", action="version", version=f"polyattn {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
 
     p = sub.add_parser("models", help="list the registered models with their task and parameter count",
                        description="List the registered models with their task and parameter count.")
+    p.add_argument("name", nargs="?", help="only models whose name contains this, e.g. lightnet or _tiny")
     p.add_argument("--task", choices=["classification", "causal_lm", "masked_lm", "diffusion"])
+    p.add_argument("--recipe", metavar="RECIPE", help="count parameters at this recipe's shape (its data's classes, "
+                   "image size, vocabulary and its model arguments), listing the models of its task")
     p.set_defaults(func=_cmd_models)
+
+    p = sub.add_parser("config", help="print a recipe's resolved config with every key's type and help",
+                       description="Print the config a training run of RECIPE (default: 'default') with these "
+                                   "overrides would use, as YAML with every key commented with its type, its "
+                                   "default where the recipe changed it, and its help; --keys lists every key.")
+    p.add_argument("recipe", nargs="?", help="recipe name in configs/ or a path to a YAML file")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.lr=3e-4")
+    p.add_argument("--keys", action="store_true", help="list every key with its type, default and help")
+    p.add_argument("--markdown", action="store_true", help="with --keys: the list as a Markdown table")
+    p.add_argument("--readme", type=Path, help="with --markdown: put the table between the <!-- table:config-keys "
+                   "--> markers of this Markdown file")
+    p.set_defaults(func=_cmd_config)
 
     p = sub.add_parser("train", help="train a model from a recipe, or resume a run",
                        description="Train a model from a recipe in configs/ (default: 'default'), with key=value "
@@ -276,6 +366,9 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `polyattn config --keys | head`: the reader left; say nothing more
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115  (stays open until exit, so the final flush is quiet)
+        return 0
     except KeyboardInterrupt:
         print("\ninterrupted; a training run can be continued with `polyattn train --resume RUN_DIR`.",
               file=sys.stderr)

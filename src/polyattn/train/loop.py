@@ -17,7 +17,7 @@ import time
 from contextlib import nullcontext
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import torch
 from torch import nn
@@ -312,14 +312,31 @@ def train(config: RunConfig, *, resume_dir: Path | None = None, evaluate: bool =
     return summary
 
 
-def load_run_model(run_dir: Path, *, ema: bool | None = None, device: torch.device | str = "cpu",
-                   overrides: list[str] | None = None) -> tuple[nn.Module, RunConfig]:
-    """The model of a run directory with its trained weights (in eval mode), and the run's config.
+class Run(NamedTuple):
+    """A trained run loaded back from its directory (`load_run`)."""
+
+    model: nn.Module
+    """The model with the run's trained weights, in eval mode."""
+    config: RunConfig
+    """The run's resolved config (`config.yaml`), with any overrides applied."""
+    tokenizer: Any
+    """Text runs: the run's tokenizer (byte-level, or its saved BPE model); None for image runs."""
+    weights: str
+    """Which weights were loaded: 'ema' (the averaged weights, train.ema_decay) or 'raw'."""
+    source: Path
+    """The weights file that was loaded (final weights, or the latest checkpoint's)."""
+
+
+def load_run(run_dir: Path | str, *, ema: bool | None = None, device: torch.device | str = "cpu",
+             overrides: list[str] | None = None) -> Run:
+    """Loads any run directory: its model with trained weights (in eval mode), config and tokenizer.
 
     Final weights when the run finished, else its latest checkpoint's (with a note). `ema`: None uses the
     averaged weights when the run kept them (train.ema_decay), True requires them, False uses the raw weights.
     `overrides` (`key=value`) change the run's config before the model is built, e.g. an inference-time option.
     """
+    from ..registry import model_task
+
     run_dir = Path(run_dir)
     config = load_run_config(run_dir)
     apply_overrides(config, overrides or [])
@@ -329,14 +346,26 @@ def load_run_model(run_dir: Path, *, ema: bool | None = None, device: torch.devi
         if folder is None:
             raise UserError(f"{run_dir} has neither final weights nor a checkpoint; train it first.")
         print(f"note: {run_dir} did not finish; using its latest checkpoint {folder.name}.", file=sys.stderr)
-    weights = folder / WEIGHTS
+    weights, kind = folder / WEIGHTS, "raw"
     if ema is not False and (folder / EMA_WEIGHTS).is_file():
-        weights = folder / EMA_WEIGHTS
+        weights, kind = folder / EMA_WEIGHTS, "ema"
     elif ema:
         raise UserError(f"{run_dir} kept no averaged weights (train.ema_decay was off); drop the EMA option.")
     model, _ = build_model(config, {})
     load_weights(model, weights, model_name=config.model.name)
-    return model.to(device).eval(), config
+    tokenizer = None
+    if model_task(config.model.name) in ("causal_lm", "masked_lm"):
+        from ..data.tokenizers import load_run_tokenizer
+
+        tokenizer = load_run_tokenizer(run_dir, config.data.tokenizer)
+    return Run(model.to(device).eval(), config, tokenizer, kind, weights)
+
+
+def load_run_model(run_dir: Path, *, ema: bool | None = None, device: torch.device | str = "cpu",
+                   overrides: list[str] | None = None) -> tuple[nn.Module, RunConfig]:
+    """`load_run` without the tokenizer: the model (with its trained weights, in eval mode) and the config."""
+    run = load_run(run_dir, ema=ema, device=device, overrides=overrides)
+    return run.model, run.config
 
 
 def evaluate_run(run_dir: Path, *, data_source: str | None = None, split: str = "test", device_name: str = "auto",
@@ -374,4 +403,4 @@ def _progress(total: int, initial: int, enabled: bool):
                 bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}]{postfix}")
 
 
-__all__ = ["TrainingJob", "evaluate_run", "load_run_config", "load_run_model", "train"]
+__all__ = ["Run", "TrainingJob", "evaluate_run", "load_run", "load_run_config", "load_run_model", "train"]
