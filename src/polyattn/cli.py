@@ -180,10 +180,12 @@ def _cmd_generate(args) -> int:
 def _cmd_sample(args) -> int:
     import json
 
+    import torch
+
     from .registry import model_task
-    from .tasks.diffusion import read_class_names, sample_to_dir
+    from .tasks.diffusion import read_class_names, sample_to_dir, samples_dir
     from .train.checkpoint import atomic_write_text
-    from .train.loop import load_run_config, load_run_model, resolve_device
+    from .train.loop import load_run, load_run_config, load_run_model, resolve_device
 
     run_dir = Path(args.run_dir)
     config = load_run_config(run_dir)
@@ -196,12 +198,23 @@ def _cmd_sample(args) -> int:
             raise UserError(f"--classifier {args.classifier} holds a {model_task(classifier_config.model.name)} "
                             f"model; it must be an image-classifier run trained on the same dataset.")
     device = resolve_device(args.device)
-    model, config = load_run_model(run_dir, ema=False if args.no_ema else None, device=device)
-    name = f"{args.sampler}-{args.steps}steps-cfg{args.cfg:g}-seed{args.seed}"
-    out = Path(args.out) if args.out else run_dir / "samples" / name
+    run = load_run(run_dir, ema=False if args.no_ema else None, device=device)
+    model, config = run.model, run.config
+    if args.out:
+        out = Path(args.out)
+        if out.exists() and any(out.iterdir()):
+            raise UserError(f"--out {out} already holds files; choose an empty or new folder, so that two calls "
+                            f"never mix their images.")
+    else:
+        out = samples_dir(run_dir, classes=args.classes, n=args.n, steps=args.steps, cfg=args.cfg,
+                          sampler=args.sampler, eta=args.eta, seed=args.seed, batch_size=args.batch_size,
+                          weights=run.weights)
+    header = (f"sampling {config.model.name} from {run_dir} ({'averaged (EMA)' if run.weights == 'ema' else 'raw'} "
+              f"weights) on {device}, {torch.get_num_threads()} threads, into {out}")
     result = sample_to_dir(model, config.data, read_class_names(run_dir, model.num_classes), out,
                            classes=args.classes, n=args.n, steps=args.steps, cfg=args.cfg, sampler=args.sampler,
-                           eta=args.eta, seed=args.seed, batch_size=args.batch_size, device=device)
+                           eta=args.eta, seed=args.seed, batch_size=args.batch_size, device=device,
+                           announce=lambda: print(header, file=sys.stderr))
     n = len(result["labels"])
     print(f"{n} images in {result['seconds']:.1f} s ({result['seconds'] / n:.3f} s per image, {args.steps} "
           f"{args.sampler} steps, cfg {args.cfg:g}); grid: {result['grid']}; images: {out / 'images'}")
@@ -313,7 +326,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eta", type=float, default=0.0, help="ddim only: 0 = deterministic, 1 = ancestral (default: 0)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     p.add_argument("--batch-size", type=int, default=64, help="images per model call (default: 64)")
-    p.add_argument("--out", help="output directory (default: RUN_DIR/samples/<sampler>-<steps>steps-cfg<W>-seed<S>)")
+    p.add_argument("--out", help="output directory, new or empty (default: RUN_DIR/samples/ named by every setting "
+                   "that changes the images, e.g. euler-50steps-cfg2-seed0-0+7-n8-ema, numbered -2, -3 if taken)")
     p.add_argument("--classifier", metavar="CLS_RUN_DIR", help="an image-classifier run on the same dataset: write "
                    "quality.json with the classifier Fréchet distance and class accuracy of the samples and of "
                    "held-out real images")
