@@ -68,8 +68,9 @@ def default_cache_dir() -> Path:
 
 
 def load_image_split(source: str, split: str, *, image_size: int | None = None, test_fraction: float = 0.2,
-                     seed: int = 0, cache_dir: str | Path | None = None) -> ImageDataset:
-    """The `split` ("train" or "test") of the image dataset at `source` (see the module docstring)."""
+                     seed: int = 0, cache_dir: str | Path | None = None, progress: bool = True) -> ImageDataset:
+    """The `split` ("train" or "test") of the image dataset at `source` (see the module docstring); `progress`
+    shows a bar while a source is decoded and cached (the first time only)."""
     if split not in SPLITS:
         raise UserError(f"Unknown split '{split}'; use 'train' or 'test'.{nearest(split, SPLITS)}")
     if not 0.0 < test_fraction < 1.0:
@@ -88,10 +89,12 @@ def load_image_split(source: str, split: str, *, image_size: int | None = None, 
         files = _list_directory(path)
         fingerprint = [[f.relative_to(path).as_posix(), st.st_size, st.st_mtime_ns] for f, st in files]
         read = lambda: _read_directory(path, [f for f, _ in files])
+        count = len(files)
     elif path.name.lower().endswith(ARCHIVE_SUFFIXES):
         st = path.stat()
         fingerprint = [st.st_size, st.st_mtime_ns]
         read = lambda: _read_archive(path)
+        count = None  # a gzip stream has no index: the bar counts without a total
     else:
         raise UserError(f"'{source}' is not a supported image source; give a directory of class folders, "
                         f"a .tar, .tar.gz or .tgz archive of one, or 'digits'.")
@@ -103,9 +106,15 @@ def load_image_split(source: str, split: str, *, image_size: int | None = None, 
     cached = _read_cache(cache / f"{key}-{split}.pt")
     if cached is not None:
         return cached
-    splits = _decode_source(read(), str(path), image_size, test_fraction, seed)
+    from ..progress import note, progress_bar
+
+    with progress_bar(read(), total=count, desc=f"decoding {path.name} (once, then cached)", unit="img",
+                      enabled=progress) as entries:
+        splits = _decode_source(entries, str(path), image_size, test_fraction, seed)
     for name, dataset in splits.items():
         _write_cache(cache / f"{key}-{name}.pt", dataset)
+    if progress:
+        note(f"decoded {sum(len(d) for d in splits.values()):,} images of {path.name}; cached under {cache}")
     return splits[split]
 
 

@@ -49,6 +49,7 @@ from ..data.loader import BatchLoader
 from ..data.tokenizers import atomic_write
 from ..data.transforms import TrainAugment
 from ..errors import UserError, nearest
+from ..progress import progress_bar
 from .image_job import ImageJob, subset
 
 CLASSES_FILE = "classes.json"
@@ -283,7 +284,9 @@ class DiffusionJob(ImageJob):
         was_training = model.training
         model.eval()
         total, count = 0.0, 0
-        for images, labels in BatchLoader(dataset, self.eval_batch_size, shuffle=False).epoch(0):
+        loader = BatchLoader(dataset, self.eval_batch_size, shuffle=False)
+        for images, labels in progress_bar(loader.epoch(0), total=len(loader), desc=f"evaluating {split}",
+                                           unit="batch", enabled=self.progress):
             x0 = self.eval_transform(images)
             noise = torch.randn(x0.shape, generator=generator)
             t = torch.rand(len(labels), generator=generator)

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from ..errors import UserError
+from ..progress import note, progress_bar
 from ..registry import get_entry
 from .checkpoint import (
     CONFIG,
@@ -153,6 +154,10 @@ def train(config: RunConfig, *, resume_dir: Path | None = None, evaluate: bool =
     n_params = sum(p.numel() for p in model.parameters())
     total_steps = cfg.steps or cfg.epochs * job.steps_per_epoch
     num_epochs = math.ceil(total_steps / job.steps_per_epoch)
+    print(run_header("training", config, n_params, job, device, precision=cfg.precision,
+                     extra=f"{total_steps} steps ({total_steps / job.steps_per_epoch:g} epochs) of "
+                           f"{job.samples_per_step} {getattr(job, 'throughput_unit', 'samples')}"
+                           + (", compiled" if cfg.compile else "")), file=sys.stderr, flush=True)
     soft_mask = None
     if cfg.soft_mask != "none":
         if "soft_mask_a" not in inspect.signature(model.forward).parameters:
@@ -220,7 +225,9 @@ def train(config: RunConfig, *, resume_dir: Path | None = None, evaluate: bool =
             return step
         return max(step, min(total_steps, int(train_time / budget * total_steps)))
 
-    progress = _progress(total_steps, step, enabled=cfg.progress)
+    progress = progress_bar(total=total_steps, initial=step, enabled=cfg.progress, unit="step", leave=True,
+                            desc="training", bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}]"
+                                                        "{postfix}")
     window_loss, window_n = 0.0, 0
     max_steps = min(total_steps, cfg.max_steps) if cfg.max_steps else total_steps
     out_of_time = lambda: budget is not None and train_time >= budget
@@ -270,8 +277,7 @@ def train(config: RunConfig, *, resume_dir: Path | None = None, evaluate: bool =
                                                 or step == total_steps):
                     metrics = job.evaluate(eval_model, job.eval_split, autocast=autocast)
                     log.log(job.eval_split, step, {**metrics, "epoch": step // job.steps_per_epoch})
-                    progress.write(_format_metrics(f"epoch {step // job.steps_per_epoch} {job.eval_split}",
-                                                   metrics))
+                    note(_format_metrics(f"epoch {step // job.steps_per_epoch} {job.eval_split}", metrics))
                 if epoch_done or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0):
                     save_checkpoint()
                 if step >= max_steps or out_of_time():
@@ -307,7 +313,8 @@ def train(config: RunConfig, *, resume_dir: Path | None = None, evaluate: bool =
             ("steps", f"{step} ({summary['epochs']:.2f} epochs)")]
     if summary[f"train_{unit}_per_s"]:
         rows.append((f"train {unit}/s", f"{summary[f'train_{unit}_per_s']:.1f} ({train_time:.0f} s training)"))
-    rows += [(f"test {k}", _fmt(v)) for k, v in test_metrics.items()]
+    final = getattr(job, "final_split", "test")  # text: the held-out stream, which the README calls val
+    rows += [(f"{final} {k}", _fmt(v)) for k, v in test_metrics.items()]
     print(format_table(rows, "summary"))
     return summary
 
@@ -375,14 +382,31 @@ def evaluate_run(run_dir: Path, *, data_source: str | None = None, split: str = 
     from ..tasks import build_job
 
     device = resolve_device(device_name)
-    model, config = load_run_model(run_dir, ema=ema, device=device, overrides=overrides)
+    run = load_run(run_dir, ema=ema, device=device, overrides=overrides)
+    model, config = run.model, run.config
     if data_source is not None:
         config.data.source = data_source
     job = build_job(config, device=device, splits=(split,), run_dir=Path(run_dir))
+    n_params = sum(p.numel() for p in model.parameters())
+    print(run_header("evaluating", config, n_params, job, device, precision=config.train.precision,
+                     weights=run.weights, extra=f"split {split}, weights {run.source}"), file=sys.stderr, flush=True)
     metrics = job.evaluate(model, split, autocast=autocast_for(config.train.precision, device))
-    print(format_table([(f"{split} {k}", _fmt(v)) for k, v in metrics.items()],
-                       f"{config.model.name} on {config.data.source}"))
+    label = getattr(job, "final_split", "test") if split == "test" else split
+    weights = "averaged (EMA) weights" if run.weights == "ema" else "raw weights"
+    print(format_table([(f"{label} {k}", _fmt(v)) for k, v in metrics.items()],
+                       f"{config.model.name} ({weights}) on {config.data.source}"))
     return metrics
+
+
+def run_header(verb: str, config: RunConfig, n_params: int, job, device: torch.device, *, precision: str,
+               weights: str | None = None, extra: str = "") -> str:
+    """The first line of a command: what runs on what, e.g. `training vit_nano (0.80M parameters) on digits
+    (1,438 train / 359 test images, ...); cpu, bf16, 2 threads; 1120 steps ...`."""
+    data = job.describe_data() if hasattr(job, "describe_data") else config.data.source
+    used = {"ema": ", averaged (EMA) weights", "raw": ", raw weights"}.get(weights or "", "")
+    threads = torch.get_num_threads()
+    return (f"{verb} {config.model.name} ({n_params / 1e6:.2f}M parameters{used}) on {data}; {device}, {precision}, "
+            f"{threads} thread{'s' if threads > 1 else ''}" + (f"; {extra}" if extra else ""))
 
 
 def _fmt(value: Any) -> str:
@@ -391,16 +415,6 @@ def _fmt(value: Any) -> str:
 
 def _format_metrics(prefix: str, metrics: dict[str, float]) -> str:
     return prefix + ": " + " ".join(f"{k} {_fmt(v)}" for k, v in metrics.items())
-
-
-def _progress(total: int, initial: int, enabled: bool):
-    from tqdm import tqdm
-
-    # Off a terminal (CI, a log file), update rarely so the log stays readable.
-    interactive = sys.stderr.isatty()
-    return tqdm(total=total, initial=initial, disable=not enabled, unit="step", dynamic_ncols=True,
-                mininterval=0.5 if interactive else 30.0, file=sys.stderr,
-                bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}]{postfix}")
 
 
 __all__ = ["Run", "TrainingJob", "evaluate_run", "load_run", "load_run_config", "load_run_model", "train"]
