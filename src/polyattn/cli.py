@@ -144,10 +144,9 @@ def _cmd_eval(args) -> int:
 
 
 def _cmd_generate(args) -> int:
-    from .data.tokenizers import load_run_tokenizer
     from .registry import model_task
     from .tasks.causal_lm import stream_text
-    from .train.loop import load_run_config, load_run_model, resolve_device
+    from .train.loop import load_run, load_run_config, resolve_device, run_header
 
     if args.max_new_tokens < 0:
         raise UserError(f"--max-new-tokens must be 0 or more, got {args.max_new_tokens}.")
@@ -164,8 +163,13 @@ def _cmd_generate(args) -> int:
         raise UserError(f"{run_dir} holds a {task} model ('{config.model.name}'); `polyattn generate` needs a causal "
                         f"language model run.")
     device = resolve_device(args.device)
-    tokenizer = load_run_tokenizer(run_dir, config.data.tokenizer)
-    model, _ = load_run_model(run_dir, device=device)
+    run = load_run(run_dir, device=device)
+    model, tokenizer = run.model, run.tokenizer
+    n_params = sum(p.numel() for p in model.parameters())
+    how = "recomputing every step" if args.no_cache else "cached decoding"
+    print(run_header("generating with", run.config, n_params, None, device, precision="fp32", weights=run.weights,
+                     extra=f"{how}, temperature {args.temperature:g}, top-k {args.top_k}"), file=sys.stderr,
+          flush=True)
     sys.stdout.write(args.prompt)
     sys.stdout.flush()
     for piece in stream_text(model, tokenizer, args.prompt, args.max_new_tokens, temperature=args.temperature,
@@ -180,12 +184,10 @@ def _cmd_generate(args) -> int:
 def _cmd_sample(args) -> int:
     import json
 
-    import torch
-
     from .registry import model_task
     from .tasks.diffusion import read_class_names, sample_to_dir, samples_dir
     from .train.checkpoint import atomic_write_text
-    from .train.loop import load_run, load_run_config, load_run_model, resolve_device
+    from .train.loop import load_run, load_run_config, load_run_model, resolve_device, run_header
 
     run_dir = Path(args.run_dir)
     config = load_run_config(run_dir)
@@ -209,8 +211,8 @@ def _cmd_sample(args) -> int:
         out = samples_dir(run_dir, classes=args.classes, n=args.n, steps=args.steps, cfg=args.cfg,
                           sampler=args.sampler, eta=args.eta, seed=args.seed, batch_size=args.batch_size,
                           weights=run.weights)
-    header = (f"sampling {config.model.name} from {run_dir} ({'averaged (EMA)' if run.weights == 'ema' else 'raw'} "
-              f"weights) on {device}, {torch.get_num_threads()} threads, into {out}")
+    header = run_header("sampling", config, sum(p.numel() for p in model.parameters()), None, device,
+                        precision="fp32", weights=run.weights, extra=f"into {out}")
     result = sample_to_dir(model, config.data, read_class_names(run_dir, model.num_classes), out,
                            classes=args.classes, n=args.n, steps=args.steps, cfg=args.cfg, sampler=args.sampler,
                            eta=args.eta, seed=args.seed, batch_size=args.batch_size, device=device,

@@ -402,7 +402,7 @@ def run_header(verb: str, config: RunConfig, n_params: int, job, device: torch.d
                weights: str | None = None, extra: str = "") -> str:
     """The first line of a command: what runs on what, e.g. `training vit_nano (0.80M parameters) on digits
     (1,438 train / 359 test images, ...); cpu, bf16, 2 threads; 1120 steps ...`."""
-    data = job.describe_data() if hasattr(job, "describe_data") else config.data.source
+    data = job.describe_data() if hasattr(job, "describe_data") else config.data.source  # job None: no data read
     used = {"ema": ", averaged (EMA) weights", "raw": ", raw weights"}.get(weights or "", "")
     threads = torch.get_num_threads()
     return (f"{verb} {config.model.name} ({n_params / 1e6:.2f}M parameters{used}) on {data}; {device}, {precision}, "
