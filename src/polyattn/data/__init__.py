@@ -6,7 +6,7 @@ gives an `ImageDataset` of uint8 tensors; `BatchLoader` batches it resumably; `T
 Any object with `images` (uint8 `[N, C, H, W]`), `labels`, `classes` and `source` works as an image dataset.
 """
 
-from .images import ImageDataset, default_cache_dir, load_image_split, stratified_split
+from .images import ImageDataset, default_cache_dir, load_image_split, register_image_source, stratified_split
 from .loader import BatchLoader
 from .text import (
     EMBEDDED,
@@ -52,6 +52,7 @@ __all__ = [
     "pack_documents",
     "pad_documents",
     "random_windows",
+    "register_image_source",
     "resize_center_crop",
     "resolve_text_source",
     "shift_targets",

@@ -2,6 +2,7 @@
 
 Sources accepted by `load_image_split`:
   - `"digits"`: scikit-learn's 1,797 handwritten digits (8x8 grayscale), embedded, no download.
+  - a name given to `register_image_source` (your own images, from Python);
   - a directory, either with `train/` and `test/` (or `val/` when there is no `test/`) folders, each holding
     one folder per class, or holding the class folders directly (then split deterministically, stratified
     by class, by `test_fraction` and `seed`);
@@ -29,7 +30,7 @@ import tarfile
 import tempfile
 import warnings
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
@@ -63,6 +64,19 @@ class ImageDataset:
         return len(self.classes)
 
 
+_REGISTERED: dict[str, Callable[[str], ImageDataset]] = {}
+
+
+def register_image_source(name: str, load: Callable[[str], ImageDataset]) -> None:
+    """Makes `data.source=NAME` read your own images from Python: `load(split)` returns the `ImageDataset` of
+    "train" or "test" (uint8 `[N, C, H, W]` images, int64 labels, class names). Every command of this process
+    then accepts the name, e.g. `train(build_config("default", ["data.source=NAME"]))`; a run trained on it
+    records the name, so evaluating it later needs the same registration (see examples/custom_dataset.py)."""
+    if name == "digits" or Path(name).suffix or "/" in name:
+        raise UserError(f"'{name}' cannot name a registered image source: it is 'digits' or looks like a path.")
+    _REGISTERED[name] = load
+
+
 def default_cache_dir() -> Path:
     return Path(os.environ.get("POLYATTN_CACHE") or Path.home() / ".cache" / "polyattn")
 
@@ -79,6 +93,12 @@ def load_image_split(source: str, split: str, *, image_size: int | None = None, 
         raise UserError(f"data.image_size must be a positive number of pixels, got {image_size!r}.")
     if source == "digits":
         return _load_digits(split, image_size, test_fraction, seed)
+    if source in _REGISTERED:
+        dataset = _REGISTERED[source](split)
+        if image_size is not None and dataset.images.shape[-2:] != (image_size, image_size):
+            dataset = ImageDataset(resize_center_crop(dataset.images, image_size), dataset.labels, dataset.classes,
+                                   dataset.source)
+        return dataset
 
     path = Path(source).expanduser()
     if not path.exists():
