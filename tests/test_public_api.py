@@ -14,14 +14,12 @@ from polyattn.train.config import config_keys, field_docs, keys_markdown
 
 ROOT = Path(__file__).resolve().parents[1]
 PUBLIC = ("polyattn.layers", "polyattn.ops", "polyattn.models", "polyattn.train", "polyattn.data",
-          "polyattn.tasks", "polyattn.analysis")
+          "polyattn.analysis")
 
 
 @pytest.mark.parametrize("name", PUBLIC)
 def test_packages_export_their_public_names(name):
     module = importlib.import_module(name)
-    if name == "polyattn.tasks":
-        pytest.skip("polyattn.tasks exports build_job only, loading a task's module on first use")
     assert module.__all__, name
     missing = [n for n in module.__all__ if not hasattr(module, n)]
     assert not missing, f"{name}.__all__ names {missing}, which it does not define"
@@ -122,3 +120,20 @@ def test_models_filters_by_name_and_counts_at_a_recipes_shape(capsys, cache_dir)
     out = capsys.readouterr().out
     assert "5.35M" in out and "num_classes=10" in out and "img_size=16" in out  # 16 px digits, 2×2 patches
     assert main(["models", "no_such_model"]) == 2
+
+
+def test_registered_image_sources_are_data_sources(cache_dir):
+    import torch
+
+    from polyattn.data import ImageDataset, load_image_split, register_image_source
+    from polyattn.errors import UserError
+
+    def load(split):
+        n = 6 if split == "train" else 2
+        return ImageDataset(torch.zeros(n, 3, 4, 4, dtype=torch.uint8), torch.arange(n) % 2, ["a", "b"], "mine")
+
+    register_image_source("mine_for_test", load)
+    assert len(load_image_split("mine_for_test", "test")) == 2
+    assert load_image_split("mine_for_test", "train", image_size=8).images.shape == (6, 3, 8, 8)
+    with pytest.raises(UserError, match="looks like a path"):
+        register_image_source("some/folder", load)
