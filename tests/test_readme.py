@@ -155,6 +155,7 @@ HOW: dict[str, Train | Run | Error | Help | Covered | Skip] = {
     "polyattn sample": Run("{dit} --n 1 --steps 1"),
     "polyattn config RECIPE key=value ...": SYNOPSIS,
     "polyattn config --keys --markdown": Run(),
+    "polyattn --version": Run(),
     "polyattn bench mixers": Covered("tests/test_bench_mixers.py::test_quick_run_writes_json_and_png"),
     "polyattn bench compare": SYNOPSIS,
     "polyattn bench compare SUITE": SYNOPSIS,
@@ -287,7 +288,11 @@ def test_readme_command_runs(command, places, tmp_path, monkeypatch, capsys):
         argv = _argv(command, how, places, tmp_path)
         if argv[0] == "train":
             argv = _train_argv("polyattn " + " ".join(argv), Train(), places, tmp_path)
-    assert main(argv) == 0, argv
+    try:
+        code = main(argv)
+    except SystemExit as exit_info:  # --version and --help exit through argparse
+        code = exit_info.code
+    assert code == 0, argv
 
 
 def test_readme_python_blocks_run():

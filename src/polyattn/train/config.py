@@ -489,6 +489,10 @@ def keys_markdown() -> str:
     return "\n".join(lines) + "\n"
 
 
+FROM_DATA = ("num_classes", "in_chans", "img_size", "vocab_size")
+"""Model arguments that the task's job infers from the data (`inferred_model_args`) unless the user sets them."""
+
+
 def describe_config(config: RunConfig, *, origin: str) -> str:
     """The resolved config as YAML that could be a recipe, each key commented with its type, its default when the
     recipe or an override changed it, and its one-line help (`polyattn config RECIPE`)."""
@@ -500,9 +504,9 @@ def describe_config(config: RunConfig, *, origin: str) -> str:
     defaults = resolve_model_args(config.model.name)
     for name, value in model_args.items():
         note = "" if name not in config.model.args else f", default {format_value(defaults.get(name))}"
+        if name in FROM_DATA and name not in config.model.args:
+            note = ", set from the data when training starts"
         lines.append(f"  {name}: {format_value(value)}  # {_type_text(hints.get(name, Any))}{note}")
-    lines.append("  # arguments that follow from the data (num_classes, img_size, vocab_size, ...) are set when "
-                 "training starts, unless given here")
     base = RunConfig()
     by_key = {k.key: k for k in config_keys()}
     for section in ("task", "data", "train"):

@@ -155,7 +155,7 @@ def train(config: RunConfig, *, resume_dir: Path | None = None, evaluate: bool =
     total_steps = cfg.steps or cfg.epochs * job.steps_per_epoch
     num_epochs = math.ceil(total_steps / job.steps_per_epoch)
     print(run_header("training", config, n_params, job, device, precision=cfg.precision,
-                     extra=f"{total_steps} steps ({total_steps / job.steps_per_epoch:g} epochs) of "
+                     extra=f"{total_steps} steps ({_epochs(total_steps / job.steps_per_epoch)}) of "
                            f"{job.samples_per_step} {getattr(job, 'throughput_unit', 'samples')}"
                            + (", compiled" if cfg.compile else "")), file=sys.stderr, flush=True)
     soft_mask = None
@@ -407,6 +407,10 @@ def run_header(verb: str, config: RunConfig, n_params: int, job, device: torch.d
     threads = torch.get_num_threads()
     return (f"{verb} {config.model.name} ({n_params / 1e6:.2f}M parameters{used}) on {data}; {device}, {precision}, "
             f"{threads} thread{'s' if threads > 1 else ''}" + (f"; {extra}" if extra else ""))
+
+
+def _epochs(n: float) -> str:
+    return f"{n:.3g} epoch{'' if n == 1 else 's'}"
 
 
 def _fmt(value: Any) -> str:
