@@ -36,7 +36,6 @@ import itertools
 import json
 import math
 import re
-import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -194,15 +193,12 @@ def sample(model: Callable[..., torch.Tensor], labels: torch.Tensor, *, shape: S
     depend on `batch_size` or the device (DDIM with `eta > 0` draws more noise per batch as it goes).
     A tqdm bar on stderr counts sampler steps over all batches.
     """
-    from tqdm import tqdm
-
     labels = torch.as_tensor(labels, dtype=torch.long).flatten()
     check_sampling_args(len(labels), steps, cfg, sampler, eta, batch_size)
     noise = torch.randn(len(labels), *shape, generator=generator)
     n_batches = -(-len(labels) // batch_size)
     out = []
-    with tqdm(total=n_batches * steps, unit="step", desc="sampling", disable=not progress, file=sys.stderr,
-              dynamic_ncols=True) as bar:
+    with progress_bar(total=n_batches * steps, unit="step", desc="sampling", enabled=progress, leave=True) as bar:
         for start in range(0, len(labels), batch_size):
             y = labels[start:start + batch_size].to(device)
             velocity = lambda x, t, y=y: guided_velocity(model, x, t, y, cfg, null_label)
