@@ -31,7 +31,7 @@ def main(run: str | None = None, steps: int = 40, base_steps: int = 40) -> float
         train(build_config("default", [f"train.steps={base_steps}", "train.epochs=2", "model.depth=2",
                                        "train.progress=false", f"train.out_dir={out}", "train.run_name=base"]))
         run = str(Path(out) / "base")
-    model, config, *_ = polyattn.load_run(run)
+    model, config, _ = polyattn.load_run(run)  # and the tokenizer, None for image runs
     data = config.data
     train_set = parity(load_image_split(data.source, "train", image_size=data.image_size, progress=False))
     test_set = parity(load_image_split(data.source, "test", image_size=data.image_size, progress=False))

@@ -69,8 +69,8 @@ def test_load_run_gives_model_config_and_tokenizer(tmp_path, cache_dir):
     run = polyattn.load_run(tmp_path / "r")
     assert run.tokenizer is None and run.weights == "ema" and run.source.name == "ema.safetensors"
     assert not run.model.training and run.config.model.name == "vit_nano"
-    model, config, *_ = polyattn.load_run(tmp_path / "r", ema=False)
-    assert config.data.image_size == 8 and sum(p.numel() for p in model.parameters()) > 0
+    model, config, tokenizer = polyattn.load_run(tmp_path / "r", ema=False)
+    assert config.data.image_size == 8 and sum(p.numel() for p in model.parameters()) > 0 and tokenizer is None
     assert polyattn.load_run(tmp_path / "r", ema=False).weights == "raw"
 
 

@@ -11,7 +11,7 @@ __version__ = "0.1.0"
 
 
 def load_run(run_dir, *, ema=None, device="cpu", overrides=None):
-    """Loads a run directory: `(model, config, tokenizer, weights, source)`; see `polyattn.train.load_run`.
+    """Loads a run directory: `model, config, tokenizer = load_run(RUN_DIR)`; see `polyattn.train.load_run`.
 
     Defined here as a thin wrapper so that `import polyattn` does not import the training engine.
     """

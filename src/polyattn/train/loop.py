@@ -15,9 +15,10 @@ import math
 import sys
 import time
 from contextlib import nullcontext
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any, NamedTuple, Protocol
+from typing import Any, Protocol
 
 import torch
 from torch import nn
@@ -319,8 +320,9 @@ def train(config: RunConfig, *, resume_dir: Path | None = None, evaluate: bool =
     return summary
 
 
-class Run(NamedTuple):
-    """A trained run loaded back from its directory (`load_run`)."""
+@dataclass(frozen=True)
+class Run:
+    """A trained run loaded back from its directory (`load_run`); it unpacks as `model, config, tokenizer`."""
 
     model: nn.Module
     """The model with the run's trained weights, in eval mode."""
@@ -332,6 +334,9 @@ class Run(NamedTuple):
     """Which weights were loaded: 'ema' (the averaged weights, train.ema_decay) or 'raw'."""
     source: Path
     """The weights file that was loaded (final weights, or the latest checkpoint's)."""
+
+    def __iter__(self):
+        return iter((self.model, self.config, self.tokenizer))
 
 
 def load_run(run_dir: Path | str, *, ema: bool | None = None, device: torch.device | str = "cpu",
