@@ -47,8 +47,10 @@ from .schedules import SoftMaskSchedule
 class TrainingJob(Protocol):
     """What a task supplies to the loop (see polyattn.tasks).
 
-    Optional: `throughput_unit` (what `loss` counts, e.g. "tokens"; default "samples") and
-    `save_to_run_dir(run_dir)` (files the run directory needs besides the weights, such as a tokenizer).
+    Optional: `throughput_unit` (what `loss` counts, e.g. "tokens"; default "samples"),
+    `save_to_run_dir(run_dir)` (files the run directory needs besides the weights, such as a tokenizer),
+    `describe_data()` (one line on the data, for a command's first line), `final_split` (what the README calls
+    the split of the final evaluation, default "test"; text jobs: "val") and `progress` (show evaluation bars).
     """
 
     inferred_model_args: dict[str, Any]
