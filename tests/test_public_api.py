@@ -137,3 +137,12 @@ def test_registered_image_sources_are_data_sources(cache_dir):
     assert load_image_split("mine_for_test", "train", image_size=8).images.shape == (6, 3, 8, 8)
     with pytest.raises(UserError, match="looks like a path"):
         register_image_source("some/folder", load)
+
+
+def test_config_keys_table_is_written_between_the_markers(tmp_path, capsys):
+    page = tmp_path / "page.md"
+    page.write_text("intro\n<!-- table:config-keys -->\nSTALE LINE\n<!-- /table:config-keys -->\nend\n")
+    assert main(["config", "--keys", "--markdown", "--readme", str(page)]) == 0
+    text = page.read_text()
+    assert "STALE LINE" not in text and keys_markdown() in text and text.endswith("end\n")
+    assert main(["config", "default", "--keys"]) == 2  # --keys takes no recipe
