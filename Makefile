@@ -1,8 +1,9 @@
 # The two Quickstart commands. Each sets up .venv first (see scripts/setup.sh for TORCH_SPEC and EXTRAS).
 #   make train [ARGS="recipe key=value ..."]   trains the default recipe (or ARGS) and evaluates it
 #   make test                                  runs ruff and the test suite
+#   make docs                                  builds the API reference into site/ (strict: warnings fail)
 #   make gpu-check                             the contracts and benchmarks on CUDA (scripts/gpu_check.sh)
-.PHONY: setup train test lint gpu-check
+.PHONY: setup train test lint docs gpu-check
 
 setup:
 	@bash scripts/setup.sh
@@ -11,7 +12,10 @@ train: setup
 	.venv/bin/polyattn train $(ARGS)
 
 lint: setup
-	.venv/bin/ruff check src tests
+	.venv/bin/ruff check src tests examples
+
+docs: setup
+	PYTHONPATH=src .venv/bin/mkdocs build --strict --quiet
 
 test: lint
 	.venv/bin/python -m pytest $(PYTEST_ARGS)

@@ -3,6 +3,7 @@
 import json
 from contextlib import nullcontext
 
+import numpy as np
 import pytest
 import torch
 
@@ -271,8 +272,27 @@ def test_sample_writes_a_grid_and_every_image(runs, cache_dir, capsys):
     with Image.open(out / "images" / "7" / "0001.png") as image:
         assert image.size == (8, 8) and image.mode == "L"
     with Image.open(out / "grid.png") as grid:
-        assert grid.size == (4 * (2 + 3 * 10), 4 * (2 + 2 * 10))  # 2 rows x 3 columns, upscaled 4x to 32 px cells
+        # 2 rows x 3 columns, upscaled 8x to 64 px cells, with a margin on the left for the row labels
+        width, height = grid.size
+        assert height == 8 * (2 + 2 * 10) and 8 * (2 + 3 * 10) < width < 8 * (2 + 3 * 10) + 60
+        margin = grid.convert("L").crop((0, 0, width - 8 * (2 + 3 * 10), height))
+        assert np.asarray(margin).min() < 128  # the labels are drawn there
     assert not list(out.rglob("*.tmp"))
+
+
+def test_sample_folders_are_named_by_every_setting_and_never_shared(runs, cache_dir, capsys):
+    base = ["sample", str(runs / "dit"), "--n", "1", "--steps", "1", "--device", "cpu"]
+    assert main([*base, "--classes", "0,7"]) == 0
+    assert main([*base, "--classes", "3"]) == 0
+    assert main([*base, "--classes", "3"]) == 0
+    assert main([*base, "--classes", "3", "--sampler", "ddim", "--eta", "0.5", "--no-ema"]) == 0
+    names = sorted(p.name for p in (runs / "dit" / "samples").iterdir())
+    assert names == ["ddim-eta0.5-batch64-1steps-cfg1-seed0-3-n1-raw", "euler-1steps-cfg1-seed0-0+7-n1-ema",
+                     "euler-1steps-cfg1-seed0-3-n1-ema", "euler-1steps-cfg1-seed0-3-n1-ema-2"]
+    assert "averaged (EMA) weights" in capsys.readouterr().err
+    taken = runs / "dit" / "samples" / names[0]
+    assert main([*base, "--out", str(taken)]) == 2
+    assert "already holds files" in capsys.readouterr().err
 
 
 def test_sample_with_a_classifier_writes_the_quality_measures(runs, cache_dir, capsys):

@@ -131,7 +131,7 @@ def test_a_run_records_what_it_ran_on_and_resume_keeps_its_precision(tmp_path, c
     config = build_config("default", ["train.max_steps=2", "train.epochs=1", "train.progress=false", "model.depth=1",
                                       f"train.out_dir={tmp_path}", "train.run_name=r", "train.checkpoint_every=1"])
     summary = train(config, evaluate=False)
-    assert "precision fp32 (auto: " in capsys.readouterr().err
+    assert "cpu, fp32 (auto: " in capsys.readouterr().err
     stored = yaml.safe_load((tmp_path / "r" / "config.yaml").read_text())
     assert stored["train"]["precision"] == "auto"  # what was asked, and what it resolved to, both kept
     assert stored["environment"]["precision"] == "fp32" and "no native bfloat16" in stored["environment"][
@@ -177,5 +177,5 @@ def test_train_takes_device_and_precision_on_the_command_line(tmp_path, cache_di
     assert code == 0
     stored = yaml.safe_load((tmp_path / "c" / "config.yaml").read_text())
     assert stored["train"]["device"] == "cpu" and stored["train"]["precision"] == "fp32"
-    assert "precision fp32 (requested)" in capsys.readouterr().err
+    assert "cpu, fp32 (requested)" in capsys.readouterr().err
     assert main(["train", "default", "--device", "gpu", f"train.out_dir={tmp_path}"]) == 2

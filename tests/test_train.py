@@ -32,7 +32,9 @@ def test_run_directory_describes_itself(tmp_path, cache_dir, capsys):
     for name in ("config.yaml", "model.safetensors", "metrics.jsonl", "summary.json", "checkpoints/latest"):
         assert (run / name).exists(), name
     assert list((run / "tensorboard").glob("events.out.tfevents.*"))
-    assert (run / "plots" / "train_loss.png").is_file()
+    for name in ("loss.png", "top1.png", "lr.png", "samples_per_s.png", "overview.png"):
+        assert (run / "plots" / name).is_file(), name
+    assert not (run / "plots" / "count.png").exists()
     assert summary["test"]["top1"] > 0.3  # 2 epochs of a tiny model: better than chance (0.1)
     assert {"top1", "top5", "ece", "loss"} <= set(summary["test"])
     assert "summary" in capsys.readouterr().out

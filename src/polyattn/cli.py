@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -24,15 +25,86 @@ def _cmd_models(args) -> int:
     from .registry import count_parameters, get_entry, list_models
 
     names = list_models(args.task)
+    if args.name:
+        names = [n for n in names if args.name.lower() in n.lower()]
+    shape, recipe_args, recipe_model = {}, {}, None
+    if args.recipe:
+        shape, recipe_args, recipe_model = _recipe_shape(args.recipe)
+        task = get_entry(recipe_model).task
+        names = [n for n in names if get_entry(n).task == task]
+        note = (f"parameter counts at the shape of recipe {args.recipe}: " + ", ".join(f"{k}={v}" for k, v in
+                shape.items()) + f"; {recipe_model} also with the recipe's own model arguments")
+    else:
+        note = ("parameter counts at each model's default size and number of classes (224 px and 1,000 classes for "
+                "most image models); --recipe R counts them at a recipe's shape.")
+    if not names:
+        raise UserError(f"No registered model matches '{args.name}'" + (f" for task {args.task}" if args.task else "")
+                        + "; run `polyattn models` to list them all.")
     rows = []
     for name in names:
         entry = get_entry(name)
-        rows.append((name, entry.task, f"{count_parameters(name) / 1e6:.2f}M", entry.description))
+        params = entry.parameters()
+        args = {**shape, **(recipe_args if name == recipe_model else {})}
+        count = count_parameters(name, **{k: v for k, v in args.items() if k in params})
+        rows.append((name, entry.task, f"{count / 1e6:.2f}M", entry.description))
     widths = [max(len(r[i]) for r in [*rows, ("model", "task", "params", "")]) for i in range(3)]
     print(f"{'model':<{widths[0]}}  {'task':<{widths[1]}}  {'params':>{widths[2]}}  description")
     for row in rows:
         print(f"{row[0]:<{widths[0]}}  {row[1]:<{widths[1]}}  {row[2]:>{widths[2]}}  {row[3]}")
-    print(f"\n{len(rows)} models; parameter counts at each model's default size and number of classes.")
+    print(f"\n{len(rows)} models; {note}")
+    return 0
+
+
+def _recipe_shape(recipe: str) -> tuple[dict, dict, str]:
+    """What a recipe fixes for every model of its task: the model arguments that follow from its data (number of
+    classes, image size and channels, vocabulary; the data is loaded, from the cache after the first time) and
+    its patch size; then the recipe's own model arguments (its depth, width, ...) and its model's name."""
+    import torch
+
+    from .tasks import build_job
+    from .train.config import build_config
+
+    config = build_config(recipe, [])
+    job = build_job(config, device=torch.device("cpu"), splits=("train",))
+    shape = dict(job.inferred_model_args)
+    if "patch_size" in config.model.args:
+        shape["patch_size"] = config.model.args["patch_size"]
+    return shape, dict(config.model.args), config.model.name
+
+
+def _cmd_config(args) -> int:
+    from .train.config import build_config, config_keys, describe_config, find_recipe, format_value, keys_markdown
+
+    if args.keys or args.markdown:
+        if args.recipe or args.overrides:
+            raise UserError("--keys lists every key with its default; leave out the recipe and overrides, or drop "
+                            "--keys to see a recipe's resolved config.")
+        if args.markdown:
+            text = keys_markdown()
+            if args.readme:
+                from .bench.compare import fill_markdown_block
+
+                fill_markdown_block(args.readme, "config-keys", text)
+                print(f"wrote the table of {len(config_keys())} keys into {args.readme}")
+                return 0
+            print(text, end="")
+            return 0
+        keys = config_keys()
+        width = max(len(k.key) for k in keys)
+        type_width = max(len(k.type) for k in keys)
+        for k in keys:
+            print(f"{k.key:<{width}}  {k.type:<{type_width}}  {format_value(k.default):<12}  {k.help}")
+        print(f"\n{len(keys)} keys, plus model=NAME and model.ARG for the model's constructor arguments "
+              f"(`polyattn config RECIPE` lists them).")
+        return 0
+    recipe, overrides = args.recipe, list(args.overrides)
+    if recipe is not None and "=" in recipe:
+        recipe, overrides = None, [recipe, *overrides]
+    config = build_config(recipe, overrides)
+    origin = f"recipe {config.recipe} ({find_recipe(recipe or 'default')})"
+    if overrides:
+        origin += " with " + " ".join(overrides)
+    print(describe_config(config, origin=origin), end="")
     return 0
 
 
@@ -82,11 +154,10 @@ def _cmd_eval(args) -> int:
 
 
 def _cmd_generate(args) -> int:
-    from .data.tokenizers import load_run_tokenizer
     from .hardware import autocast_for, resolve_device
     from .registry import model_task
     from .tasks.causal_lm import stream_text
-    from .train.loop import announce, inference_precision, load_run_config, load_run_model
+    from .train.loop import announce, inference_precision, load_run, load_run_config, run_header
 
     if args.max_new_tokens < 0:
         raise UserError(f"--max-new-tokens must be 0 or more, got {args.max_new_tokens}.")
@@ -103,11 +174,15 @@ def _cmd_generate(args) -> int:
         raise UserError(f"{run_dir} holds a {task} model ('{config.model.name}'); `polyattn generate` needs a causal "
                         f"language model run.")
     device = resolve_device(args.device)
-    tokenizer = load_run_tokenizer(run_dir, config.data.tokenizer)
-    model, _ = load_run_model(run_dir, device=device)
-    precision = inference_precision(args.precision, device, config)
+    run = load_run(run_dir, device=device)
+    model, tokenizer = run.model, run.tokenizer
+    precision = inference_precision(args.precision, device, run.config)
     autocast = autocast_for(precision, device)
-    announce(config, model, device, precision)
+    n_params = sum(p.numel() for p in model.parameters())
+    how = "recomputing every step" if args.no_cache else "cached decoding"
+    announce(run_header("generating with", run.config, n_params, None, device, precision=precision,
+                        weights=run.weights, extra=f"{how}, temperature {args.temperature:g}, top-k {args.top_k}"),
+             precision)
     sys.stdout.write(args.prompt)
     sys.stdout.flush()
     with autocast():
@@ -125,9 +200,9 @@ def _cmd_sample(args) -> int:
 
     from .hardware import autocast_for, resolve_device
     from .registry import model_task
-    from .tasks.diffusion import read_class_names, sample_to_dir
+    from .tasks.diffusion import read_class_names, sample_to_dir, samples_dir
     from .train.checkpoint import atomic_write_text
-    from .train.loop import announce, inference_precision, load_run_config, load_run_model
+    from .train.loop import announce, inference_precision, load_run, load_run_config, load_run_model, run_header
 
     run_dir = Path(args.run_dir)
     config = load_run_config(run_dir)
@@ -140,16 +215,26 @@ def _cmd_sample(args) -> int:
             raise UserError(f"--classifier {args.classifier} holds a {model_task(classifier_config.model.name)} "
                             f"model; it must be an image-classifier run trained on the same dataset.")
     device = resolve_device(args.device)
-    model, config = load_run_model(run_dir, ema=False if args.no_ema else None, device=device)
+    run = load_run(run_dir, ema=False if args.no_ema else None, device=device)
+    model, config = run.model, run.config
     precision = inference_precision(args.precision, device, config)
     autocast = autocast_for(precision, device)
-    name = f"{args.sampler}-{args.steps}steps-cfg{args.cfg:g}-seed{args.seed}"
-    out = Path(args.out) if args.out else run_dir / "samples" / name
+    if args.out:
+        out = Path(args.out)
+        if out.exists() and any(out.iterdir()):
+            raise UserError(f"--out {out} already holds files; choose an empty or new folder, so that two calls "
+                            f"never mix their images.")
+    else:
+        out = samples_dir(run_dir, classes=args.classes, n=args.n, steps=args.steps, cfg=args.cfg,
+                          sampler=args.sampler, eta=args.eta, seed=args.seed, batch_size=args.batch_size,
+                          weights=run.weights)
+    header = run_header("sampling", config, sum(p.numel() for p in model.parameters()), None, device,
+                        precision=precision, weights=run.weights, extra=f"into {out}")
     with autocast():
         result = sample_to_dir(model, config.data, read_class_names(run_dir, model.num_classes), out,
                                classes=args.classes, n=args.n, steps=args.steps, cfg=args.cfg, sampler=args.sampler,
                                eta=args.eta, seed=args.seed, batch_size=args.batch_size, device=device,
-                               on_start=lambda: announce(config, model, device, precision))
+                               announce=lambda: announce(header, precision))
     n = len(result["labels"])
     print(f"{n} images in {result['seconds']:.1f} s ({result['seconds'] / n:.3f} s per image, {args.steps} "
           f"{args.sampler} steps, cfg {args.cfg:g}); grid: {result['grid']}; images: {out / 'images'}")
@@ -192,13 +277,31 @@ def _add_device_options(p: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="polyattn", description="Efficient attention models: build, train, "
                                      "evaluate and benchmark.")
+    from . import __version__
+
+    parser.add_argument("--version", action="version", version=f"polyattn {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
 
     p = sub.add_parser("models", help="list the registered models with their task and parameter count",
                        description="List the registered models with their task and parameter count.")
+    p.add_argument("name", nargs="?", help="only models whose name contains this, e.g. lightnet or _tiny")
     p.add_argument("--task", choices=["classification", "causal_lm", "masked_lm", "diffusion"])
+    p.add_argument("--recipe", metavar="RECIPE", help="count parameters at this recipe's shape (its data's classes, "
+                   "image size, vocabulary and its model arguments), listing the models of its task")
     p.set_defaults(func=_cmd_models)
+
+    p = sub.add_parser("config", help="print a recipe's resolved config with every key's type and help",
+                       description="Print the config a training run of RECIPE (default: 'default') with these "
+                                   "overrides would use, as YAML with every key commented with its type, its "
+                                   "default where the recipe changed it, and its help; --keys lists every key.")
+    p.add_argument("recipe", nargs="?", help="recipe name in configs/ or a path to a YAML file")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.lr=3e-4")
+    p.add_argument("--keys", action="store_true", help="list every key with its type, default and help")
+    p.add_argument("--markdown", action="store_true", help="with --keys: the list as a Markdown table")
+    p.add_argument("--readme", type=Path, help="with --markdown: put the table between the <!-- table:config-keys "
+                   "--> markers of this Markdown file")
+    p.set_defaults(func=_cmd_config)
 
     p = sub.add_parser("train", help="train a model from a recipe, or resume a run",
                        description="Train a model from a recipe in configs/ (default: 'default'), with key=value "
@@ -256,7 +359,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eta", type=float, default=0.0, help="ddim only: 0 = deterministic, 1 = ancestral (default: 0)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     p.add_argument("--batch-size", type=int, default=64, help="images per model call (default: 64)")
-    p.add_argument("--out", help="output directory (default: RUN_DIR/samples/<sampler>-<steps>steps-cfg<W>-seed<S>)")
+    p.add_argument("--out", help="output directory, new or empty (default: RUN_DIR/samples/ named by every setting "
+                   "that changes the images, e.g. euler-50steps-cfg2-seed0-0+7-n8-ema, numbered -2, -3 if taken)")
     p.add_argument("--classifier", metavar="CLS_RUN_DIR", help="an image-classifier run on the same dataset: write "
                    "quality.json with the classifier Fréchet distance and class accuracy of the samples and of "
                    "held-out real images")
@@ -324,6 +428,9 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `polyattn config --keys | head`: the reader left; say nothing more
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115  (stays open until exit, so the final flush is quiet)
+        return 0
     except KeyboardInterrupt:
         print("\ninterrupted; a training run can be continued with `polyattn train --resume RUN_DIR`.",
               file=sys.stderr)

@@ -32,7 +32,7 @@ from ..errors import UserError
 from ..hardware import autocast_for, resolve_device
 from ..registry import model_task
 from ..train.checkpoint import atomic_write_text
-from ..train.loop import announce, inference_precision, load_run_config, load_run_model
+from ..train.loop import announce, inference_precision, load_run, load_run_config, run_header
 from ..train.run_log import format_table
 from .attention_maps import attention_rank, patch_grid_map, record_attention_maps, token_layout
 from .plots import attention_figure, pyplot, rank_figure, reliability_diagram
@@ -70,13 +70,15 @@ def inspect_run(run_dir: Path, *, n_images: int = 4, rank_images: int = 30, spli
                         f"image classifier run.")
     pyplot()  # fail before the work if matplotlib is missing
     device = resolve_device(device_name)
-    model, config = load_run_model(run_dir, ema=ema, device=device)
+    run = load_run(run_dir, ema=ema, device=device)
+    model, config = run.model, run.config
     resolved = inference_precision(precision, device, config)
-    announce(config, model, device, resolved)
     out = Path(out_dir) if out_dir is not None else run_dir / "inspect"
     title = f"{config.model.name} on {config.data.source} ({split})"
 
     job = build_job(config, device=device, splits=(split,), run_dir=run_dir)
+    announce(run_header("inspecting", config, sum(p.numel() for p in model.parameters()), job, device,
+                        precision=resolved, weights=run.weights, extra=f"split {split}, into {out}"), resolved)
     metrics = job.evaluate(model, split, autocast=autocast_for(resolved, device), reliability=True,
                            progress=True)
     bins = metrics.pop("reliability")

@@ -66,10 +66,11 @@ def reliability_diagram(bins: ReliabilityBins, path: Path, *, ece: float, title:
 
 def attention_figure(image: torch.Tensor, layer_maps: Sequence[torch.Tensor], layer_names: Sequence[str],
                      path: Path, *, title: str, what: str) -> None:
-    """One input image (uint8 `[C, H, W]`) and, per layer, its map over the patch grid (`[rows, cols]`)."""
+    """One input image (uint8 `[C, H, W]`) and beside it, per layer, its map over the patch grid (`[rows, cols]`),
+    each with a colour bar (the layers' scales differ, and LightNet's maps can be negative)."""
     plt = pyplot()
     n = len(layer_maps) + 1
-    fig, axes = plt.subplots(1, n, figsize=(1.7 * n, 2.2), squeeze=False)
+    fig, axes = plt.subplots(1, n, figsize=(2.3 * n, 2.5), squeeze=False)
     axes = axes[0]
     picture = image.permute(1, 2, 0).numpy()
     if picture.shape[-1] == 1:
@@ -78,8 +79,10 @@ def attention_figure(image: torch.Tensor, layer_maps: Sequence[torch.Tensor], la
         axes[0].imshow(picture)
     axes[0].set_title("input", fontsize=8)
     for ax, grid, name in zip(axes[1:], layer_maps, layer_names):
-        ax.imshow(grid.numpy(), cmap="viridis")
+        shown = ax.imshow(grid.numpy(), cmap="viridis")
         ax.set_title(name, fontsize=7)
+        bar = fig.colorbar(shown, ax=ax, fraction=0.046, pad=0.03)
+        bar.ax.tick_params(labelsize=6)
     for ax in axes:
         ax.set_xticks([])
         ax.set_yticks([])

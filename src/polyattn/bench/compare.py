@@ -219,6 +219,40 @@ def table(suite: Suite, results: Path) -> str:
     return "\n".join(lines) + "\n"
 
 
+def table_plot(suite: Suite, results: Path) -> Path | None:
+    """`table.png` beside `table.md`: each finished row as a labelled point of the table's first column (its
+    quality measure) against its training throughput; None when matplotlib is missing or no row has both."""
+    try:
+        from ..analysis.plots import _save, pyplot
+
+        plt = pyplot()
+    except UserError:
+        return None
+    quality = suite.columns[0]
+    speed = next((c for c in suite.columns if c[1] == "calibrated_throughput"), None)
+    points = []
+    for row in suite.rows:
+        path = results / f"{row.name}.json"
+        if speed is None or not path.is_file():
+            continue
+        result = json.loads(path.read_text())
+        y, x = lookup(result, quality[1]), lookup(result, speed[1])
+        if isinstance(x, (int, float)) and isinstance(y, (int, float)):
+            points.append((row.label, x, y * quality[3] if len(quality) > 3 else y))
+    if not points:
+        return None
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    for i, (label, x, y) in enumerate(points):
+        ax.scatter([x], [y], s=40, color=f"C{i % 10}", label=label, zorder=3)
+    ax.set_xlabel(speed[0])
+    ax.set_ylabel(quality[0])
+    ax.set_title(suite.title, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
+    _save(fig, results / "table.png")
+    return results / "table.png"
+
+
 def fill_markdown_block(path: Path, suite: str, text: str) -> None:
     """Replaces what lies between the `<!-- table:SUITE -->` and `<!-- /table:SUITE -->` lines of a Markdown file."""
     if not path.is_file():
@@ -279,6 +313,7 @@ def run(args) -> int:
     text = table(suite, results)
     if not args.calibrate:
         atomic_write_text(results / "table.md", text)
+        table_plot(suite, results)
         if args.readme:
             fill_markdown_block(args.readme, suite.name, text)
     print(text)

@@ -2,6 +2,7 @@
 
 Sources accepted by `load_image_split`:
   - `"digits"`: scikit-learn's 1,797 handwritten digits (8x8 grayscale), embedded, no download.
+  - a name given to `register_image_source` (your own images, from Python);
   - a directory, either with `train/` and `test/` (or `val/` when there is no `test/`) folders, each holding
     one folder per class, or holding the class folders directly (then split deterministically, stratified
     by class, by `test_fraction` and `seed`);
@@ -29,7 +30,7 @@ import tarfile
 import tempfile
 import warnings
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
@@ -63,13 +64,27 @@ class ImageDataset:
         return len(self.classes)
 
 
+_REGISTERED: dict[str, Callable[[str], ImageDataset]] = {}
+
+
+def register_image_source(name: str, load: Callable[[str], ImageDataset]) -> None:
+    """Makes `data.source=NAME` read your own images from Python: `load(split)` returns the `ImageDataset` of
+    "train" or "test" (uint8 `[N, C, H, W]` images, int64 labels, class names). Every command of this process
+    then accepts the name, e.g. `train(build_config("default", ["data.source=NAME"]))`; a run trained on it
+    records the name, so evaluating it later needs the same registration (see examples/custom_dataset.py)."""
+    if name == "digits" or Path(name).suffix or "/" in name:
+        raise UserError(f"'{name}' cannot name a registered image source: it is 'digits' or looks like a path.")
+    _REGISTERED[name] = load
+
+
 def default_cache_dir() -> Path:
     return Path(os.environ.get("POLYATTN_CACHE") or Path.home() / ".cache" / "polyattn")
 
 
 def load_image_split(source: str, split: str, *, image_size: int | None = None, test_fraction: float = 0.2,
-                     seed: int = 0, cache_dir: str | Path | None = None) -> ImageDataset:
-    """The `split` ("train" or "test") of the image dataset at `source` (see the module docstring)."""
+                     seed: int = 0, cache_dir: str | Path | None = None, progress: bool = True) -> ImageDataset:
+    """The `split` ("train" or "test") of the image dataset at `source` (see the module docstring); `progress`
+    shows a bar while a source is decoded and cached (the first time only)."""
     if split not in SPLITS:
         raise UserError(f"Unknown split '{split}'; use 'train' or 'test'.{nearest(split, SPLITS)}")
     if not 0.0 < test_fraction < 1.0:
@@ -78,6 +93,12 @@ def load_image_split(source: str, split: str, *, image_size: int | None = None, 
         raise UserError(f"data.image_size must be a positive number of pixels, got {image_size!r}.")
     if source == "digits":
         return _load_digits(split, image_size, test_fraction, seed)
+    if source in _REGISTERED:
+        dataset = _REGISTERED[source](split)
+        if image_size is not None and dataset.images.shape[-2:] != (image_size, image_size):
+            dataset = ImageDataset(resize_center_crop(dataset.images, image_size), dataset.labels, dataset.classes,
+                                   dataset.source)
+        return dataset
 
     path = Path(source).expanduser()
     if not path.exists():
@@ -88,10 +109,12 @@ def load_image_split(source: str, split: str, *, image_size: int | None = None, 
         files = _list_directory(path)
         fingerprint = [[f.relative_to(path).as_posix(), st.st_size, st.st_mtime_ns] for f, st in files]
         read = lambda: _read_directory(path, [f for f, _ in files])
+        count = len(files)
     elif path.name.lower().endswith(ARCHIVE_SUFFIXES):
         st = path.stat()
         fingerprint = [st.st_size, st.st_mtime_ns]
         read = lambda: _read_archive(path)
+        count = None  # a gzip stream has no index: the bar counts without a total
     else:
         raise UserError(f"'{source}' is not a supported image source; give a directory of class folders, "
                         f"a .tar, .tar.gz or .tgz archive of one, or 'digits'.")
@@ -103,9 +126,15 @@ def load_image_split(source: str, split: str, *, image_size: int | None = None, 
     cached = _read_cache(cache / f"{key}-{split}.pt")
     if cached is not None:
         return cached
-    splits = _decode_source(read(), str(path), image_size, test_fraction, seed)
+    from ..progress import note, progress_bar
+
+    with progress_bar(read(), total=count, desc=f"decoding {path.name} (once, then cached)", unit="img",
+                      enabled=progress) as entries:
+        splits = _decode_source(entries, str(path), image_size, test_fraction, seed)
     for name, dataset in splits.items():
         _write_cache(cache / f"{key}-{name}.pt", dataset)
+    if progress:
+        note(f"decoded {sum(len(d) for d in splits.values()):,} images of {path.name}; cached under {cache}")
     return splits[split]
 
 

@@ -1,6 +1,10 @@
-"""Whole architectures, one file per family; importing this package registers them all."""
+"""Whole architectures, one file per family; importing this package registers them all.
 
-from . import (  # noqa: F401
+Build a registered variant with `polyattn.create_model(name, **overrides)`, or a model class directly with
+your own arguments. The submodule names (`vit`, `dit`, ...) stay the modules.
+"""
+
+from . import (
     bert,
     dit,
     illama,
@@ -11,3 +15,42 @@ from . import (  # noqa: F401
     perceiver_llp,
     vit,
 )
+from .bert import BertMLM
+from .dit import DiT, DiTBlock
+from .generation import CausalLMMixin, generate, stream_generate
+from .illama import ILLaMA
+from .lightnet_lm import LightNetLM, LightNetMLM
+from .lightnet_vision import LightNetViT, MultiScanViT, TokenMixerViT
+from .llama_lm import LlamaLM
+from .perceiver_ar import PerceiverAR, PerceiverVariant
+from .perceiver_llp import LLPTransformer
+from .vit import VisionTransformer
+
+__all__ = [
+    "BertMLM",
+    "CausalLMMixin",
+    "DiT",
+    "DiTBlock",
+    "ILLaMA",
+    "LLPTransformer",
+    "LightNetLM",
+    "LightNetMLM",
+    "LightNetViT",
+    "LlamaLM",
+    "MultiScanViT",
+    "PerceiverAR",
+    "PerceiverVariant",
+    "TokenMixerViT",
+    "VisionTransformer",
+    "bert",
+    "dit",
+    "generate",
+    "illama",
+    "lightnet_lm",
+    "lightnet_vision",
+    "llama_lm",
+    "perceiver_ar",
+    "perceiver_llp",
+    "stream_generate",
+    "vit",
+]

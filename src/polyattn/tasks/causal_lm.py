@@ -46,6 +46,7 @@ from ..data.text import (
 from ..data.tokenizers import TOKENIZER_FILE, BpeTokenizer, ByteTokenizer, StreamDecoder, Tokenizer, train_bpe
 from ..errors import UserError
 from ..models.generation import stream_generate
+from ..progress import progress_bar
 
 BPE_CACHE_VERSION = 1
 
@@ -84,19 +85,22 @@ def target_bytes(tokenizer: Tokenizer, targets: np.ndarray) -> int:
 @torch.no_grad()
 def evaluate_lm(model: nn.Module, tokens: np.ndarray, tokenizer: Tokenizer, *, seq_len: int, batch_size: int,
                 device: torch.device, autocast=None, max_tokens: int | None = None,
-                stride: int | None = None) -> dict[str, float]:
+                stride: int | None = None, progress: bool = False) -> dict[str, float]:
     """Loss, perplexity and bits per byte of `model` on the token stream `tokens` (module docstring).
 
     The targets `tokens[1:]` are scored once each (the first `max_tokens` of them), from the windows of
     `polyattn.data.text.eval_windows`: consecutive windows of `seq_len` tokens by default, or windows advanced by
     `stride` that give every scored target at least `seq_len − stride` tokens of context. The model is put in
-    eval mode and restored.
+    eval mode and restored. `progress` shows a bar over the scored targets.
     """
     if len(tokens) < 2:
         raise UserError("The evaluated split holds fewer than 2 tokens; use a larger corpus or data.val_fraction.")
     was_training = model.training
     model.eval()
     total, count, scored = 0.0, 0, []
+    context = seq_len - (stride or seq_len)  # targets before this are not scored (see eval_windows)
+    to_score = min(len(tokens) - 1, context + max_tokens if max_tokens else len(tokens)) - context
+    bar = progress_bar(total=max(to_score, 0), desc="evaluating", unit="tok", unit_scale=True, enabled=progress)
     try:
         for x, y in eval_windows(tokens, seq_len, batch_size, max_tokens, stride=stride):
             x, y = x.to(device), y.to(device)
@@ -111,7 +115,9 @@ def evaluate_lm(model: nn.Module, tokens: np.ndarray, tokenizer: Tokenizer, *, s
             kept = kept[kept != IGNORE_INDEX]
             count += kept.numel()
             scored.append(kept.cpu())
+            bar.update(kept.numel())
     finally:
+        bar.close()
         model.train(was_training)
     return lm_metrics(total, count, target_bytes(tokenizer, torch.cat(scored).numpy()))
 
@@ -174,6 +180,7 @@ class TextStreamJob:
         self.device, self.seq_len, self.seed = device, d.seq_len, t.seed
         self.eval_batch_size, self.eval_tokens, self.eval_stride = d.eval_batch_size, d.eval_tokens, d.eval_stride
         self.tokenizer = self._tokenizer(d, run_dir)
+        self.source = d.source
         stream = token_file_for_source(d.source, self.tokenizer)
         train_range, val_range = split_stream(len(stream), d.val_fraction)
         self.splits = {"train": stream.tokens[train_range], "val": stream.tokens[val_range],
@@ -183,6 +190,8 @@ class TextStreamJob:
                 raise UserError(f"Split '{split}' is not available for text; use 'train', 'val' or 'test' (the "
                                 f"last data.val_fraction of the stream).")
         self.eval_split = "val"
+        self.final_split = "val"  # "test" is the same held-out stream, which the README calls validation
+        self.progress = t.progress
         self.inferred_model_args = {"vocab_size": self.tokenizer.vocab_size + self.extra_ids}
         user_vocab = config.model.args.get("vocab_size")
         if isinstance(user_vocab, int) and user_vocab < self.tokenizer.vocab_size + self.extra_ids:
@@ -196,6 +205,11 @@ class TextStreamJob:
         # An "epoch" is as many windows as the training split holds tokens (each token seen once on average).
         self.samples_per_step = t.batch_size * d.seq_len
         self.steps_per_epoch = max(1, n_train // self.samples_per_step)
+
+    def describe_data(self) -> str:
+        """One line for the header of a command: the source, its train and held-out tokens, the tokenizer."""
+        sizes = " / ".join(f"{len(self.splits[k]):,} {k}" for k in ("train", "val"))
+        return f"{self.source} ({sizes} tokens, {type(self.tokenizer).__name__} of {self.tokenizer.vocab_size} ids)"
 
     def _ids_needed(self) -> str:
         ids = f"the tokenizer's {self.tokenizer.vocab_size} ids"
@@ -281,7 +295,7 @@ class CausalLMJob(TextStreamJob):
         self._check_vocab(model)
         return evaluate_lm(model, self.splits[split], self.tokenizer, seq_len=self.seq_len,
                            batch_size=self.eval_batch_size, device=self.device, autocast=autocast,
-                           max_tokens=self.eval_tokens, stride=self.eval_stride)
+                           max_tokens=self.eval_tokens, stride=self.eval_stride, progress=self.progress)
 
 
 def encode_prompt(tokenizer: Tokenizer, prompt: str) -> list[int]:

@@ -36,7 +36,6 @@ import itertools
 import json
 import math
 import re
-import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -49,6 +48,7 @@ from ..data.loader import BatchLoader, to_device
 from ..data.tokenizers import atomic_write
 from ..data.transforms import TrainAugment
 from ..errors import UserError, nearest
+from ..progress import progress_bar
 from .image_job import ImageJob, subset
 
 CLASSES_FILE = "classes.json"
@@ -164,7 +164,7 @@ def integrate(velocity: Velocity, noise: torch.Tensor, steps: int, *, sampler: s
     return x
 
 
-def _check_sampling_args(n: int, steps: int, cfg: float, sampler: str, eta: float, batch_size: int) -> None:
+def check_sampling_args(n: int, steps: int, cfg: float, sampler: str, eta: float, batch_size: int) -> None:
     if n < 1:
         raise UserError(f"The number of images must be at least 1, got {n}.")
     if steps < 1:
@@ -193,15 +193,12 @@ def sample(model: Callable[..., torch.Tensor], labels: torch.Tensor, *, shape: S
     depend on `batch_size` or the device (DDIM with `eta > 0` draws more noise per batch as it goes).
     A tqdm bar on stderr counts sampler steps over all batches.
     """
-    from tqdm import tqdm
-
     labels = torch.as_tensor(labels, dtype=torch.long).flatten()
-    _check_sampling_args(len(labels), steps, cfg, sampler, eta, batch_size)
+    check_sampling_args(len(labels), steps, cfg, sampler, eta, batch_size)
     noise = torch.randn(len(labels), *shape, generator=generator)
     n_batches = -(-len(labels) // batch_size)
     out = []
-    with tqdm(total=n_batches * steps, unit="step", desc="sampling", disable=not progress, file=sys.stderr,
-              dynamic_ncols=True) as bar:
+    with progress_bar(total=n_batches * steps, unit="step", desc="sampling", enabled=progress, leave=True) as bar:
         for start in range(0, len(labels), batch_size):
             y = labels[start:start + batch_size].to(device)
             velocity = lambda x, t, y=y: guided_velocity(model, x, t, y, cfg, null_label)
@@ -283,7 +280,9 @@ class DiffusionJob(ImageJob):
         was_training = model.training
         model.eval()
         total, count = 0.0, 0
-        for images, labels in BatchLoader(dataset, self.eval_batch_size, shuffle=False).epoch(0):
+        loader = BatchLoader(dataset, self.eval_batch_size, shuffle=False)
+        for images, labels in progress_bar(loader.epoch(0), total=len(loader), desc=f"evaluating {split}",
+                                           unit="batch", enabled=self.progress):
             x0 = self.eval_transform(images)
             noise = torch.randn(x0.shape, generator=generator)
             t = torch.rand(len(labels), generator=generator)
@@ -332,16 +331,14 @@ def parse_classes(text: str | None, class_names: Sequence[str]) -> list[int]:
     return indices
 
 
-def _png_bytes(image: torch.Tensor, scale: int = 1) -> bytes:
-    """uint8 `[C, H, W]` (C = 1 or 3) → PNG bytes, optionally upscaled by an integer factor (nearest)."""
+def _png_bytes(image: torch.Tensor) -> bytes:
+    """uint8 `[C, H, W]` (C = 1 or 3) → PNG bytes."""
     import io
 
     from PIL import Image
 
     array = image.permute(1, 2, 0).numpy()
     pil = Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array)  # uint8: mode L or RGB
-    if scale > 1:
-        pil = pil.resize((pil.width * scale, pil.height * scale), Image.Resampling.NEAREST)
     buffer = io.BytesIO()
     pil.save(buffer, format="PNG")
     return buffer.getvalue()
@@ -367,35 +364,90 @@ def _folder_name(name: str, index: int) -> str:
 
 def write_samples(images: torch.Tensor, labels: Sequence[int], class_names: Sequence[str], out_dir: Path, *,
                   grid_columns: int = 16) -> tuple[Path, list[Path]]:
-    """Writes `out_dir/grid.png` (one row per class, at most `grid_columns` images each, small images upscaled
-    to at least 32 px) and every image as `out_dir/images/<class name>/NNNN.png` (one folder per class, as an
-    image-folder dataset). Every file is written atomically."""
+    """Writes `out_dir/grid.png` (one row per class, labelled with the class name, at most `grid_columns` images
+    each, small images upscaled to at least 64 px so the grid is readable) and every image at its own size as
+    `out_dir/images/<class name>/NNNN.png` (one folder per class, as an image-folder dataset). Every file is
+    written atomically."""
     out_dir = Path(out_dir)
     labels = [int(y) for y in labels]
     paths, counts = [], {}
+    name_of = lambda y: class_names[y] if y < len(class_names) else "unconditional"
     for k, y in enumerate(labels):
         i = counts[y] = counts.get(y, -1) + 1
-        name = class_names[y] if y < len(class_names) else "unconditional"
-        path = out_dir / "images" / _folder_name(name, y) / f"{i:04d}.png"
+        path = out_dir / "images" / _folder_name(name_of(y), y) / f"{i:04d}.png"
         data = _png_bytes(images[k])
         atomic_write(path, lambda f, data=data: f.write(data))
         paths.append(path)
-    rows = [[k for k, y in enumerate(labels) if y == c][:grid_columns] for c in dict.fromkeys(labels)]
-    scale = max(1, -(-32 // max(images.shape[-2:])))
-    grid = _png_bytes(image_grid(images, rows), scale=scale)
+    classes = list(dict.fromkeys(labels))
+    rows = [[k for k, y in enumerate(labels) if y == c][:grid_columns] for c in classes]
+    scale = max(1, -(-GRID_CELL_PX // max(images.shape[-2:])))
+    grid = _labelled_grid_png(images, rows, [name_of(c) for c in classes], scale=scale)
     grid_path = out_dir / "grid.png"
     atomic_write(grid_path, lambda f: f.write(grid))
     return grid_path, paths
 
 
+GRID_CELL_PX = 64
+"""Smallest cell of a sample grid in pixels: smaller images are upscaled (nearest) by an integer factor."""
+
+
+def _labelled_grid_png(images: torch.Tensor, rows: Sequence[Sequence[int]], row_labels: Sequence[str], *,
+                       scale: int, pad: int = 2) -> bytes:
+    """`image_grid` upscaled by `scale`, with each row's label in a white margin on its left, as PNG bytes."""
+    import io
+
+    from PIL import Image, ImageDraw, ImageFont
+
+    grid = image_grid(images, rows, pad=pad).permute(1, 2, 0).numpy()
+    picture = Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid).convert("RGB")
+    picture = picture.resize((picture.width * scale, picture.height * scale), Image.Resampling.NEAREST)
+    cell = images.shape[-2] * scale
+    try:
+        font = ImageFont.load_default(size=max(10, min(18, cell // 3)))
+    except TypeError:  # Pillow < 10.1: one bitmap size
+        font = ImageFont.load_default()
+    draw = ImageDraw.Draw(picture)
+    margin = 8 + max(int(draw.textlength(label, font=font)) for label in row_labels)
+    out = Image.new("RGB", (picture.width + margin, picture.height), "white")
+    out.paste(picture, (margin, 0))
+    draw = ImageDraw.Draw(out)
+    for i, label in enumerate(row_labels):
+        middle = (pad + i * (images.shape[-2] + pad)) * scale + cell // 2
+        draw.text((4, middle), label, fill="black", font=font, anchor="lm")
+    buffer = io.BytesIO()
+    out.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def samples_dir(run_dir: Path, *, classes: str | None, n: int, steps: int, cfg: float, sampler: str, eta: float,
+                seed: int, batch_size: int, weights: str) -> Path:
+    """`RUN_DIR/samples/<name>`, named by every setting that changes the images (sampler, DDIM's eta and then the
+    batch size, steps, guidance, seed, classes, images per class, EMA or raw weights); if a folder of that name
+    exists, the next free `-2`, `-3`, ..., so two calls never write into one folder."""
+    import hashlib
+
+    wanted = "all" if classes is None or classes.strip().lower() == "all" else \
+        "+".join(_folder_name(c.strip(), i) for i, c in enumerate(classes.split(",")) if c.strip())
+    if len(wanted) > 40:
+        wanted = "classes-" + hashlib.sha1(wanted.encode()).hexdigest()[:8]
+    noise = f"-eta{eta:g}-batch{batch_size}" if eta else ""
+    name = f"{sampler}{noise}-{steps}steps-cfg{cfg:g}-seed{seed}-{wanted}-n{n}-{weights}"
+    root = Path(run_dir) / "samples"
+    path, k = root / name, 1
+    while path.exists():
+        k += 1
+        path = root / f"{name}-{k}"
+    return path
+
+
 def sample_to_dir(model: nn.Module, data_config, class_names: Sequence[str], out_dir: Path, *, classes: str | None,
                   n: int, steps: int, cfg: float, sampler: str = "euler", eta: float = 0.0, seed: int = 0,
                   batch_size: int = 64, device: torch.device | str = "cpu", progress: bool = True,
-                  on_start: Callable[[], None] | None = None) -> dict[str, Any]:
+                  announce: Callable[[], None] | None = None) -> dict[str, Any]:
     """Samples `n` images of each class in `classes` ("0,3,cat", None = all) from a trained `DiT`-like model
     (attributes `num_classes`, `in_chans`, `img_size`), writes them with `write_samples` and returns a summary:
-    `grid`, `paths`, `images` (uint8), `labels`, `seconds` (sampling time, files excluded). `on_start` is called
-    once every argument has been checked, before the work (the command line announces the run there)."""
+    `grid`, `paths`, `images` (uint8), `labels`, `seconds` (sampling time, files excluded). `announce` is called
+    once the arguments are checked, before sampling starts (the command line says what it is about to do)."""
     import time
 
     if n < 1:
@@ -406,9 +458,9 @@ def sample_to_dir(model: nn.Module, data_config, class_names: Sequence[str], out
         labels, class_names = [0] * n, ["unconditional"]
     else:
         labels = [c for c in parse_classes(classes, class_names) for _ in range(n)]
-    _check_sampling_args(len(labels), steps, cfg, sampler, eta, batch_size)
-    if on_start is not None:
-        on_start()
+    check_sampling_args(len(labels), steps, cfg, sampler, eta, batch_size)
+    if announce is not None:  # after the checks, so that bad input stays a one-sentence error
+        announce()
     generator = torch.Generator().manual_seed(seed)
     model.eval()
     start = time.perf_counter()
@@ -434,6 +486,7 @@ __all__ = [
     "read_class_names",
     "sample",
     "sample_to_dir",
+    "samples_dir",
     "time_grid",
     "to_uint8",
     "write_samples",

@@ -9,6 +9,7 @@ from torch import nn
 
 from ..data.loader import BatchLoader, to_device
 from ..data.transforms import MixupCutmix, TrainAugment
+from ..progress import progress_bar
 from .classification import ClassificationTask
 from .image_job import ImageJob
 
@@ -52,17 +53,13 @@ class ImageClassificationJob(ImageJob):
         return total, len(y)
 
     def evaluate(self, model: nn.Module, split: str, *, autocast, reliability: bool = False,
-                 progress: bool = False) -> dict[str, Any]:
+                 progress: bool | None = None) -> dict[str, Any]:
         """Metrics of `ClassificationTask.evaluate` on `split`; `reliability` adds its per-bin calibration
-        ("reliability": `ReliabilityBins`), `progress` shows a progress bar over the batches."""
+        ("reliability": `ReliabilityBins`), `progress` shows a progress bar over the batches (None: as
+        train.progress says)."""
         loader = BatchLoader(self.datasets[split], self.eval_batch_size, shuffle=False)
         batches = ((self.eval_transform(x), y) for x, y in loader.epoch(0))
-        if progress:
-            import sys
-
-            from tqdm import tqdm
-
-            batches = tqdm(batches, total=len(loader), desc=f"evaluating {split}", unit="batch", file=sys.stderr,
-                           dynamic_ncols=True)
+        if progress if progress is not None else self.progress:
+            batches = progress_bar(batches, total=len(loader), desc=f"evaluating {split}", unit="batch")
         with autocast():
             return self.task.evaluate(model, batches, device=self.device, reliability=reliability)

@@ -37,7 +37,8 @@ class ImageJob:
         self.datasets: dict[str, ImageDataset] = {}
         needs_stats = d.mean is None and default_stats is None
         if "train" in splits or "val" in splits or needs_stats:
-            train = load_image_split(d.source, "train", image_size=d.image_size, test_fraction=d.test_fraction)
+            train = load_image_split(d.source, "train", image_size=d.image_size, test_fraction=d.test_fraction,
+                                     progress=t.progress)
             if d.val_fraction > 0:
                 train_idx, val_idx = stratified_split(train.labels, d.val_fraction, seed=VAL_SEED)
                 self.datasets["val"] = subset(train, val_idx)
@@ -45,7 +46,7 @@ class ImageJob:
             self.datasets["train"] = train
         if "test" in splits:
             self.datasets["test"] = load_image_split(d.source, "test", image_size=d.image_size,
-                                                     test_fraction=d.test_fraction)
+                                                     test_fraction=d.test_fraction, progress=t.progress)
         for split in splits:
             if split not in self.datasets:
                 raise UserError(f"Split '{split}' is not available; use 'train', 'test', or 'val' with "
@@ -59,6 +60,7 @@ class ImageJob:
         self.inferred_model_args = {"num_classes": self.num_classes, "in_chans": channels,
                                     "img_size": height if height == width else (height, width)}
         self.eval_batch_size = d.eval_batch_size
+        self.progress = t.progress
         self.eval_transform = EvalTransform(d.mean, d.std)
         self.eval_split = "val" if "val" in self.datasets else "test"
         self.generator = torch.Generator().manual_seed(t.seed)
@@ -70,6 +72,13 @@ class ImageJob:
             self.loader = BatchLoader(train, t.batch_size, shuffle=True, seed=t.seed, drop_last=True)
             self.steps_per_epoch = len(self.loader)
             self.samples_per_step = t.batch_size
+
+    def describe_data(self) -> str:
+        """One line for the header of a command: the source, its splits' sizes, classes and image shape."""
+        sizes = " / ".join(f"{len(v):,} {k}" for k, v in self.datasets.items())
+        first = next(iter(self.datasets.values()))
+        _, c, h, w = first.images.shape
+        return f"{first.source} ({sizes} images, {self.num_classes} classes, {c}×{h}×{w})"
 
     @staticmethod
     def crop_args(data_config) -> dict[str, Any]:

@@ -43,6 +43,7 @@ from torch import nn
 
 from ..data.text import IGNORE_INDEX, window_starts
 from ..errors import UserError
+from ..progress import progress_bar
 from .causal_lm import TextStreamJob
 
 EVAL_MASK_SEED = 20181011
@@ -146,7 +147,8 @@ def mlm_metrics(total_nats: float, num_correct: int, num_tokens: int) -> dict[st
 
 @torch.no_grad()
 def evaluate_mlm(model: nn.Module, tokens: np.ndarray, recipe: MaskingRecipe, *, seq_len: int, batch_size: int,
-                 device: torch.device, autocast=None, max_tokens: int | None = None) -> dict[str, float]:
+                 device: torch.device, autocast=None, max_tokens: int | None = None,
+                 progress: bool = False) -> dict[str, float]:
     """Masked-token loss, accuracy and pseudo-perplexity of `model` on `tokens`, with the fixed evaluation masks
     (module docstring). The model is put in eval mode and restored."""
     if len(tokens) < 1:
@@ -155,7 +157,8 @@ def evaluate_mlm(model: nn.Module, tokens: np.ndarray, recipe: MaskingRecipe, *,
     model.eval()
     total, correct, count = 0.0, 0, 0
     try:
-        for x, y in eval_masked_windows(tokens, recipe, seq_len, batch_size, max_tokens):
+        windows = eval_masked_windows(tokens, recipe, seq_len, batch_size, max_tokens)
+        for x, y in progress_bar(windows, desc="evaluating", unit="batch", enabled=progress):
             x, y = x.to(device), y.to(device)
             with autocast() if autocast is not None else contextlib.nullcontext():
                 logits = model(x)
@@ -218,7 +221,7 @@ class MaskedLMJob(TextStreamJob):
         self._check_vocab(model)
         return evaluate_mlm(model, self.splits[split], self.recipe, seq_len=self.seq_len,
                             batch_size=self.eval_batch_size, device=self.device, autocast=autocast,
-                            max_tokens=self.eval_tokens)
+                            max_tokens=self.eval_tokens, progress=self.progress)
 
 
 __all__ = ["EVAL_MASK_SEED", "MaskedLMJob", "MaskingRecipe", "eval_masked_windows", "evaluate_mlm",

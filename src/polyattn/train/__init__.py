@@ -1,0 +1,67 @@
+"""The training engine: one loop for every model, its configuration, optimizer, schedules, EMA, checkpoints and
+run logs. It knows nothing about particular models; a task supplies a `TrainingJob` (see `polyattn.tasks`).
+
+`train(build_config("default", ["train.epochs=1"]))` trains a recipe from Python; `load_run(RUN_DIR)` gives back
+a trained run's model, config and tokenizer.
+"""
+
+from .checkpoint import CheckpointDir, atomic_write_text, load_weights, save_weights
+from .config import (
+    DataConfig,
+    ModelConfig,
+    RunConfig,
+    TaskConfig,
+    TrainConfig,
+    apply_overrides,
+    build_config,
+    config_keys,
+    find_recipe,
+    list_recipes,
+)
+from .ema import WeightEma
+from .loop import (
+    Run,
+    TrainingJob,
+    build_model,
+    evaluate_run,
+    load_run,
+    load_run_config,
+    load_run_model,
+    train,
+)
+from .optim import CosineSchedule, build_optimizer, param_groups
+from .run_log import RunLog, read_metrics, write_plots
+from .schedules import SoftMaskSchedule
+
+__all__ = [
+    "CheckpointDir",
+    "CosineSchedule",
+    "DataConfig",
+    "ModelConfig",
+    "Run",
+    "RunConfig",
+    "RunLog",
+    "SoftMaskSchedule",
+    "TaskConfig",
+    "TrainConfig",
+    "TrainingJob",
+    "WeightEma",
+    "apply_overrides",
+    "atomic_write_text",
+    "build_config",
+    "build_model",
+    "build_optimizer",
+    "config_keys",
+    "evaluate_run",
+    "find_recipe",
+    "list_recipes",
+    "load_run",
+    "load_run_config",
+    "load_run_model",
+    "load_weights",
+    "param_groups",
+    "read_metrics",
+    "save_weights",
+    "train",
+    "write_plots",
+]

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import inspect
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -92,7 +93,9 @@ class TaskConfig:
     """What is learned and measured (see polyattn.tasks)."""
 
     label_smoothing: float = 0.1
+    """Classification: label smoothing of the cross-entropy (0 = off; DeiT: 0.1)."""
     ece_bins: int = 15
+    """Classification: confidence bins of the expected calibration error and the reliability diagram."""
     label_dropout: float = 0.1
     """Diffusion: probability of training on the null label instead of the class (classifier-free guidance)."""
     time_sampling: Literal["logit_normal", "uniform"] = "logit_normal"
@@ -112,17 +115,24 @@ class TrainConfig:
     """The optimisation loop; it knows nothing about particular models."""
 
     epochs: int = 10
+    """Length of training in passes over the training split (see also steps, max_steps, time_budget_s)."""
     steps: int | None = None
     """Length of training in optimizer steps, when it should not be a whole number of epochs; None = epochs ×
     steps per epoch. Warmup keeps its share warmup_epochs / epochs of it."""
     batch_size: int = 128
     """Samples per optimizer step (split into `accumulation_steps` micro-batches)."""
     accumulation_steps: int = 1
+    """Micro-batches per optimizer step (gradients are summed; batch_size must be a multiple of it)."""
     lr: float = 1e-3
+    """Peak learning rate of AdamW, reached after the warmup."""
     min_lr: float = 1e-5
+    """Learning rate at the end of the cosine decay."""
     warmup_epochs: float = 1.0
+    """Linear warmup from 0 to lr, in epochs (fractions allowed)."""
     weight_decay: float = 0.05
+    """AdamW weight decay (not applied to norms, biases, embeddings and position tables)."""
     betas: tuple[float, float] = (0.9, 0.999)
+    """AdamW's moment decay rates (β1, β2)."""
     grad_clip: float | None = 1.0
     """Clip the global gradient norm to this value; null disables clipping."""
     precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
@@ -138,6 +148,7 @@ class TrainConfig:
     threads: int | None = None
     """CPU threads for torch; None leaves torch's default."""
     seed: int = 0
+    """Seed of the initialisation, the data order and the augmentation (runs on a CPU repeat exactly)."""
     eval_every: int = 1
     """Evaluate every this many epochs (and always at the end)."""
     checkpoint_every: int | None = None
@@ -162,9 +173,11 @@ class TrainConfig:
     log_every: int = 10
     """Log training loss and learning rate every this many optimizer steps."""
     out_dir: str = "runs"
+    """Folder the run directory is created in."""
     run_name: str | None = None
     """Directory name under out_dir; None builds one from the recipe, model and time."""
     progress: bool = True
+    """Show progress bars (training, evaluation, decoding) on the terminal."""
 
 
 @dataclass
@@ -419,3 +432,108 @@ def save_yaml(data: Any, path: Path) -> None:
     from .checkpoint import atomic_write_text
 
     atomic_write_text(path, yaml.safe_dump(data, sort_keys=False))
+
+
+# ---- the keys, their types, defaults and help, read from this file ---------------------------------------------
+
+@dataclass(frozen=True)
+class ConfigKey:
+    """One settable key of the task, data or train section."""
+
+    key: str
+    """Dotted name, e.g. `train.lr`."""
+    type: str
+    """The field's annotation as written in the code, e.g. `float | None`."""
+    default: Any
+    help: str
+    """The attribute docstring under the field, joined into one paragraph."""
+
+    @property
+    def summary(self) -> str:
+        """The help's first sentence (what `polyattn config` and the README table show)."""
+        first = re.split(r"\.\s+(?=[A-Z])", self.help)[0].rstrip(".")
+        return first + "." if first else ""
+
+
+def field_docs(cls: type) -> dict[str, tuple[str, str]]:
+    """`{field: (annotation source, attribute docstring)}` of a dataclass, read from its source with `ast`: the
+    docstrings under the fields are the one place each key is documented."""
+    import ast
+    import textwrap
+
+    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    body = tree.body[0].body
+    docs: dict[str, tuple[str, str]] = {}
+    for node, after in zip(body, [*body[1:], None]):
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            doc = ""
+            if (isinstance(after, ast.Expr) and isinstance(after.value, ast.Constant)
+                    and isinstance(after.value.value, str)):
+                doc = " ".join(after.value.value.split())
+            docs[node.target.id] = (ast.unparse(node.annotation), doc)
+    return docs
+
+
+def config_keys() -> list[ConfigKey]:
+    """Every key of the task, data and train sections with its type, default and help, in the code's order."""
+    keys = []
+    defaults = RunConfig()
+    for section in ("task", "data", "train"):
+        obj = getattr(defaults, section)
+        docs = field_docs(type(obj))
+        for f in dataclasses.fields(obj):
+            annotation, doc = docs.get(f.name, ("", ""))
+            keys.append(ConfigKey(f"{section}.{f.name}", annotation, _plain(getattr(obj, f.name)), doc))
+    return keys
+
+
+def format_value(value: Any) -> str:
+    """A value as it would be written on the command line or in a recipe (YAML flow style)."""
+    text = yaml.safe_dump(_plain(value), default_flow_style=True, width=10_000).strip()
+    return text.removesuffix("\n...").removesuffix(" ...")
+
+
+def keys_markdown() -> str:
+    """The README's table of keys, generated from `config_keys` (`polyattn config --keys --markdown`)."""
+    lines = ["| key | type | default | what it sets |", "|---|---|---|---|"]
+    for k in config_keys():
+        text = k.help.replace("|", "\\|")
+        lines.append(f"| `{k.key}` | `{k.type.replace('|', '∣')}` | `{format_value(k.default)}` | {text} |")
+    return "\n".join(lines) + "\n"
+
+
+FROM_DATA = ("num_classes", "in_chans", "img_size", "vocab_size")
+"""Model arguments that the task's job infers from the data (`inferred_model_args`) unless the user sets them."""
+
+
+def describe_config(config: RunConfig, *, origin: str) -> str:
+    """The resolved config as YAML that could be a recipe, each key commented with its type, its default when the
+    recipe or an override changed it, and its one-line help (`polyattn config RECIPE`)."""
+    entry = get_entry(config.model.name)
+    hints = typing.get_type_hints(entry.cls.__init__)
+    model_args = config.resolved_model_args()
+    lines = [f"# {origin}", f"recipe: {config.recipe}", "model:",
+             f"  name: {config.model.name}  # {entry.cls.__name__} ({entry.task}): {entry.description}"]
+    defaults = resolve_model_args(config.model.name)
+    for name, value in model_args.items():
+        note = "" if name not in config.model.args else f", default {format_value(defaults.get(name))}"
+        if name in FROM_DATA and name not in config.model.args:
+            note = ", set from the data when training starts"
+        lines.append(f"  {name}: {format_value(value)}  # {_type_text(hints.get(name, Any))}{note}")
+    base = RunConfig()
+    by_key = {k.key: k for k in config_keys()}
+    for section in ("task", "data", "train"):
+        lines.append(f"{section}:")
+        for f in dataclasses.fields(getattr(config, section)):
+            k = by_key[f"{section}.{f.name}"]
+            value = _plain(getattr(getattr(config, section), f.name))
+            changed = value != _plain(getattr(getattr(base, section), f.name))
+            note = f", default {format_value(k.default)}" if changed else ""
+            lines.append(f"  {f.name}: {format_value(value)}  # {k.type}{note}; {k.summary}")
+    return "\n".join(lines) + "\n"
+
+
+def _type_text(ann: Any) -> str:
+    if isinstance(ann, type):
+        return ann.__name__
+    return str(ann).replace("typing.", "")

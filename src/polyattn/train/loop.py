@@ -14,6 +14,7 @@ import json
 import math
 import sys
 import time
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Protocol
@@ -23,6 +24,7 @@ from torch import nn
 
 from ..errors import UserError
 from ..hardware import Precision, autocast_for, device_name, environment, resolve_device, resolve_precision
+from ..progress import note, progress_bar
 from ..registry import get_entry
 from .checkpoint import (
     CONFIG,
@@ -45,8 +47,10 @@ from .schedules import SoftMaskSchedule
 class TrainingJob(Protocol):
     """What a task supplies to the loop (see polyattn.tasks).
 
-    Optional: `throughput_unit` (what `loss` counts, e.g. "tokens"; default "samples") and
-    `save_to_run_dir(run_dir)` (files the run directory needs besides the weights, such as a tokenizer).
+    Optional: `throughput_unit` (what `loss` counts, e.g. "tokens"; default "samples"),
+    `save_to_run_dir(run_dir)` (files the run directory needs besides the weights, such as a tokenizer),
+    `describe_data()` (one line on the data, for a command's first line), `final_split` (what the README calls
+    the split of the final evaluation, default "test"; text jobs: "val") and `progress` (show evaluation bars).
     """
 
     inferred_model_args: dict[str, Any]
@@ -154,6 +158,10 @@ def train(config: RunConfig, *, resume_dir: Path | None = None, evaluate: bool =
     n_params = sum(p.numel() for p in model.parameters())
     total_steps = cfg.steps or cfg.epochs * job.steps_per_epoch
     num_epochs = math.ceil(total_steps / job.steps_per_epoch)
+    announce(run_header("training", config, n_params, job, device, precision=precision,
+                        extra=f"{total_steps} steps ({_epochs(total_steps / job.steps_per_epoch)}) of "
+                              f"{job.samples_per_step} {getattr(job, 'throughput_unit', 'samples')}"
+                              + (", compiled" if cfg.compile else "")), precision)
     soft_mask = None
     if cfg.soft_mask != "none":
         if "soft_mask_a" not in inspect.signature(model.forward).parameters:
@@ -199,7 +207,6 @@ def train(config: RunConfig, *, resume_dir: Path | None = None, evaluate: bool =
             ema.n_averaged.fill_(state["ema_updates"])
         print(f"resuming {run_dir} at step {step}/{total_steps}", file=sys.stderr)
 
-    announce(config, model, device, precision)
     train_model = torch.compile(model) if cfg.compile else model
     autocast = autocast_for(precision, device)
     # float16 needs its loss scaled so small gradients do not flush to zero; bfloat16 has float32's range.
@@ -229,7 +236,9 @@ def train(config: RunConfig, *, resume_dir: Path | None = None, evaluate: bool =
             return step
         return max(step, min(total_steps, int(train_time / budget * total_steps)))
 
-    progress = _progress(total_steps, step, enabled=cfg.progress)
+    progress = progress_bar(total=total_steps, initial=step, enabled=cfg.progress, unit="step", leave=True,
+                            desc="training", bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}]"
+                                                        "{postfix}")
     window_loss, window_n = 0.0, 0
     max_steps = min(total_steps, cfg.max_steps) if cfg.max_steps else total_steps
     out_of_time = lambda: budget is not None and train_time >= budget
@@ -285,8 +294,7 @@ def train(config: RunConfig, *, resume_dir: Path | None = None, evaluate: bool =
                                                 or step == total_steps):
                     metrics = job.evaluate(eval_model, job.eval_split, autocast=autocast)
                     log.log(job.eval_split, step, {**metrics, "epoch": step // job.steps_per_epoch})
-                    progress.write(_format_metrics(f"epoch {step // job.steps_per_epoch} {job.eval_split}",
-                                                   metrics))
+                    note(_format_metrics(f"epoch {step // job.steps_per_epoch} {job.eval_split}", metrics))
                 if epoch_done or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0):
                     save_checkpoint()
                 if step >= max_steps or out_of_time():
@@ -321,19 +329,41 @@ def train(config: RunConfig, *, resume_dir: Path | None = None, evaluate: bool =
             ("steps", f"{step} ({summary['epochs']:.2f} epochs)")]
     if summary[f"train_{unit}_per_s"]:
         rows.append((f"train {unit}/s", f"{summary[f'train_{unit}_per_s']:.1f} ({train_time:.0f} s training)"))
-    rows += [(f"test {k}", _fmt(v)) for k, v in test_metrics.items()]
+    final = getattr(job, "final_split", "test")  # text: the held-out stream, which the README calls val
+    rows += [(f"{final} {k}", _fmt(v)) for k, v in test_metrics.items()]
     print(format_table(rows, "summary"))
     return summary
 
 
-def load_run_model(run_dir: Path, *, ema: bool | None = None, device: torch.device | str = "cpu",
-                   overrides: list[str] | None = None) -> tuple[nn.Module, RunConfig]:
-    """The model of a run directory with its trained weights (in eval mode), and the run's config.
+@dataclass(frozen=True)
+class Run:
+    """A trained run loaded back from its directory (`load_run`); it unpacks as `model, config, tokenizer`."""
+
+    model: nn.Module
+    """The model with the run's trained weights, in eval mode."""
+    config: RunConfig
+    """The run's resolved config (`config.yaml`), with any overrides applied."""
+    tokenizer: Any
+    """Text runs: the run's tokenizer (byte-level, or its saved BPE model); None for image runs."""
+    weights: str
+    """Which weights were loaded: 'ema' (the averaged weights, train.ema_decay) or 'raw'."""
+    source: Path
+    """The weights file that was loaded (final weights, or the latest checkpoint's)."""
+
+    def __iter__(self):
+        return iter((self.model, self.config, self.tokenizer))
+
+
+def load_run(run_dir: Path | str, *, ema: bool | None = None, device: torch.device | str = "cpu",
+             overrides: list[str] | None = None) -> Run:
+    """Loads any run directory: its model with trained weights (in eval mode), config and tokenizer.
 
     Final weights when the run finished, else its latest checkpoint's (with a note). `ema`: None uses the
     averaged weights when the run kept them (train.ema_decay), True requires them, False uses the raw weights.
     `overrides` (`key=value`) change the run's config before the model is built, e.g. an inference-time option.
     """
+    from ..registry import model_task
+
     run_dir = Path(run_dir)
     config = load_run_config(run_dir)
     apply_overrides(config, overrides or [])
@@ -343,14 +373,26 @@ def load_run_model(run_dir: Path, *, ema: bool | None = None, device: torch.devi
         if folder is None:
             raise UserError(f"{run_dir} has neither final weights nor a checkpoint; train it first.")
         print(f"note: {run_dir} did not finish; using its latest checkpoint {folder.name}.", file=sys.stderr)
-    weights = folder / WEIGHTS
+    weights, kind = folder / WEIGHTS, "raw"
     if ema is not False and (folder / EMA_WEIGHTS).is_file():
-        weights = folder / EMA_WEIGHTS
+        weights, kind = folder / EMA_WEIGHTS, "ema"
     elif ema:
         raise UserError(f"{run_dir} kept no averaged weights (train.ema_decay was off); drop the EMA option.")
     model, _ = build_model(config, {})
     load_weights(model, weights, model_name=config.model.name)
-    return model.to(device).eval(), config
+    tokenizer = None
+    if model_task(config.model.name) in ("causal_lm", "masked_lm"):
+        from ..data.tokenizers import load_run_tokenizer
+
+        tokenizer = load_run_tokenizer(run_dir, config.data.tokenizer)
+    return Run(model.to(device).eval(), config, tokenizer, kind, weights)
+
+
+def load_run_model(run_dir: Path, *, ema: bool | None = None, device: torch.device | str = "cpu",
+                   overrides: list[str] | None = None) -> tuple[nn.Module, RunConfig]:
+    """`load_run` without the tokenizer: the model (with its trained weights, in eval mode) and the config."""
+    run = load_run(run_dir, ema=ema, device=device, overrides=overrides)
+    return run.model, run.config
 
 
 def evaluate_run(run_dir: Path, *, data_source: str | None = None, split: str = "test", device_name: str = "auto",
@@ -362,15 +404,20 @@ def evaluate_run(run_dir: Path, *, data_source: str | None = None, split: str = 
     from ..tasks import build_job
 
     device = resolve_device(device_name)
-    model, config = load_run_model(run_dir, ema=ema, device=device, overrides=overrides)
+    run = load_run(run_dir, ema=ema, device=device, overrides=overrides)
+    model, config = run.model, run.config
     resolved = inference_precision(precision, device, config)
     if data_source is not None:
         config.data.source = data_source
-    announce(config, model, device, resolved)
     job = build_job(config, device=device, splits=(split,), run_dir=Path(run_dir))
+    n_params = sum(p.numel() for p in model.parameters())
+    announce(run_header("evaluating", config, n_params, job, device, precision=resolved, weights=run.weights,
+                        extra=f"split {split}, weights {run.source}"), resolved)
     metrics = job.evaluate(model, split, autocast=autocast_for(resolved, device))
-    print(format_table([(f"{split} {k}", _fmt(v)) for k, v in metrics.items()],
-                       f"{config.model.name} on {config.data.source}"))
+    label = getattr(job, "final_split", "test") if split == "test" else split
+    weights = "averaged (EMA) weights" if run.weights == "ema" else "raw weights"
+    print(format_table([(f"{label} {k}", _fmt(v)) for k, v in metrics.items()],
+                       f"{config.model.name} ({weights}) on {config.data.source}"))
     return metrics
 
 
@@ -396,14 +443,30 @@ def inference_precision(requested: str, device: torch.device, config: RunConfig)
                              f"natively")
 
 
-def announce(config: RunConfig, model: nn.Module, device: torch.device, precision: Precision) -> None:
-    """The first line of a command that runs a model: what runs, on what data, where and in which precision
-    (and a warning when that precision is slow here)."""
-    n_params = sum(p.numel() for p in model.parameters())
-    print(f"{config.model.name} ({n_params / 1e6:.2f}M params) on {config.data.source} · device {device} · threads "
-          f"{torch.get_num_threads()} · precision {precision.describe()}", file=sys.stderr)
+def announce(header: str, precision: Precision) -> None:
+    """Prints a command's first line (`run_header`) and, when its precision is slow on this device, the warning
+    that says what to set instead."""
+    print(header, file=sys.stderr, flush=True)
     if precision.warning:
-        print(f"warning: {precision.warning}", file=sys.stderr)
+        print(f"warning: {precision.warning}", file=sys.stderr, flush=True)
+
+
+def run_header(verb: str, config: RunConfig, n_params: int, job, device: torch.device, *,
+               precision: Precision | str, weights: str | None = None, extra: str = "") -> str:
+    """The first line of a command: what runs on what, e.g. `training vit_nano (0.80M parameters) on digits
+    (1,438 train / 359 test images, ...); cpu, bf16 (auto: ... has native bfloat16 products), 2 threads; 1120
+    steps ...`."""
+    if isinstance(precision, Precision):
+        precision = precision.describe()
+    data = job.describe_data() if hasattr(job, "describe_data") else config.data.source  # job None: no data read
+    used = {"ema": ", averaged (EMA) weights", "raw": ", raw weights"}.get(weights or "", "")
+    threads = torch.get_num_threads()
+    return (f"{verb} {config.model.name} ({n_params / 1e6:.2f}M parameters{used}) on {data}; {device}, {precision}, "
+            f"{threads} thread{'s' if threads > 1 else ''}" + (f"; {extra}" if extra else ""))
+
+
+def _epochs(n: float) -> str:
+    return f"{n:.3g} epoch{'' if n == 1 else 's'}"
 
 
 def _fmt(value: Any) -> str:
@@ -414,15 +477,5 @@ def _format_metrics(prefix: str, metrics: dict[str, float]) -> str:
     return prefix + ": " + " ".join(f"{k} {_fmt(v)}" for k, v in metrics.items())
 
 
-def _progress(total: int, initial: int, enabled: bool):
-    from tqdm import tqdm
-
-    # Off a terminal (CI, a log file), update rarely so the log stays readable.
-    interactive = sys.stderr.isatty()
-    return tqdm(total=total, initial=initial, disable=not enabled, unit="step", dynamic_ncols=True,
-                mininterval=0.5 if interactive else 30.0, file=sys.stderr,
-                bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}]{postfix}")
-
-
-__all__ = ["TrainingJob", "announce", "evaluate_run", "inference_precision", "load_run_config", "load_run_model",
-           "run_precision", "train"]
+__all__ = ["Run", "TrainingJob", "announce", "evaluate_run", "inference_precision", "load_run", "load_run_config",
+           "load_run_model", "run_header", "run_precision", "train"]

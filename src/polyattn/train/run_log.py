@@ -66,8 +66,35 @@ def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
     return records
 
 
+NOT_PLOTTED = ("kind", "step", "epoch", "count")
+"""Record fields that are not curves (`count` is the number of evaluated samples, the same at every point)."""
+KIND_COLORS = {"train": "tab:blue", "val": "tab:orange", "test": "tab:green"}
+OWN_FIGURE = ("lr", "grad_norm", "soft_mask_a")
+"""Training values drawn alone: they have no evaluation counterpart (throughput, `*_per_s`, too)."""
+
+
+def curves(records: list[dict[str, Any]]) -> dict[str, dict[str, list[tuple[int, float]]]]:
+    """`{metric: {kind: [(step, value), ...]}}` of every numeric field of every record but the run's header,
+    where kind is 'train' or the evaluated split ('val', 'test'). A kind logged twice at one step (the last
+    epoch's evaluation and the final one, both on the test split) keeps one point."""
+    out: dict[str, dict[str, list[tuple[int, float]]]] = {}
+    for r in records:
+        if r.get("kind") == "run":
+            continue
+        for key, value in r.items():
+            if key in NOT_PLOTTED or not isinstance(value, (int, float)) or isinstance(value, bool):
+                continue
+            points = out.setdefault(key, {}).setdefault(r["kind"], [])
+            if points and points[-1][0] == r["step"]:
+                points.pop()
+            points.append((r["step"], value))
+    return out
+
+
 def write_plots(run_dir: Path) -> list[Path]:
-    """One PNG per metric that was logged more than once: training curves and evaluation curves."""
+    """The run's curves as PNGs in `plots/`: one figure per metric with its training curve and every evaluated
+    split on it (`loss.png`: train, val and test), the learning rate, gradient norm and throughput each on their
+    own, and `overview.png` with all of them. A metric logged once is a single marked point."""
     try:
         import matplotlib
 
@@ -77,30 +104,47 @@ def write_plots(run_dir: Path) -> list[Path]:
         return []
     from .checkpoint import _atomic_write
 
-    records = read_metrics(run_dir)
-    series: dict[tuple[str, str], list[tuple[int, float]]] = {}
-    for r in records:
-        for key, value in r.items():
-            if key in ("kind", "step", "epoch") or not isinstance(value, (int, float)) or isinstance(value, bool):
-                continue
-            series.setdefault((r["kind"], key), []).append((r["step"], value))
+    series = curves(read_metrics(run_dir))
+    if not series:
+        return []
+    order = sorted(series, key=lambda k: (k != "loss", k in OWN_FIGURE or k.endswith("_per_s"), k))
     out_dir = Path(run_dir) / "plots"
     written = []
-    for (kind, key), points in sorted(series.items()):
-        if len(points) < 2:
-            continue
-        steps, values = zip(*points)
-        fig, ax = plt.subplots(figsize=(5, 3.2), dpi=100)
-        ax.plot(steps, values, marker="." if len(points) < 50 else None)
+
+    def draw(ax, key: str) -> None:
+        for kind, points in sorted(series[key].items(), key=lambda kv: kv[0] != "train"):
+            steps, values = zip(*points)
+            ax.plot(steps, values, label=kind, color=KIND_COLORS.get(kind), marker="o" if len(points) < 30 else None,
+                    markersize=4 if kind == "train" else 6, linewidth=1 if kind == "train" else 1.5)
         ax.set_xlabel("optimizer step")
         ax.set_ylabel(key)
-        ax.set_title(f"{kind}: {key}")
+        ax.set_title(key.replace("_per_s", "/s"), fontsize=10)
+        if key == "lr":
+            ax.ticklabel_format(axis="y", style="sci", scilimits=(-2, 2))
         ax.grid(alpha=0.3)
+        if len(series[key]) > 1 or key not in OWN_FIGURE:
+            ax.legend(fontsize=8)
+
+    def save(fig, name: str) -> None:
+        path = out_dir / name
         fig.tight_layout()
-        path = out_dir / f"{kind}_{key}.png"
         _atomic_write(path, partial(fig.savefig, format="png"))
         plt.close(fig)
         written.append(path)
+
+    for key in order:
+        fig, ax = plt.subplots(figsize=(5, 3.4), dpi=100)
+        draw(ax, key)
+        save(fig, f"{key}.png")
+    cols = min(3, len(order))
+    rows = -(-len(order) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.4 * cols, 3.2 * rows), dpi=90, squeeze=False)
+    for ax, key in zip(axes.flat, order):
+        draw(ax, key)
+    for ax in list(axes.flat)[len(order):]:
+        ax.axis("off")
+    fig.suptitle(Path(run_dir).name, fontsize=11)
+    save(fig, "overview.png")
     return written
 
 

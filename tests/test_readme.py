@@ -1,0 +1,302 @@
+"""Every command the README shows is run here, so no README example can fail again.
+
+The commands are read from the README itself: lines of its shell code blocks and inline code spans that start
+with `polyattn`, `make` or `.venv/bin/`. Each must have an entry in `HOW` (a new README command without one fails
+`test_every_readme_command_is_mapped`), which says how it runs in seconds:
+
+- `Train(extra)`: the README's own arguments, then overrides that make it tiny (one optimizer step, a few
+  images or tokens, a tiny image folder or archive instead of CIFAR-10, the embedded text excerpt instead of
+  ../shared/data), then `extra`;
+- `Run(...)`: the README's command with its placeholders (`runs/<run>`) replaced by tiny runs made here, and
+  settings shrunk where a command is heavy (`--steps 50` → 1);
+- `Error(message)`: the README shows this command failing; it must fail with that message;
+- `Help()`: a synopsis line (`polyattn eval RUN_DIR [--data SOURCE]`): its `--help` must work;
+- `Covered(test)`: too heavy to run twice, and run in its tiny form by that test;
+- `Skip(reason)`: not runnable from a test (`make test` is this suite itself).
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+import shutil
+import tarfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from polyattn.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+README = ROOT / "README.md"
+
+
+def readme_commands(text: str) -> list[str]:
+    """The commands of the README, normalised (no `$ ` prompt, no trailing `# comment`), in order, once each."""
+    found: list[str] = []
+    in_block, language = False, ""
+    for line in text.splitlines():
+        if line.startswith("```"):
+            in_block, language = not in_block, line[3:].strip()
+            continue
+        if in_block and language in ("", "bash", "sh", "console"):
+            found.append(line)
+    found += re.findall(r"`((?:polyattn|make|\.venv/bin/)[^`]*)`", text)
+    out = []
+    for command in found:
+        command = re.sub(r"^\$ ", "", command.strip())
+        if not re.match(r"(polyattn|make|\.venv/bin/)( |$)|\.venv/bin/\S", command):
+            continue
+        command = re.split(r"\s{2,}| # ", command)[0]  # a comment, or the synopsis block's description
+        command = " ".join(command.split())
+        if command not in out:
+            out.append(command)
+    return out
+
+
+@dataclass
+class Train:
+    extra: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Run:
+    extra: str = ""
+    """Arguments appended to the README's command."""
+    run: str | None = None
+    """The tiny run that `runs/<run>` stands for: cls, lm or dit."""
+    replace: dict[str, str] = field(default_factory=dict)
+    """Parts of the command replaced to shrink it (`--steps 50` → `--steps 1`) or to fill a placeholder. In every
+    argument, {cls}, {lm}, {dit}, {s2}, {tmp}, {folder}, {archive} and {results} are then filled in."""
+    first: tuple[str, list[str]] | None = None
+    """A training command (and its extra overrides) run before it, into the folder of the tiny runs."""
+
+
+@dataclass
+class Error:
+    message: str
+
+
+@dataclass
+class Help:
+    pass
+
+
+@dataclass
+class Covered:
+    test: str
+
+
+@dataclass
+class Skip:
+    reason: str
+
+
+SYNOPSIS = Help()
+HOW: dict[str, Train | Run | Error | Help | Covered | Skip] = {
+    # Quickstart and Development
+    "make train": Run(replace={"make train": "polyattn train"}),  # after the setup, make train is polyattn train
+    "make test": Skip("the test suite itself, with ruff"),
+    "make docs": Covered("tests/test_docs.py::test_api_reference_builds_strictly"),
+    'make train ARGS="recipe key=value ..."': SYNOPSIS,
+    ".venv/bin/python -m pytest tests/test_ops_lightnet.py -q": Skip("a file of this test suite, run by it"),
+    ".venv/bin/polyattn bench mixers --quick":
+        Covered("tests/test_bench_mixers.py::test_quick_run_writes_json_and_png"),
+    # the synopsis of the command line
+    "polyattn models [NAME] [--recipe R]": SYNOPSIS,
+    "polyattn config [RECIPE] [key=value ...]": SYNOPSIS,
+    "polyattn config --keys": Run(),
+    "polyattn train [RECIPE] [key=value ...]": SYNOPSIS,
+    "polyattn train --resume RUN_DIR": Covered("tests/test_train.py::test_kill_9_and_resume_reaches_the_same_metrics"),
+    "polyattn eval RUN_DIR [--data SOURCE]": SYNOPSIS,
+    "polyattn generate RUN_DIR --prompt TEXT": SYNOPSIS,
+    "polyattn inspect RUN_DIR [--n-images N]": SYNOPSIS,
+    "polyattn sample RUN_DIR [--classes C --n N]": SYNOPSIS,
+    "polyattn bench mixers [--quick] [--out DIR]": SYNOPSIS,
+    "polyattn bench compare SUITE [--table]": SYNOPSIS,
+    "polyattn train default train.lrr=1e-3": Error("Unknown key 'train.lrr' in the command line. Did you mean "
+                                                   "'train.lr'?"),
+    # images
+    "polyattn train vit_tiny_cifar10 data.source=../shared/data/cifar10-jpg.tar.gz": Train(),
+    "polyattn train vit_tiny_cifar10 data.source=/path/to/folder model=vit_small data.image_size=64": Train(),
+    "polyattn train vit_tiny_cifar10 data.source=../shared/data/cifar10-jpg.tar.gz train.epochs=5 "
+    "train.warmup_epochs=0.5": Train(),
+    "polyattn train illama_cifar10_moonshot train.time_budget_s=2374": Train(["train.compile=false"]),
+    # language models
+    "polyattn train llama_lm_shakespeare": Train(),
+    "polyattn train lightnet_lm_shakespeare data.source=shakespeare": Train(),
+    'polyattn generate runs/<run> --prompt "ROMEO:" --max-new-tokens 200 --temperature 0.8':
+        Run(run="lm", replace={"--max-new-tokens 200": "--max-new-tokens 8"}),
+    "polyattn eval runs/<run> data.eval_stride=128": Run("data.eval_tokens=512", run="lm"),
+    "polyattn train perceiver_ar_shakespeare": Train(),
+    "polyattn train perceiver_double_shakespeare": Train(),
+    "polyattn train llp_shakespeare model.faithful=true": Train(),
+    "polyattn train s2attn_lm_shakespeare": Train(),
+    "polyattn train bert_shakespeare": Train(),
+    "polyattn eval runs/compare/lm/s2attn model.s2_at_inference=true":
+        Run("data.eval_tokens=512", replace={"runs/compare/lm/s2attn": "{s2}"},
+            first=("polyattn train s2attn_lm_shakespeare", ["train.run_name=s2"])),
+    # image generation
+    "polyattn train dit_digits": Train(),
+    "polyattn train dit_cifar10": Train(),
+    "polyattn train dit_lightnet_cifar10": Train(),
+    "polyattn sample runs/<run> --classes 0,7 --n 8 --steps 50 --cfg 2 [--sampler euler|heun|ddim] [--seed S] "
+    "[--out DIR]": Run(run="dit", replace={"--n 8": "--n 2", "--steps 50": "--steps 1", "[--sampler euler|heun|ddim] "
+                                              "[--seed S] [--out DIR]": "--sampler heun --seed 1 --out {tmp}/s"}),
+    "polyattn sample runs/<run> --n 100 --steps 50 --cfg 2 --classifier runs/<classifier run on the same data>":
+        Run(run="dit", replace={"--n 100": "--n 2", "--steps 50": "--steps 1",
+                                "runs/<classifier run on the same data>": "{cls}"}),
+    # inline
+    "polyattn train": Train(),
+    "polyattn eval": Run("{cls}"),
+    "polyattn inspect": Run("{cls} --n-images 1 --rank-images 2"),
+    "polyattn inspect RUN_DIR": Run("--n-images 1 --rank-images 2 --out {tmp}/inspect", replace={"RUN_DIR": "{cls}"}),
+    "polyattn sample": Run("{dit} --n 1 --steps 1"),
+    "polyattn config RECIPE key=value ...": SYNOPSIS,
+    "polyattn config --keys --markdown": Run(),
+    "polyattn --version": Run(),
+    "polyattn bench mixers": Covered("tests/test_bench_mixers.py::test_quick_run_writes_json_and_png"),
+    "polyattn bench compare": SYNOPSIS,
+    "polyattn bench compare SUITE": SYNOPSIS,
+    "polyattn bench compare vision": Covered("tests/test_compare.py::test_rows_train_for_their_calibrated_budget_and_"
+                                             "the_table_reads_the_saved_results"),
+    "polyattn bench compare lm": Covered("tests/test_compare.py::test_rows_train_for_their_calibrated_budget_and_"
+                                         "the_table_reads_the_saved_results"),
+    "polyattn bench compare diffusion": Covered("tests/test_compare.py::test_rows_train_for_their_calibrated_budget_"
+                                                "and_the_table_reads_the_saved_results"),
+    "polyattn bench compare vision --table": Run("--results {results}"),
+}
+
+SHRINK = ["train.max_steps=1", "train.progress=false", "train.log_every=1", "train.ema_decay=null"]
+"""Appended to every training command: one optimizer step."""
+SHRINK_IMAGES = ["train.batch_size=4", "data.eval_batch_size=64", "task.eval_images=4"]
+SHRINK_TEXT = ["data.source=shakespeare", "train.batch_size=2", "data.eval_batch_size=4", "data.eval_tokens=512"]
+
+
+def _tiny_images(root: Path) -> tuple[Path, Path]:
+    """A folder and a .tar.gz archive of it, each with train/ and test/ splits of 2 classes of 32 px JPEGs."""
+    import numpy as np
+    from PIL import Image
+
+    folder = root / "images"
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 4), ("test", 2)):
+        for c in ("cat", "dog"):
+            (folder / split / c).mkdir(parents=True)
+            for i in range(n):
+                Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(folder / split / c / f"{i}.jpg")
+    archive = root / "images.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(folder, arcname="images")
+    return folder, archive
+
+
+@pytest.fixture(scope="module")
+def places(tmp_path_factory):
+    """The placeholders of `HOW`: tiny classifier, LM and diffusion runs, a tiny image folder and archive."""
+    root = tmp_path_factory.mktemp("readme")
+    folder, archive = _tiny_images(root)
+    results = root / "results"
+    shutil.copytree(ROOT / "results" / "vision", results / "vision")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("POLYATTN_CACHE", str(root / "cache"))
+        common = [*SHRINK, f"train.out_dir={root}"]
+        for argv in (["default", *common, *SHRINK_IMAGES, "train.run_name=cls", "train.max_steps=2"],
+                     ["llama_lm_shakespeare", *common, *SHRINK_TEXT, "train.run_name=lm"],
+                     ["dit_digits", *common, *SHRINK_IMAGES, "model.depth=1", "train.run_name=dit"]):
+            assert main(["train", *argv]) == 0, argv
+    return {"cls": root / "cls", "lm": root / "lm", "dit": root / "dit", "s2": root / "s2", "folder": folder,
+            "archive": archive, "results": results, "root": root}
+
+
+def test_every_readme_command_is_mapped():
+    commands = readme_commands(README.read_text())
+    assert len(commands) > 30
+    unmapped = [c for c in commands if c not in HOW]
+    assert not unmapped, ("the README shows commands that tests/test_readme.py does not run; add each to HOW "
+                          f"(a tiny equivalent if it is heavy): {unmapped}")
+    stale = [c for c in HOW if c not in commands]
+    assert not stale, f"HOW maps commands the README no longer shows; remove them: {stale}"
+
+
+def test_covered_commands_name_existing_tests():
+    for how in HOW.values():
+        if isinstance(how, Covered):
+            path, _, name = how.test.partition("::")
+            assert f"def {name}(" in (ROOT / path).read_text(), how.test
+
+
+def _argv(command: str, how: Run, places: dict, tmp: Path) -> list[str]:
+    """The README's command with its placeholders filled and `how`'s replacements and extra arguments applied."""
+    for part, by in how.replace.items():
+        assert part in command, f"{part!r} is no longer in the README command {command!r}; update HOW"
+        command = command.replace(part, by)
+    if how.run is not None:
+        assert "runs/<run>" in command, command
+        command = command.replace("runs/<run>", "{" + how.run + "}")
+    argv = shlex.split(f"{command} {how.extra}")
+    if argv[0] == "polyattn":
+        argv = argv[1:]
+    fill = {**{k: str(v) for k, v in places.items()}, "tmp": str(tmp)}
+    return [a.format(**fill) for a in argv]
+
+
+def _train_argv(command: str, how: Train, places: dict, tmp: Path) -> list[str]:
+    """The README's training command with its data swapped for tiny local data, then the shrinking overrides."""
+    argv = shlex.split(command)[1:]
+    argv = [a.replace("../shared/data/cifar10-jpg.tar.gz", str(places["archive"]))
+            .replace("/path/to/folder", str(places["folder"])) for a in argv]
+    from polyattn.registry import model_task
+    from polyattn.train.config import build_config
+
+    config = build_config(argv[1] if len(argv) > 1 and "=" not in argv[1] else None,
+                          [a for a in argv[1:] if "=" in a])
+    text = model_task(config.model.name) in ("causal_lm", "masked_lm")
+    data = []
+    if not text and config.data.source.startswith("../shared/"):
+        data = [f"data.source={places['archive']}"]
+    return [*argv, *data, *SHRINK, *(SHRINK_TEXT if text else SHRINK_IMAGES), f"train.out_dir={tmp}", *how.extra]
+
+
+RUNNABLE = [c for c, how in HOW.items() if not isinstance(how, (Covered, Skip))]
+
+
+@pytest.mark.parametrize("command", RUNNABLE)
+def test_readme_command_runs(command, places, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("POLYATTN_CACHE", str(places["root"] / "cache"))
+    monkeypatch.chdir(tmp_path)
+    how = HOW[command]
+    if isinstance(how, Help):
+        words = [w for w in shlex.split(command.replace('"', "")) if re.fullmatch(r"[a-z][a-z-]*", w)]
+        sub = [w for w in words[1:] if w in ("models", "config", "train", "eval", "generate", "inspect", "sample",
+                                            "bench", "mixers", "compare")]
+        with pytest.raises(SystemExit) as exit_info:
+            main([*sub, "--help"])
+        assert exit_info.value.code == 0
+        return
+    if isinstance(how, Error):
+        assert main(_argv(command, Run(), places, tmp_path)) == 2
+        assert how.message in capsys.readouterr().err
+        return
+    if isinstance(how, Train):
+        argv = _train_argv(command, how, places, tmp_path)
+    else:
+        if how.first is not None:
+            command_first, extra = how.first
+            assert main(_train_argv(command_first, Train(extra), places, places["root"])) == 0
+        argv = _argv(command, how, places, tmp_path)
+        if argv[0] == "train":
+            argv = _train_argv("polyattn " + " ".join(argv), Train(), places, tmp_path)
+    try:
+        code = main(argv)
+    except SystemExit as exit_info:  # --version and --help exit through argparse
+        code = exit_info.code
+    assert code == 0, argv
+
+
+def test_readme_python_blocks_run():
+    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
+    assert blocks
+    for code in blocks:
+        exec(compile(code, str(README), "exec"), {})
