@@ -113,7 +113,12 @@ HOW: dict[str, Train | Run | Error | Help | Covered | Skip] = {
     "polyattn generate RUN_DIR --prompt TEXT": SYNOPSIS,
     "polyattn inspect RUN_DIR [--n-images N]": SYNOPSIS,
     "polyattn sample RUN_DIR [--classes C --n N]": SYNOPSIS,
+    "polyattn bench train [--model NAME ...]": SYNOPSIS,
+    "polyattn bench peers [--pairs P ...]": SYNOPSIS,
+    "polyattn bench decode [--contexts N ...]": SYNOPSIS,
     "polyattn bench mixers [--quick] [--out DIR]": SYNOPSIS,
+    "polyattn bench dtypes": Covered("tests/test_bench_perf.py::test_bench_dtypes_takes_each_internal_choice_both_"
+                                     "ways"),
     "polyattn bench compare SUITE [--table]": SYNOPSIS,
     "polyattn train default train.lrr=1e-3": Error("Unknown key 'train.lrr' in the command line. Did you mean "
                                                    "'train.lr'?"),
@@ -157,6 +162,14 @@ HOW: dict[str, Train | Run | Error | Help | Covered | Skip] = {
     "polyattn config --keys --markdown": Run(),
     "polyattn --version": Run(),
     "polyattn bench mixers": Covered("tests/test_bench_mixers.py::test_quick_run_writes_json_and_png"),
+    "polyattn bench train": Covered("tests/test_bench_perf.py::test_bench_train_writes_table_json_and_plot"),
+    "polyattn bench train --precisions native": Covered("tests/test_bench_perf.py::test_bench_train_writes_table_"
+                                                        "json_and_plot"),
+    "polyattn bench peers --precisions native": Covered("tests/test_bench_perf.py::test_bench_peers_times_both_"
+                                                        "sides_of_a_pair"),
+    "polyattn bench peers": Covered("tests/test_bench_perf.py::test_bench_peers_times_both_sides_of_a_pair"),
+    "polyattn bench decode": Covered("tests/test_bench_perf.py::test_bench_decode_reports_latency_against_context"),
+    "make gpu-check": Skip("needs a CUDA device; scripts/gpu_check.sh refuses without one"),
     "polyattn bench compare": SYNOPSIS,
     "polyattn bench compare SUITE": SYNOPSIS,
     "polyattn bench compare vision": Covered("tests/test_compare.py::test_rows_train_for_their_calibrated_budget_and_"
@@ -270,7 +283,8 @@ def test_readme_command_runs(command, places, tmp_path, monkeypatch, capsys):
     if isinstance(how, Help):
         words = [w for w in shlex.split(command.replace('"', "")) if re.fullmatch(r"[a-z][a-z-]*", w)]
         sub = [w for w in words[1:] if w in ("models", "config", "train", "eval", "generate", "inspect", "sample",
-                                            "bench", "mixers", "compare")]
+                                            "bench", "mixers", "compare", "train", "peers", "decode",
+                                            "dtypes")]
         with pytest.raises(SystemExit) as exit_info:
             main([*sub, "--help"])
         assert exit_info.value.code == 0
