@@ -86,9 +86,14 @@ def test_matches_reference_bf16(mode, a, shape, backend):
 
 
 def test_auto_backend_picks_explicit_only_where_it_is_faster():
+    """Explicit for short bfloat16 attention where the CPU computes bfloat16 natively (tests/test_hardware.py
+    checks the other case); SDPA for long sequences, float32, and always where the mask needs it."""
+    from polyattn.hardware import native_bf16
+
     pick = attention_module._pick_backend
     bf16 = torch.zeros(1, dtype=torch.bfloat16)
-    assert pick(attention_module.Backend.AUTO, BID, bf16, 65) is attention_module.Backend.EXPLICIT
+    short = attention_module.Backend.EXPLICIT if native_bf16("cpu") else attention_module.Backend.SDPA
+    assert pick(attention_module.Backend.AUTO, BID, bf16, 65) is short
     assert pick(attention_module.Backend.AUTO, BID, bf16, 4096) is attention_module.Backend.SDPA
     assert pick(attention_module.Backend.AUTO, BID, bf16.float(), 65) is attention_module.Backend.SDPA
     assert pick(attention_module.Backend.SDPA, ILLAMA, bf16, 65) is attention_module.Backend.EXPLICIT
