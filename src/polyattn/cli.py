@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from .errors import UserError
+from .errors import Interrupted, UserError
 
 EPILOG_TRAIN = """\
 examples:
@@ -49,12 +49,8 @@ def _cmd_train(args) -> int:
             raise UserError("A resumed run keeps its own recipe; pass only key=value overrides with --resume.")
         overrides = ([args.recipe] if args.recipe else []) + args.overrides
         config = load_run_config(Path(args.resume))
-        before = config.to_dict()
         apply_overrides(config, overrides)
-        changed = [s for s in ("model", "data", "task") if config.to_dict()[s] != before[s]]
-        if changed:
-            raise UserError(f"A resumed run cannot change its {' or '.join(changed)} section; start a new run.")
-        train(config, resume_dir=Path(args.resume))
+        train(config, resume_dir=Path(args.resume), force=args.force)
         return 0
     recipe, overrides = args.recipe, list(args.overrides)
     if recipe is not None and "=" in recipe:  # `polyattn train key=value` with the default recipe
@@ -179,6 +175,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("recipe", nargs="?", help="recipe name in configs/ or a path to a YAML file")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.lr=3e-4")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run exactly where it stopped")
+    p.add_argument("--force", action="store_true", help="with --resume: accept changed settings that make the "
+                   "run differ from an uninterrupted one (batch size, seed, learning rate, data)")
     p.add_argument("--list-recipes", action="store_true", help="print the available recipes and exit")
     p.set_defaults(func=_cmd_train)
 
@@ -273,6 +271,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.func(args)
+    except Interrupted as err:
+        print(f"stopped: {err}", file=sys.stderr)
+        return err.exit_code
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
