@@ -25,6 +25,7 @@ import hashlib
 import io
 import json
 import os
+import stat
 import tarfile
 import tempfile
 import warnings
@@ -89,6 +90,9 @@ def load_image_split(source: str, split: str, *, image_size: int | None = None, 
         fingerprint = [[f.relative_to(path).as_posix(), st.st_size, st.st_mtime_ns] for f, st in files]
         read = lambda: _read_directory(path, [f for f, _ in files])
     elif path.name.lower().endswith(ARCHIVE_SUFFIXES):
+        if not path.is_file():
+            raise UserError(f"The image archive '{source}' is not a regular file (a device or FIFO can be endless); "
+                            f"copy it into a file and pass that.")
         st = path.stat()
         fingerprint = [st.st_size, st.st_mtime_ns]
         read = lambda: _read_archive(path)
@@ -161,7 +165,11 @@ def _list_directory(root: Path) -> list[tuple[Path, os.stat_result]]:
         for name in sorted(filenames):
             f = Path(dirpath) / name
             if _is_image_name(f.relative_to(root).parts):
-                files.append((f, f.stat()))
+                st = f.stat()
+                if not stat.S_ISREG(st.st_mode):
+                    raise UserError(f"'{f}' is not a regular file (a device or FIFO can be endless); remove it or "
+                                    f"replace it with the image file.")
+                files.append((f, st))
     return files
 
 
