@@ -59,8 +59,8 @@ def write_error(path: Path, err: OSError) -> UserError:
     """One sentence for a failed write: what, where, and what to do (free space, fix permissions)."""
     reason = _WRITE_ERRORS.get(err.errno, err.strerror or str(err))
     fix = "free some space" if err.errno in (errno.ENOSPC, errno.EDQUOT) else "choose a writable location"
-    return UserError(f"Cannot write {path}: {reason}; {fix} and try again (a training run continues from its "
-                     f"last checkpoint with `polyattn train --resume`).")
+    return UserError(f"Cannot write {path}: {reason}; {fix} and try again (an interrupted training run "
+                     f"continues from its last checkpoint with `polyattn train --resume RUN_DIR`).")
 
 
 def _atomic_write(path: Path, write) -> None:
@@ -282,6 +282,9 @@ def claim_new_run_dir(run_dir: Path) -> RunDirLock:
     run_dir = Path(run_dir)
     try:
         run_dir.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise write_error(run_dir.parent, err) from err
+    try:
         run_dir.mkdir()
     except FileExistsError:
         if not run_dir.is_dir():
