@@ -55,6 +55,8 @@ CASES: list[Case] = [
     bad_value("data.eval_stride=300", "data.eval_stride (300) must be at most data.seq_len (256)",
               recipe="llama_lm_shakespeare"),
     bad_value("data.source=/dev/zero", "is not a regular file", recipe="llama_lm_shakespeare"),
+    bad_value("data.source=shakespeare data.seq_len=128 model.num_latents=32 data.eval_stride=64",
+              "The model predicts only the last 32 positions of a window", recipe="perceiver_ar_shakespeare"),
     bad_value("model.drop_path_rate=2", "model.drop_path_rate must be at least 0 and less than 1"),
     bad_value("model.num_classes=0", "model.num_classes must be at least 1"),
     bad_value("model.depth=-1", "model.depth must be at least 1"),

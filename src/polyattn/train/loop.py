@@ -51,8 +51,9 @@ from .schedules import SoftMaskSchedule
 class TrainingJob(Protocol):
     """What a task supplies to the loop (see polyattn.tasks).
 
-    Optional: `throughput_unit` (what `loss` counts, e.g. "tokens"; default "samples") and
-    `save_to_run_dir(run_dir)` (files the run directory needs besides the weights, such as a tokenizer).
+    Optional: `throughput_unit` (what `loss` counts, e.g. "tokens"; default "samples"),
+    `save_to_run_dir(run_dir)` (files the run directory needs besides the weights, such as a tokenizer) and
+    `check_model(model)` (raises a UserError for a model that cannot do the job, before anything is written).
     """
 
     inferred_model_args: dict[str, Any]
@@ -203,6 +204,9 @@ def train(config: RunConfig, *, resume_dir: Path | None = None, evaluate: bool =
             raise UserError(f"train.soft_mask needs a model whose forward takes soft_mask_a (such as iLLaMA); "
                             f"'{config.model.name}' does not, so set train.soft_mask=none.")
         soft_mask = SoftMaskSchedule(cfg.soft_mask, total_steps, cfg.soft_mask_cutoff, cfg.soft_mask_a0)
+    check_model = getattr(job, "check_model", None)
+    if check_model is not None:
+        check_model(model)
 
     if resume_dir is not None:
         run_dir = Path(resume_dir)
