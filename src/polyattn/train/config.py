@@ -77,6 +77,9 @@ class Rule:
             raise UserError(f"{key} must be {self.meaning or wanted}, got {value}.")
 
 
+PROBABILITY = {"ge": 0, "le": 1, "meaning": "a probability, from 0 to 1"}
+
+
 def checked(default: Any, **rule) -> Any:
     """A dataclass field with `default` and the `Rule` its values must follow (see `Rule`)."""
     return field(default=default, metadata={"rule": Rule(**rule)})
@@ -118,19 +121,19 @@ class DataConfig:
     """Area range for crop='resized'."""
     hflip: bool = True
     """Random horizontal flips (turn off for data that is not mirror-symmetric, such as digits)."""
-    randaugment_ops: int = checked(0, ge=0)
+    randaugment_ops: int = checked(0, ge=0, le=13)
     """RandAugment: operations applied to each training image (0 = off; DeiT: 2). Needs kornia."""
     randaugment_magnitude: float = checked(9.0, gt=0, lt=10)
     """RandAugment magnitude on the 0-10 scale of timm and DeiT ('rand-m9'), strictly between 0 and 10."""
-    random_erase: float = checked(0.0, ge=0, le=1)
+    random_erase: float = checked(0.0, **PROBABILITY)
     """Probability of erasing one random rectangle of a training image (0 = off; DeiT: 0.25). Needs kornia."""
     mixup_alpha: float = checked(0.0, ge=0)
     """Mixup: λ ~ Beta(α, α) per batch; 0 = off (DeiT: 0.8). Targets become soft; see polyattn.data.transforms."""
     cutmix_alpha: float = checked(0.0, ge=0)
     """CutMix: λ ~ Beta(α, α) per batch; 0 = off (DeiT: 1.0)."""
-    mix_prob: float = checked(1.0, ge=0, le=1)
+    mix_prob: float = checked(1.0, **PROBABILITY)
     """Probability that a training batch is mixed, when mixup_alpha or cutmix_alpha is > 0."""
-    mix_switch_prob: float = checked(0.5, ge=0, le=1)
+    mix_switch_prob: float = checked(0.5, **PROBABILITY)
     """With both alphas > 0: probability that a mixed batch uses cutmix rather than mixup."""
     eval_batch_size: int = checked(512, ge=1)
     """Images per evaluation batch; for text, windows of seq_len tokens per evaluation batch."""
@@ -179,9 +182,9 @@ class TaskConfig:
     """Diffusion: evaluate the loss on at most this many images of the split (a fixed subset); null = all."""
     mask_prob: float = checked(0.15, gt=0, le=1)
     """Masked LM: share of the real tokens of each window selected for prediction (BERT: 0.15)."""
-    mask_replace: float = checked(0.8, ge=0, le=1)
+    mask_replace: float = checked(0.8, **PROBABILITY)
     """Masked LM: share of the selected tokens replaced by [MASK] (BERT: 0.8)."""
-    mask_random: float = checked(0.1, ge=0, le=1)
+    mask_random: float = checked(0.1, **PROBABILITY)
     """Masked LM: share of the selected tokens replaced by a random token (BERT: 0.1); the rest stay unchanged."""
 
     def validate(self) -> None:
@@ -243,7 +246,7 @@ class TrainConfig:
     """iLLaMA soft-mask schedule passed to the model as `soft_mask_a` (see polyattn.train.schedules)."""
     soft_mask_cutoff: float = checked(0.0, ge=0, le=1, fixed=True)
     """Fraction of training over which the soft mask is on (the paper: 50/300 epochs ≈ 0.17)."""
-    soft_mask_a0: float = checked(1.0, ge=0, le=1, fixed=True)
+    soft_mask_a0: float = checked(1.0, **PROBABILITY, fixed=True)
     """Initial soft-mask value (1 = bidirectional)."""
     log_every: int = checked(10, ge=1)
     """Log training loss and learning rate every this many optimizer steps."""
