@@ -173,6 +173,24 @@ def test_tpe_scan_equals_reference(B, T, d, chunk, direction, decay, seed):
     close("u", tpe_reference(x, log_decay, direction=direction), u, ratio=1e-4, atol=1e-4)
 
 
+@FEW
+@given(T=st.integers(1, 12), shift=st.integers(-50, 50), d=st.sampled_from([2, 6]), rotary=st.booleans(),
+       seed=seeds)
+def test_lrpe_scores_depend_on_relative_position_only(T, shift, d, rotary, seed):
+    from polyattn.ops.lrpe import lrpe_cosine, lrpe_rotary, lrpe_theta, md_lrpe_angles
+
+    q, k = randn(seed, 1, T, 2, d), randn(seed + 1, 1, T, 2, d)
+    theta = lrpe_theta(d // 2 if rotary else d, 2)
+    encode = lrpe_rotary if rotary else lrpe_cosine
+
+    def scores(offset):
+        pos = torch.arange(T, dtype=torch.float32)[:, None] + offset
+        angles = md_lrpe_angles(pos, theta, d // 2 if rotary else d)
+        return torch.einsum("bthd,bshd->bhts", encode(q, angles), encode(k, angles))
+
+    torch.testing.assert_close(scores(shift), scores(0), atol=1e-3, rtol=1e-3)
+
+
 # ---- bad dtypes --------------------------------------------------------------------------------------------
 
 @FEW

@@ -5,6 +5,11 @@ the data and the training hyper-parameters. Recipes are YAML files with the same
 `train.lr=3e-4` or `model.depth=6` are parsed as YAML scalars and converted to the annotated type of the
 field (model arguments take their types from the model constructor's annotations). Unknown keys are errors
 that name the nearest valid key.
+
+Every value is also checked against its meaning when a config is built or a run starts (`RunConfig.validate`):
+each field carries a `Rule` beside its declaration (bounds, finiteness, a pattern, and whether a resumed run may
+change it), each section's `validate` adds the rules that tie its fields together, and `MODEL_ARG_RULES` covers
+model constructor arguments by name. So a bad value is one sentence before anything is written.
 """
 
 from __future__ import annotations

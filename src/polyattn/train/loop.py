@@ -39,6 +39,7 @@ from .checkpoint import (
     remove_temporaries,
     save_weights,
     set_rng_state,
+    write_error,
 )
 from .checkpoint import rng_state as current_rng_state
 from .config import RunConfig, apply_overrides, fixed_on_resume, load_yaml, save_yaml
@@ -241,7 +242,10 @@ def _train_in(run_dir: Path, config: RunConfig, job, model: nn.Module, n_params:
         save_yaml(config.to_dict(), run_dir / CONFIG)
     save_job_files = getattr(job, "save_to_run_dir", None)  # files the run needs besides weights (a tokenizer)
     if save_job_files is not None:
-        save_job_files(run_dir)
+        try:
+            save_job_files(run_dir)
+        except OSError as err:
+            raise write_error(Path(err.filename or run_dir), err) from err
     unit = getattr(job, "throughput_unit", "samples")  # what `job.loss` counts: samples, or tokens for LMs
 
     ema = WeightEma(model, cfg.ema_decay) if cfg.ema_decay else None
@@ -414,8 +418,8 @@ def _train_in(run_dir: Path, config: RunConfig, job, model: nn.Module, n_params:
         stop.restore()
         progress.close()
 
-    # training stopped at its end or on time: keep the state the final weights came from
-    write_checkpoint(pending or snapshot(), verified=False)
+    if bad_in_row == 0:  # training stopped at its end or on time: keep the state the final weights came from
+        write_checkpoint(pending or snapshot(), verified=False)
     test_metrics = job.evaluate(eval_model, "test", autocast=autocast) if evaluate else {}
     if test_metrics:
         log.log("test", step, test_metrics)
