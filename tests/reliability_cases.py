@@ -60,6 +60,10 @@ CASES: list[Case] = [
     bad_value("model.drop_path_rate=2", "model.drop_path_rate must be at least 0 and less than 1"),
     bad_value("model.num_classes=0", "model.num_classes must be at least 1"),
     bad_value("model.depth=-1", "model.depth must be at least 1"),
+    bad_value("model.num_heads=5", "Model 'vit_nano' cannot be built with these arguments: dim (128) is not "
+              "divisible by num_heads (5)"),
+    bad_value("data.mean=[0.5]", "data.mean and data.std go together"),
+    bad_value("data.mean=[0.5,0.5] data.std=[0.2,0.2]", "data.mean and data.std need one value per image channel"),
     Case("nan-loss", "the loss is NaN from the first step",
          "each step is skipped (no update); after `train.max_bad_steps` in a row: one sentence, no checkpoint "
          "claimed"),

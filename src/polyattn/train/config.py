@@ -168,7 +168,10 @@ class DataConfig:
         if self.eval_stride is not None and self.eval_stride > self.seq_len:
             raise UserError(f"data.eval_stride ({self.eval_stride}) must be at most data.seq_len ({self.seq_len}); "
                             f"windows cannot advance by more than their length.")
-        if self.mean is not None and self.std is not None and len(self.mean) != len(self.std):
+        if (self.mean is None) != (self.std is None):
+            raise UserError("data.mean and data.std go together: set both (one value per channel) or neither "
+                            "(then both are computed from the training split).")
+        if self.mean is not None and len(self.mean) != len(self.std):
             raise UserError(f"data.mean has {len(self.mean)} values but data.std {len(self.std)}; give one per "
                             f"channel in both.")
 

@@ -160,7 +160,13 @@ def load_run_config(run_dir: Path) -> RunConfig:
 
 def build_model(config: RunConfig, job_inferred: dict[str, Any]) -> tuple[nn.Module, dict[str, Any]]:
     args = config.resolved_model_args(**job_inferred)
-    model = get_entry(config.model.name).cls(**args)
+    try:
+        model = get_entry(config.model.name).cls(**args)
+    except UserError:
+        raise
+    except (ValueError, TypeError) as err:  # a constructor's own check of its arguments (e.g. heads and width)
+        raise UserError(f"Model '{config.model.name}' cannot be built with these arguments: {err}; change the "
+                        f"model.* settings.") from err
     return model, args
 
 
