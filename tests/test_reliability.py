@@ -195,6 +195,12 @@ def _(tmp_path, capsys, monkeypatch):
     assert code == 0
     assert "step-00000006 is damaged (model.safetensors does not match" in err
     assert "at step 3/" in err and "from step-00000003" in err
+    assert "removed the damaged checkpoint" in err
+    from polyattn.train.checkpoint import CheckpointDir
+
+    checkpoints = CheckpointDir(run)
+    assert _checkpoint_names(run) == ["step-00000006", "step-00000007"]  # step 6 written again, intact
+    assert all(checkpoints.check(p) is None for p in checkpoints.candidates())
 
 
 @check("deleted-latest")
@@ -214,6 +220,20 @@ def _(tmp_path, capsys, monkeypatch):
         state.write_bytes(state.read_bytes()[:50])
     code, err = _resume(run, capsys=capsys)
     assert code == 2 and "Every checkpoint in" in err and "is damaged" in err
+
+
+@check("damaged-metrics")
+def _(tmp_path, capsys, monkeypatch):
+    from polyattn.train.run_log import read_metrics
+
+    run = _interrupted_run(tmp_path)
+    path = run / "metrics.jsonl"
+    lines = path.read_text().splitlines()
+    lines[3] = lines[3][: len(lines[3]) // 2]  # one line damaged in the middle
+    path.write_text("\n".join(lines) + "\n{\"kind\": \"train\", \"ste")  # and one cut short at the end
+    records = read_metrics(run)
+    assert len(records) == len(lines) - 1 and records[-1]["step"] == 6
+    assert "skipped 2 unreadable line(s)" in capsys.readouterr().err
 
 
 @check("pointer-escape")

@@ -141,7 +141,9 @@ class CheckpointDir:
              ema_model: nn.Module | None = None) -> Path:
         final = self.root / f"step-{step:08d}"
         if final.exists():
-            return final  # this step is already checkpointed (e.g. epoch end coincides with a periodic save)
+            if self.check(final) is None:
+                return final  # this step is already checkpointed (e.g. epoch end coincides with a periodic save)
+            shutil.rmtree(final)  # a damaged copy (from before a resume): replace it
         try:
             self.root.mkdir(parents=True, exist_ok=True)
             tmp = Path(tempfile.mkdtemp(prefix=f".step-{step:08d}.", dir=self.root))
@@ -206,6 +208,14 @@ class CheckpointDir:
             if _digest(file) != [size, digest]:
                 return f"{name} does not match its recorded size and checksum"
         return None
+
+    def discard_after(self, path: Path) -> list[Path]:
+        """Deletes the checkpoints newer than `path` (the one a run resumes from, so they are damaged ones that
+        `latest` skipped); the resumed run writes those steps again."""
+        newer = [p for p in self.candidates() if p.name > path.name]
+        for p in newer:
+            shutil.rmtree(p, ignore_errors=True)
+        return newer
 
     def load_state(self, path: Path) -> dict[str, Any]:
         try:

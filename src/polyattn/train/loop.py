@@ -269,6 +269,8 @@ def _train_in(run_dir: Path, config: RunConfig, job, model: nn.Module, n_params:
                             f"exactly; start a new run.")
         print(f"note: {run_dir} has no checkpoint yet; starting it from the beginning.", file=sys.stderr)
     if resume_from is not None:
+        for path in checkpoints.discard_after(resume_from):
+            print(f"note: removed the damaged checkpoint {path}; training repeats its steps.", file=sys.stderr)
         load_weights(model, resume_from / WEIGHTS, model_name=config.model.name)
         state = checkpoints.load_state(resume_from)
         optimizer.load_state_dict(state["optimizer"])
