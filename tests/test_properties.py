@@ -245,3 +245,5 @@ def test_causal_model_cached_equals_full_and_is_causal(name, T, split, j, seed):
         assert torch.isfinite(full).all()
     with pytest.raises(ValueError, match="integer ids"):
         model(x.float())
+    with torch.no_grad():
+        assert model(x[:, :0]).shape == (2, 0, V)  # T = 0: an empty output
