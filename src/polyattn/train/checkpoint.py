@@ -157,9 +157,12 @@ class CheckpointDir:
             manifest = {p.name: _digest(p) for p in sorted(tmp.iterdir())}
             atomic_write_text(tmp / MANIFEST, json.dumps(manifest, indent=1) + "\n")
             os.replace(tmp, final)
-        except OSError as err:
+        except (OSError, UserError) as err:
             shutil.rmtree(tmp, ignore_errors=True)
-            raise write_error(final, err) from err
+            cause = err if isinstance(err, OSError) else err.__cause__
+            if not isinstance(cause, OSError):
+                raise
+            raise write_error(final, cause) from cause  # name the checkpoint, not its temporary folder
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
