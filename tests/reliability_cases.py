@@ -105,6 +105,8 @@ CASES: list[Case] = [
     Case("endless-text", "a text file that keeps growing, or a .gz that decompresses without end",
          "read up to the file's size when the run started; decompressed text capped (one sentence)"),
     Case("fifo-images", "an image archive that is a FIFO", "exit 2: “…is not a regular file…”"),
+    Case("huge-image", "an image file (in a folder or an archive) larger than 256 MiB",
+         "one sentence naming it; it is not read into memory"),
     Case("corrupt-token-cache", "a cached token file with flipped bytes or bad document offsets",
          "detected by its checksum and offsets, rebuilt"),
     Case("enospc-token-cache", "the disk is full while the token cache is written",

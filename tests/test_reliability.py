@@ -389,6 +389,23 @@ def _(tmp_path, capsys, monkeypatch):
     assert not (tmp_path / "runs").exists()
 
 
+@check("huge-image")
+def _(tmp_path, capsys, monkeypatch):
+    import tarfile
+
+    from polyattn.data import images
+
+    folder = tmp_path / "imgs" / "cat"
+    folder.mkdir(parents=True)
+    (folder / "big.png").write_bytes(b"\0" * 5000)
+    with tarfile.open(tmp_path / "imgs.tar", "w") as tar:
+        tar.add(tmp_path / "imgs", arcname="imgs")
+    monkeypatch.setattr(images, "MAX_IMAGE_BYTES", 4096)
+    for source in (tmp_path / "imgs", tmp_path / "imgs.tar"):
+        with pytest.raises(UserError, match=r"big\.png' is 0 MiB, more than the 0 MiB"):
+            images.load_image_split(str(source), "train", cache_dir=tmp_path / "cache")
+
+
 def _token_cache(tmp_path):
     from polyattn.data.text import token_file_for_source
     from polyattn.data.tokenizers import ByteTokenizer

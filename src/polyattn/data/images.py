@@ -44,6 +44,8 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 SPLITS = ("train", "test")
 CACHE_FORMAT_VERSION = 1
+MAX_IMAGE_BYTES = 256 << 20
+"""Largest image file read (a larger one is refused, not read into memory)."""
 
 _GRAY_MODES = {"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F"}
 _SPLIT_DIRS = ("train", "test", "val")
@@ -173,8 +175,36 @@ def _list_directory(root: Path) -> list[tuple[Path, os.stat_result]]:
     return files
 
 
+class CappedReader(io.RawIOBase):
+    """A binary reader that ends after `limit` bytes of `raw`, so a source that grows while it is read (or a
+    decompression bomb) cannot make a reader run forever: silently, or with `too_long()` raised when `raw`
+    holds more."""
+
+    def __init__(self, raw, limit: int, too_long=None):
+        self.raw, self.left, self.too_long = raw, limit, too_long
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        if self.left <= 0:
+            if self.too_long is not None and self.raw.read(1):
+                raise self.too_long()
+            return 0
+        n = self.raw.readinto(memoryview(buffer)[: self.left])
+        self.left -= n
+        return n
+
+
+def _check_image_size(name: str, size: int) -> None:
+    if size > MAX_IMAGE_BYTES:
+        raise UserError(f"The image '{name}' is {size / 2**20:.0f} MiB, more than the {MAX_IMAGE_BYTES >> 20} MiB "
+                        f"an image file may have; remove it or shrink it.")
+
+
 def _read_directory(root: Path, files: list[Path]) -> Iterator[tuple[tuple[str, ...], str, bytes]]:
     for f in files:
+        _check_image_size(str(f), f.stat().st_size)
         try:
             data = f.read_bytes()
         except OSError as e:
@@ -184,13 +214,16 @@ def _read_directory(root: Path, files: list[Path]) -> Iterator[tuple[tuple[str, 
 
 def _read_archive(path: Path) -> Iterator[tuple[tuple[str, ...], str, bytes]]:
     try:
-        with tarfile.open(path, mode="r|*") as tar:
+        # read the archive only up to its size when opened: one that keeps growing cannot keep the read going
+        with open(path, "rb") as raw, tarfile.open(fileobj=io.BufferedReader(CappedReader(raw, path.stat().st_size)),
+                                                   mode="r|*") as tar:
             for member in tar:
                 if not member.isfile():
                     continue
                 parts = tuple(p for p in PurePosixPath(member.name).parts if p not in (".", "/"))
                 if not _is_image_name(parts):
                     continue
+                _check_image_size(f"{path.name}:{member.name}", member.size)
                 data = tar.extractfile(member).read()
                 yield parts, f"{path.name}:{member.name}", data
     except (tarfile.TarError, EOFError, zlib.error, OSError) as e:

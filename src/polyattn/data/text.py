@@ -50,7 +50,7 @@ import numpy as np
 import torch
 
 from ..errors import UserError
-from .images import default_cache_dir
+from .images import CappedReader, default_cache_dir
 from .tokenizers import BpeTokenizer, ByteTokenizer, Tokenizer, atomic_write
 
 CORPUS_DIR = Path(__file__).resolve().parent / "corpus"
@@ -129,7 +129,11 @@ def _read_pieces(path: Path, max_bytes: int | None = None) -> Iterator[str]:
     limit = MAX_TEXT_BYTES if max_bytes is None else max_bytes
     try:
         raw = gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")  # noqa: SIM115
-        capped = io.BufferedReader(_capped(raw, limit, path))
+        too_long = None
+        if max_bytes is None:
+            too_long = lambda: UserError(f"{path} decompresses to more than {MAX_TEXT_BYTES / 2**30:g} GiB of "
+                                         f"text; split it into smaller files.")
+        capped = io.BufferedReader(CappedReader(raw, limit, too_long))
         with raw, io.TextIOWrapper(capped, encoding="utf-8", newline="") as f:
             carry = ""
             while True:
@@ -147,28 +151,6 @@ def _read_pieces(path: Path, max_bytes: int | None = None) -> Iterator[str]:
     except UnicodeDecodeError as err:
         raise UserError(f"{path} is not UTF-8 text ({err.reason} at byte {err.start}); convert it to UTF-8.") \
             from None
-
-
-class _capped(io.RawIOBase):
-    """A binary reader that ends after `limit` bytes of `raw`: silently for a plain file (its size when the
-    source was resolved), with an error when decompressed text goes past `MAX_TEXT_BYTES`."""
-
-    def __init__(self, raw, limit: int, path: Path):
-        self.raw, self.left, self.path, self.compressed = raw, limit, path, path.suffix == ".gz"
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buffer) -> int:
-        if self.left <= 0:
-            if self.compressed and self.raw.read(1):
-                raise UserError(f"{self.path} decompresses to more than {MAX_TEXT_BYTES >> 30} GiB of text; split "
-                                f"it into smaller files.")
-            return 0
-        view = memoryview(buffer)[: self.left]
-        n = self.raw.readinto(view)
-        self.left -= n
-        return n
 
 
 # ---- token files -----------------------------------------------------------------------------------------
