@@ -7,6 +7,7 @@ here, and nothing is lost: after each fault the last checkpoint is one a resumed
 from __future__ import annotations
 
 import errno
+import json
 import math
 import os
 import re
@@ -342,6 +343,21 @@ def _(tmp_path, capsys, monkeypatch):
         holder.release()
     with pytest.raises(UserError, match="already holds a run"):
         train(tiny(tmp_path, "train.run_name=c2", "train.max_steps=1"))
+
+    # two processes started together with one run name: one trains, the other is refused in one sentence
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src"), "OMP_NUM_THREADS": "1"}
+    argv = [sys.executable, "-m", "polyattn", "train", "default", *TINY, f"train.out_dir={tmp_path / 'runs'}",
+            "train.run_name=both", "train.max_steps=3"]
+    procs = [subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    results = [p.communicate(timeout=600) for p in procs]
+    codes = sorted(p.returncode for p in procs)
+    assert codes == [0, 2], results
+    (refused,) = [err for p, (_, err) in zip(procs, results) if p.returncode == 2]
+    assert refused.startswith("error: Run directory") and ("in use by another" in refused
+                                                           or "already holds a run" in refused)
+    summary = json.loads((tmp_path / "runs" / "both" / "summary.json").read_text())
+    assert summary["steps"] == 3
 
 
 @check("resume-changes")
