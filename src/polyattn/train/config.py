@@ -46,7 +46,7 @@ class Rule:
 
     Bounds apply to numbers and to every item of a tuple; every number must also be finite (NaN and ±inf
     are never a meaningful setting); `pattern` is a regular expression a whole string must match. None
-    passes for an optional field. `meaning` says in words what the bounds stand for, for the error.
+    passes for an optional field.
     """
 
     ge: float | None = None
@@ -74,11 +74,11 @@ class Rule:
             return
         if not math.isfinite(value):
             raise UserError(f"{key} must be a finite number, got {value}.")
-        bounds = [(self.gt, "greater than", value > (self.gt or 0)), (self.ge, "at least", value >= (self.ge or 0)),
-                  (self.lt, "less than", value < (self.lt or 0)), (self.le, "at most", value <= (self.le or 0))]
-        failed = [f"{word} {bound:g}" for bound, word, ok in bounds if bound is not None and not ok]
-        if failed:
-            wanted = " and ".join(f"{word} {bound:g}" for bound, word, _ in bounds if bound is not None)
+        bounds = [(b, word, ok) for b, word, ok in (
+            (self.gt, "greater than", lambda b: value > b), (self.ge, "at least", lambda b: value >= b),
+            (self.lt, "less than", lambda b: value < b), (self.le, "at most", lambda b: value <= b)) if b is not None]
+        if not all(ok(b) for b, _, ok in bounds):
+            wanted = " and ".join(f"{word} {b:g}" for b, word, _ in bounds)
             raise UserError(f"{key} must be {self.meaning or wanted}, got {value}.")
 
 
