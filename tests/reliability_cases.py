@@ -65,8 +65,8 @@ CASES: list[Case] = [
     bad_value("data.mean=[0.5]", "data.mean and data.std go together"),
     bad_value("data.mean=[0.5,0.5] data.std=[0.2,0.2]", "data.mean and data.std need one value per image channel"),
     Case("nan-loss", "the loss is NaN from the first step",
-         "each step is skipped (no update); after `train.max_bad_steps` in a row: one sentence, no checkpoint "
-         "claimed"),
+         "each step is skipped (no update); after `train.max_bad_steps` in a row, one sentence saying no "
+         "checkpoint was written"),
     Case("exploding-lr", "the learning rate explodes mid-run (weights become huge, then the loss NaN)",
          "training stops after `train.max_bad_steps` skipped steps; the last checkpoint has finite weights that "
          "give a finite loss, and the sentence names it"),
@@ -74,7 +74,7 @@ CASES: list[Case] = [
          "that step is skipped, training goes on, `bad_steps` in the summary counts it"),
     Case("sigterm", "SIGTERM in the middle of an epoch",
          "a checkpoint is written, exit 143 with one sentence; `--resume` continues and ends with the "
-         "uninterrupted run's weights"),
+         "uninterrupted run's test metrics"),
     Case("short-run", "a run shorter than an epoch, no `train.checkpoint_every`",
          "a checkpoint at its end (and every `train.checkpoint_every_s`, default 300 s)"),
     Case("corrupt-latest", "the latest checkpoint's weights are corrupted",
