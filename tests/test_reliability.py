@@ -14,6 +14,7 @@ import re
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -149,7 +150,7 @@ def _(tmp_path, capsys, monkeypatch):
 
     with monkeypatch.context() as m:
         _wrap_loss(m, term)
-        with pytest.raises(Interrupted, match="Stopped by SIGTERM at step 5") as info:
+        with pytest.raises(Interrupted, match="Training stopped by SIGTERM at step 5") as info:
             train(tiny(tmp_path, "train.run_name=t", "train.max_steps=8"))
     assert info.value.exit_code == 143
     run = tmp_path / "runs" / "t"
@@ -158,6 +159,23 @@ def _(tmp_path, capsys, monkeypatch):
     resumed = train(load_run_config(run), resume_dir=run)
     assert "resuming" in capsys.readouterr().err
     assert resumed["test"] == ref["test"]
+
+    # the command line: a real SIGTERM once the first checkpoint exists; exit 143 and one sentence
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src"), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "polyattn", "train", "default", *TINY, "train.epochs=1000",
+                             f"train.out_dir={tmp_path / 'runs'}", "train.run_name=cli", "train.checkpoint_every=2"],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    latest = tmp_path / "runs" / "cli" / "checkpoints" / "latest"
+    deadline = time.time() + 300
+    while not latest.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 143, err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("Training stopped by SIGTERM at step ") and "polyattn train --resume" in last
+    step = int(last.split("at step ")[1].split(";")[0])
+    assert (tmp_path / "runs" / "cli" / "checkpoints" / f"step-{step:08d}").is_dir()
 
 
 @check("short-run")

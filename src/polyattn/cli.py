@@ -272,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except Interrupted as err:
-        print(f"stopped: {err}", file=sys.stderr)
+        print(str(err), file=sys.stderr)
         return err.exit_code
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)

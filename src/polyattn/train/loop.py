@@ -413,7 +413,7 @@ def _train_in(run_dir: Path, config: RunConfig, job, model: nn.Module, n_params:
                     if bad_in_row == 0:
                         write_checkpoint(pending or snapshot(), verified=False)
                     saved = last_saved[0]
-                    raise Interrupted(f"Stopped by {stop.received} at step {step}; "
+                    raise Interrupted(f"Training stopped by {stop.received} at step {step}; "
                                       + (f"the checkpoint {saved} holds it, so continue with "
                                          f"`polyattn train --resume {run_dir}`." if saved is not None else
                                          "no checkpoint was written."), signal_name=stop.received)
