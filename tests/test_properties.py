@@ -164,6 +164,23 @@ def test_decay_scan_equals_reference(B, T, K, V, chunk, decay_scale, pads, state
 
 
 @FEW
+@given(h=st.integers(1, 5), w=st.integers(1, 5), directions=st.sampled_from([1, 2, 4]), divide=st.booleans(),
+       seed=seeds)
+def test_multi_scan_is_the_sum_of_reference_scans_over_the_orders(h, w, directions, divide, seed):
+    from polyattn.ops.decay_scan import multi_scan_decay_attn, scan_orders
+
+    T = h * w
+    q, k, v = randn(seed, 1, T, 2, 4), randn(seed + 1, 1, T, 2, 4), randn(seed + 2, 1, T, 2, 3)
+    g = -randn(seed + 3, 1, T, 2, 4).abs()
+    out = multi_scan_decay_attn(q, k, v, g, grid_shape=(h, w), directions=directions, divide=divide, chunk_size=4)
+    ref = 0
+    for order in scan_orders((h, w), directions):
+        o, _ = decay_attn_reference(q[:, order], k[:, order], v[:, order], g[:, order])
+        ref = ref + o[:, torch.argsort(order)]
+    close("o", ref / directions if divide else ref, out, ratio=1e-4, atol=1e-4)
+
+
+@FEW
 @given(B=batches, T=lengths, d=st.sampled_from([1, 3]), chunk=chunks, direction=st.sampled_from(
     ["causal", "bidirectional"]), decay=st.floats(1e-3, 5.0), seed=seeds)
 def test_tpe_scan_equals_reference(B, T, d, chunk, direction, decay, seed):
