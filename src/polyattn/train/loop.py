@@ -314,7 +314,7 @@ def _train_in(run_dir: Path, config: RunConfig, job, model: nn.Module, n_params:
         """
         if not verified:
             tensors = [*model.parameters(), *(ema.module.parameters() if ema is not None else ())]
-            if not bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all()):
+            if tensors and not bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all()):
                 print(f"warning: the weights at step {state['step']} are not finite; no checkpoint written.",
                       file=sys.stderr)
                 return
