@@ -93,6 +93,8 @@ CASES: list[Case] = [
          "exit 2: “Cannot write …checkpoints/step-…: the disk is full; …”; the previous checkpoint and "
          "`latest` stay intact, no temporaries left"),
     Case("enospc-log", "the disk fills while the metrics log is appended", "one sentence naming metrics.jsonl"),
+    Case("enospc-elsewhere", "the disk fills inside a third-party writer (e.g. a plotting library)",
+         "exit 2: one sentence with the path, from the command line's last resort"),
     Case("unwritable-out-dir", "`train.out_dir` is below a file (cannot be created)",
          "exit 2: one sentence naming the path; nothing written"),
     Case("wrong-shape-weights", "weights of another width or class count, in `eval` and `--resume`",

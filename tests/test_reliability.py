@@ -316,6 +316,19 @@ def _(tmp_path, capsys, monkeypatch):
         train(tiny(tmp_path, "train.run_name=l", "train.max_steps=2"))
 
 
+@check("enospc-elsewhere")
+def _(tmp_path, capsys, monkeypatch):
+    from polyattn.train import loop
+
+    def full_disk(run_dir):
+        raise OSError(errno.ENOSPC, "No space left on device", str(run_dir / "plots" / "x.png"))
+
+    monkeypatch.setattr(loop, "write_plots", full_disk)
+    assert main(["train", "default", *TINY, f"train.out_dir={tmp_path / 'runs'}", "train.max_steps=1"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: Cannot write ") and "x.png: the disk is full" in err and err.count("\n") == 1
+
+
 @check("unwritable-out-dir")
 def _(tmp_path, capsys, monkeypatch):
     blocker = tmp_path / "blocker"

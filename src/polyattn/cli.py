@@ -277,6 +277,14 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except OSError as err:
+        from .train.checkpoint import WRITE_ERRNOS, write_error
+
+        if err.errno not in WRITE_ERRNOS:
+            raise
+        # a write that no module turned into a sentence (a third-party writer): still one sentence with the path
+        print(f"error: {write_error(err.filename or 'a file', err)}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("\ninterrupted; a training run can be continued with `polyattn train --resume RUN_DIR`.",
               file=sys.stderr)

@@ -53,6 +53,7 @@ _STEP_NAME = re.compile(r"step-\d{8}")
 _WRITE_ERRORS = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is exceeded",
                  errno.EACCES: "permission is denied", errno.EPERM: "permission is denied",
                  errno.EROFS: "the file system is read-only"}
+WRITE_ERRNOS = frozenset(_WRITE_ERRORS)
 
 
 def write_error(path: Path, err: OSError) -> UserError:
