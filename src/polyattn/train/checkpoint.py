@@ -7,7 +7,7 @@ A run directory holds everything `eval`, `generate`, `sample` and `resume` need:
     model.safetensors           final weights (written when training ends)
     checkpoints/step-XXXXXXXX/  model.safetensors + training_state.pt (optimizer, schedule, RNG, position)
                                 + manifest.json (size and SHA-256 of each file, written last)
-    checkpoints/latest          name of the newest complete checkpoint
+    checkpoints/latest          name of the newest complete checkpoint (for people; resume reads the folders)
     .lock                       held (fcntl) by the one process training in the directory
     metrics.jsonl               one JSON object per logged event
     tensorboard/                TensorBoard events
@@ -172,19 +172,14 @@ class CheckpointDir:
         return final
 
     def candidates(self) -> list[Path]:
-        """Checkpoint directories, newest first: the one `latest` names, then every step directory by step.
+        """Checkpoint directories, newest step first.
 
-        `latest` is only trusted when it names a step directory of this run, so it cannot point elsewhere.
+        A step directory is complete once it has its name (it is renamed into place last), so the newest one
+        is the latest checkpoint even if writing `latest` afterwards failed; `latest` is informational and
+        never followed, so it cannot point outside the run.
         """
-        steps = sorted((p for p in self.root.glob("step-*") if p.is_dir() and _STEP_NAME.fullmatch(p.name)),
-                       reverse=True)
-        pointer = self.root / "latest"
-        try:
-            name = pointer.read_text().strip() if pointer.is_file() else ""
-        except (OSError, UnicodeDecodeError):
-            name = ""
-        named = [p for p in steps if p.name == name]
-        return named + [p for p in steps if p.name != name]
+        return sorted((p for p in self.root.glob("step-*") if p.is_dir() and _STEP_NAME.fullmatch(p.name)),
+                      reverse=True)
 
     def latest(self) -> Path | None:
         """The newest intact checkpoint (see `check`), noting on stderr any newer damaged one it skipped."""
@@ -205,11 +200,13 @@ class CheckpointDir:
             return f"{missing[0]} is missing" if missing else None
         except (OSError, ValueError) as err:
             return f"its {MANIFEST} is unreadable: {err}"
-        for name, (size, digest) in manifest.items():
+        if not isinstance(manifest, dict) or not all(isinstance(v, list) and len(v) == 2 for v in manifest.values()):
+            return f"its {MANIFEST} is not a map of file names to [size, checksum]"
+        for name, recorded in manifest.items():
             file = path / name
-            if not file.is_file():
+            if not file.is_file() or "/" in name:
                 return f"{name} is missing"
-            if _digest(file) != [size, digest]:
+            if _digest(file) != recorded:
                 return f"{name} does not match its recorded size and checksum"
         return None
 
