@@ -102,6 +102,8 @@ CASES: list[Case] = [
          "exit 2: one sentence naming the tensor and both shapes"),
     Case("concurrent-runs", "two trainings with one run name, or a resume of a run that is training",
          "the directory is created atomically and locked; the second gets one sentence"),
+    Case("stub-run-dir", "a run directory left without config.yaml by a failed start (older versions)",
+         "the run name is not blocked: a new run takes the empty directory over"),
     Case("resume-changes", "`--resume` with a changed seed or batch size",
          "refused in one sentence unless `--force`; with it, the original config is kept as "
          "config.original.yaml"),

@@ -391,6 +391,14 @@ def _(tmp_path, capsys, monkeypatch):
     assert summary["steps"] == 3
 
 
+@check("stub-run-dir")
+def _(tmp_path, capsys, monkeypatch):
+    stub = tmp_path / "runs" / "stub"
+    (stub / "tensorboard").mkdir(parents=True)
+    summary = train(tiny(tmp_path, "train.run_name=stub", "train.max_steps=1"))
+    assert summary["steps"] == 1 and (stub / "config.yaml").is_file()
+
+
 @check("resume-changes")
 def _(tmp_path, capsys, monkeypatch):
     run = _interrupted_run(tmp_path)
