@@ -179,13 +179,13 @@ def test_soft_target_loss_equals_hard_label_loss_for_one_hot_and_mixes_linearly(
 # ---- configuration -----------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("override, message", [
-    ("data.mixup_alpha=-0.5", "mixup alpha (data.mixup_alpha) must be >= 0"),
-    ("data.cutmix_alpha=-1", "cutmix alpha (data.cutmix_alpha) must be >= 0"),
-    ("data.mix_prob=1.5", "mixing probability (data.mix_prob) must be in [0, 1]"),
-    ("data.mix_switch_prob=-0.1", "switch probability (data.mix_switch_prob) must be in [0, 1]"),
-    ("data.random_erase=2", "random-erasing probability (data.random_erase) must be in [0, 1]"),
-    ("data.randaugment_ops=20", "data.randaugment_ops) must be between 0 (off) and 13"),
-    ("data.randaugment_magnitude=10", "strictly between 0 and 10"),
+    ("data.mixup_alpha=-0.5", "data.mixup_alpha must be at least 0"),
+    ("data.cutmix_alpha=-1", "data.cutmix_alpha must be at least 0"),
+    ("data.mix_prob=1.5", "data.mix_prob must be a probability, from 0 to 1"),
+    ("data.mix_switch_prob=-0.1", "data.mix_switch_prob must be a probability, from 0 to 1"),
+    ("data.random_erase=2", "data.random_erase must be a probability, from 0 to 1"),
+    ("data.randaugment_ops=20", "data.randaugment_ops must be at least 0 and at most 13"),
+    ("data.randaugment_magnitude=10", "data.randaugment_magnitude must be greater than 0 and less than 10"),
 ])
 def test_bad_augmentation_values_are_one_sentence(override, message, tmp_path, cache_dir, capsys):
     extra = ["data.randaugment_ops=2"] if "magnitude" in override else []

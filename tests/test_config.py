@@ -70,3 +70,30 @@ def test_coerce_optional_and_tuples():
     assert coerce([3, 5], int | tuple[int, int], "k") == (3, 5)
     with pytest.raises(UserError):
         coerce([1, 2, 3], tuple[int, int], "k")
+
+
+def test_every_numeric_setting_has_a_rule():
+    """A new int or float field cannot be added without saying which values it takes (see Rule)."""
+    import dataclasses
+    import typing
+
+    from polyattn.train.config import DataConfig, TaskConfig, TrainConfig
+
+    for cls in (DataConfig, TaskConfig, TrainConfig):
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            kinds = set(typing.get_args(hints[f.name])) | {hints[f.name]}
+            if kinds & {int, float} or any(typing.get_args(k) and {int, float} & set(typing.get_args(k))
+                                           for k in kinds):
+                assert "rule" in f.metadata, f"{cls.__name__}.{f.name} has no Rule"
+
+
+@pytest.mark.parametrize("value, message", [
+    (float("nan"), "must be a finite number"), (float("inf"), "must be a finite number"),
+    (0.0, "must be greater than 0 and less than 1"), (1.0, "must be greater than 0 and less than 1"),
+])
+def test_rules_refuse_non_finite_and_out_of_range_values(value, message):
+    config = build_config("default", [])
+    config.train.ema_decay = value
+    with pytest.raises(UserError, match=message):
+        config.validate()

@@ -7,7 +7,7 @@ import os
 import sys
 from pathlib import Path
 
-from .errors import UserError
+from .errors import Interrupted, UserError
 
 EPILOG_TRAIN = """\
 examples:
@@ -121,12 +121,8 @@ def _cmd_train(args) -> int:
             raise UserError("A resumed run keeps its own recipe; pass only key=value overrides with --resume.")
         overrides = ([args.recipe] if args.recipe else []) + args.overrides + _device_overrides(args)
         config = load_run_config(Path(args.resume))
-        before = config.to_dict()
         apply_overrides(config, overrides)
-        changed = [s for s in ("model", "data", "task") if config.to_dict()[s] != before[s]]
-        if changed:
-            raise UserError(f"A resumed run cannot change its {' or '.join(changed)} section; start a new run.")
-        train(config, resume_dir=Path(args.resume))
+        train(config, resume_dir=Path(args.resume), force=args.force)
         return 0
     recipe, overrides = args.recipe, list(args.overrides)
     if recipe is not None and "=" in recipe:  # `polyattn train key=value` with the default recipe
@@ -310,6 +306,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("recipe", nargs="?", help="recipe name in configs/ or a path to a YAML file")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.lr=3e-4")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run exactly where it stopped")
+    p.add_argument("--force", action="store_true", help="with --resume: accept changed settings that make the "
+                   "run differ from an uninterrupted one (batch size, seed, learning rate, data)")
     p.add_argument("--list-recipes", action="store_true", help="print the available recipes and exit")
     p.add_argument("--device", default=None, help="auto, cpu, cuda or cuda:N (default: the recipe's train.device, "
                    "auto = cuda when available)")
@@ -425,12 +423,23 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides = [*args.overrides, *extra]
     try:
         return args.func(args)
+    except Interrupted as err:
+        print(str(err), file=sys.stderr)
+        return err.exit_code
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except BrokenPipeError:  # `polyattn config --keys | head`: the reader left; say nothing more
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115  (stays open until exit, so the final flush is quiet)
         return 0
+    except OSError as err:
+        from .train.checkpoint import WRITE_ERRNOS, write_error
+
+        if err.errno not in WRITE_ERRNOS:
+            raise
+        # a write that no module turned into a sentence (a third-party writer): still one sentence with the path
+        print(f"error: {write_error(err.filename or 'a file', err)}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("\ninterrupted; a training run can be continued with `polyattn train --resume RUN_DIR`.",
               file=sys.stderr)

@@ -15,3 +15,11 @@ def nearest(name: str, choices) -> str:
     """' Did you mean 'x'?' for the closest valid choice, or '' when nothing is close."""
     match = difflib.get_close_matches(name, list(choices), n=1, cutoff=0.5)
     return f" Did you mean '{match[0]}'?" if match else ""
+
+
+class Interrupted(UserError):
+    """Training stopped on a signal (SIGTERM, SIGINT) after writing a checkpoint; the message says where."""
+
+    def __init__(self, message: str, *, signal_name: str):
+        super().__init__(message)
+        self.exit_code = 130 if signal_name == "SIGINT" else 143  # the shell's 128 + signal number

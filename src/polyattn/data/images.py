@@ -26,6 +26,7 @@ import hashlib
 import io
 import json
 import os
+import stat
 import tarfile
 import tempfile
 import warnings
@@ -44,6 +45,8 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 SPLITS = ("train", "test")
 CACHE_FORMAT_VERSION = 1
+MAX_IMAGE_BYTES = 256 << 20
+"""Largest image file read (a larger one is refused, not read into memory)."""
 
 _GRAY_MODES = {"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F"}
 _SPLIT_DIRS = ("train", "test", "val")
@@ -111,6 +114,9 @@ def load_image_split(source: str, split: str, *, image_size: int | None = None, 
         read = lambda: _read_directory(path, [f for f, _ in files])
         count = len(files)
     elif path.name.lower().endswith(ARCHIVE_SUFFIXES):
+        if not path.is_file():
+            raise UserError(f"The image archive '{source}' is not a regular file (a device or FIFO can be endless); "
+                            f"copy it into a file and pass that.")
         st = path.stat()
         fingerprint = [st.st_size, st.st_mtime_ns]
         read = lambda: _read_archive(path)
@@ -190,12 +196,44 @@ def _list_directory(root: Path) -> list[tuple[Path, os.stat_result]]:
         for name in sorted(filenames):
             f = Path(dirpath) / name
             if _is_image_name(f.relative_to(root).parts):
-                files.append((f, f.stat()))
+                st = f.stat()
+                if not stat.S_ISREG(st.st_mode):
+                    raise UserError(f"'{f}' is not a regular file (a device or FIFO can be endless); remove it or "
+                                    f"replace it with the image file.")
+                files.append((f, st))
     return files
+
+
+class CappedReader(io.RawIOBase):
+    """A binary reader that ends after `limit` bytes of `raw`, so a source that grows while it is read (or a
+    decompression bomb) cannot make a reader run forever: silently, or with `too_long()` raised when `raw`
+    holds more."""
+
+    def __init__(self, raw, limit: int, too_long=None):
+        self.raw, self.left, self.too_long = raw, limit, too_long
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        if self.left <= 0:
+            if self.too_long is not None and self.raw.read(1):
+                raise self.too_long()
+            return 0
+        n = self.raw.readinto(memoryview(buffer)[: self.left])
+        self.left -= n
+        return n
+
+
+def _check_image_size(name: str, size: int) -> None:
+    if size > MAX_IMAGE_BYTES:
+        raise UserError(f"The image '{name}' is {size / 2**20:.0f} MiB, more than the {MAX_IMAGE_BYTES >> 20} MiB "
+                        f"an image file may have; remove it or shrink it.")
 
 
 def _read_directory(root: Path, files: list[Path]) -> Iterator[tuple[tuple[str, ...], str, bytes]]:
     for f in files:
+        _check_image_size(str(f), f.stat().st_size)
         try:
             data = f.read_bytes()
         except OSError as e:
@@ -205,13 +243,16 @@ def _read_directory(root: Path, files: list[Path]) -> Iterator[tuple[tuple[str, 
 
 def _read_archive(path: Path) -> Iterator[tuple[tuple[str, ...], str, bytes]]:
     try:
-        with tarfile.open(path, mode="r|*") as tar:
+        # read the archive only up to its size when opened: one that keeps growing cannot keep the read going
+        with open(path, "rb") as raw, tarfile.open(fileobj=io.BufferedReader(CappedReader(raw, path.stat().st_size)),
+                                                   mode="r|*") as tar:
             for member in tar:
                 if not member.isfile():
                     continue
                 parts = tuple(p for p in PurePosixPath(member.name).parts if p not in (".", "/"))
                 if not _is_image_name(parts):
                     continue
+                _check_image_size(f"{path.name}:{member.name}", member.size)
                 data = tar.extractfile(member).read()
                 yield parts, f"{path.name}:{member.name}", data
     except (tarfile.TarError, EOFError, zlib.error, OSError) as e:

@@ -10,12 +10,15 @@ Sources accepted by `token_file_for_source`:
 
 A corpus is tokenized once into a token file in the cache (`$POLYATTN_CACHE` or `~/.cache/polyattn`, under
 `text/`), keyed by the source's path, sizes and modification times and by the tokenizer's fingerprint, then
-memory-mapped and streamed as often as needed. A token file is three files written atomically (temporary name,
-then rename), the sidecar last, so a half-written file is never read:
+memory-mapped and streamed as often as needed. Sources must be regular files (a device, FIFO or socket such as
+/dev/zero never ends), and a file is read only up to the size it had when the source was resolved (a file that
+keeps growing is cut there); decompressed .gz text is capped at `MAX_TEXT_BYTES`. A cached token file whose
+bytes no longer match the checksum in its sidecar is rebuilt, like the image caches. A token file is three
+files written atomically (temporary name, then rename), the sidecar last, so a half-written file is never read:
 
     NAME.bin        the token ids, np.uint16 when the vocabulary fits, else np.uint32
     NAME.docs.npy   int64 `[D + 1]` document offsets into the stream
-    NAME.json       {"format", "tokenizer", "tokenizer_kind", "dtype", "count", "documents", "source"}
+    NAME.json       {"format", "tokenizer", "tokenizer_kind", "dtype", "count", "documents", "source", "sha256"}
 
 With a BPE tokenizer, `NAME.tokenizer.json` sits beside them so the file can be used on its own. Documents are
 followed by the tokenizer's end-of-text id when it has one (BPE); byte-level streams are the bytes of the
@@ -31,9 +34,12 @@ Batches (pure functions of their arguments, so a resumed run draws the same batc
 
 from __future__ import annotations
 
+import errno
 import gzip
 import hashlib
+import io
 import json
+import shutil
 import tempfile
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
@@ -44,7 +50,7 @@ import numpy as np
 import torch
 
 from ..errors import UserError
-from .images import default_cache_dir
+from .images import CappedReader, default_cache_dir
 from .tokenizers import BpeTokenizer, ByteTokenizer, Tokenizer, atomic_write
 
 CORPUS_DIR = Path(__file__).resolve().parent / "corpus"
@@ -54,6 +60,8 @@ IGNORE_INDEX = -100
 """Target id that the loss skips (padding)."""
 
 _READ_CHUNK = 8 << 20  # characters per piece when reading a large text file
+MAX_TEXT_BYTES = 64 << 30
+"""Most bytes of text read from one compressed file (a decompression bomb otherwise fills the disk)."""
 
 
 # ---- sources ---------------------------------------------------------------------------------------------
@@ -66,10 +74,13 @@ class TextSource:
     files: tuple[Path, ...]
     fingerprint: str
 
+    sizes: tuple[int, ...] = ()
+    """Bytes of each file when the source was resolved: what is read of it (see the module docstring)."""
+
     def documents(self) -> Iterator[Iterator[str]]:
         """One iterator of text pieces per document (pieces end at line breaks, so no word is cut)."""
-        for path in self.files:
-            yield _read_pieces(path)
+        for i, path in enumerate(self.files):
+            yield _read_pieces(path, self.sizes[i] if i < len(self.sizes) and path.suffix != ".gz" else None)
 
     def text(self, max_chars: int | None = None) -> Iterator[str]:
         """The corpus as text pieces, documents back to back, stopping after `max_chars` characters."""
@@ -104,14 +115,26 @@ def resolve_text_source(source: str) -> TextSource:
                             f"pass one text file.")
     else:
         files = (path,)
+    for f in files:
+        if not f.is_file():  # is_file follows links and is False for devices, FIFOs and sockets
+            raise UserError(f"The text source {f} is not a regular file (a device, FIFO or socket can be endless); "
+                            f"copy the text into a file and pass that.")
     stats = [[str(f), f.stat().st_size, f.stat().st_mtime_ns] for f in files]
-    return TextSource(str(path), files, hashlib.sha256(json.dumps(stats).encode()).hexdigest()[:32])
+    return TextSource(str(path), files, hashlib.sha256(json.dumps(stats).encode()).hexdigest()[:32],
+                      tuple(size for _, size, _ in stats))
 
 
-def _read_pieces(path: Path) -> Iterator[str]:
-    opener = gzip.open if path.suffix == ".gz" else open
+def _read_pieces(path: Path, max_bytes: int | None = None) -> Iterator[str]:
+    """Text pieces of a file: at most `max_bytes` bytes of a plain file, `MAX_TEXT_BYTES` of decompressed .gz."""
+    limit = MAX_TEXT_BYTES if max_bytes is None else max_bytes
     try:
-        with opener(path, "rt", encoding="utf-8", newline="") as f:
+        raw = gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")  # noqa: SIM115
+        too_long = None
+        if max_bytes is None:
+            too_long = lambda: UserError(f"{path} decompresses to more than {MAX_TEXT_BYTES / 2**30:g} GiB of "
+                                         f"text; split it into smaller files.")
+        capped = io.BufferedReader(CappedReader(raw, limit, too_long))
+        with raw, io.TextIOWrapper(capped, encoding="utf-8", newline="") as f:
             carry = ""
             while True:
                 block = f.read(_READ_CHUNK)
@@ -187,15 +210,20 @@ def build_token_file(documents: Iterable[Iterable[str]], tokenizer: Tokenizer, p
     dtype = token_dtype(tokenizer.vocab_size)
     offsets = [0]
 
+    digest = hashlib.sha256()
+
     def write_tokens(f):
         count = 0
         for doc in documents:
             for piece in doc:
-                ids = tokenizer.encode(piece)
-                f.write(ids.astype(dtype).tobytes())
-                count += len(ids)
+                data = tokenizer.encode(piece).astype(dtype).tobytes()
+                f.write(data)
+                digest.update(data)
+                count += len(data) // dtype.itemsize
             if tokenizer.eos_id is not None:
-                f.write(np.asarray([tokenizer.eos_id], dtype=dtype).tobytes())
+                data = np.asarray([tokenizer.eos_id], dtype=dtype).tobytes()
+                f.write(data)
+                digest.update(data)
                 count += 1
             offsets.append(count)
 
@@ -204,7 +232,8 @@ def build_token_file(documents: Iterable[Iterable[str]], tokenizer: Tokenizer, p
     if isinstance(tokenizer, BpeTokenizer):
         atomic_write(_side(path, ".tokenizer.json"), lambda f: f.write(tokenizer.to_str().encode()))
     meta = {"format": TOKEN_FORMAT_VERSION, "tokenizer": tokenizer.fingerprint(), "tokenizer_kind": tokenizer.kind,
-            "dtype": dtype.name, "count": offsets[-1], "documents": len(offsets) - 1, "source": source}
+            "dtype": dtype.name, "count": offsets[-1], "documents": len(offsets) - 1, "source": source,
+            "sha256": digest.hexdigest()}
     atomic_write(_side(path, ".json"), lambda f: f.write((json.dumps(meta, indent=1) + "\n").encode()))
     return load_token_file(path)
 
@@ -223,10 +252,28 @@ def load_token_file(path: str | Path) -> TokenFile:
     if not path.is_file() or path.stat().st_size != count * dtype.itemsize:
         raise UserError(f"Token file {path} does not hold the {count} {dtype.name} tokens its sidecar announces; "
                         f"it is truncated or from another build, so rebuild it.")
+    if "sha256" in meta and _file_sha256(path) != meta["sha256"]:
+        raise UserError(f"Token file {path} does not match the checksum in its sidecar; it was damaged after it "
+                        f"was written, so rebuild it.")
     tokens = np.memmap(path, dtype=dtype, mode="r", shape=(count,)) if count else np.zeros(0, dtype=dtype)
     docs_path = _side(path, ".docs.npy")
-    offsets = np.load(docs_path) if docs_path.is_file() else np.asarray([0, count], dtype=np.int64)
+    try:
+        offsets = np.load(docs_path) if docs_path.is_file() else np.asarray([0, count], dtype=np.int64)
+    except (OSError, ValueError) as err:
+        raise UserError(f"Token file {path} has an unreadable {docs_path.name} ({err}); rebuild it.") from None
+    if (offsets.ndim != 1 or len(offsets) < 1 or offsets[0] != 0 or offsets[-1] != count
+            or np.any(np.diff(offsets) < 0)):
+        raise UserError(f"Token file {path} has document offsets ({docs_path.name}) that do not fit its {count} "
+                        f"tokens; rebuild it.")
     return TokenFile(tokens, offsets, meta, path)
+
+
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(8 << 20):
+            h.update(block)
+    return h.hexdigest()
 
 
 def token_file_for_source(source: str, tokenizer: Tokenizer, *, cache_dir: str | Path | None = None) -> TokenFile:
@@ -252,10 +299,20 @@ def token_file_for_source(source: str, tokenizer: Tokenizer, *, cache_dir: str |
     try:
         return build_token_file(text.documents(), tokenizer, file, source=text.name)
     except OSError as err:
+        if err.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+            # a full disk (or a failing one) is not helped by writing elsewhere, which may be the same disk
+            raise UserError(f"Cannot write the token cache {file} ({err.strerror or err}); free space or set "
+                            f"POLYATTN_CACHE to a directory with room.") from None
         warnings.warn(f"Could not write the token cache {file} ({err}); tokenizing into a temporary file.",
                       stacklevel=2)
         tmp = Path(tempfile.mkdtemp(prefix="polyattn-tokens-")) / "tokens.bin"
-        return build_token_file(text.documents(), tokenizer, tmp, source=text.name)
+        try:
+            return build_token_file(text.documents(), tokenizer, tmp, source=text.name)
+        except OSError as err2:
+            shutil.rmtree(tmp.parent, ignore_errors=True)
+            raise UserError(f"Cannot write the token cache {file} ({err}) nor a temporary one in {tmp.parent} "
+                            f"({err2.strerror or err2}); set POLYATTN_CACHE to a writable directory with room.") \
+                from None
 
 
 def split_stream(n: int, val_fraction: float) -> tuple[slice, slice]:

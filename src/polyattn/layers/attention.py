@@ -13,6 +13,7 @@ from torch import nn
 
 from ..errors import UserError, nearest
 from ..ops.attention import MaskMode, attention, padding_to_attn_mask
+from ..ops.checks import check_features
 from .rope import Rotary
 
 
@@ -198,6 +199,7 @@ class Attention(nn.Module):
             tuple[Tensor, KVCache | None]: output `[B, T, dim]` and the cache (None unless `cache` was passed or
             `use_cache` is set).
         """
+        check_features("Attention", x, self.q_proj.in_features)
         q = self._heads(self.q_proj(x), self.num_heads)  # (B, T, H, D)
         if rope is not None:
             q = rope.apply(q)

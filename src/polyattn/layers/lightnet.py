@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..ops.checks import check_features, check_mask
 from ..ops.decay_scan import multi_scan_decay_attn
 from ..ops.lightnet import LightNetState, lightnet_attn
 from ..ops.lrpe import (
@@ -124,12 +125,16 @@ class LightNetAttention(nn.Module):
         kernel_backend: str = "torch",
     ):
         super().__init__()
-        assert hidden_size % num_heads == 0, f"hidden_size {hidden_size} not divisible by num_heads {num_heads}"
-        assert lrpe in ("cosine", "rotary", None), f"unknown lrpe {lrpe!r}"
-        assert gate_position in ("pre", "post"), f"unknown gate_position {gate_position!r}"
+        if hidden_size % num_heads:
+            raise ValueError(f"hidden_size {hidden_size} is not divisible by num_heads {num_heads}")
+        if lrpe not in ("cosine", "rotary", None):
+            raise ValueError(f"unknown lrpe {lrpe!r}; use 'cosine', 'rotary' or None")
+        if gate_position not in ("pre", "post"):
+            raise ValueError(f"unknown gate_position {gate_position!r}; use 'pre' or 'post'")
         self.hidden_size, self.num_heads = hidden_size, num_heads
         self.head_dim = d = hidden_size // num_heads
-        assert lrpe != "rotary" or d % 2 == 0, "rotary LRPE needs an even head dim"
+        if not (lrpe != "rotary" or d % 2 == 0):
+            raise ValueError("rotary LRPE needs an even head dim")
         self.causal, self.lrpe, self.gate_position = causal, lrpe, gate_position
         self.scale = d**-0.5 if scale is None else scale
         self.grid_shape = tuple(grid_shape) if grid_shape is not None else None
@@ -153,9 +158,11 @@ class LightNetAttention(nn.Module):
     def _positions(self, B, T, mask, offset, grid_shape, device) -> torch.Tensor:
         """LRPE coordinates `[B|1, T, k]`."""
         if grid_shape is not None:
-            assert offset is None, "decoding over a grid is not supported; use 1-D positions"
+            if offset is not None:
+                raise ValueError("decoding over a grid is not supported; use 1-D positions")
             pos = grid_positions(grid_shape, self.num_special, device=device)
-            assert pos.shape[0] == T, f"grid {tuple(grid_shape)} + {self.num_special} specials != {T} tokens"
+            if not (pos.shape[0] == T):
+                raise ValueError(f"grid {tuple(grid_shape)} + {self.num_special} specials != {T} tokens")
             return pos[None]
         return _real_positions(mask, offset, B, T, device).float()[..., None]
 
@@ -175,8 +182,10 @@ class LightNetAttention(nn.Module):
         """
         if cu_seqlens is not None:
             raise NotImplementedError("LightNetAttention takes padded batches with attention_mask, not cu_seqlens")
-        assert attention_mask is None or attention_mask.dim() == 2, "only [B, T] padding masks are supported"
-        assert past_key_values is None or self.causal, "a decoding state needs a causal layer"
+        check_features("LightNetAttention", hidden_states, self.hidden_size, "hidden_states")
+        check_mask("LightNetAttention", attention_mask, *hidden_states.shape[:2], "attention_mask")
+        if not (past_key_values is None or self.causal):
+            raise ValueError("a decoding state needs a causal layer")
         x = hidden_states
         B, T, D = x.shape
         H, d = self.num_heads, self.head_dim
@@ -239,7 +248,8 @@ class MdTpe(nn.Module):
     def __init__(self, dim: int, num_heads: int, num_axes: int = 1, *, causal: bool = False, residual: bool = True,
                  num_special: int = 0, norm_eps: float = 1e-6):
         super().__init__()
-        assert dim % num_heads == 0
+        if dim % num_heads:
+            raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
         self.dim, self.num_heads, self.num_axes = dim, num_heads, num_axes
         self.causal, self.residual, self.num_special = causal, residual, num_special
         self.q = nn.Parameter(torch.ones(num_axes, dim))
@@ -269,7 +279,8 @@ class MdTpe(nn.Module):
         ls = self.num_special
         tokens = x[:, ls:]
         grid_shape = (T - ls,) if grid_shape is None else tuple(grid_shape)
-        assert len(grid_shape) == self.num_axes, f"grid {grid_shape} has not {self.num_axes} axes"
+        if not (len(grid_shape) == self.num_axes):
+            raise ValueError(f"grid {grid_shape} has not {self.num_axes} axes")
         m = None if attention_mask is None else attention_mask.bool()[:, ls:, None]
         xin = tokens if m is None else tokens.masked_fill(~m, 0)
         xh = xin.reshape(B, T - ls, H, D // H)
@@ -281,7 +292,8 @@ class MdTpe(nn.Module):
             if self.num_axes == 1 and self.causal:
                 u, new_state = tpe_scan(xh, log_decay[a], direction="causal", initial_state=state)
             else:
-                assert state is None and not use_cache, "a decoding state exists for the 1-D causal TPE only"
+                if not (state is None and not use_cache):
+                    raise ValueError("a decoding state exists for the 1-D causal TPE only")
                 u = tpe_axis_scan(xh, grid_shape, a, log_decay[a], direction=direction)
             o = (u * coeff[a][:, None].to(u.dtype)).reshape(B, T - ls, D)
             out = out + self.o_projs[a](self.norms[a](o))
@@ -331,8 +343,10 @@ class MultiScanAttention(nn.Module):
         layer_idx: int | None = None,
     ):
         super().__init__()
-        assert hidden_size % num_heads == 0
-        assert directions in (1, 2, 4), f"directions must be 1, 2 or 4, got {directions}"
+        if hidden_size % num_heads:
+            raise ValueError(f"hidden_size {hidden_size} is not divisible by num_heads {num_heads}")
+        if directions not in (1, 2, 4):
+            raise ValueError(f"directions must be 1, 2 or 4, got {directions}")
         self.hidden_size, self.num_heads = hidden_size, num_heads
         self.head_dim = d = hidden_size // num_heads
         self.directions, self.divide, self.scale = directions, divide, scale
@@ -363,8 +377,10 @@ class MultiScanAttention(nn.Module):
         grid_shape: Sequence[int] | None = None,
     ) -> tuple[torch.Tensor, None, None]:
         """`[B, T, D]` → `([B, T, D], None, None)`; no decoding state (a multi-direction scan is not causal)."""
-        assert past_key_values is None and not use_cache, "MultiScanAttention has no decoding state"
-        assert attention_mask is None or attention_mask.dim() == 2, "only [B, T] padding masks are supported"
+        if not (past_key_values is None and not use_cache):
+            raise ValueError("MultiScanAttention has no decoding state")
+        check_features("MultiScanAttention", hidden_states, self.hidden_size, "hidden_states")
+        check_mask("MultiScanAttention", attention_mask, *hidden_states.shape[:2], "attention_mask")
         x = hidden_states
         B, T, D = x.shape
         H, d = self.num_heads, self.head_dim

@@ -42,5 +42,8 @@ class PatchEmbed(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.ndim != 4 or x.shape[1] != self.in_chans:
             raise UserError(f"Expected images of shape [B, {self.in_chans}, H, W], got {list(x.shape)}.")
+        if not x.is_floating_point():
+            raise UserError(f"Expected normalised floating-point images, got {x.dtype}; convert uint8 pixels with "
+                            f"the run's normalisation (polyattn.data.transforms.EvalTransform) first.")
         self.grid_for(tuple(x.shape[-2:]))
         return self.proj(x).flatten(2).transpose(1, 2)  # (B, N, D)

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..ops.checks import check_tokens
 from .norm import RMSNorm
 
 
@@ -47,6 +48,7 @@ class TokenIO(nn.Module):
 
     def embed_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
         """`[B, T]` int64 → `[B, T, D]`."""
+        check_tokens("embed_tokens", tokens)
         return self.embed(tokens)
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:

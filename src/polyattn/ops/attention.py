@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from ..hardware import native_bf16
+from .checks import check_float
 
 # SDPA shares kv heads across query groups without copying them from torch 2.5 on.
 _SDPA_HAS_GQA = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 5)
@@ -116,6 +117,7 @@ def padding_to_attn_mask(key_padding_mask: torch.Tensor) -> torch.Tensor:
 
 
 def _check_shapes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    check_float("attention", q=q, k=k, v=v)
     if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
         raise ValueError(f"q, k, v must be [B, T, H, D]; got shapes {tuple(q.shape)}, {tuple(k.shape)}, "
                          f"{tuple(v.shape)}")

@@ -20,6 +20,7 @@ from collections.abc import Sequence
 import torch
 
 from ..hardware import native_bf16
+from .checks import check_heads, check_mask, power_of_two
 
 # A finite stand-in for −inf in log-space bookkeeping: exp(NEG − x) is exactly 0 for any sane x, while
 # NEG − NEG = 0 keeps padded positions free of the NaN that (−inf) − (−inf) would produce, forward and backward.
@@ -71,7 +72,7 @@ def chunk_gated_core_autograd(
     """
     B, H, N, C, R, K = q.shape
     V = v.shape[-1]
-    assert C & (C - 1) == 0, f"chunk size {C} must be a power of two"
+    power_of_two("chunk_gated_core", "the chunk length", C)
     cdt = compute_dtype
 
     # --- s = t
@@ -371,7 +372,7 @@ def chunk_gated_core(
     """Chunk-parallel gated linear attention in log-normaliser coordinates; see `chunk_gated_core_autograd` for the
     math, shapes and returns. Runs `ChunkGatedCore` (hand-written backward)."""
     B, H, _, C, R, K = q.shape
-    assert C & (C - 1) == 0, f"chunk size {C} must be a power of two"
+    power_of_two("chunk_gated_core", "the chunk length", C)
     compute_dtype = _core_dtype(q.device, compute_dtype)
     if initial_state is None:
         initial_state = q.new_zeros(B, H, R * K, v.shape[-1], dtype=_acc(compute_dtype))
@@ -395,6 +396,14 @@ def _from_chunks(x: torch.Tensor) -> torch.Tensor:
     """`[B, H, N, C, ...]` → `[B, T, H, ...]`."""
     B, H, N, C = x.shape[:4]
     return x.movedim(1, 3).reshape(B, N * C, H, *x.shape[4:])
+
+
+def _check(op, q, k, v, g, mask):
+    B, T, _ = check_heads(op, q=q, k=k, v=v, g=g)
+    check_mask(op, mask, B, T)
+    if k.shape != q.shape or g.shape != q.shape:
+        raise ValueError(f"{op}: q, k and g must have one shape [B, T, H, K], got q {tuple(q.shape)}, "
+                         f"k {tuple(k.shape)}, g {tuple(g.shape)}")
 
 
 def _prepare(q, k, v, g, mask):
@@ -439,6 +448,7 @@ def decay_attn(
     Returns:
         `o [B, T, H, V]` in the dtype of `v`, and `S_T [B, H, K, V]` float32 (or None).
     """
+    _check("decay_attn", q, k, v, g, mask)
     T, K = q.shape[1], q.shape[3]
     scale = K**-0.5 if scale is None else scale
     kh, g, v = _prepare(q, k, v, g, mask)
@@ -459,7 +469,7 @@ def decay_attn(
 
 def _chunk_len(chunk_size: int, T: int) -> int:
     """The chunk length used for T tokens: `chunk_size` (a power of two), or the next power of two ≥ T if smaller."""
-    assert chunk_size > 0 and chunk_size & (chunk_size - 1) == 0, f"chunk_size {chunk_size} is not a power of two"
+    power_of_two("decay_attn", "chunk_size", chunk_size)
     return min(chunk_size, 1 << max(T - 1, 0).bit_length())
 
 
@@ -489,6 +499,7 @@ def decay_attn_recurrent(
     mask: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Token-by-token form of `decay_attn` (decoding; same arguments and returns), float32 state."""
+    _check("decay_attn_recurrent", q, k, v, g, mask)
     B, T, H, K = q.shape
     scale = K**-0.5 if scale is None else scale
     kh, g, v = _prepare(q, k, v, g, mask)
@@ -498,7 +509,7 @@ def decay_attn_recurrent(
     for t in range(T):
         state = torch.exp(g[:, t]).unsqueeze(-1) * state + kh[:, t].unsqueeze(-1) * v[:, t].float().unsqueeze(-2)
         outs.append(torch.einsum("bhk,bhkv->bhv", q[:, t].float(), state))
-    o = torch.stack(outs, dim=1) * scale
+    o = torch.stack(outs, dim=1) * scale if outs else v.new_zeros(B, 0, H, v.shape[-1], dtype=torch.float32)
     if mask is not None:
         o = o.masked_fill(~mask[:, :, None, None], 0.0)
     return o.to(v.dtype), (state if output_final_state else None)
@@ -518,7 +529,11 @@ def decay_attn_reference(
 
     Returns `(o [B, T, H, V] float64, S_T [B, H, K, V] float64)`.
     """
-    T, K = q.shape[1], q.shape[3]
+    _check("decay_attn_reference", q, k, v, g, mask)
+    B, T, H, K = q.shape
+    if T == 0:
+        state = q.new_zeros(B, H, K, v.shape[-1], dtype=torch.float64) if initial_state is None else initial_state
+        return v.new_zeros(B, 0, H, v.shape[-1], dtype=torch.float64), state.double()
     scale = K**-0.5 if scale is None else scale
     q, k, v, g = (x.double() for x in (q, k, v, g))
     if mask is not None:
@@ -558,7 +573,8 @@ def scan_orders(grid_shape: Sequence[int], directions: int, device: torch.device
     if directions == 2:
         return [row, row.flip(0)]
     if directions == 4:
-        assert len(grid_shape) == 2, "the 4-direction cross-scan is defined for 2-D grids"
+        if len(grid_shape) != 2:
+            raise ValueError(f"the 4-direction cross-scan is defined for 2-D grids, got grid {tuple(grid_shape)}")
         col = row.reshape(grid_shape).t().reshape(-1)
         return [row, row.flip(0), col, col.flip(0)]
     raise ValueError(f"directions must be 1, 2 or 4, got {directions}")
@@ -589,7 +605,8 @@ def multi_scan_decay_attn(
 
     def stack(x):
         xs = [x] * directions if torch.is_tensor(x) else list(x)
-        assert len(xs) == directions, f"expected {directions} per-direction tensors, got {len(xs)}"
+        if len(xs) != directions:
+            raise ValueError(f"multi_scan_decay_attn: expected {directions} per-direction tensors, got {len(xs)}")
         return torch.cat([xi[:, order] for xi, order in zip(xs, orders)], dim=0)
 
     B = (v if torch.is_tensor(v) else v[0]).shape[0]

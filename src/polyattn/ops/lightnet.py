@@ -28,6 +28,7 @@ from typing import NamedTuple
 
 import torch
 
+from .checks import check_float, check_heads, check_mask
 from .decay_scan import NEG, _chunk_len, _compute_dtype, _from_chunks, _pad_time, _to_chunks, chunk_gated_core
 
 
@@ -135,13 +136,24 @@ def _public_state(S: torch.Tensor, z: torch.Tensor) -> LightNetState:
     return LightNetState(S, torch.where(z <= NEG / 2, -torch.inf, z))
 
 
-def _check(q, k, v, key_features):
+def _check(q, k, v, key_features, mask=None):
+    B, T, _ = check_heads("lightnet_attn", q=q, k=k, v=v)
+    check_float("lightnet_attn", key_features=key_features)
+    check_mask("lightnet_attn", mask, B, T)
     K = k.shape[-1]
-    assert q.shape[:3] == k.shape[:3] == v.shape[:3], "q, k, v must share [B, T, H]"
-    assert q.shape[-1] % K == 0, f"q has {q.shape[-1]} channels, not a multiple of the {K} key channels"
+    if K == 0 or q.shape[-1] % K:
+        raise ValueError(f"lightnet_attn: q has {q.shape[-1]} channels, not a multiple of the {K} key channels")
     R = q.shape[-1] // K
-    assert R == 1 or key_features is not None, "q wider than k needs key_features (e.g. cosine LRPE)"
+    if R != 1 and key_features is None:
+        raise ValueError("lightnet_attn: q wider than k needs key_features (e.g. cosine LRPE)")
     return R
+
+
+def _empty(q, k, v, initial_state, normalizer_init, R) -> tuple[torch.Tensor, LightNetState]:
+    """T = 0: an empty output, and the state is the one passed in (or the empty state)."""
+    B, _, H, K = k.shape
+    S0, z0 = _initial(B, H, K, R * K, v.shape[-1], initial_state, normalizer_init, k)
+    return v.new_zeros(B, 0, H, v.shape[-1]), _public_state(S0, z0)
 
 
 def lightnet_chunk(
@@ -159,9 +171,12 @@ def lightnet_chunk(
     backend: str = "torch",
 ) -> tuple[torch.Tensor, LightNetState | None]:
     """Causal LightNet attention, chunk-parallel (training / prefill). Arguments as `lightnet_attn`."""
+    R = _check(q, k, v, key_features, mask)
     B, T, H, K = k.shape
     V = v.shape[-1]
-    R = _check(q, k, v, key_features)
+    if T == 0:
+        o, state = _empty(q, k, v, initial_state, normalizer_init, R)
+        return o, state if output_final_state else None
     S0, z0 = _initial(B, H, K, R * K, V, initial_state, normalizer_init, k)
     kf = k.float()
     if mask is not None:
@@ -226,9 +241,12 @@ def lightnet_recurrent(
 
     One step: `z' = logaddexp(z, k_t)`, `S ← exp(z − z') ⊙ S + exp(k_t − z') ⊙ f_t v_tᵀ`, `o_t = scale·q_tᵀ S`.
     """
+    R = _check(q, k, v, key_features, mask)
     B, T, H, K = k.shape
     V = v.shape[-1]
-    R = _check(q, k, v, key_features)
+    if T == 0:
+        o, state = _empty(q, k, v, initial_state, normalizer_init, R)
+        return o, state if output_final_state else None
     S, z = _initial(B, H, K, R * K, V, initial_state, normalizer_init, k)
     kf = k.float()
     vf = v.float()
@@ -382,9 +400,12 @@ def lightnet_global(
     An `initial_state` acts as keys seen before this call (the state is the same as the causal one after the
     last token). Runs `GlobalLightNet` (blocked, hand-written backward). Arguments as `lightnet_attn`.
     """
+    R = _check(q, k, v, key_features, mask)
     B, T, H, K = k.shape
     V = v.shape[-1]
-    R = _check(q, k, v, key_features)
+    if T == 0:
+        o, state = _empty(q, k, v, initial_state, normalizer_init, R)
+        return o, state if output_final_state else None
     S0, z0 = _initial(B, H, K, R * K, V, initial_state, normalizer_init, k)
     kf = k.float()
     if mask is not None:
@@ -416,9 +437,12 @@ def lightnet_reference(
     The normaliser is formed in log space (float64 `logcumsumexp`/`logsumexp`) so that keys of any magnitude stay
     representable; the weights are then the plain quotients `exp(k_s) / Σ exp(k)`.
     """
+    R = _check(q, k, v, key_features, mask)
     B, T, H, K = k.shape
     V = v.shape[-1]
-    R = _check(q, k, v, key_features)
+    if T == 0:
+        o, state = _empty(q, k, v, initial_state, normalizer_init, R)
+        return o.double(), LightNetState(state.S.double(), state.z.double())
     S0, z0 = _initial(B, H, K, R * K, V, initial_state, normalizer_init, k)
     q, k, v, S0, z0 = q.double(), k.double(), v.double(), S0.double(), z0.double()
     z0 = torch.where(z0 <= NEG / 2, -torch.inf, z0)
@@ -505,7 +529,12 @@ def lightnet_attn(
     """
     scale = 1.0 if scale is None else scale
     if cu_seqlens is not None:
-        assert q.shape[0] == 1 and mask is None, "packed sequences: B must be 1 and padding is implied"
+        if q.shape[0] != 1 or mask is not None:
+            raise ValueError("lightnet_attn: packed sequences (cu_seqlens) need B == 1 and no mask (padding is "
+                             "implied by the boundaries)")
+        if cu_seqlens.is_floating_point() or cu_seqlens.ndim != 1 or cu_seqlens.numel() < 2:
+            raise ValueError(f"lightnet_attn: cu_seqlens must be [N + 1] integer offsets, got "
+                             f"{cu_seqlens.dtype} {tuple(cu_seqlens.shape)}")
         qp, mask_p, index = _unpack(q, cu_seqlens)
         kp, vp = _unpack(k, cu_seqlens)[0], _unpack(v, cu_seqlens)[0]
         fp = None

@@ -15,6 +15,8 @@ from collections.abc import Sequence
 
 import torch
 
+from .checks import check_float
+
 
 def lrpe_theta(
     dim: int, num_heads: int, num_axes: int = 1, base: float = 10000.0, shared_across_heads: bool = False
@@ -52,6 +54,7 @@ def lrpe_cosine(x: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
     `T(q, s) · T(k, t) = Σ_i q_i k_i cos((Θ_s − Θ_t)_i)`. Applied to a normalised key weight it is a per-channel
     multiplier (`lrpe_key_features`), so each channel's cos and sin copies share that channel's decay.
     """
+    check_float("lrpe_cosine", x=x, angles=angles)
     return torch.cat([x * torch.cos(angles), x * torch.sin(angles)], dim=-1).to(x.dtype)
 
 
@@ -61,6 +64,9 @@ def lrpe_key_features(angles: torch.Tensor) -> torch.Tensor:
 
 
 def _rotate_pairs(x: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
+    check_float("lrpe_rotary", x=x, angles=angles)
+    if x.shape[-1] % 2:
+        raise ValueError(f"lrpe_rotary: x needs an even number of channels (pairs), got {x.shape[-1]}")
     x1, x2 = x[..., 0::2], x[..., 1::2]
     c, s = torch.cos(angles), torch.sin(angles)
     return torch.stack([x1 * c - x2 * s, x1 * s + x2 * c], dim=-1).flatten(-2)

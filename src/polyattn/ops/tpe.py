@@ -15,6 +15,16 @@ from collections.abc import Sequence
 
 import torch
 
+from .checks import check_float
+
+
+def _check_x(op: str, x: torch.Tensor, log_decay: torch.Tensor) -> None:
+    check_float(op, x=x, log_decay=log_decay)
+    if x.ndim != 4:
+        raise ValueError(f"{op}: x must be [B, T, H, d] (4-D), got shape {tuple(x.shape)}")
+    if log_decay.shape != (x.shape[2],):
+        raise ValueError(f"{op}: log_decay must be [H] = [{x.shape[2]}], got shape {tuple(log_decay.shape)}")
+
 
 def _decay_powers(log_decay: torch.Tensor, n: int) -> torch.Tensor:
     """`L[h, t, s] = λ_h^{t−s}` for s ≤ t, else 0: `[H, n, n]` float32 (exponents ≤ 0)."""
@@ -42,7 +52,13 @@ def tpe_causal_scan(
     Returns:
         `u [B, T, H, d]` in x's dtype and the final state `u_T [B, H, d]` float32.
     """
+    _check_x("tpe_causal_scan", x, log_decay)
     B, T, H, d = x.shape
+    if T == 0:
+        state = x.new_zeros(B, H, d, dtype=torch.float32) if initial_state is None else initial_state.float()
+        return x, state
+    if chunk_size < 1:
+        raise ValueError(f"tpe_causal_scan: chunk_size must be positive, got {chunk_size}")
     C = min(chunk_size, T)
     pad = -T % C
     xf = torch.cat([x.float(), x.new_zeros(B, pad, H, d, dtype=torch.float32)], dim=1) if pad else x.float()
@@ -84,7 +100,8 @@ def tpe_scan(
         return tpe_causal_scan(x, log_decay, initial_state=initial_state, chunk_size=chunk_size)
     if direction != "bidirectional":
         raise ValueError(f"direction must be 'causal' or 'bidirectional', got {direction!r}")
-    assert initial_state is None, "a two-sided scan has no carried state"
+    if initial_state is not None:
+        raise ValueError("tpe_scan: a two-sided (bidirectional) scan has no carried state; pass initial_state=None")
     fwd, _ = tpe_causal_scan(x, log_decay, chunk_size=chunk_size)
     bwd, _ = tpe_causal_scan(x.flip(1), log_decay, chunk_size=chunk_size)
     return fwd + bwd.flip(1) - x, None

@@ -291,6 +291,23 @@ class CausalLMJob(TextStreamJob):
         for step in range(start_step, self.steps_per_epoch):
             yield random_windows(tokens, self.batch_size, self.seq_len, seed=self.seed, epoch=epoch, step=step)
 
+    def check_model(self, model: nn.Module) -> None:
+        """Before the run starts: a model that predicts only a window's last positions (Perceiver AR's latents)
+        must predict the `data.eval_stride` targets each evaluation window scores, else the first evaluation
+        would fail after an epoch of training. One forward pass in eval mode (no random numbers drawn)."""
+        stride = self.eval_stride or self.seq_len
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                predicted = model(torch.zeros(1, self.seq_len, dtype=torch.long, device=self.device)).shape[1]
+        finally:
+            model.train(was_training)
+        if predicted < stride:
+            raise UserError(f"The model predicts only the last {predicted} positions of a window, fewer than the "
+                            f"data.eval_stride = {stride} targets each evaluation window scores; set "
+                            f"data.eval_stride to at most {predicted}.")
+
     def evaluate(self, model: nn.Module, split: str, *, autocast) -> dict[str, float]:
         self._check_vocab(model)
         return evaluate_lm(model, self.splits[split], self.tokenizer, seq_len=self.seq_len,

@@ -55,6 +55,9 @@ class ImageJob:
         _, channels, height, width = reference.images.shape
         if d.mean is None or d.std is None:
             d.mean, d.std = default_stats(channels) if default_stats else channel_stats(self.datasets["train"])
+        if len(d.mean) != channels or len(d.std) != channels:
+            raise UserError(f"data.mean and data.std need one value per image channel ({channels} here), got "
+                            f"{list(d.mean)} and {list(d.std)}.")
         self.classes = list(reference.classes)
         self.num_classes = len(self.classes)
         self.inferred_model_args = {"num_classes": self.num_classes, "in_chans": channels,

@@ -3,9 +3,12 @@
 A run directory holds everything `eval`, `generate`, `sample` and `resume` need:
 
     config.yaml                 the resolved RunConfig (model name and every constructor argument)
+    config.original.yaml        the first config, kept when a resumed run changed settings
     model.safetensors           final weights (written when training ends)
     checkpoints/step-XXXXXXXX/  model.safetensors + training_state.pt (optimizer, schedule, RNG, position)
-    checkpoints/latest          name of the newest complete checkpoint
+                                + manifest.json (size and SHA-256 of each file, written last)
+    checkpoints/latest          name of the newest complete checkpoint (for people; resume reads the folders)
+    .lock                       held (fcntl) by the one process training in the directory
     metrics.jsonl               one JSON object per logged event
     tensorboard/                TensorBoard events
     plots/                      PNG curves
@@ -13,13 +16,22 @@ A run directory holds everything `eval`, `generate`, `sample` and `resume` need:
 
 Every file is written to a temporary name and renamed into place, and a checkpoint directory is completed
 before `latest` points at it, so a run killed at any instant (even with kill -9) leaves the previous
-checkpoint intact.
+checkpoint intact. A checkpoint whose files do not match its manifest (a disk error, a truncated copy) is
+skipped on resume in favour of the newest intact one, with a note saying which was used; temporaries left by
+an interrupted write are removed when the run directory is next opened. A full disk or an unwritable path is
+one sentence naming the path.
 """
 
 from __future__ import annotations
 
+import errno
+import fcntl
+import hashlib
+import json
 import os
+import re
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -33,18 +45,41 @@ WEIGHTS = "model.safetensors"
 EMA_WEIGHTS = "ema.safetensors"
 TRAINING_STATE = "training_state.pt"
 CONFIG = "config.yaml"
+ORIGINAL_CONFIG = "config.original.yaml"
+MANIFEST = "manifest.json"
+LOCK = ".lock"
+_STEP_NAME = re.compile(r"step-\d{8}")
+
+_WRITE_ERRORS = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is exceeded",
+                 errno.EACCES: "permission is denied", errno.EPERM: "permission is denied",
+                 errno.EROFS: "the file system is read-only"}
+WRITE_ERRNOS = frozenset(_WRITE_ERRORS)
+
+
+def write_error(path: Path, err: OSError) -> UserError:
+    """One sentence for a failed write: what, where, and what to do (free space, fix permissions)."""
+    reason = _WRITE_ERRORS.get(err.errno, err.strerror or str(err))
+    fix = "free some space" if err.errno in (errno.ENOSPC, errno.EDQUOT) else "choose a writable location"
+    return UserError(f"Cannot write {path}: {reason}; {fix} and try again (an interrupted training run "
+                     f"continues from its last checkpoint with `polyattn train --resume RUN_DIR`).")
 
 
 def _atomic_write(path: Path, write) -> None:
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
         write(tmp)
         os.replace(tmp, path)
+    except OSError as err:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        raise write_error(path, err) from err
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
         raise
 
 
@@ -83,11 +118,17 @@ def load_weights(model: nn.Module, path: Path, *, model_name: str) -> None:
     if saved_name is not None and saved_name != model_name:
         raise UserError(f"Weights in {path} belong to model '{saved_name}', not '{model_name}'; "
                         f"use the run directory they came from.")
-    result = model.load_state_dict(state, strict=False)
-    problems = list(result.missing_keys) + list(result.unexpected_keys)
+    expected = model.state_dict()
+    problems = sorted(set(expected) ^ set(state))
     if problems:
         raise UserError(f"Weights in {path} do not fit model '{model_name}' (mismatched keys such as "
                         f"'{problems[0]}'); they come from a different architecture or configuration.")
+    for key, tensor in state.items():
+        if tensor.shape != expected[key].shape:
+            raise UserError(f"Weights in {path} do not fit model '{model_name}': '{key}' has shape "
+                            f"{list(tensor.shape)} but the config builds {list(expected[key].shape)}; the config "
+                            f"(e.g. a width or the number of classes) differs from the one they were trained with.")
+    model.load_state_dict(state)
 
 
 class CheckpointDir:
@@ -101,15 +142,28 @@ class CheckpointDir:
              ema_model: nn.Module | None = None) -> Path:
         final = self.root / f"step-{step:08d}"
         if final.exists():
-            return final  # this step is already checkpointed (e.g. epoch end coincides with a periodic save)
-        self.root.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".step-{step:08d}.", dir=self.root))
+            if self.check(final) is None:
+                return final  # this step is already checkpointed (e.g. epoch end coincides with a periodic save)
+            shutil.rmtree(final)  # a damaged copy (from before a resume): replace it
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            tmp = Path(tempfile.mkdtemp(prefix=f".step-{step:08d}.", dir=self.root))
+        except OSError as err:
+            raise write_error(self.root, err) from err
         try:
             save_weights(model, tmp / WEIGHTS, model_name=model_name)
             if ema_model is not None:
                 save_weights(ema_model, tmp / EMA_WEIGHTS, model_name=model_name)
             _atomic_write(tmp / TRAINING_STATE, lambda p: torch.save(training_state, p))
+            manifest = {p.name: _digest(p) for p in sorted(tmp.iterdir())}
+            atomic_write_text(tmp / MANIFEST, json.dumps(manifest, indent=1) + "\n")
             os.replace(tmp, final)
+        except (OSError, UserError) as err:
+            shutil.rmtree(tmp, ignore_errors=True)
+            cause = err if isinstance(err, OSError) else err.__cause__
+            if not isinstance(cause, OSError):
+                raise
+            raise write_error(final, cause) from cause  # name the checkpoint, not its temporary folder
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -117,12 +171,52 @@ class CheckpointDir:
         self._prune(keep_name=final.name)
         return final
 
+    def candidates(self) -> list[Path]:
+        """Checkpoint directories, newest step first.
+
+        A step directory is complete once it has its name (it is renamed into place last), so the newest one
+        is the latest checkpoint even if writing `latest` afterwards failed; `latest` is informational and
+        never followed, so it cannot point outside the run.
+        """
+        return sorted((p for p in self.root.glob("step-*") if p.is_dir() and _STEP_NAME.fullmatch(p.name)),
+                      reverse=True)
+
     def latest(self) -> Path | None:
-        pointer = self.root / "latest"
-        if not pointer.is_file():
-            return None
-        path = self.root / pointer.read_text().strip()
-        return path if path.is_dir() else None
+        """The newest intact checkpoint (see `check`), noting on stderr any newer damaged one it skipped."""
+        for path in self.candidates():
+            problem = self.check(path)
+            if problem is None:
+                return path
+            print(f"note: checkpoint {path} is damaged ({problem}); trying an earlier one.", file=sys.stderr)
+        return None
+
+    def check(self, path: Path) -> str | None:
+        """None when every file of the checkpoint matches its manifest, else what is wrong."""
+        try:
+            manifest = json.loads((path / MANIFEST).read_text())
+        except FileNotFoundError:
+            # checkpoints written before manifests existed: the two files must at least be there
+            missing = [n for n in (WEIGHTS, TRAINING_STATE) if not (path / n).is_file()]
+            return f"{missing[0]} is missing" if missing else None
+        except (OSError, ValueError) as err:
+            return f"its {MANIFEST} is unreadable: {err}"
+        if not isinstance(manifest, dict) or not all(isinstance(v, list) and len(v) == 2 for v in manifest.values()):
+            return f"its {MANIFEST} is not a map of file names to [size, checksum]"
+        for name, recorded in manifest.items():
+            file = path / name
+            if not file.is_file() or "/" in name:
+                return f"{name} is missing"
+            if _digest(file) != recorded:
+                return f"{name} does not match its recorded size and checksum"
+        return None
+
+    def discard_after(self, path: Path) -> list[Path]:
+        """Deletes the checkpoints newer than `path` (the one a run resumes from, so they are damaged ones that
+        `latest` skipped); the resumed run writes those steps again."""
+        newer = [p for p in self.candidates() if p.name > path.name]
+        for p in newer:
+            shutil.rmtree(p, ignore_errors=True)
+        return newer
 
     def load_state(self, path: Path) -> dict[str, Any]:
         try:
@@ -138,6 +232,83 @@ class CheckpointDir:
                 shutil.rmtree(old, ignore_errors=True)
         for stale in self.root.glob(".step-*"):  # temporaries left by a killed run
             shutil.rmtree(stale, ignore_errors=True)
+
+
+def _digest(path: Path) -> list:
+    """[size, sha256 hex] of a file, read in 1 MiB blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            h.update(block)
+    return [path.stat().st_size, h.hexdigest()]
+
+
+def remove_temporaries(run_dir: Path) -> list[Path]:
+    """Deletes what interrupted writes left in a run directory (`.NAME.*.tmp` files, `.step-*` folders)."""
+    run_dir = Path(run_dir)
+    found = [*run_dir.rglob(".*.tmp"), *(run_dir / "checkpoints").glob(".step-*")]
+    for path in found:
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+    return found
+
+
+class RunDirLock:
+    """Exclusive ownership of a run directory for one process's lifetime (an fcntl lock on `.lock`).
+
+    The kernel drops the lock when the process dies, however it dies, so a killed run never blocks its
+    directory; a second process that tries to train in the same directory gets one sentence instead.
+    """
+
+    def __init__(self, run_dir: Path):
+        self.path = Path(run_dir) / LOCK
+        try:
+            self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as err:
+            raise write_error(self.path, err) from err
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self._fd)
+            raise UserError(f"Run directory {run_dir} is in use by another training process; wait for it to "
+                            f"finish, or choose another train.run_name.") from None
+        os.ftruncate(self._fd, 0)
+        os.write(self._fd, f"{os.getpid()}\n".encode())
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing releases the lock
+            self._fd = None
+
+
+def claim_new_run_dir(run_dir: Path) -> RunDirLock:
+    """Creates `run_dir` atomically and locks it; a directory that already holds a run is an error.
+
+    `mkdir` without exist_ok is the atomic test: of two trainings started with one name, one creates the
+    directory. An existing directory is only taken over when it holds no run (no config.yaml) and nobody
+    holds its lock, e.g. an empty folder made by hand.
+    """
+    run_dir = Path(run_dir)
+    try:
+        run_dir.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise write_error(run_dir.parent, err) from err
+    try:
+        run_dir.mkdir()
+    except FileExistsError:
+        if not run_dir.is_dir():
+            raise UserError(f"{run_dir} exists and is not a directory; choose another train.run_name.") from None
+        lock = RunDirLock(run_dir)
+        if (run_dir / CONFIG).exists():
+            lock.release()
+            raise UserError(f"Run directory {run_dir} already holds a run; choose another train.run_name or "
+                            f"continue it with `polyattn train --resume {run_dir}`.") from None
+        return lock
+    except OSError as err:
+        raise write_error(run_dir, err) from err
+    return RunDirLock(run_dir)
 
 
 def rng_state() -> dict[str, Any]:

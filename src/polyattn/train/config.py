@@ -5,6 +5,11 @@ the data and the training hyper-parameters. Recipes are YAML files with the same
 `train.lr=3e-4` or `model.depth=6` are parsed as YAML scalars and converted to the annotated type of the
 field (model arguments take their types from the model constructor's annotations). Unknown keys are errors
 that name the nearest valid key.
+
+Every value is also checked against its meaning when a config is built or a run starts (`RunConfig.validate`):
+each field carries a `Rule` beside its declaration (bounds, finiteness, a pattern, and whether a resumed run may
+change it), each section's `validate` adds the rules that tie its fields together, and `MODEL_ARG_RULES` covers
+model constructor arguments by name. So a bad value is one sentence before anything is written.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import inspect
+import math
 import re
 import types
 import typing
@@ -30,111 +36,202 @@ RECIPE_DIRS = (
 )
 
 
+RUN_NAME = r"[A-Za-z0-9_][A-Za-z0-9_.+=-]*"
+"""A run name is one directory name: no separators and no leading dot, so it cannot escape out_dir."""
+
+
+@dataclass(frozen=True)
+class Rule:
+    """The values a config field (or model argument) may take, checked when a config is resolved.
+
+    Bounds apply to numbers and to every item of a tuple; every number must also be finite (NaN and ±inf
+    are never a meaningful setting); `pattern` is a regular expression a whole string must match. None
+    passes for an optional field.
+    """
+
+    ge: float | None = None
+    gt: float | None = None
+    le: float | None = None
+    lt: float | None = None
+    pattern: str | None = None
+    meaning: str | None = None
+    """What the allowed values are, in words, for the error (default: the bounds or the pattern)."""
+    fixed: bool = False
+    """The field shapes the trajectory of training, so a resumed run may not change it (unless forced)."""
+
+    def check(self, key: str, value: Any) -> None:
+        if value is None or isinstance(value, bool):
+            return
+        if isinstance(value, (tuple, list)):
+            for item in value:
+                self.check(key, item)
+            return
+        if isinstance(value, str):
+            if self.pattern is not None and not re.fullmatch(self.pattern, value):
+                raise UserError(f"{key} must be {self.meaning or 'text matching ' + self.pattern}, got {value!r}.")
+            return
+        if not isinstance(value, (int, float)):
+            return
+        if not math.isfinite(value):
+            raise UserError(f"{key} must be a finite number, got {value}.")
+        bounds = [(b, word, ok) for b, word, ok in (
+            (self.gt, "greater than", lambda b: value > b), (self.ge, "at least", lambda b: value >= b),
+            (self.lt, "less than", lambda b: value < b), (self.le, "at most", lambda b: value <= b)) if b is not None]
+        if not all(ok(b) for b, _, ok in bounds):
+            wanted = " and ".join(f"{word} {b:g}" for b, word, _ in bounds)
+            raise UserError(f"{key} must be {self.meaning or wanted}, got {value}.")
+
+
+PROBABILITY = {"ge": 0, "le": 1, "meaning": "a probability, from 0 to 1"}
+
+
+def checked(default: Any, **rule) -> Any:
+    """A dataclass field with `default` and the `Rule` its values must follow (see `Rule`)."""
+    return field(default=default, metadata={"rule": Rule(**rule)})
+
+
+def check_fields(obj: Any, section: str) -> None:
+    """Checks every field of a config section against its `Rule`."""
+    for f in dataclasses.fields(obj):
+        rule = f.metadata.get("rule")
+        if rule is not None:
+            rule.check(f"{section}.{f.name}", getattr(obj, f.name))
+
+
+def fixed_on_resume(obj: Any) -> list[str]:
+    """Names of the fields of a section that a resumed run may not change (their `Rule` is `fixed`)."""
+    return [f.name for f in dataclasses.fields(obj) if getattr(f.metadata.get("rule"), "fixed", False)]
+
+
 @dataclass
 class DataConfig:
     """Where the examples come from and how they are batched and augmented."""
 
-    source: str = "digits"
+    source: str = checked("digits", pattern=r".+", meaning="a dataset name or a path")
     """Images: 'digits' (embedded, no download), an image-folder directory, or a .tar/.tar.gz archive of one.
     Text: 'shakespeare' (embedded, no download), a UTF-8 text file, a directory of .txt files, or a token file
     (.bin with its .json sidecar, see polyattn.data.text)."""
-    image_size: int | None = None
+    image_size: int | None = checked(None, ge=1)
     """Resize images to this size (shorter side, then centre crop); None keeps the stored size."""
-    test_fraction: float = 0.2
+    test_fraction: float = checked(0.2, gt=0, lt=1)
     """Share of each class held out as the test split when the source has no train/test folders."""
-    val_fraction: float = 0.0
+    val_fraction: float = checked(0.0, ge=0, lt=1)
     """Images: share of the training split held out for validation during training; 0 evaluates on the test
     split. Text: the last share of the token stream, held out for validation (and test); text recipes use 0.1."""
     crop: Literal["pad", "resized", "none"] = "pad"
     """Training crop: random crop after zero padding, random-resized crop, or none."""
-    crop_padding: int = 4
+    crop_padding: int = checked(4, ge=0)
     """Zero padding in pixels for crop='pad'."""
-    crop_scale: tuple[float, float] = (0.35, 1.0)
+    crop_scale: tuple[float, float] = checked((0.35, 1.0), gt=0, le=1)
     """Area range for crop='resized'."""
     hflip: bool = True
     """Random horizontal flips (turn off for data that is not mirror-symmetric, such as digits)."""
-    randaugment_ops: int = 0
+    randaugment_ops: int = checked(0, ge=0, le=13)
     """RandAugment: operations applied to each training image (0 = off; DeiT: 2). Needs kornia."""
-    randaugment_magnitude: float = 9.0
+    randaugment_magnitude: float = checked(9.0, gt=0, lt=10)
     """RandAugment magnitude on the 0-10 scale of timm and DeiT ('rand-m9'), strictly between 0 and 10."""
-    random_erase: float = 0.0
+    random_erase: float = checked(0.0, **PROBABILITY)
     """Probability of erasing one random rectangle of a training image (0 = off; DeiT: 0.25). Needs kornia."""
-    mixup_alpha: float = 0.0
+    mixup_alpha: float = checked(0.0, ge=0)
     """Mixup: λ ~ Beta(α, α) per batch; 0 = off (DeiT: 0.8). Targets become soft; see polyattn.data.transforms."""
-    cutmix_alpha: float = 0.0
+    cutmix_alpha: float = checked(0.0, ge=0)
     """CutMix: λ ~ Beta(α, α) per batch; 0 = off (DeiT: 1.0)."""
-    mix_prob: float = 1.0
+    mix_prob: float = checked(1.0, **PROBABILITY)
     """Probability that a training batch is mixed, when mixup_alpha or cutmix_alpha is > 0."""
-    mix_switch_prob: float = 0.5
+    mix_switch_prob: float = checked(0.5, **PROBABILITY)
     """With both alphas > 0: probability that a mixed batch uses cutmix rather than mixup."""
-    eval_batch_size: int = 512
+    eval_batch_size: int = checked(512, ge=1)
     """Images per evaluation batch; for text, windows of seq_len tokens per evaluation batch."""
     tokenizer: Literal["byte", "bpe"] = "byte"
     """Text: 'byte' (UTF-8 bytes, 256 ids) or 'bpe' (byte-level BPE trained on the training text and saved in the
     run directory as tokenizer.json)."""
-    vocab_size: int = 4096
+    vocab_size: int = checked(4096, ge=257)
     """Text with tokenizer=bpe: vocabulary size to train (the 256 bytes and <|endoftext|> included)."""
-    seq_len: int = 256
+    seq_len: int = checked(256, ge=1)
     """Text: tokens per training window (each token is predicted from up to seq_len tokens before it)."""
-    eval_tokens: int | None = None
+    eval_tokens: int | None = checked(None, ge=1)
     """Text: score at most this many tokens of the evaluated split; None scores all of it."""
-    eval_stride: int | None = None
+    eval_stride: int | None = checked(None, ge=1)
     """Causal LM evaluation: windows of seq_len advance by this many tokens and score their last eval_stride
     targets, so every scored target has at least seq_len − eval_stride tokens of context (the first ones of the
     split are not scored); None = seq_len, consecutive windows. Perceiver models need it ≤ their latents."""
-    mean: tuple[float, ...] | None = None
+    mean: tuple[float, ...] | None = checked(None, ge=0, le=1)
     """Per-channel normalisation mean (0..1 scale); None computes it from the training split."""
-    std: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = checked(None, gt=0)
     """Per-channel normalisation std; None computes it from the training split."""
+
+    def validate(self) -> None:
+        """The field rules, then the rules that tie fields of this section together."""
+        check_fields(self, "data")
+        if self.crop_scale[0] > self.crop_scale[1]:
+            raise UserError(f"data.crop_scale must be (min, max) with min ≤ max, got {list(self.crop_scale)}.")
+        if self.eval_stride is not None and self.eval_stride > self.seq_len:
+            raise UserError(f"data.eval_stride ({self.eval_stride}) must be at most data.seq_len ({self.seq_len}); "
+                            f"windows cannot advance by more than their length.")
+        if (self.mean is None) != (self.std is None):
+            raise UserError("data.mean and data.std go together: set both (one value per channel) or neither "
+                            "(then both are computed from the training split).")
+        if self.mean is not None and len(self.mean) != len(self.std):
+            raise UserError(f"data.mean has {len(self.mean)} values but data.std {len(self.std)}; give one per "
+                            f"channel in both.")
 
 
 @dataclass
 class TaskConfig:
     """What is learned and measured (see polyattn.tasks)."""
 
-    label_smoothing: float = 0.1
+    label_smoothing: float = checked(0.1, ge=0, lt=1)
     """Classification: label smoothing of the cross-entropy (0 = off; DeiT: 0.1)."""
-    ece_bins: int = 15
+    ece_bins: int = checked(15, ge=1)
     """Classification: confidence bins of the expected calibration error and the reliability diagram."""
-    label_dropout: float = 0.1
+    label_dropout: float = checked(0.1, ge=0, lt=1)
     """Diffusion: probability of training on the null label instead of the class (classifier-free guidance)."""
     time_sampling: Literal["logit_normal", "uniform"] = "logit_normal"
     """Diffusion: distribution of the flow time t in training: sigmoid of a standard normal, or uniform."""
-    eval_images: int | None = None
+    eval_images: int | None = checked(None, ge=1)
     """Diffusion: evaluate the loss on at most this many images of the split (a fixed subset); null = all."""
-    mask_prob: float = 0.15
+    mask_prob: float = checked(0.15, gt=0, le=1)
     """Masked LM: share of the real tokens of each window selected for prediction (BERT: 0.15)."""
-    mask_replace: float = 0.8
+    mask_replace: float = checked(0.8, **PROBABILITY)
     """Masked LM: share of the selected tokens replaced by [MASK] (BERT: 0.8)."""
-    mask_random: float = 0.1
+    mask_random: float = checked(0.1, **PROBABILITY)
     """Masked LM: share of the selected tokens replaced by a random token (BERT: 0.1); the rest stay unchanged."""
+
+    def validate(self) -> None:
+        check_fields(self, "task")
+        if self.mask_replace + self.mask_random > 1:
+            raise UserError(f"task.mask_replace + task.mask_random must be at most 1 (shares of the selected "
+                            f"tokens), got {self.mask_replace} + {self.mask_random}.")
 
 
 @dataclass
 class TrainConfig:
     """The optimisation loop; it knows nothing about particular models."""
 
-    epochs: int = 10
+    epochs: int = checked(10, ge=1, fixed=True)
     """Length of training in passes over the training split (see also steps, max_steps, time_budget_s)."""
-    steps: int | None = None
+    steps: int | None = checked(None, ge=1, fixed=True)
     """Length of training in optimizer steps, when it should not be a whole number of epochs; None = epochs ×
     steps per epoch. Warmup keeps its share warmup_epochs / epochs of it."""
-    batch_size: int = 128
+    batch_size: int = checked(128, ge=1, fixed=True)
     """Samples per optimizer step (split into `accumulation_steps` micro-batches)."""
-    accumulation_steps: int = 1
+    accumulation_steps: int = checked(1, ge=1, fixed=True)
     """Micro-batches per optimizer step (gradients are summed; batch_size must be a multiple of it)."""
-    lr: float = 1e-3
+    lr: float = checked(1e-3, gt=0, fixed=True)
     """Peak learning rate of AdamW, reached after the warmup."""
-    min_lr: float = 1e-5
+    min_lr: float = checked(1e-5, ge=0, fixed=True)
     """Learning rate at the end of the cosine decay."""
-    warmup_epochs: float = 1.0
+    warmup_epochs: float = checked(1.0, ge=0, fixed=True)
     """Linear warmup from 0 to lr, in epochs (fractions allowed)."""
-    weight_decay: float = 0.05
+    weight_decay: float = checked(0.05, ge=0, fixed=True)
     """AdamW weight decay (not applied to norms, biases, embeddings and position tables)."""
-    betas: tuple[float, float] = (0.9, 0.999)
+    betas: tuple[float, float] = checked((0.9, 0.999), ge=0, lt=1, fixed=True)
     """AdamW's moment decay rates (β1, β2)."""
-    grad_clip: float | None = 1.0
+    grad_clip: float | None = checked(1.0, gt=0, fixed=True)
     """Clip the global gradient norm to this value; null disables clipping."""
+    max_bad_steps: int = checked(3, ge=1)
+    """A step whose loss or gradient norm is not finite is skipped (no update); after this many in a row,
+    training stops, keeping the last checkpoint whose weights gave a finite loss."""
     precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
     """auto: bfloat16 autocast where the device computes bfloat16 products natively (CPUs with AVX-512 BF16 or
     AMX, CUDA GPUs that support it), float32 elsewhere (polyattn.hardware says why); bf16: bfloat16 autocast with
@@ -145,39 +242,52 @@ class TrainConfig:
     """Wrap the model in torch.compile."""
     device: str = "auto"
     """'auto' (cuda when available), 'cpu', 'cuda' or 'cuda:N'."""
-    threads: int | None = None
+    threads: int | None = checked(None, ge=1)
     """CPU threads for torch; None leaves torch's default."""
-    seed: int = 0
+    seed: int = checked(0, ge=0, lt=2**32, fixed=True)
     """Seed of the initialisation, the data order and the augmentation (runs on a CPU repeat exactly)."""
-    eval_every: int = 1
+    eval_every: int = checked(1, ge=1)
     """Evaluate every this many epochs (and always at the end)."""
-    checkpoint_every: int | None = None
-    """Also checkpoint every this many optimizer steps; checkpoints are always written at each epoch end."""
-    max_steps: int | None = None
+    checkpoint_every: int | None = checked(None, ge=1)
+    """Also checkpoint every this many optimizer steps; checkpoints are always written at each epoch end and
+    when training stops (at its end, on SIGTERM or Ctrl-C)."""
+    checkpoint_every_s: float | None = checked(300.0, gt=0)
+    """Also checkpoint once this many seconds (wall clock) have passed since the last checkpoint; null = off."""
+    max_steps: int | None = checked(None, ge=1)
     """Stop after this many optimizer steps (for smoke tests); the schedule still spans all epochs."""
-    time_budget_s: float | None = None
+    time_budget_s: float | None = checked(None, gt=0, fixed=True)
     """Stop once this many seconds of training (evaluation excluded) have passed, or after `epochs`, whichever
     comes first. The learning-rate and soft-mask schedules then run on the larger of the two fractions (steps
     done / epochs' steps, time used / budget), so they keep their shape and end on time; set `epochs` to the
     length the budget stands for (warmup keeps its share warmup_epochs / epochs). Stopping on time makes runs
     unrepeatable step for step."""
-    ema_decay: float | None = None
+    ema_decay: float | None = checked(None, gt=0, lt=1, fixed=True)
     """Keep an exponential moving average of the weights with this decay (e.g. 0.999; warmed up over the first
     updates); evaluation, `polyattn eval` and sampling then use the averaged weights (saved as ema.safetensors)."""
-    soft_mask: Literal["none", "constant", "linear"] = "none"
+    soft_mask: Literal["none", "constant", "linear"] = checked("none", fixed=True)
     """iLLaMA soft-mask schedule passed to the model as `soft_mask_a` (see polyattn.train.schedules)."""
-    soft_mask_cutoff: float = 0.0
+    soft_mask_cutoff: float = checked(0.0, ge=0, le=1, fixed=True)
     """Fraction of training over which the soft mask is on (the paper: 50/300 epochs ≈ 0.17)."""
-    soft_mask_a0: float = 1.0
+    soft_mask_a0: float = checked(1.0, **PROBABILITY, fixed=True)
     """Initial soft-mask value (1 = bidirectional)."""
-    log_every: int = 10
+    log_every: int = checked(10, ge=1)
     """Log training loss and learning rate every this many optimizer steps."""
-    out_dir: str = "runs"
+    out_dir: str = checked("runs", pattern=r".+", meaning="a directory path")
     """Folder the run directory is created in."""
-    run_name: str | None = None
+    run_name: str | None = checked(None, pattern=RUN_NAME, meaning="one directory name inside train.out_dir "
+                                   "(letters, digits and _ . + = -, not starting with a dot)")
     """Directory name under out_dir; None builds one from the recipe, model and time."""
     progress: bool = True
     """Show progress bars (training, evaluation, decoding) on the terminal."""
+
+    def validate(self) -> None:
+        check_fields(self, "train")
+        if self.batch_size % self.accumulation_steps:
+            raise UserError(f"train.batch_size {self.batch_size} is not divisible by train.accumulation_steps "
+                            f"{self.accumulation_steps}; make it a multiple.")
+        if self.min_lr > self.lr:
+            raise UserError(f"train.min_lr ({self.min_lr:g}) must be at most train.lr ({self.lr:g}), where the "
+                            f"cosine schedule ends and starts.")
 
 
 @dataclass
@@ -201,6 +311,12 @@ class RunConfig:
     record, not an input."""
 
     SECTIONS: typing.ClassVar[tuple[str, ...]] = ("model", "task", "data", "train")
+
+    def validate(self) -> None:
+        """Checks every value against its meaning (see `Rule` and each section's `validate`), so a bad setting
+        is one sentence before anything is written."""
+        for section in ("data", "task", "train"):
+            getattr(self, section).validate()
 
     def to_dict(self) -> dict[str, Any]:
         """Plain, YAML-ready form: the model section is flattened to `name` plus its arguments."""
@@ -264,7 +380,25 @@ class RunConfig:
             if key not in params:
                 raise UserError(f"Model '{self.model.name}' has no argument '{key}'.{nearest(key, params)}")
             args[key] = coerce(value, hints.get(key, Any), f"model.{key}")
-        return resolve_model_args(self.model.name, **args)
+        args = resolve_model_args(self.model.name, **args)
+        for key, value in args.items():
+            rule = MODEL_ARG_RULES.get(key)
+            if rule is not None:
+                rule.check(f"model.{key}", value)
+        return args
+
+
+_POSITIVE, _RATE = Rule(ge=1), Rule(ge=0, lt=1)
+MODEL_ARG_RULES: dict[str, Rule] = {
+    **dict.fromkeys(("depth", "dim", "embed_dim", "num_heads", "num_kv_heads", "num_classes", "num_latents",
+                     "num_segments", "segment_len", "compressed_len", "patch_size", "img_size", "in_chans",
+                     "out_chans", "max_seq_len", "chunk_size", "vocab_size", "ffn_multiple_of", "mlp_hidden_dim",
+                     "s2_group_size", "directions"), _POSITIVE),
+    **dict.fromkeys(("drop_path_rate", "drop_rate", "dropout", "cross_attn_dropout"), _RATE),
+    **dict.fromkeys(("mlp_ratio", "norm_eps", "rope_base", "scale"), Rule(gt=0)),
+}
+"""Rules for model constructor arguments by name, shared by every model that uses the name: sizes and counts
+are positive, dropout-like rates lie in [0, 1), scales are positive."""
 
 
 def _fields(obj) -> list[str]:
@@ -417,6 +551,7 @@ def build_config(recipe: str | None, overrides: list[str]) -> RunConfig:
     config = RunConfig.from_dict(load_yaml(path) or {}, origin=str(path))
     config.recipe = path.stem
     apply_overrides(config, overrides)
+    config.validate()
     return config
 
 

@@ -12,7 +12,9 @@ from __future__ import annotations
 import inspect
 import json
 import math
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from datetime import datetime
@@ -22,22 +24,27 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from ..errors import UserError
+from ..errors import Interrupted, UserError
 from ..hardware import Precision, autocast_for, device_name, environment, resolve_device, resolve_precision
 from ..progress import note, progress_bar
 from ..registry import get_entry
 from .checkpoint import (
     CONFIG,
     EMA_WEIGHTS,
+    ORIGINAL_CONFIG,
     WEIGHTS,
     CheckpointDir,
+    RunDirLock,
     atomic_write_text,
+    claim_new_run_dir,
     load_weights,
+    remove_temporaries,
     save_weights,
     set_rng_state,
+    write_error,
 )
 from .checkpoint import rng_state as current_rng_state
-from .config import RunConfig, apply_overrides, load_yaml, save_yaml
+from .config import RunConfig, apply_overrides, fixed_on_resume, load_yaml, save_yaml
 from .ema import WeightEma
 from .optim import CosineSchedule, build_optimizer
 from .run_log import RunLog, format_table, write_plots
@@ -50,7 +57,8 @@ class TrainingJob(Protocol):
     Optional: `throughput_unit` (what `loss` counts, e.g. "tokens"; default "samples"),
     `save_to_run_dir(run_dir)` (files the run directory needs besides the weights, such as a tokenizer),
     `describe_data()` (one line on the data, for a command's first line), `final_split` (what the README calls
-    the split of the final evaluation, default "test"; text jobs: "val") and `progress` (show evaluation bars).
+    the split of the final evaluation, default "test"; text jobs: "val"), `progress` (show evaluation bars) and
+    `check_model(model)` (raises a UserError for a model that cannot do the job, before anything is written).
     """
 
     inferred_model_args: dict[str, Any]
@@ -110,12 +118,39 @@ def seed_everything(seed: int, device: torch.device) -> None:
 
 
 def new_run_dir(config: RunConfig) -> Path:
+    """The directory a new run will own (created and locked by `claim_new_run_dir` once the run can start)."""
     name = config.train.run_name or f"{config.recipe}-{config.model.name}-{datetime.now():%Y%m%d-%H%M%S}"
     run_dir = Path(config.train.out_dir) / name
     if (run_dir / CONFIG).exists():
         raise UserError(f"Run directory {run_dir} already holds a run; choose another train.run_name or "
                         f"continue it with `polyattn train --resume {run_dir}`.")
     return run_dir
+
+
+def resume_changes(stored: RunConfig, config: RunConfig) -> dict[str, tuple[Any, Any]]:
+    """The settings `config` changes relative to the run's stored config: `{"train.lr": (old, new)}`."""
+    a, b = stored.to_dict(), config.to_dict()
+    changes = {}
+    for section in RunConfig.SECTIONS:
+        for key in [*a[section], *(k for k in b[section] if k not in a[section])]:
+            if a[section].get(key) != b[section].get(key):
+                changes[f"{section}.{key}"] = (a[section].get(key), b[section].get(key))
+    return changes
+
+
+def check_resume_changes(changes: dict[str, tuple[Any, Any]], config: RunConfig, *, force: bool) -> None:
+    """A resumed run keeps its model; it keeps its data, task and the training settings that shape the
+    trajectory (fields whose Rule is `fixed`) unless forced, since the result would not be the run's."""
+    model = [k for k in changes if k.startswith("model.")]
+    if model:
+        raise UserError(f"A resumed run cannot change its model section ({', '.join(model)}); its weights would "
+                        f"not fit. Start a new run.")
+    fixed = {f"train.{name}" for name in fixed_on_resume(config.train)}
+    breaking = [k for k in changes if k.startswith(("data.", "task.")) or k in fixed]
+    if breaking and not force:
+        listed = ", ".join(f"{k} {changes[k][0]!r} → {changes[k][1]!r}" for k in breaking)
+        raise UserError(f"Resuming with changed {listed} would not reproduce the run; resume without the change, "
+                        f"pass --force to resume anyway, or start a new run.")
 
 
 def load_run_config(run_dir: Path) -> RunConfig:
@@ -129,26 +164,44 @@ def load_run_config(run_dir: Path) -> RunConfig:
 
 def build_model(config: RunConfig, job_inferred: dict[str, Any]) -> tuple[nn.Module, dict[str, Any]]:
     args = config.resolved_model_args(**job_inferred)
-    model = get_entry(config.model.name).cls(**args)
+    try:
+        model = get_entry(config.model.name).cls(**args)
+    except UserError:
+        raise
+    except (ValueError, TypeError) as err:  # a constructor's own check of its arguments (e.g. heads and width)
+        raise UserError(f"Model '{config.model.name}' cannot be built with these arguments: {err}; change the "
+                        f"model.* settings.") from err
     return model, args
 
 
-def train(config: RunConfig, *, resume_dir: Path | None = None, evaluate: bool = True) -> dict[str, Any]:
+def train(config: RunConfig, *, resume_dir: Path | None = None, evaluate: bool = True,
+          force: bool = False) -> dict[str, Any]:
     """Trains (or resumes) one run and returns its summary; see the module docstring.
 
     `evaluate=False` skips every evaluation (for throughput measurements); the summary then has no test metrics.
+    `force` lets a resumed run change settings that make it differ from the uninterrupted run (see
+    `check_resume_changes`).
+
+    Everything that can be checked is checked before the run directory is created (the config's rules, the
+    data, the model's arguments), so a bad start writes nothing. The directory is then created atomically and
+    locked for the run's lifetime.
     """
     from ..tasks import build_job
 
+    config.validate()
     cfg = config.train
+    changes: dict[str, tuple[Any, Any]] = {}
+    if resume_dir is not None:
+        changes = resume_changes(load_run_config(Path(resume_dir)), config)
+        check_resume_changes(changes, config, force=force)
+        if (Path(resume_dir) / "summary.json").is_file():
+            raise UserError(f"Run {resume_dir} already finished; evaluate it with `polyattn eval {resume_dir}` or "
+                            f"start a new run.")
     device = resolve_device(cfg.device)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     precision = _training_precision(config, device, resuming=resume_dir is not None)
     seed_everything(cfg.seed, device)
-    if cfg.batch_size % cfg.accumulation_steps:
-        raise UserError(f"train.batch_size {cfg.batch_size} is not divisible by train.accumulation_steps "
-                        f"{cfg.accumulation_steps}; make it a multiple.")
 
     job = build_job(config, device=device, run_dir=resume_dir)
     model, model_args = build_model(config, job.inferred_model_args)
@@ -157,25 +210,55 @@ def train(config: RunConfig, *, resume_dir: Path | None = None, evaluate: bool =
     model.to(device)
     n_params = sum(p.numel() for p in model.parameters())
     total_steps = cfg.steps or cfg.epochs * job.steps_per_epoch
-    num_epochs = math.ceil(total_steps / job.steps_per_epoch)
-    announce(run_header("training", config, n_params, job, device, precision=precision,
-                        extra=f"{total_steps} steps ({_epochs(total_steps / job.steps_per_epoch)}) of "
-                              f"{job.samples_per_step} {getattr(job, 'throughput_unit', 'samples')}"
-                              + (", compiled" if cfg.compile else "")), precision)
     soft_mask = None
     if cfg.soft_mask != "none":
         if "soft_mask_a" not in inspect.signature(model.forward).parameters:
             raise UserError(f"train.soft_mask needs a model whose forward takes soft_mask_a (such as iLLaMA); "
                             f"'{config.model.name}' does not, so set train.soft_mask=none.")
         soft_mask = SoftMaskSchedule(cfg.soft_mask, total_steps, cfg.soft_mask_cutoff, cfg.soft_mask_a0)
+    check_model = getattr(job, "check_model", None)
+    if check_model is not None:
+        check_model(model)
 
-    run_dir = Path(resume_dir) if resume_dir is not None else new_run_dir(config)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    config.environment = environment(device, precision)
-    save_yaml(config.to_dict(), run_dir / CONFIG)
+    if resume_dir is not None:
+        run_dir = Path(resume_dir)
+        lock = RunDirLock(run_dir)
+    else:
+        run_dir = new_run_dir(config)
+        lock = claim_new_run_dir(run_dir)
+    try:
+        return _train_in(run_dir, config, job, model, n_params, total_steps, soft_mask, device, precision,
+                         resuming=resume_dir is not None, changes=changes, evaluate=evaluate)
+    finally:
+        lock.release()
+
+
+def _train_in(run_dir: Path, config: RunConfig, job, model: nn.Module, n_params: int, total_steps: int,
+              soft_mask: SoftMaskSchedule | None, device: torch.device, precision: Precision, *,
+              resuming: bool, changes: dict[str, tuple[Any, Any]], evaluate: bool) -> dict[str, Any]:
+    """The training loop proper, in a run directory this process has locked (see `train`)."""
+    cfg = config.train
+    num_epochs = math.ceil(total_steps / job.steps_per_epoch)
+    if resuming:
+        for path in remove_temporaries(run_dir):
+            print(f"note: removed {path}, left by an interrupted write.", file=sys.stderr)
+        if changes:  # allowed (or forced) changes: kept, never silently; the original config stays beside them
+            original = run_dir / ORIGINAL_CONFIG
+            if not original.exists():
+                atomic_write_text(original, (run_dir / CONFIG).read_text())
+            listed = ", ".join(f"{k} {old!r} → {new!r}" for k, (old, new) in changes.items())
+            print(f"note: resuming with {listed}; {CONFIG} now holds them, the first settings are in "
+                  f"{ORIGINAL_CONFIG}.", file=sys.stderr)
+    if config.environment is None:  # recorded at the run's start; a resumed run keeps its first record
+        config.environment = environment(device, precision)
+    if not resuming or changes:
+        save_yaml(config.to_dict(), run_dir / CONFIG)
     save_job_files = getattr(job, "save_to_run_dir", None)  # files the run needs besides weights (a tokenizer)
     if save_job_files is not None:
-        save_job_files(run_dir)
+        try:
+            save_job_files(run_dir)
+        except OSError as err:
+            raise write_error(Path(err.filename or run_dir), err) from err
     unit = getattr(job, "throughput_unit", "samples")  # what `job.loss` counts: samples, or tokens for LMs
 
     ema = WeightEma(model, cfg.ema_decay) if cfg.ema_decay else None
@@ -183,15 +266,18 @@ def train(config: RunConfig, *, resume_dir: Path | None = None, evaluate: bool =
     optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay, tuple(cfg.betas))
     schedule = CosineSchedule(cfg.lr, cfg.min_lr, round(cfg.warmup_epochs / cfg.epochs * total_steps), total_steps)
     checkpoints = CheckpointDir(run_dir)
+    params = [p for p in model.parameters() if p.requires_grad]
 
-    step, train_time, train_samples = 0, 0.0, 0
-    if resume_dir is not None and (run_dir / "summary.json").is_file():
-        raise UserError(f"Run {run_dir} already finished; evaluate it with `polyattn eval {run_dir}` or "
-                        f"start a new run.")
-    resume_from = checkpoints.latest() if resume_dir is not None else None
-    if resume_dir is not None and resume_from is None:
+    step, train_time, train_samples, bad_steps = 0, 0.0, 0, 0
+    resume_from = checkpoints.latest() if resuming else None
+    if resuming and resume_from is None:
+        if checkpoints.candidates():
+            raise UserError(f"Every checkpoint in {checkpoints.root} is damaged, so {run_dir} cannot be resumed "
+                            f"exactly; start a new run.")
         print(f"note: {run_dir} has no checkpoint yet; starting it from the beginning.", file=sys.stderr)
     if resume_from is not None:
+        for path in checkpoints.discard_after(resume_from):
+            print(f"note: removed the damaged checkpoint {path}; training repeats its steps.", file=sys.stderr)
         load_weights(model, resume_from / WEIGHTS, model_name=config.model.name)
         state = checkpoints.load_state(resume_from)
         optimizer.load_state_dict(state["optimizer"])
@@ -199,14 +285,20 @@ def train(config: RunConfig, *, resume_dir: Path | None = None, evaluate: bool =
         set_rng_state(state["rng"])
         step = state["step"]
         train_time, train_samples = state.get("train_time", 0.0), state.get("train_samples", 0)
+        bad_steps = state.get("bad_steps", 0)
         if ema is not None:
             if not (resume_from / EMA_WEIGHTS).is_file():
                 raise UserError(f"Checkpoint {resume_from} has no {EMA_WEIGHTS}, so train.ema_decay cannot be "
                                 f"turned on when resuming; resume without it or start a new run.")
             load_weights(ema.module, resume_from / EMA_WEIGHTS, model_name=config.model.name)
             ema.n_averaged.fill_(state["ema_updates"])
-        print(f"resuming {run_dir} at step {step}/{total_steps}", file=sys.stderr)
+        print(f"resuming {run_dir} at step {step}/{total_steps} from {resume_from.name}", file=sys.stderr)
 
+    # the first line, once everything that can fail on bad input (data, model, run directory, checkpoint) passed
+    announce(run_header("training", config, n_params, job, device, precision=precision,
+                        extra=f"{total_steps} steps ({_epochs(total_steps / job.steps_per_epoch)}) of "
+                              f"{job.samples_per_step} {getattr(job, 'throughput_unit', 'samples')}"
+                              + (", compiled" if cfg.compile else "")), precision)
     train_model = torch.compile(model) if cfg.compile else model
     autocast = autocast_for(precision, device)
     # float16 needs its loss scaled so small gradients do not flush to zero; bfloat16 has float32's range.
@@ -217,16 +309,37 @@ def train(config: RunConfig, *, resume_dir: Path | None = None, evaluate: bool =
     log = RunLog(run_dir, resume_step=step if resume_from is not None else None)
     if resume_from is None:
         log.log("run", 0, {"params": n_params, "model": config.model.name, **config.environment})
+    if changes:
+        log.log("resume", step, {"changed": {k: new for k, (_, new) in changes.items()}})
 
-    def save_checkpoint() -> None:
-        state = {"step": step, "optimizer": optimizer.state_dict(), "job": job.state_dict(),
-                 "rng": current_rng_state(), "train_time": train_time, "train_samples": train_samples}
+    def snapshot() -> dict[str, Any]:
+        """The training state at this step boundary, except the optimizer's (unchanged until its next step)."""
+        state = {"step": step, "job": job.state_dict(), "rng": current_rng_state(), "train_time": train_time,
+                 "train_samples": train_samples, "bad_steps": bad_steps}
         if ema is not None:
             state["ema_updates"] = ema.num_updates
         if scaler is not None:
             state["grad_scaler"] = scaler.state_dict()
-        checkpoints.save(step, model, state, model_name=config.model.name,
-                         ema_model=None if ema is None else ema.module)
+        return state
+
+    last_saved: list = [None, time.monotonic()]  # (path of the last checkpoint written, when)
+
+    def write_checkpoint(state: dict[str, Any], *, verified: bool) -> None:
+        """Writes a snapshot taken at a step boundary, before the weights change again.
+
+        `verified`: the weights produced a finite loss at the next step (the usual case: checkpoints wait for
+        that step). Otherwise (the run is stopping) the weights are checked to be finite here, one sync.
+        """
+        if not verified:
+            tensors = [*model.parameters(), *(ema.module.parameters() if ema is not None else ())]
+            if tensors and not bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all()):
+                print(f"warning: the weights at step {state['step']} are not finite; no checkpoint written.",
+                      file=sys.stderr)
+                return
+        last_saved[0] = checkpoints.save(state["step"], model, {**state, "optimizer": optimizer.state_dict()},
+                                         model_name=config.model.name,
+                                         ema_model=None if ema is None else ema.module)
+        last_saved[1] = time.monotonic()
 
     budget = cfg.time_budget_s
 
@@ -239,9 +352,11 @@ def train(config: RunConfig, *, resume_dir: Path | None = None, evaluate: bool =
     progress = progress_bar(total=total_steps, initial=step, enabled=cfg.progress, unit="step", leave=True,
                             desc="training", bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}]"
                                                         "{postfix}")
-    window_loss, window_n = 0.0, 0
+    window_loss, window_n, bad_in_row = 0.0, 0, 0
+    pending = None  # a checkpoint due at the last step boundary, written once the next loss shows it is good
     max_steps = min(total_steps, cfg.max_steps) if cfg.max_steps else total_steps
     out_of_time = lambda: budget is not None and train_time >= budget
+    stop = _StopSignals()
     try:
         while step < max_steps and not out_of_time():
             epoch, start = divmod(step, job.steps_per_epoch)
@@ -254,38 +369,62 @@ def train(config: RunConfig, *, resume_dir: Path | None = None, evaluate: bool =
                 t0 = time.perf_counter()
                 loss, n = job.loss(train_model, batch, accumulation_steps=cfg.accumulation_steps, autocast=autocast,
                                    forward_kwargs=forward_kwargs, backward=backward)
-                loss_value = loss.item()  # one device sync per step, shared by the checks and logs below
-                if not math.isfinite(loss_value):
-                    raise UserError(f"The training loss became {loss_value} at step {step} (epoch {epoch}); "
-                                    f"lower train.lr, keep train.grad_clip on, or check the data. The last "
-                                    f"good checkpoint is in {checkpoints.root}.")
                 if scaler is not None:
-                    scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
-                grad_norm = (nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-                             if cfg.grad_clip else None)
+                    scaler.unscale_(optimizer)  # the true gradients: their norm, finiteness and clipping
+                grads = [p.grad for p in params if p.grad is not None]
+                grad_norm = nn.utils.get_total_norm(grads) if grads else torch.zeros((), device=loss.device)
+                # the one device sync per step, shared by the checks and logs below
+                loss_value, norm_value = torch.stack([loss.detach().float(), grad_norm.float()]).tolist()
+                if math.isfinite(loss_value) and pending is not None:
+                    t1 = time.perf_counter()
+                    write_checkpoint(pending, verified=True)  # the weights of that boundary gave a finite loss
+                    t0 += time.perf_counter() - t1
+                pending = None
+                overflow = scaler is not None and math.isfinite(loss_value) and not math.isfinite(norm_value)
+                if math.isfinite(loss_value) and math.isfinite(norm_value):
+                    bad_in_row = 0
+                    if cfg.grad_clip:
+                        nn.utils.clip_grads_with_norm_(params, cfg.grad_clip, grad_norm)
+                    if scaler is not None:
+                        scaler.step(optimizer)
+                    else:
+                        optimizer.step()
+                    if ema is not None:
+                        ema.update_parameters(model)
+                elif overflow:  # float16: the scaled gradients overflowed; the scaler skips this update, lowers
+                    scaler.step(optimizer)  # its scale and the step counts as done (as in every fp16 recipe)
+                else:  # skipped: no update, so the weights stay those that gave the last finite loss
+                    bad_in_row, bad_steps = bad_in_row + 1, bad_steps + 1
+                    progress.write(f"warning: step {step}: loss {loss_value}, gradient norm {norm_value}; step "
+                                   f"skipped ({bad_in_row} of at most {cfg.max_bad_steps} in a row).")
                 if scaler is not None:
-                    scaler.step(optimizer)  # skips the step when the scaled gradients overflowed
                     scaler.update()
-                else:
-                    optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
-                if ema is not None:
-                    ema.update_parameters(model)
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)
                 train_time += time.perf_counter() - t0
                 train_samples += n
                 step += 1
-                window_loss, window_n = window_loss + loss_value, window_n + 1
+                if bad_in_row >= cfg.max_bad_steps:
+                    good = last_saved[0] or next(iter(checkpoints.candidates()), None)
+                    where = f"the last good checkpoint is {good}" if good else "no checkpoint was written before it"
+                    raise UserError(f"Training stopped at step {step}: the loss or gradient norm was not finite "
+                                    f"for {bad_in_row} steps in a row (last: loss {loss_value}, gradient norm "
+                                    f"{norm_value}); lower train.lr, keep train.grad_clip on, or check the data; "
+                                    f"{where}.")
+                if bad_in_row == 0:
+                    window_loss, window_n = window_loss + loss_value, window_n + 1
                 throughput = train_samples / max(train_time, 1e-9)
                 progress.update(1)
                 progress.set_postfix_str(f"epoch {epoch + 1}/{num_epochs} loss {loss_value:.4f} "
                                          f"lr {lr:.2e} {throughput:.0f} {unit}/s", refresh=False)
                 if step % cfg.log_every == 0 or step == max_steps:
-                    values = {"loss": window_loss / window_n, "lr": lr,
+                    values = {"loss": window_loss / window_n if window_n else float("nan"), "lr": lr,
                               f"{unit}_per_s": throughput, "epoch": step / job.steps_per_epoch}
-                    if grad_norm is not None:
-                        values["grad_norm"] = float(grad_norm)
+                    if cfg.grad_clip:
+                        values["grad_norm"] = norm_value
+                    if bad_steps:
+                        values["bad_steps"] = bad_steps
                     values.update(forward_kwargs)
                     log.log("train", step, values)
                     window_loss, window_n = 0.0, 0
@@ -295,15 +434,29 @@ def train(config: RunConfig, *, resume_dir: Path | None = None, evaluate: bool =
                     metrics = job.evaluate(eval_model, job.eval_split, autocast=autocast)
                     log.log(job.eval_split, step, {**metrics, "epoch": step // job.steps_per_epoch})
                     note(_format_metrics(f"epoch {step // job.steps_per_epoch} {job.eval_split}", metrics))
-                if epoch_done or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0):
-                    save_checkpoint()
+                if bad_in_row == 0 and (
+                        epoch_done or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0)
+                        or (cfg.checkpoint_every_s and time.monotonic() - last_saved[1] >= cfg.checkpoint_every_s)):
+                    pending = snapshot()
+                if stop.received is not None:
+                    if bad_in_row == 0:
+                        write_checkpoint(pending or snapshot(), verified=False)
+                    saved = last_saved[0]
+                    raise Interrupted(f"Training stopped by {stop.received} at step {step}; "
+                                      + (f"the checkpoint {saved} holds it, so continue with "
+                                         f"`polyattn train --resume {run_dir}`." if saved is not None else
+                                         "no checkpoint was written."), signal_name=stop.received)
                 if step >= max_steps or out_of_time():
                     break
+    except BaseException:
+        log.close()
+        raise
     finally:
+        stop.restore()
         progress.close()
 
-    if out_of_time() and step % job.steps_per_epoch:
-        save_checkpoint()  # the budget ended mid-epoch: keep the state the final weights came from
+    if bad_in_row == 0:  # training stopped at its end or on time: keep the state the final weights came from
+        write_checkpoint(pending or snapshot(), verified=False)
     test_metrics = job.evaluate(eval_model, "test", autocast=autocast) if evaluate else {}
     if test_metrics:
         log.log("test", step, test_metrics)
@@ -317,6 +470,7 @@ def train(config: RunConfig, *, resume_dir: Path | None = None, evaluate: bool =
         "epochs": step / job.steps_per_epoch,
         f"train_{unit}_per_s": train_samples / train_time if train_time else None,
         "train_time_s": train_time,
+        "bad_steps": bad_steps,
         "test": test_metrics,
         "weights": "ema" if ema is not None else "model",
         "time_budget_s": budget,
@@ -333,6 +487,31 @@ def train(config: RunConfig, *, resume_dir: Path | None = None, evaluate: bool =
     rows += [(f"{final} {k}", _fmt(v)) for k, v in test_metrics.items()]
     print(format_table(rows, "summary"))
     return summary
+
+
+class _StopSignals:
+    """Turns SIGTERM and SIGINT into a request to stop at the next step boundary, with a checkpoint.
+
+    A second signal of either kind stops at once (KeyboardInterrupt). Installed only in the main thread,
+    where Python delivers signals; the previous handlers come back with `restore`.
+    """
+
+    def __init__(self):
+        self.received: str | None = None
+        self._previous = {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._previous[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        if self.received is not None:
+            raise KeyboardInterrupt
+        self.received = signal.Signals(signum).name
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
 
 
 @dataclass(frozen=True)
@@ -367,6 +546,7 @@ def load_run(run_dir: Path | str, *, ema: bool | None = None, device: torch.devi
     run_dir = Path(run_dir)
     config = load_run_config(run_dir)
     apply_overrides(config, overrides or [])
+    config.validate()
     folder = run_dir
     if not (run_dir / WEIGHTS).is_file():
         folder = CheckpointDir(run_dir).latest()

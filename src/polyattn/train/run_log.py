@@ -35,8 +35,13 @@ class RunLog:
 
     def log(self, kind: str, step: int, values: dict[str, Any]) -> None:
         record = {"kind": kind, "step": step, **values}
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        try:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+        except OSError as err:
+            from .checkpoint import write_error
+
+            raise write_error(self.path, err) from err
         if self.tb is not None:
             for key, value in values.items():
                 if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
@@ -57,12 +62,19 @@ def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
     path = Path(run_dir) / METRICS
     if not path.is_file():
         return []
-    records = []
-    for line in path.read_text().splitlines():
+    records, damaged = [], 0
+    for line in path.read_text(errors="replace").splitlines():
         try:
-            records.append(json.loads(line))
+            record = json.loads(line)
         except json.JSONDecodeError:
-            break  # a line cut short by a killed process ends the usable log
+            damaged += 1  # a line cut short by a killed process, or damaged on disk: the other lines still count
+            continue
+        if isinstance(record, dict) and isinstance(record.get("step"), int) and "kind" in record:
+            records.append(record)
+        else:
+            damaged += 1
+    if damaged:
+        print(f"note: skipped {damaged} unreadable line(s) of {path}.", file=sys.stderr)
     return records
 
 
