@@ -179,3 +179,15 @@ def test_train_takes_device_and_precision_on_the_command_line(tmp_path, cache_di
     assert stored["train"]["device"] == "cpu" and stored["train"]["precision"] == "fp32"
     assert "cpu, fp32 (requested)" in capsys.readouterr().err
     assert main(["train", "default", "--device", "gpu", f"train.out_dir={tmp_path}"]) == 2
+
+
+@pytest.mark.parametrize("isa, native, keys", [("AMX", True, 128), ("AVX-512 BF16", True, 512), ("AVX2", False, 0)])
+def test_the_explicit_attention_threshold_is_the_one_measured_for_each_cpu_kind(monkeypatch, isa, native, keys):
+    import polyattn.ops.attention as attention_ops
+    from polyattn.ops.attention import Backend, MaskMode, _pick_backend
+
+    monkeypatch.setattr(attention_ops, "cpu_isa", lambda: isa)
+    monkeypatch.setattr(attention_ops, "native_bf16", lambda device: native)
+    assert attention_ops.explicit_max_keys_cpu() == keys
+    q = torch.zeros(1, 1, 2, 8, dtype=torch.bfloat16)
+    assert _pick_backend(Backend.AUTO, MaskMode.CAUSAL, q, 257) is (Backend.EXPLICIT if keys >= 257 else Backend.SDPA)

@@ -46,6 +46,7 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+@functools.cache
 def cpu_isa() -> str:
     """The CPU's vector ISA level as torch will use it: 'AMX', 'AVX-512 BF16', 'AVX-512', 'AVX2' or 'baseline'.
 

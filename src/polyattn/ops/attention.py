@@ -25,7 +25,7 @@ from enum import Enum
 import torch
 import torch.nn.functional as F
 
-from ..hardware import native_bf16
+from ..hardware import cpu_isa, native_bf16
 from .checks import check_float
 
 # SDPA shares kv heads across query groups without copying them from torch 2.5 on.
@@ -144,11 +144,20 @@ class Backend(str, Enum):
 
 
 # On a CPU with native bfloat16 products, SDPA's flash kernel has a high fixed cost per (batch, head) in bfloat16;
-# below this many keys an explicit matmul-softmax-matmul in bfloat16 (softmax in float32) measured 2-5x faster for
-# forward+backward (AVX-512 BF16: T=65: 4.8 vs 22 ms; T=257: 29 vs 54 ms at D=64), while SDPA wins from ~1K keys
-# and in float32. Without native bfloat16 (AVX2) the explicit products are the slow part: 8 × 65 tokens × 4 heads
-# of 32, causal fwd+bwd, 1 thread: explicit 47 ms against SDPA's 11 ms; at 257 tokens 571 against 172 ms.
-EXPLICIT_MAX_KEYS_CPU = 512
+# below a number of keys that depends on the CPU, an explicit matmul-softmax-matmul in bfloat16 (softmax in
+# float32) is faster for forward+backward, while SDPA wins above it and in float32. Measured (`polyattn bench
+# dtypes` takes it both ways):
+# - AVX-512 BF16 (AMD EPYC): T=65: 4.8 vs 22 ms; T=257: 29 vs 54 ms at D=64; SDPA wins from ~1K keys → 512.
+# - AMX (Intel Xeon), 8 × T × 4 heads of 32, causal, 2 threads: T=65: 3.0 vs 5.6 ms; T=257: 28.4 vs 19.1 ms → 128.
+# Without native bfloat16 (AVX2) the explicit products are the slow part: T=65: 20.8 against SDPA's 8.2 ms; at
+# 257 keys 256 against 72 ms (same shapes) → never.
+EXPLICIT_MAX_KEYS_CPU = {"AVX-512 BF16": 512, "AMX": 128}
+
+
+@torch.compiler.assume_constant_result  # traced code sees the number, not the lookup
+def explicit_max_keys_cpu() -> int:
+    """Keys up to which short bfloat16 attention takes the explicit path on this CPU (0: never)."""
+    return EXPLICIT_MAX_KEYS_CPU.get(cpu_isa(), 0) if native_bf16("cpu") else 0
 
 
 def _pick_backend(backend: Backend, mode: MaskMode, q: torch.Tensor, S: int) -> Backend:
@@ -157,7 +166,7 @@ def _pick_backend(backend: Backend, mode: MaskMode, q: torch.Tensor, S: int) -> 
     if backend is not Backend.AUTO:
         return backend
     low_precision = q.dtype in (torch.bfloat16, torch.float16)
-    if q.device.type == "cpu" and low_precision and S <= EXPLICIT_MAX_KEYS_CPU and native_bf16(q.device):
+    if q.device.type == "cpu" and low_precision and explicit_max_keys_cpu() >= S:
         return Backend.EXPLICIT
     return Backend.SDPA
 
