@@ -118,7 +118,7 @@ def test_models_filters_by_name_and_counts_at_a_recipes_shape(capsys, cache_dir)
     assert "vit_tiny" in out and "illama" not in out and "5.72M" in out
     assert main(["models", "vit_tiny", "--recipe", "default"]) == 0
     out = capsys.readouterr().out
-    assert "5.35M" in out and "num_classes=10" in out and "img_size=16" in out  # 16 px digits, 2×2 patches
+    assert "5.35M" in out and "num_classes=10" in out and "img_size=8" in out  # 8 px digits, 2×2 patches
     assert main(["models", "no_such_model"]) == 2
 
 

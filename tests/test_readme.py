@@ -162,6 +162,8 @@ HOW: dict[str, Train | Run | Error | Help | Covered | Skip] = {
     "polyattn config --keys --markdown": Run(),
     "polyattn --version": Run(),
     "polyattn bench mixers": Covered("tests/test_bench_mixers.py::test_quick_run_writes_json_and_png"),
+    "polyattn bench mixers --sides 16 32 64 128 --repeats 3 --time-cap 3":
+        Covered("tests/test_bench_mixers.py::test_quick_run_writes_json_and_png"),
     "polyattn bench train": Covered("tests/test_bench_perf.py::test_bench_train_writes_table_json_and_plot"),
     "polyattn bench train --precisions native": Covered("tests/test_bench_perf.py::test_bench_train_writes_table_"
                                                         "json_and_plot"),
