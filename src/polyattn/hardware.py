@@ -95,14 +95,20 @@ def _matmul_rate(dtype: torch.dtype, n: int, calls: int = 5) -> float:
 
 
 @functools.cache
+def _measured_cpu_bf16_ratio() -> float:
+    """The bfloat16 / float32 rate of a PROBE_SIZE² product on this CPU, measured (cached for the process)."""
+    return _matmul_rate(torch.bfloat16, PROBE_SIZE) / _matmul_rate(torch.float32, PROBE_SIZE)
+
+
+@functools.cache
 def cpu_bf16_ratio() -> float:
-    """Measured bfloat16 / float32 matrix-product rate on this CPU at 128×128 (cached for the process); 0 when
-    torch's flags already say there is no bfloat16 hardware, so AVX2 machines pay nothing for the probe."""
+    """The measured bfloat16 / float32 product rate on this CPU; 0 when torch's flags already say there is no
+    bfloat16 hardware (or the dispatch level is capped below it), so AVX2 machines pay nothing for the probe."""
     if not (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()):
         return 0.0
     if cpu_isa() in ("AVX2", "baseline"):  # the dispatch level is capped below the hardware
         return 0.0
-    return _matmul_rate(torch.bfloat16, PROBE_SIZE) / _matmul_rate(torch.float32, PROBE_SIZE)
+    return _measured_cpu_bf16_ratio()
 
 
 @torch.compiler.assume_constant_result  # traced code (torch.compile) sees the answer, not the probe
@@ -155,7 +161,7 @@ def resolve_precision(requested: str, device: torch.device | str) -> Precision:
         return Precision("fp16", "requested (float16 autocast with a gradient scaler)")
     if requested == "bf16" and not native_bf16(device):
         if device.type == "cpu":
-            slowdown = 1 / max(cpu_bf16_ratio() or _measured_cpu_bf16_ratio(), 1e-6)
+            slowdown = 1 / max(_measured_cpu_bf16_ratio(), 1e-6)
             warning = (f"bf16 on {where}, which has no native bfloat16 products: matrix products run about "
                        f"{slowdown:.0f}x slower than in float32; set precision auto or fp32.")
         else:
@@ -164,19 +170,12 @@ def resolve_precision(requested: str, device: torch.device | str) -> Precision:
     return Precision(requested, "requested")
 
 
-@functools.cache
-def _measured_cpu_bf16_ratio() -> float:
-    """The bfloat16 / float32 product rate measured even where the flags rule bfloat16 out (for the warning)."""
-    return _matmul_rate(torch.bfloat16, PROBE_SIZE) / _matmul_rate(torch.float32, PROBE_SIZE)
-
-
-def autocast_for(precision: Precision | str, device: torch.device):
-    """A context-manager factory for the forward pass: bfloat16/float16 autocast (float32 master weights stay
-    untouched) or nothing. Accepts a resolved `Precision` or its name."""
+def autocast_for(precision: Precision, device: torch.device):
+    """A context-manager factory for the forward pass of a resolved precision: bfloat16/float16 autocast (float32
+    master weights stay untouched) or nothing."""
     from contextlib import nullcontext
 
-    name = precision.name if isinstance(precision, Precision) else precision
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(name)
+    dtype = precision.autocast_dtype
     if dtype is None:
         return nullcontext
     return lambda: torch.autocast(device_type=device.type, dtype=dtype)

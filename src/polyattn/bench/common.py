@@ -89,6 +89,16 @@ class SavedTensorBytes:
         self._seen.clear()  # keeps only the count: no reference to freed storages' addresses beyond this call
 
 
+def pyplot():
+    """matplotlib.pyplot on the Agg backend (matplotlib is an optional extra, imported when a plot is drawn)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
 def write_json(path: Path, obj: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(obj, indent=2))

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from ..hardware import autocast_for, resolve_device, resolve_precision
-from .common import bench_header, median, synchronize, write_json
+from .common import bench_header, median, pyplot, synchronize, write_json
 
 LM = {"vocab_size": 256, "dim": 256, "depth": 4, "num_heads": 4}
 MODELS = {
@@ -156,10 +156,7 @@ def _tokens(n: int) -> str:
 
 def plot(points: list[dict], path: Path, header: dict) -> None:
     """Latency against context, log-log, one panel per batch size."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     batches = list(dict.fromkeys(p["batch"] for p in points))
     fig, axes = plt.subplots(1, len(batches), figsize=(6 * len(batches), 4.2), squeeze=False)

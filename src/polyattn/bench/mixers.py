@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from ..hardware import native_bf16, resolve_device
 from ..ops.decay_scan import multi_scan_decay_attn
 from ..ops.lightnet import lightnet_attn
-from .common import SavedTensorBytes, bench_header, median, synchronize, time_call, write_json
+from .common import SavedTensorBytes, bench_header, median, pyplot, synchronize, time_call, write_json
 
 MIXERS = ["sdpa", "sdpa_causal", "lightnet", "lightnet_causal", "scan1", "scan2", "scan4"]
 QUADRATIC = {"sdpa", "sdpa_causal"}
@@ -219,10 +219,7 @@ def _tokens(n: int) -> str:
 
 def plot(points: list[dict], path: Path, header: dict) -> None:
     """Log-log time vs tokens, one panel per (dtype, mode). matplotlib is imported here (an optional extra)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     panels = sorted({(p["dtype"], p["mode"]) for p in points}, key=lambda x: (x[0] != "float32", x[1]))
     cols = 2

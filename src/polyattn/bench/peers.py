@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from ..hardware import PRECISIONS, Precision, resolve_device
-from .common import bench_header, median, synchronize, write_json
+from .common import bench_header, median, pyplot, synchronize, write_json
 from .training import WORKLOADS, Workload, quick, requested_precisions, synthetic_step, training_step
 
 
@@ -194,10 +194,7 @@ def format_table(rows: list[dict], header: dict) -> str:
 
 
 def plot(rows: list[dict], path: Path, header: dict) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     rows = [r for r in rows if r["ratio"] is not None]
     labels = [f"{r['pair']}\n{r['precision']}" for r in rows]

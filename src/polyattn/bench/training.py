@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..hardware import PRECISIONS, Precision, autocast_for, native_bf16, resolve_device, resolve_precision
-from .common import bench_header, median, synchronize, time_call, write_json
+from .common import bench_header, median, pyplot, synchronize, time_call, write_json
 
 VISION = {"img_size": 32, "patch_size": 4, "in_chans": 3, "num_classes": 10}
 LM = {"vocab_size": 256, "dim": 256, "depth": 4, "num_heads": 4}
@@ -99,8 +99,9 @@ def quick(workload: Workload) -> Workload:
     """The same model at smoke-test size (tests and `--quick`)."""
     args = dict(workload.args)
     if "max_seq_len" in args:
-        args.update(max_seq_len=QUICK["seq_len"], num_latents=QUICK["seq_len"] // 2) if "num_latents" in args \
-            else args.update(max_seq_len=QUICK["seq_len"])
+        args["max_seq_len"] = QUICK["seq_len"]
+    if "num_latents" in args:
+        args["num_latents"] = QUICK["seq_len"] // 2
     if workload.model.startswith("llp"):
         args["segment_len"] = QUICK["seq_len"] // 4
     if "perceiver_compressed" in workload.model:
@@ -287,10 +288,7 @@ def format_table(rows: list[dict], header: dict) -> str:
 
 def plot(rows: list[dict], path: Path, header: dict) -> None:
     """MFU per workload, one bar per precision. matplotlib is imported here (an optional extra)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     names = list(dict.fromkeys(r["workload"] for r in rows))
     precisions = list(dict.fromkeys(r["precision"] for r in rows))
