@@ -20,10 +20,10 @@ AVX2_ONLY = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_E
 def bf16_native(monkeypatch):
     """Sets whether this CPU counts as computing bfloat16 natively, for the resolver and for the ops."""
     import polyattn.ops.attention as attention_ops
-    import polyattn.ops.decay_scan as decay_ops
+    import polyattn.ops.chunk_gated as chunk_ops
 
     def set_native(value: bool):
-        for module in (hardware, attention_ops, decay_ops):
+        for module in (hardware, attention_ops, chunk_ops):
             monkeypatch.setattr(module, "native_bf16", lambda device, v=value: v)
         monkeypatch.setattr(hardware, "cpu_bf16_ratio", lambda v=value: 3.0 if v else 0.0)
         monkeypatch.setattr(hardware, "_measured_cpu_bf16_ratio", lambda: 0.01)
@@ -89,16 +89,16 @@ def test_resolve_device_names_what_to_use_instead():
 
 
 def test_lightnet_products_run_in_float32_for_bfloat16_inputs_where_bfloat16_is_slow(bf16_native):
-    from polyattn.ops.decay_scan import _compute_dtype
+    from polyattn.ops.chunk_gated import matmul_dtype
 
     x = torch.zeros(1, 4, 1, 8, dtype=torch.bfloat16)
     bf16_native(False)
-    assert _compute_dtype(x, x) == torch.float32
+    assert matmul_dtype(x, x) == torch.float32
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert _compute_dtype(x.float(), x.float()) == torch.float32
+        assert matmul_dtype(x.float(), x.float()) == torch.float32
     bf16_native(True)
-    assert _compute_dtype(x, x) == torch.bfloat16
-    assert _compute_dtype(x.double(), x.double()) == torch.float64
+    assert matmul_dtype(x, x) == torch.bfloat16
+    assert matmul_dtype(x.double(), x.double()) == torch.float64
 
 
 def test_short_bfloat16_attention_takes_the_explicit_path_only_where_bfloat16_is_native(bf16_native):

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from polyattn.ops import decay_scan as ds
+from polyattn.ops import chunk_gated
 from polyattn.ops.decay_scan import (
     decay_attn,
     decay_attn_recurrent,
@@ -116,48 +116,9 @@ def test_single_direction_scan_depends_on_flattening_order():
     assert (row[:, perm] - col).abs().max() > 1e-2
 
 
-def _core_inputs(B, H, N, C, R, K, V, seed=0, dtype=torch.float64):
-    g = torch.Generator().manual_seed(seed)
-    q = torch.randn(B, H, N, C, R, K, generator=g, dtype=dtype)
-    k = torch.randn(B, H, N, C, R, K, generator=g, dtype=dtype)
-    v = torch.randn(B, H, N, C, V, generator=g, dtype=dtype)
-    z = (torch.rand(B, H, N, C, K, generator=g, dtype=dtype) * 3).cumsum(3)  # non-decreasing inside a chunk
-    z_prev = z[..., 0, :] - torch.rand(B, H, N, K, generator=g, dtype=dtype)
-    s0 = torch.randn(B, H, R * K, V, generator=g, dtype=dtype)
-    return q, k, v, z, z_prev, s0
-
-
-@pytest.mark.parametrize("R", [1, 2])
-def test_chunk_core_hand_written_backward_gradcheck(R, monkeypatch):
-    """The hand-written backward of the chunk engine, float64, with the chunks split into groups of one and two."""
-    for group in (1, 2):
-        monkeypatch.setattr(ds, "GROUP_ELEMENTS", group * 2 * 4 * R * 3)  # B·H·C·R·K per chunk = 2·4·R·3
-        inputs = [x.requires_grad_() for x in _core_inputs(1, 2, 3, 4, R, 3, 2)]
-        assert torch.autograd.gradcheck(lambda *a: ds.ChunkGatedCore.apply(*a, torch.float64), inputs)
-
-
-@pytest.mark.parametrize("group", [1, 3, 1 << 20], ids=["g1", "g3", "one-group"])
-def test_chunk_core_matches_autograd_form(group, monkeypatch):
-    """Fast engine (hand-written backward, grouped chunks) against the readable autograd form, float32, 64 chunks."""
-    B, H, N, C, R, K, V = 2, 2, 5, 16, 2, 4, 3
-    monkeypatch.setattr(ds, "GROUP_ELEMENTS", group * B * H * C * R * K)
-    inputs = _core_inputs(B, H, N, C, R, K, V, dtype=torch.float32)
-
-    def run(fn):
-        leaves = [x.clone().requires_grad_() for x in inputs]
-        o, s = fn(*leaves, torch.float32)
-        gen = torch.Generator().manual_seed(1)
-        ((o * torch.randn(o.shape, generator=gen)).sum() + (s * torch.randn(s.shape, generator=gen)).sum()).backward()
-        return [o, s] + [x.grad for x in leaves]
-
-    for name, r, x in zip(["o", "S", "dq", "dk", "dv", "dz", "dz_prev", "dS0"],
-                          run(ds.chunk_gated_core_autograd), run(ds.chunk_gated_core)):
-        assert_close(name, r, x, ratio=1e-5, atol=1e-5)
-
-
 def test_grouped_chunks_match_reference(monkeypatch):
     """decay_attn with one chunk per group (state and its gradient carried across groups) vs the float64 sums."""
-    monkeypatch.setattr(ds, "GROUP_ELEMENTS", 1)
+    monkeypatch.setattr(chunk_gated, "GROUP_ELEMENTS", 1)
     inputs = make(100)
     ref = grads(lambda q, k, v, g, s: decay_attn_reference(q, k, v, g, initial_state=s), *inputs)
     out = grads(lambda q, k, v, g, s: decay_attn(q, k, v, g, initial_state=s, output_final_state=True, chunk_size=16),

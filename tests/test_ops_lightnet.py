@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from polyattn.ops import decay_scan
+from polyattn.ops import chunk_gated
 from polyattn.ops import lightnet as lightnet_ops
 from polyattn.ops.lightnet import (
     LightNetState,
@@ -293,7 +293,7 @@ def test_prefix_logsumexp_gradcheck(T, chunk):
 def test_prefix_logsumexp_huge_logits_finite():
     """|k| up to 1e4 and an empty start (z_0 = NEG): every exponent is ≤ 0, forward and backward."""
     k = (torch.randn(1, 300, 2, 4, generator=torch.Generator().manual_seed(0)) * 1e4).requires_grad_()
-    z, k_hat = PrefixLogSumExp.apply(k, torch.full((1, 2, 4), decay_scan.NEG), 16)
+    z, k_hat = PrefixLogSumExp.apply(k, torch.full((1, 2, 4), chunk_gated.NEG), 16)
     ref = torch.logcumsumexp(k.double(), 1)
     assert_close("z", ref, z, ratio=1e-6)
     (z.sum() + k_hat.sum()).backward()
@@ -303,7 +303,7 @@ def test_prefix_logsumexp_huge_logits_finite():
 def test_grouped_chunks_match_reference(monkeypatch):
     """One chunk per group in the chunk engine (state and its gradient carried across groups): LRPE features,
     an initial state and left padding, against the float64 sums."""
-    monkeypatch.setattr(decay_scan, "GROUP_ELEMENTS", 1)
+    monkeypatch.setattr(chunk_gated, "GROUP_ELEMENTS", 1)
     T = 70
     q, k, v, s0 = make(T, R=2, state=True)
     angles = md_lrpe_angles(torch.arange(T, dtype=torch.float32)[:, None], lrpe_theta(K, H), K)[None]

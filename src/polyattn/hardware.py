@@ -9,7 +9,7 @@ a hypervisor that hides state), so where the flags say yes a short product in ea
 millisecond on a native CPU; the answer is cached for the process).
 
 Every command resolves its precision here, and so do the ops whose products would otherwise run in bfloat16
-(`polyattn.ops.decay_scan._compute_dtype`, `polyattn.ops.attention._pick_backend`).
+(`polyattn.ops.chunk_gated.matmul_dtype`, `polyattn.ops.attention._pick_backend`).
 """
 
 from __future__ import annotations

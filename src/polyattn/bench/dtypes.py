@@ -63,7 +63,7 @@ def _randn(*shape, dtype=torch.bfloat16, device="cpu", seed=0):
 def cases(quick: bool, device: torch.device):
     """(decision, shape label, {option: callable}, the option polyattn picks here)."""
     from ..ops import attention as attention_ops
-    from ..ops import decay_scan
+    from ..ops import chunk_gated
     from ..ops.attention import attention
     from ..ops.lightnet import lightnet_attn
 
@@ -81,7 +81,7 @@ def cases(quick: bool, device: torch.device):
 
         def taken(value, call=call):
             def run():
-                with _taken(decay_scan, "native_bf16", lambda device: value):
+                with _taken(chunk_gated, "native_bf16", lambda device: value):
                     call()
             return run
 
@@ -93,8 +93,8 @@ def cases(quick: bool, device: torch.device):
 
     def core(keep_low_precision: bool):
         def run():
-            rule = (lambda device, dtype: dtype) if keep_low_precision else decay_scan._core_dtype
-            with _taken(decay_scan, "_core_dtype", rule), _taken(decay_scan, "native_bf16", lambda device: True):
+            rule = (lambda device, dtype: dtype) if keep_low_precision else chunk_gated.core_dtype
+            with _taken(chunk_gated, "core_dtype", rule), _taken(chunk_gated, "native_bf16", lambda device: True):
                 call()
         return run
 

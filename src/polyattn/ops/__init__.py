@@ -1,9 +1,9 @@
 """Pure tensor functions: the math of each token mixer, `[B, T, H, D]` layout, each with a reference form.
 
-Submodules: `attention` (softmax attention and its masks), `lightnet`, `decay_scan`, `lrpe`, `tpe`. The
-submodule names are not shadowed here, so `polyattn.ops.attention` stays the module: the softmax attention
-function is `from polyattn.ops.attention import attention` (or `polyattn.ops.softmax_attention`, the same
-function under a name that does not collide).
+Submodules: `attention` (softmax attention and its masks), `lightnet`, `decay_scan`, `chunk_gated` (the chunk
+kernel those two share), `lrpe`, `tpe`. The submodule names are not shadowed here, so `polyattn.ops.attention`
+stays the module: the softmax attention function is `from polyattn.ops.attention import attention` (or
+`polyattn.ops.softmax_attention`, the same function under a name that does not collide).
 """
 
 from .attention import (
@@ -15,6 +15,7 @@ from .attention import (
     shifted_group_mask,
 )
 from .attention import attention as softmax_attention
+from .chunk_gated import chunk_gated_core
 from .decay_scan import decay_attn, decay_attn_recurrent, decay_attn_reference, multi_scan_decay_attn, scan_orders
 from .lightnet import (
     LightNetState,
@@ -33,6 +34,7 @@ __all__ = [
     "MaskMode",
     "attention_ref",
     "causal_mask",
+    "chunk_gated_core",
     "decay_attn",
     "decay_attn_recurrent",
     "decay_attn_reference",

@@ -29,7 +29,7 @@ from typing import NamedTuple
 import torch
 
 from .checks import check_float, check_heads, check_mask
-from .decay_scan import NEG, _chunk_len, _compute_dtype, _from_chunks, _pad_time, _to_chunks, chunk_gated_core
+from .chunk_gated import NEG, chunk_gated_core, chunk_len, from_chunks, matmul_dtype, pad_time, to_chunks
 
 
 class LightNetState(NamedTuple):
@@ -42,7 +42,7 @@ class LightNetState(NamedTuple):
 def _initial(
     B: int, H: int, K: int, RK: int, V: int, initial_state: LightNetState | None, normalizer_init: str, like
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Initial `(S, z)` in float32 with −inf replaced by the finite `NEG` (see `decay_scan.NEG`)."""
+    """Initial `(S, z)` in float32 with −inf replaced by the finite `NEG` (see `chunk_gated.NEG`)."""
     if initial_state is not None:
         S0, z0 = initial_state
         return S0.float(), z0.float().clamp_min(NEG)
@@ -81,7 +81,7 @@ class PrefixLogSumExp(torch.autograd.Function):
 
     @staticmethod
     def _forward(k, z0, B, T, H, K, C, N):
-        kc = _pad_time(k, N * C - T, NEG).view(B, N, C, H, K)
+        kc = pad_time(k, N * C - T, NEG).view(B, N, C, H, K)
         loc = kc.new_empty(C, B, N, H, K)  # chunk-local prefix log-sums, position-major: every step is contiguous
         loc[0] = kc[:, :, 0]
         for c in range(1, C):
@@ -100,7 +100,7 @@ class PrefixLogSumExp(torch.autograd.Function):
         N = -(-T // C)
         pad = N * C - T
         gk = gk.float() * k_hat  # the direct share, ∂L/∂k̂ ⊙ k̂
-        g = _pad_time(gz.float() - gk, pad).contiguous().view(B, N, C, H, K)  # G
+        g = pad_time(gz.float() - gk, pad).contiguous().view(B, N, C, H, K)  # G
         zc = (z if not pad else torch.cat([z, z[:, -1:].expand(B, pad, H, K)], dim=1)).view(B, N, C, H, K)
         u = g.new_empty(C, B, N, H, K)  # chunk-local U (nothing from later chunks yet), position-major
         u[-1] = g[:, :, -1]
@@ -149,11 +149,46 @@ def _check(q, k, v, key_features, mask=None):
     return R
 
 
-def _empty(q, k, v, initial_state, normalizer_init, R) -> tuple[torch.Tensor, LightNetState]:
-    """T = 0: an empty output, and the state is the one passed in (or the empty state)."""
+def _inputs(q, k, v, initial_state, normalizer_init, key_features, mask):
+    """What every fast form starts from, once the arguments are checked: `R` (copies of each key channel), the
+    key logits in float32 with padded keys at `NEG` ("−inf" before the normaliser, so they carry no weight
+    anywhere), the values with padded ones zeroed, and the initial `(S, z)`."""
+    R = _check(q, k, v, key_features, mask)
     B, _, H, K = k.shape
     S0, z0 = _initial(B, H, K, R * K, v.shape[-1], initial_state, normalizer_init, k)
-    return v.new_zeros(B, 0, H, v.shape[-1]), _public_state(S0, z0)
+    kf = k.float()
+    if mask is not None:
+        kf = kf.masked_fill(~mask[:, :, None, None], NEG)
+        v = v.masked_fill(~mask[:, :, None, None], 0)
+    return R, kf, v, S0, z0
+
+
+def _empty(v, S0, z0, output_final_state) -> tuple[torch.Tensor, LightNetState | None]:
+    """T = 0: an empty output, and the state is the one passed in (or the empty state)."""
+    B, _, H, V = v.shape
+    return v.new_zeros(B, 0, H, V), (_public_state(S0, z0) if output_final_state else None)
+
+
+def _result(o, dtype, mask, S, z, output_final_state) -> tuple[torch.Tensor, LightNetState | None]:
+    """The output of a fast form, zero at padded positions and in the values' dtype, and the final state if asked."""
+    if mask is not None:
+        o = o.masked_fill(~mask[:, :, None, None], 0.0)
+    return o.to(dtype), (_public_state(S, z) if output_final_state else None)
+
+
+def _chunk_on_backend(q, kw, v, z, z0, S0, R, scale, mask, output_final_state, backend):
+    """The causal core as gated linear attention on an external kernel (`polyattn.ops.gla_backends`): keys are the
+    normalised key weights, log-decays `z_{t−1} − z_t` (≤ 0, repeated over the R copies of each channel)."""
+    from .gla_backends import get_backend
+
+    run = get_backend(backend, q.device)
+    z_before = torch.cat([z0.unsqueeze(1), z[:, :-1]], dim=1)  # z_{t−1}, with z_0 before the first token
+    g = (z_before - z).repeat(1, 1, 1, R)  # [B, T, H, R·K]; copy r of channel i sits at r·K + i, as in kw
+    cdt = matmul_dtype(q, v)
+    o, S = run(q.to(cdt), kw.flatten(-2).to(cdt), v.to(cdt), g, S0)  # kw [B, T, H, R, K] → R·K channels
+    if scale != 1.0:
+        o = o * scale
+    return _result(o, v.dtype, mask, S.float(), z[:, -1], output_final_state)
 
 
 def lightnet_chunk(
@@ -171,19 +206,11 @@ def lightnet_chunk(
     backend: str = "torch",
 ) -> tuple[torch.Tensor, LightNetState | None]:
     """Causal LightNet attention, chunk-parallel (training / prefill). Arguments as `lightnet_attn`."""
-    R = _check(q, k, v, key_features, mask)
+    R, kf, v, S0, z0 = _inputs(q, k, v, initial_state, normalizer_init, key_features, mask)
     B, T, H, K = k.shape
-    V = v.shape[-1]
     if T == 0:
-        o, state = _empty(q, k, v, initial_state, normalizer_init, R)
-        return o, state if output_final_state else None
-    S0, z0 = _initial(B, H, K, R * K, V, initial_state, normalizer_init, k)
-    kf = k.float()
-    if mask is not None:
-        # padded keys → "−inf" before the normaliser, so they carry no weight anywhere
-        kf = kf.masked_fill(~mask[:, :, None, None], NEG)
-        v = v.masked_fill(~mask[:, :, None, None], 0)
-    C = _chunk_len(chunk_size, T)
+        return _empty(v, S0, z0, output_final_state)
+    C = chunk_len("lightnet_attn", chunk_size, T)
     z, k_hat = PrefixLogSumExp.apply(kf, z0, C)  # [B, T, H, K] float32; k_hat = exp(k − z) ∈ (0, 1]
     if mask is not None:
         k_hat = k_hat.masked_fill(~mask[:, :, None, None], 0.0)  # leading pads have z = k = NEG: exp(0) = 1
@@ -194,35 +221,16 @@ def lightnet_chunk(
     pad = -T % C
     if pad:
         z = torch.cat([z, z[:, -1:].expand(B, pad, H, K)], dim=1)  # no keys in the padding: z stays put
-    qc = _to_chunks(_pad_time(q, pad), C).unflatten(-1, (R, K))  # the core casts chunk groups as it goes
-    kc = _to_chunks(_pad_time(kw, pad), C)
-    vc = _to_chunks(_pad_time(v, pad), C)
-    zc = _to_chunks(z, C)  # [B, H, N, C, K]
+    qc = to_chunks(q, C).unflatten(-1, (R, K))  # the core casts chunk groups as it goes
+    kc = to_chunks(kw, C)
+    vc = to_chunks(v, C)
+    zc = to_chunks(z, C)  # [B, H, N, C, K]
     z_prev = torch.cat([z0.unsqueeze(2), zc[:, :, :-1, -1]], dim=2)  # the state entering chunk j: z at its start
-    o, S = chunk_gated_core(qc, kc, vc, zc, z_prev, S0, _compute_dtype(q, v))
-    o = _from_chunks(o)[:, :T]
+    o, S = chunk_gated_core(qc, kc, vc, zc, z_prev, S0, matmul_dtype(q, v))
+    o = from_chunks(o, T)
     if scale != 1.0:
         o = o * scale
-    if mask is not None:
-        o = o.masked_fill(~mask[:, :, None, None], 0.0)
-    return o.to(v.dtype), (_public_state(S, z[:, -1]) if output_final_state else None)
-
-
-def _chunk_on_backend(q, kw, v, z, z0, S0, R, scale, mask, output_final_state, backend):
-    """The causal core as gated linear attention on an external kernel (`polyattn.ops.gla_backends`): keys are the
-    normalised key weights, log-decays `z_{t−1} − z_t` (≤ 0, repeated over the R copies of each channel)."""
-    from .gla_backends import get_backend
-
-    run = get_backend(backend, q.device)
-    z_before = torch.cat([z0.unsqueeze(1), z[:, :-1]], dim=1)  # z_{t−1}, with z_0 before the first token
-    g = (z_before - z).repeat(1, 1, 1, R)  # [B, T, H, R·K]; copy r of channel i sits at r·K + i, as in kw
-    cdt = _compute_dtype(q, v)
-    o, S = run(q.to(cdt), kw.flatten(-2).to(cdt), v.to(cdt), g, S0)  # kw [B, T, H, R, K] → R·K channels
-    if scale != 1.0:
-        o = o * scale
-    if mask is not None:
-        o = o.masked_fill(~mask[:, :, None, None], 0.0)
-    return o.to(v.dtype), (_public_state(S.float(), z[:, -1]) if output_final_state else None)
+    return _result(o, v.dtype, mask, S, z[:, -1], output_final_state)
 
 
 def lightnet_recurrent(
@@ -241,18 +249,11 @@ def lightnet_recurrent(
 
     One step: `z' = logaddexp(z, k_t)`, `S ← exp(z − z') ⊙ S + exp(k_t − z') ⊙ f_t v_tᵀ`, `o_t = scale·q_tᵀ S`.
     """
-    R = _check(q, k, v, key_features, mask)
+    R, kf, v, S, z = _inputs(q, k, v, initial_state, normalizer_init, key_features, mask)
     B, T, H, K = k.shape
-    V = v.shape[-1]
     if T == 0:
-        o, state = _empty(q, k, v, initial_state, normalizer_init, R)
-        return o, state if output_final_state else None
-    S, z = _initial(B, H, K, R * K, V, initial_state, normalizer_init, k)
-    kf = k.float()
+        return _empty(v, S, z, output_final_state)
     vf = v.float()
-    if mask is not None:
-        kf = kf.masked_fill(~mask[:, :, None, None], NEG)
-        vf = vf.masked_fill(~mask[:, :, None, None], 0.0)
     feats = None if key_features is None else key_features.expand(B, T, H, R * K)
     outs = []
     for t in range(T):
@@ -266,9 +267,12 @@ def lightnet_recurrent(
         z = z_new
         outs.append(torch.einsum("bhk,bhkv->bhv", q[:, t].float(), S))
     o = torch.stack(outs, dim=1) * scale
-    if mask is not None:
-        o = o.masked_fill(~mask[:, :, None, None], 0.0)
-    return o.to(v.dtype), (_public_state(S, z) if output_final_state else None)
+    return _result(o, v.dtype, mask, S, z, output_final_state)
+
+
+def _sum_copies(x: torch.Tensor, R: int, K: int) -> torch.Tensor:
+    """Sums the R copies of every key channel (`[..., R·K]` → `[..., K]`; copy r holds channel `r·K + i`)."""
+    return x.unflatten(-1, (R, K)).sum(-2)
 
 
 # Tokens per block of the non-causal form: blocks of about this many elements per sample (1 MiB in float32) stay in
@@ -378,11 +382,6 @@ class GlobalLightNet(torch.autograd.Function):
         return dq, dk, dv, df, dS0, dz0, None, None, None
 
 
-def _sum_copies(x: torch.Tensor, R: int, K: int) -> torch.Tensor:
-    """Sums the R copies of every key channel (`[..., R·K]` → `[..., K]`; copy r holds channel `r·K + i`)."""
-    return x.unflatten(-1, (R, K)).sum(-2)
-
-
 def lightnet_global(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -400,22 +399,13 @@ def lightnet_global(
     An `initial_state` acts as keys seen before this call (the state is the same as the causal one after the
     last token). Runs `GlobalLightNet` (blocked, hand-written backward). Arguments as `lightnet_attn`.
     """
-    R = _check(q, k, v, key_features, mask)
+    R, kf, v, S0, z0 = _inputs(q, k, v, initial_state, normalizer_init, key_features, mask)
     B, T, H, K = k.shape
-    V = v.shape[-1]
     if T == 0:
-        o, state = _empty(q, k, v, initial_state, normalizer_init, R)
-        return o, state if output_final_state else None
-    S0, z0 = _initial(B, H, K, R * K, V, initial_state, normalizer_init, k)
-    kf = k.float()
-    if mask is not None:
-        kf = kf.masked_fill(~mask[:, :, None, None], NEG)
-        v = v.masked_fill(~mask[:, :, None, None], 0)
+        return _empty(v, S0, z0, output_final_state)
     features = None if key_features is None else key_features.float().expand(B, T, H, R * K)
-    o, S, z = GlobalLightNet.apply(q, kf, v, features, S0, z0, mask, scale, _compute_dtype(q, v))
-    if mask is not None:
-        o = o.masked_fill(~mask[:, :, None, None], 0.0)
-    return o.to(v.dtype), (_public_state(S, z) if output_final_state else None)
+    o, S, z = GlobalLightNet.apply(q, kf, v, features, S0, z0, mask, scale, matmul_dtype(q, v))
+    return _result(o, v.dtype, mask, S, z, output_final_state)
 
 
 def lightnet_reference(
@@ -440,10 +430,10 @@ def lightnet_reference(
     R = _check(q, k, v, key_features, mask)
     B, T, H, K = k.shape
     V = v.shape[-1]
-    if T == 0:
-        o, state = _empty(q, k, v, initial_state, normalizer_init, R)
-        return o.double(), LightNetState(state.S.double(), state.z.double())
     S0, z0 = _initial(B, H, K, R * K, V, initial_state, normalizer_init, k)
+    if T == 0:
+        o, state = _empty(v, S0, z0, True)
+        return o.double(), LightNetState(state.S.double(), state.z.double())
     q, k, v, S0, z0 = q.double(), k.double(), v.double(), S0.double(), z0.double()
     z0 = torch.where(z0 <= NEG / 2, -torch.inf, z0)
     if mask is not None:
