@@ -6,11 +6,15 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
+from polyattn import ops as polyattn_ops
 from polyattn.analysis import attention_maps, attention_rank
 from polyattn.analysis.attention_maps import patch_grid_map, token_layout
 from polyattn.analysis.inspect_run import spread_over_classes
 from polyattn.cli import main
+from polyattn.errors import UserError
+from polyattn.layers import mixer_hooks
 from polyattn.layers.attention import Attention
 from polyattn.layers.lightnet import LightNetAttention
 from polyattn.registry import create_model
@@ -70,6 +74,77 @@ def test_lightnet_map_is_query_times_keys_soft_maxed_over_tokens():
     assert not torch.allclose(maps.sum(-1), torch.ones(2, 2, 9))  # not row-normalised
     with_lrpe = LightNetAttention(32, 2, causal=False, lrpe="cosine", grid_shape=(3, 3)).eval()
     assert attention_maps(with_lrpe, x)[""].shape == (2, 2, 9, 9)
+
+
+class OwnMixer(nn.Module):
+    """A mixer outside polyattn.layers that reaches its op its own way (an attribute, here a counting wrapper of
+    `polyattn.ops.softmax_attention`), reporting it through the hook point."""
+
+    def __init__(self, op=polyattn_ops.softmax_attention):
+        super().__init__()
+        self.qkv = nn.Linear(16, 48)
+        self.op = op
+
+    def forward(self, x):
+        B, T, _ = x.shape
+        q, k, v = self.qkv(x).view(B, T, 3, 2, 8).unbind(2)
+        return mixer_hooks.call_op(self, self.op, q, k, v, mask_mode="causal").flatten(2)
+
+
+class TwoMixers(nn.Module):
+    def __init__(self, op=polyattn_ops.softmax_attention):
+        super().__init__()
+        self.attn = Attention(16, 2)
+        self.own = OwnMixer(op)
+
+    def forward(self, x):
+        return self.own(self.attn(x)[0])
+
+
+def test_a_layer_that_imports_its_op_another_way_is_read():
+    torch.manual_seed(0)
+    model = TwoMixers().eval()
+    x = torch.randn(2, 5, 16)
+    maps = attention_maps(model, x)
+    assert list(maps) == ["attn", "own"]
+    h = model.attn(x)[0]
+    q, k, _ = model.own.qkv(h).view(2, 5, 3, 2, 8).unbind(2)
+    logits = torch.einsum("bthd,bshd->bhts", q, k) / math.sqrt(8)
+    expected = logits.masked_fill(~torch.ones(5, 5).tril().bool(), float("-inf")).softmax(-1)
+    assert torch.allclose(maps["own"], expected, atol=1e-6)
+
+
+def test_a_known_mixer_that_stops_reporting_its_op_is_an_error(monkeypatch):
+    """The failure the hook point replaces: a mixer whose op the analysis does not see is named, not skipped."""
+    import polyattn.layers.attention as attention_layer
+
+    monkeypatch.setattr(attention_layer, "call_op", lambda layer, op, *args, **kwargs: op(*args, **kwargs))
+    with pytest.raises(UserError, match=r"^The mixer layer\(s\) attn ran without reporting their op"):
+        attention_maps(TwoMixers(), torch.randn(1, 4, 16))
+
+
+def test_without_an_observer_the_hook_computes_nothing_extra():
+    calls = []
+
+    def counted(q, k, v, **kwargs):
+        calls.append(v.shape)
+        return polyattn_ops.softmax_attention(q, k, v, **kwargs)
+
+    model = TwoMixers(counted).eval()
+    x = torch.randn(2, 5, 16)
+    model(x)
+    assert calls == [(2, 5, 2, 8)]  # the op once, nothing else
+    q = torch.randn(1, 3, 2, 8)
+    out = polyattn_ops.softmax_attention(q, q, q)
+    assert mixer_hooks.call_op(model.own, lambda *a, **kw: out, q, q, q) is out  # the op's own result, untouched
+    calls.clear()
+    attention_maps(model, x)
+    assert calls == [(2, 5, 2, 8), (2, 5, 2, 5)]  # observed: the op, then its probe with one-hot values
+    calls.clear()
+    with pytest.raises(RuntimeError, match="boom"), mixer_hooks.observe_mixer_ops(lambda call: None):
+        raise RuntimeError("boom")
+    model(x)
+    assert calls == [(2, 5, 2, 8)] and mixer_hooks._observers == ()  # detached again, also after an error
 
 
 @pytest.mark.parametrize("name, kwargs, query", [

@@ -2,7 +2,9 @@
 
 The map of a token mixer that is linear in its values, `o_t = Σ_s A[t, s] v_s` per head, is read from the
 operator itself: during one forward pass each mixer's op is called a second time with one-hot values
-(`v_s = e_s ∈ R^S`), and the output of query t is then the row `A[t, :]`. The map therefore holds everything the
+(`v_s = e_s ∈ R^S`), and the output of query t is then the row `A[t, :]`. The op call is taken from the mixers'
+hook point (`polyattn.layers.mixer_hooks`: every mixer layer calls its op through `call_op`), so the analysis does
+not depend on where or how a layer imports its op. The map therefore holds everything the
 layer applies to queries and keys — RoPE, LRPE, masks, the soft mask, the scale — exactly as in the forward
 pass, with one implementation of each (the ops'), and nothing that acts per token afterwards (output gate,
 norm, projection).
@@ -26,22 +28,17 @@ import functools
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
-from unittest import mock
 
 import torch
 from torch import nn
 
 from ..errors import UserError
-from ..layers import attention as attention_layer
-from ..layers import lightnet as lightnet_layer
+from ..layers.attention import Attention
+from ..layers.lightnet import LightNetAttention, MultiScanAttention
+from ..layers.mixer_hooks import MixerCall, observe_mixer_ops
 
-# (module whose global the layer calls, the op's name there, the layer classes that call it)
-_MIXER_OPS = (
-    (attention_layer, "attention", (attention_layer.Attention,)),
-    (lightnet_layer, "lightnet_attn", (lightnet_layer.LightNetAttention,)),
-    (lightnet_layer, "multi_scan_decay_attn", (lightnet_layer.MultiScanAttention,)),
-)
-MIXER_TYPES: tuple[type[nn.Module], ...] = tuple(cls for _, _, classes in _MIXER_OPS for cls in classes)
+# the mixers `polyattn inspect` reads; any other layer that reports its op through `call_op` is read as well
+MIXER_TYPES: tuple[type[nn.Module], ...] = (Attention, LightNetAttention, MultiScanAttention)
 
 
 def _one_hot_values(v: torch.Tensor) -> torch.Tensor:
@@ -51,49 +48,52 @@ def _one_hot_values(v: torch.Tensor) -> torch.Tensor:
     return eye.view(1, S, 1, S).expand(B, S, Hv, S).contiguous()
 
 
-def _recording(op, maps: dict[str, torch.Tensor], current: list[str | None]):
-    """`op` wrapped: unchanged output, and for the layer named in `current` its map `[B, H, T, S]` in `maps`."""
-
-    @functools.wraps(op)
-    def wrapper(q, k, v, *args, **kwargs):
-        out = op(q, k, v, *args, **kwargs)
-        name, current[0] = current[0], None
-        if name is not None:
-            probe_v = _one_hot_values(v) if torch.is_tensor(v) else [_one_hot_values(x) for x in v]
-            with torch.no_grad():
-                probe = op(q, k, probe_v, *args, **kwargs)
-            probe = probe[0] if isinstance(probe, tuple) else probe  # (B, T, H, S): row t of every head's map
-            maps[name] = probe.detach().float().permute(0, 2, 1, 3)  # (B, H, T, S)
-        return out
-
-    return wrapper
+def _map_of(call: MixerCall) -> torch.Tensor:
+    """The map `[B, H, T, S]` of one op call: the op once more on one-hot values (see the module docstring)."""
+    v = call.v
+    with torch.no_grad():
+        probe = call.again(_one_hot_values(v) if torch.is_tensor(v) else [_one_hot_values(x) for x in v])
+    probe = probe[0] if isinstance(probe, tuple) else probe  # (B, T, H, S): row t of every head's map
+    return probe.detach().float().permute(0, 2, 1, 3)  # (B, H, T, S)
 
 
 @contextmanager
 def record_attention_maps(model: nn.Module) -> Iterator[dict[str, torch.Tensor]]:
     """Within the block, every forward of `model` fills the yielded dict: {mixer module name: map `[B, H, T, S]`}
-    (float32, the last forward's), in the order of the layers. See the module docstring for what a map is.
+    (float32, the last forward's), in the order the mixers first ran. See the module docstring for what a map is.
 
-    Raises a `UserError` when the model has no token mixer this module can read (softmax attention, LightNet
-    attention, multi-scan).
+    The maps come from the mixers' hook point (`polyattn.layers.mixer_hooks`): every layer of `model` that calls
+    its op through `call_op` is read, however it imported the op. Raises a `UserError` when the model has no
+    token mixer this module can read (softmax attention, LightNet attention, multi-scan), and at the end of the
+    block when one of those ran without reporting its op (it would be missing from the maps without a word).
     """
-    layers = [(name, m) for name, m in model.named_modules() if isinstance(m, MIXER_TYPES)]
-    if not layers:
+    if not any(isinstance(m, MIXER_TYPES) for m in model.modules()):
         raise UserError(f"{type(model).__name__} has no softmax, LightNet or multi-scan attention layer, so it "
                         f"has no attention maps to read.")
+    names = {id(m): name for name, m in model.named_modules()}
     maps: dict[str, torch.Tensor] = {}
-    current: list[str | None] = [None]  # the mixer whose forward is running
+    ran: list[str] = []  # the known mixers whose forward ran
 
-    def enter(name, module, args):
-        current[0] = name
+    def running(name: str, module: nn.Module, args) -> None:  # a pre-hook that returns None keeps the inputs
+        if name not in ran:
+            ran.append(name)
+
+    def record(call: MixerCall) -> None:
+        name = names.get(id(call.layer))
+        if name is not None:  # a layer of this model (another model may run inside the block too)
+            maps[name] = _map_of(call)
 
     with ExitStack() as stack:
-        for module, op_name, _ in _MIXER_OPS:
-            stack.enter_context(mock.patch.object(module, op_name, _recording(getattr(module, op_name), maps,
-                                                                              current)))
-        for name, layer in layers:
-            stack.callback(layer.register_forward_pre_hook(functools.partial(enter, name)).remove)
+        stack.enter_context(observe_mixer_ops(record))
+        for name, layer in model.named_modules():
+            if isinstance(layer, MIXER_TYPES):
+                stack.callback(layer.register_forward_pre_hook(functools.partial(running, name)).remove)
         yield maps
+    silent = [name or type(model).__name__ for name in ran if name not in maps]
+    if silent:
+        raise UserError(f"The mixer layer(s) {', '.join(silent)} ran without reporting their op through "
+                        f"polyattn.layers.mixer_hooks.call_op, so their attention maps cannot be read; call the "
+                        f"op through call_op in the layer's forward.")
 
 
 @torch.no_grad()

@@ -9,6 +9,7 @@ from .block import TransformerBlock
 from .drop import DropPath, drop_path
 from .init import init_linear
 from .lightnet import LightNetAttention, LightNetBlock, LightNetCache, MdTpe, MultiScanAttention
+from .mixer_hooks import MixerCall, call_op, observe_mixer_ops
 from .mlp import GatedMlp, Mlp, llama_hidden_size
 from .norm import GroupRMSNorm, RMSNorm
 from .patch_embed import PatchEmbed, to_2tuple
@@ -35,6 +36,7 @@ __all__ = [
     "LightNetBlock",
     "LightNetCache",
     "MdTpe",
+    "MixerCall",
     "Mlp",
     "MultiScanAttention",
     "PatchEmbed",
@@ -46,10 +48,12 @@ __all__ = [
     "TransformerBlock",
     "apply_rotary",
     "axial_frequencies",
+    "call_op",
     "drop_path",
     "grid_positions",
     "init_linear",
     "llama_hidden_size",
+    "observe_mixer_ops",
     "parse_mask_mode",
     "positions_from_padding",
     "resample_abs_pos_embed",

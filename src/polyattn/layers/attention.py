@@ -14,6 +14,7 @@ from torch import nn
 from ..errors import UserError, nearest
 from ..ops.attention import MaskMode, attention, padding_to_attn_mask
 from ..ops.checks import check_features
+from .mixer_hooks import call_op
 from .rope import Rotary
 
 
@@ -237,8 +238,8 @@ class Attention(nn.Module):
         if key_padding_mask is not None:
             pad = padding_to_attn_mask(key_padding_mask)  # (B, 1, 1, S)
             mask = pad if mask is None else mask & pad
-        o = attention(q, k, v, mask_mode=self.mask_mode, soft_mask_a=soft_mask_a, attn_mask=mask,
-                      dropout_p=self.attn_drop if self.training else 0.0)  # (B, T, H, D)
+        o = call_op(self, attention, q, k, v, mask_mode=self.mask_mode, soft_mask_a=soft_mask_a, attn_mask=mask,
+                    dropout_p=self.attn_drop if self.training else 0.0)  # (B, T, H, D)
         return self.proj_drop(self.o_proj(o.flatten(2))), new_cache
 
     def extra_repr(self) -> str:

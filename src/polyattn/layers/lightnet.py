@@ -30,6 +30,7 @@ from ..ops.lrpe import (
 )
 from ..ops.tpe import tpe_axis_scan, tpe_scan
 from .drop import DropPath
+from .mixer_hooks import call_op
 from .mlp import GatedMlp
 from .norm import GroupRMSNorm, RMSNorm
 
@@ -208,10 +209,10 @@ class LightNetAttention(nn.Module):
                 q = lrpe_rotary_query(q, pair)
             feats = lrpe_key_features(ang)
         state = None if past_key_values is None else LightNetState(past_key_values.S, past_key_values.z)
-        o, new_state = lightnet_attn(q, k, v, causal=self.causal, scale=self.scale, initial_state=state,
-                                     output_final_state=use_cache, mask=mask, chunk_size=self.chunk_size,
-                                     normalizer_init=self.normalizer_init, key_features=feats,
-                                     backend=self.kernel_backend)
+        o, new_state = call_op(self, lightnet_attn, q, k, v, causal=self.causal, scale=self.scale,
+                               initial_state=state, output_final_state=use_cache, mask=mask,
+                               chunk_size=self.chunk_size, normalizer_init=self.normalizer_init, key_features=feats,
+                               backend=self.kernel_backend)
         o = o.reshape(B, T, D)
         gate = torch.sigmoid(self.g_proj(x))
         o = self.g_norm(o * gate) if self.gate_position == "pre" else self.g_norm(o) * gate
@@ -391,9 +392,9 @@ class MultiScanAttention(nn.Module):
         v = self.v_proj(x).view(B, T, H, d)
         gs = [F.logsigmoid(f(x).float()).view(B, T, H, d) for f in self.f_projs]
         mask = None if attention_mask is None else attention_mask.bool()
-        o = multi_scan_decay_attn(q, k, v, gs[0] if len(gs) == 1 else gs, grid_shape=grid_shape,
-                                  directions=self.directions, divide=self.divide, scale=self.scale, mask=mask,
-                                  chunk_size=self.chunk_size)
+        o = call_op(self, multi_scan_decay_attn, q, k, v, gs[0] if len(gs) == 1 else gs, grid_shape=grid_shape,
+                    directions=self.directions, divide=self.divide, scale=self.scale, mask=mask,
+                    chunk_size=self.chunk_size)
         o = o.reshape(B, T, D)
         o = self.o_proj(self.g_norm(o * torch.sigmoid(self.g_proj(x))))
         return o, None, None
