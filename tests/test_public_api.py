@@ -146,3 +146,23 @@ def test_config_keys_table_is_written_between_the_markers(tmp_path, capsys):
     text = page.read_text()
     assert "STALE LINE" not in text and keys_markdown() in text and text.endswith("end\n")
     assert main(["config", "default", "--keys"]) == 2  # --keys takes no recipe
+
+
+@pytest.mark.parametrize("command", ["eval", "generate", "sample", "inspect"])
+def test_run_commands_share_their_options(command):
+    from polyattn.cli import build_parser
+
+    args = build_parser().parse_args([command, "runs/x", "--device", "cpu", "--precision", "fp32", "--no-ema"])
+    assert (args.run_dir, args.device, args.precision, args.no_ema) == ("runs/x", "cpu", "fp32", True)
+
+
+def test_models_task_choices_are_the_registry_tasks(capsys):
+    from polyattn.cli import build_parser
+    from polyattn.registry import TASKS
+
+    parser = build_parser()
+    for task in TASKS:
+        assert parser.parse_args(["models", "--task", task]).task == task
+    with pytest.raises(SystemExit):
+        parser.parse_args(["models", "--task", "translation"])
+    assert "invalid choice: 'translation'" in capsys.readouterr().err

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from .errors import Interrupted, UserError
+from .registry import TASKS
 
 EPILOG_TRAIN = """\
 examples:
@@ -170,7 +171,7 @@ def _cmd_generate(args) -> int:
         raise UserError(f"{run_dir} holds a {task} model ('{config.model.name}'); `polyattn generate` needs a causal "
                         f"language model run.")
     device = resolve_device(args.device)
-    run = load_run(run_dir, device=device)
+    run = load_run(run_dir, ema=False if args.no_ema else None, device=device)
     model, tokenizer = run.model, run.tokenizer
     precision = inference_precision(args.precision, device, run.config)
     autocast = autocast_for(precision, device)
@@ -192,12 +193,9 @@ def _cmd_generate(args) -> int:
 
 
 def _cmd_sample(args) -> int:
-    import json
-
     from .hardware import autocast_for, resolve_device
     from .registry import model_task
-    from .tasks.diffusion import read_class_names, sample_to_dir, samples_dir
-    from .train.checkpoint import atomic_write_text
+    from .tasks.diffusion import sample_run
     from .train.loop import announce, inference_precision, load_run, load_run_config, load_run_model, run_header
 
     run_dir = Path(args.run_dir)
@@ -214,38 +212,27 @@ def _cmd_sample(args) -> int:
     run = load_run(run_dir, ema=False if args.no_ema else None, device=device)
     model, config = run.model, run.config
     precision = inference_precision(args.precision, device, config)
-    autocast = autocast_for(precision, device)
-    if args.out:
-        out = Path(args.out)
-        if out.exists() and any(out.iterdir()):
-            raise UserError(f"--out {out} already holds files; choose an empty or new folder, so that two calls "
-                            f"never mix their images.")
-    else:
-        out = samples_dir(run_dir, classes=args.classes, n=args.n, steps=args.steps, cfg=args.cfg,
-                          sampler=args.sampler, eta=args.eta, seed=args.seed, batch_size=args.batch_size,
-                          weights=run.weights)
-    header = run_header("sampling", config, sum(p.numel() for p in model.parameters()), None, device,
-                        precision=precision, weights=run.weights, extra=f"into {out}")
-    with autocast():
-        result = sample_to_dir(model, config.data, read_class_names(run_dir, model.num_classes), out,
-                               classes=args.classes, n=args.n, steps=args.steps, cfg=args.cfg, sampler=args.sampler,
-                               eta=args.eta, seed=args.seed, batch_size=args.batch_size, device=device,
-                               announce=lambda: announce(header, precision))
+    n_params = sum(p.numel() for p in model.parameters())
+
+    def say_what(out: Path) -> None:
+        announce(run_header("sampling", config, n_params, None, device, precision=precision, weights=run.weights,
+                            extra=f"into {out}"), precision)
+
+    classifier = None
+    if args.classifier is not None:
+        classifier = (*load_run_model(Path(args.classifier), device=device), Path(args.classifier))
+    result = sample_run(model, config.data, run_dir, out=Path(args.out) if args.out else None, classes=args.classes,
+                        n=args.n, steps=args.steps, cfg=args.cfg, sampler=args.sampler, eta=args.eta, seed=args.seed,
+                        batch_size=args.batch_size, weights=run.weights, device=device,
+                        autocast=autocast_for(precision, device), classifier=classifier, announce=say_what)
     n = len(result["labels"])
     print(f"{n} images in {result['seconds']:.1f} s ({result['seconds'] / n:.3f} s per image, {args.steps} "
-          f"{args.sampler} steps, cfg {args.cfg:g}); grid: {result['grid']}; images: {out / 'images'}")
-    if args.classifier is not None:
-        from .tasks.sample_quality import measure_samples
-
-        classifier, classifier_config = load_run_model(Path(args.classifier), device=device)
-        metrics = measure_samples(result["images"], result["labels"], classifier=classifier,
-                                  classifier_config=classifier_config, data_config=config.data, device=device)
-        metrics = {"run": str(run_dir), "classifier_run": str(args.classifier), "steps": args.steps,
-                   "sampler": args.sampler, "cfg": args.cfg, "seed": args.seed, **metrics}
-        atomic_write_text(out / "quality.json", json.dumps(metrics, indent=2) + "\n")
+          f"{args.sampler} steps, cfg {args.cfg:g}); grid: {result['grid']}; images: {result['out'] / 'images'}")
+    if classifier is not None:
+        metrics = result["metrics"]
         print(f"classifier Fréchet distance {metrics['classifier_fd']:.4f} (real held-out images: "
               f"{metrics['real_classifier_fd']:.4f}); class accuracy {metrics['classifier_accuracy']:.4f} (real: "
-              f"{metrics['real_classifier_accuracy']:.4f}); written to {out / 'quality.json'}")
+              f"{metrics['real_classifier_accuracy']:.4f}); written to {result['quality']}")
     return 0
 
 
@@ -262,27 +249,37 @@ def _cmd_bench(args) -> int:
     return args.bench_run(args)
 
 
-def _add_device_options(p: argparse.ArgumentParser) -> None:
-    """--device and --precision of the commands that run a trained model (eval, generate, sample, inspect)."""
+def _run_options() -> argparse.ArgumentParser:
+    """The parent parser of the commands that run a trained model (eval, generate, sample, inspect): the run
+    directory, where and in what precision it runs, and which of its weights."""
+    from .hardware import PRECISIONS
+
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument("run_dir", metavar="RUN_DIR")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto = cuda when available)")
-    p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
+    p.add_argument("--precision", default="auto", choices=PRECISIONS,
                    help="auto (default): the precision the run trained in, or float32 where this device does not "
                         "compute that natively")
+    p.add_argument("--no-ema", action="store_true",
+                   help="use the raw weights of a run that also kept averaged ones (train.ema_decay)")
+    return p
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="polyattn", description="Efficient attention models: build, train, "
                                      "evaluate and benchmark.")
     from . import __version__
+    from .hardware import PRECISIONS
 
     parser.add_argument("--version", action="version", version=f"polyattn {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
+    run_options = _run_options()
 
     p = sub.add_parser("models", help="list the registered models with their task and parameter count",
                        description="List the registered models with their task and parameter count.")
     p.add_argument("name", nargs="?", help="only models whose name contains this, e.g. lightnet or _tiny")
-    p.add_argument("--task", choices=["classification", "causal_lm", "masked_lm", "diffusion"])
+    p.add_argument("--task", choices=TASKS)
     p.add_argument("--recipe", metavar="RECIPE", help="count parameters at this recipe's shape (its data's classes, "
                    "image size, vocabulary and its model arguments), listing the models of its task")
     p.set_defaults(func=_cmd_models)
@@ -311,28 +308,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--list-recipes", action="store_true", help="print the available recipes and exit")
     p.add_argument("--device", default=None, help="auto, cpu, cuda or cuda:N (default: the recipe's train.device, "
                    "auto = cuda when available)")
-    p.add_argument("--precision", default=None, choices=["auto", "bf16", "fp16", "fp32"],
+    p.add_argument("--precision", default=None, choices=PRECISIONS,
                    help="the recipe's train.precision, overridden (default: the recipe's, auto = bfloat16 where the "
                         "device computes it natively, else float32)")
     p.set_defaults(func=_cmd_train)
 
-    p = sub.add_parser("eval", help="evaluate a run directory",
+    p = sub.add_parser("eval", help="evaluate a run directory", parents=[run_options],
                        description="Evaluate a run directory's final weights (or its latest checkpoint).")
-    p.add_argument("run_dir", metavar="RUN_DIR")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                    help="settings changed for this evaluation only, e.g. data.eval_stride=512 or an inference-time "
                         "model option such as model.s2_at_inference=true (the weights stay the run's)")
     p.add_argument("--data", help="evaluate on another data source of the same kind (folder or archive)")
     p.add_argument("--split", default="test", help="split to evaluate (default: test)")
-    _add_device_options(p)
-    p.add_argument("--no-ema", action="store_true",
-                   help="evaluate the raw weights of a run that kept averaged ones (train.ema_decay)")
     p.set_defaults(func=_cmd_eval)
 
-    p = sub.add_parser("generate", help="generate text with a causal language model run",
+    p = sub.add_parser("generate", help="generate text with a causal language model run", parents=[run_options],
                        description="Continue a prompt with a trained causal LM, streaming the text as it is "
                                    "generated (KV cache or recurrent state; --no-cache recomputes every step).")
-    p.add_argument("run_dir", metavar="RUN_DIR")
     p.add_argument("--prompt", default="", help="text to continue (default: empty, start a new document)")
     p.add_argument("--max-new-tokens", type=int, default=200, help="tokens to generate (default: 200)")
     p.add_argument("--temperature", type=float, default=0.8, help="sampling temperature; 0 = greedy (default: 0.8)")
@@ -340,14 +332,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=None, help="nucleus sampling threshold in (0, 1] (default: off)")
     p.add_argument("--seed", type=int, default=None, help="random seed for reproducible samples")
     p.add_argument("--no-cache", action="store_true", help="recompute the whole sequence at every step")
-    _add_device_options(p)
     p.set_defaults(func=_cmd_generate)
 
     p = sub.add_parser("sample", help="generate images with a diffusion run",
                        description="Sample class-conditional images from a diffusion run (its EMA weights when it "
                                    "has them) and write a PNG grid and the individual images; with --classifier, "
-                                   "also measure them (see polyattn.tasks.sample_quality).")
-    p.add_argument("run_dir", metavar="RUN_DIR")
+                                   "also measure them (see polyattn.tasks.sample_quality).",
+                       parents=[run_options])
     p.add_argument("--classes", help="comma-separated class names or indices (default: all classes)")
     p.add_argument("--n", type=int, default=8, help="images per class (default: 8)")
     p.add_argument("--steps", type=int, default=50, help="sampler steps (default: 50)")
@@ -362,23 +353,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--classifier", metavar="CLS_RUN_DIR", help="an image-classifier run on the same dataset: write "
                    "quality.json with the classifier Fréchet distance and class accuracy of the samples and of "
                    "held-out real images")
-    p.add_argument("--no-ema", action="store_true", help="use the raw weights even if the run has EMA weights")
-    _add_device_options(p)
     p.set_defaults(func=_cmd_sample)
 
     p = sub.add_parser("inspect", help="attention maps, attention-map ranks and calibration of a classifier run",
                        description="Write attention-map images of a few inputs, the attention-map rank per layer "
                                    "(iLLaMA paper: where the cumulative singular values reach 80%%), the ECE and a "
                                    "reliability diagram of an image-classifier run, with inspect.json holding "
-                                   "every number.")
-    p.add_argument("run_dir", metavar="RUN_DIR")
+                                   "every number.", parents=[run_options])
     p.add_argument("--n-images", type=int, default=4, help="inputs to draw attention maps for (default: 4)")
     p.add_argument("--rank-images", type=int, default=30,
                    help="inputs whose mean map gives the rank, as in the paper (default: 30)")
     p.add_argument("--split", default="test", help="split to use (default: test)")
     p.add_argument("--out", help="output directory (default: RUN_DIR/inspect)")
-    p.add_argument("--no-ema", action="store_true", help="use the raw weights even if the run has EMA weights")
-    _add_device_options(p)
     p.set_defaults(func=_cmd_inspect)
 
     p = sub.add_parser("bench", help="run a benchmark suite", description="Benchmarks that print tables and write "
@@ -433,7 +419,7 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115  (stays open until exit, so the final flush is quiet)
         return 0
     except OSError as err:
-        from .train.checkpoint import WRITE_ERRNOS, write_error
+        from .files import WRITE_ERRNOS, write_error
 
         if err.errno not in WRITE_ERRNOS:
             raise

@@ -29,9 +29,9 @@ from typing import Any
 import torch
 
 from ..errors import UserError
+from ..files import atomic_write_text
 from ..hardware import autocast_for, resolve_device
 from ..registry import model_task
-from ..train.checkpoint import atomic_write_text
 from ..train.loop import announce, inference_precision, load_run, load_run_config, run_header
 from ..train.run_log import format_table
 from .attention_maps import attention_rank, patch_grid_map, record_attention_maps, token_layout

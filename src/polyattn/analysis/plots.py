@@ -29,10 +29,10 @@ def pyplot():
 
 
 def _save(fig, path: Path) -> None:
-    from ..train.checkpoint import _atomic_write
+    from ..files import atomic_save
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight"))
+    atomic_save(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight"))
     pyplot().close(fig)
 
 

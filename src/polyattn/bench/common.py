@@ -13,6 +13,12 @@ import torch
 from ..hardware import environment
 
 
+def add_machine_arguments(parser, *, threads_help: str = "torch intra-op threads (default: torch's)") -> None:
+    """`--device` and `--threads` of the suites that measure on one device."""
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
+    parser.add_argument("--threads", type=int, default=None, help=threads_help)
+
+
 def git_revision() -> str:
     """Short git revision of the working tree (with "+dirty" when it has changes), or "unknown"."""
     try:

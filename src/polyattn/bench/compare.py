@@ -32,7 +32,8 @@ from typing import Any
 import torch
 
 from ..errors import UserError
-from ..train.checkpoint import atomic_write_text
+from ..files import atomic_write_text
+from ..hardware import PRECISIONS
 from ..train.config import RECIPE_DIRS, build_config, load_yaml
 from ..train.run_log import read_metrics
 from .common import bench_header, median
@@ -284,7 +285,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "default), e.g. 1 to train two rows side by side on a 2-core machine")
     parser.add_argument("--device", help="train the rows on this device: auto, cpu, cuda or cuda:N (default: the "
                         "suite's recipe, auto)")
-    parser.add_argument("--precision", choices=["auto", "bf16", "fp16", "fp32"],
+    parser.add_argument("--precision", choices=PRECISIONS,
                         help="train the rows in this precision (default: the suite's recipe, auto)")
 
 

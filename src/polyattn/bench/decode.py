@@ -21,8 +21,8 @@ from pathlib import Path
 
 import torch
 
-from ..hardware import autocast_for, resolve_device, resolve_precision
-from .common import bench_header, median, pyplot, synchronize, write_json
+from ..hardware import PRECISIONS, autocast_for, resolve_device, resolve_precision
+from .common import add_machine_arguments, bench_header, median, pyplot, synchronize, write_json
 
 LM = {"vocab_size": 256, "dim": 256, "depth": 4, "num_heads": 4}
 MODELS = {
@@ -41,13 +41,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="prompt lengths in tokens")
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 16], help="sequences decoded together")
     parser.add_argument("--steps", type=int, default=16, help="timed single-token steps per point (median)")
-    parser.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
+    parser.add_argument("--precision", default="auto", choices=PRECISIONS,
                         help="autocast of the decoding steps (default: auto for this device)")
     parser.add_argument("--prefill-cap", type=float, default=120.0,
                         help="skip points whose predicted prefill exceeds this many seconds")
     parser.add_argument("--quick", action="store_true", help="smoke test: contexts 32 and 64, batch 1, 2 steps")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
-    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    add_machine_arguments(parser)
     parser.add_argument("--seed", type=int, default=0)
 
 

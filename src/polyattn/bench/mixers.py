@@ -25,7 +25,16 @@ import torch.nn.functional as F
 from ..hardware import native_bf16, resolve_device
 from ..ops.decay_scan import multi_scan_decay_attn
 from ..ops.lightnet import lightnet_attn
-from .common import SavedTensorBytes, bench_header, median, pyplot, synchronize, time_call, write_json
+from .common import (
+    SavedTensorBytes,
+    add_machine_arguments,
+    bench_header,
+    median,
+    pyplot,
+    synchronize,
+    time_call,
+    write_json,
+)
 
 MIXERS = ["sdpa", "sdpa_causal", "lightnet", "lightnet_causal", "scan1", "scan2", "scan4"]
 QUADRATIC = {"sdpa", "sdpa_causal"}
@@ -47,10 +56,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--time-cap", type=float, default=15.0,
                         help="skip points whose predicted time per call exceeds this many seconds")
     parser.add_argument("--chunk-size", type=int, default=64, help="chunk length of the causal/scan forms")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch intra-op threads (default: torch's choice); 1 is steadier on a shared CPU")
+    add_machine_arguments(parser, threads_help="torch intra-op threads (default: torch's choice); 1 is steadier on "
+                          "a shared CPU")
 
 
 def make_mixer(name: str, side: int, chunk_size: int) -> Callable[..., torch.Tensor]:

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from ..hardware import PRECISIONS, Precision, resolve_device
-from .common import bench_header, median, pyplot, synchronize, write_json
+from .common import add_machine_arguments, bench_header, median, pyplot, synchronize, write_json
 from .training import WORKLOADS, Workload, quick, requested_precisions, synthetic_step, training_step
 
 
@@ -94,8 +94,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repeats", type=int, default=5, help="timed steps of each side; medians are compared")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps of each side before timing")
     parser.add_argument("--quick", action="store_true", help="smoke test: batch 2, 128 tokens, 1 repeat")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
-    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    add_machine_arguments(parser)
     parser.add_argument("--seed", type=int, default=0)
 
 

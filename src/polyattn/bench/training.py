@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..hardware import PRECISIONS, Precision, autocast_for, native_bf16, resolve_device, resolve_precision
-from .common import bench_header, median, pyplot, synchronize, time_call, write_json
+from .common import add_machine_arguments, bench_header, median, pyplot, synchronize, time_call, write_json
 
 VISION = {"img_size": 32, "patch_size": 4, "in_chans": 3, "num_classes": 10}
 LM = {"vocab_size": 256, "dim": 256, "depth": 4, "num_heads": 4}
@@ -75,8 +75,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps before timing")
     parser.add_argument("--compile", action="store_true", help="time torch.compile'd models (compiled in warm-up)")
     parser.add_argument("--quick", action="store_true", help="smoke test: batch 2, 128 tokens, 1 repeat")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
-    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    add_machine_arguments(parser)
     parser.add_argument("--seed", type=int, default=0)
 
 

@@ -6,7 +6,8 @@ gives an `ImageDataset` of uint8 tensors; `BatchLoader` batches it resumably; `T
 Any object with `images` (uint8 `[N, C, H, W]`), `labels`, `classes` and `source` works as an image dataset.
 """
 
-from .images import ImageDataset, default_cache_dir, load_image_split, register_image_source, stratified_split
+from ..files import default_cache_dir
+from .images import ImageDataset, load_image_split, register_image_source, stratified_split
 from .loader import BatchLoader
 from .text import (
     EMBEDDED,

@@ -28,7 +28,6 @@ import json
 import os
 import stat
 import tarfile
-import tempfile
 import warnings
 import zlib
 from collections.abc import Callable, Iterator
@@ -39,6 +38,7 @@ import numpy as np
 import torch
 
 from ..errors import UserError, nearest
+from ..files import atomic_write, default_cache_dir
 from .transforms import resize_center_crop
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
@@ -78,10 +78,6 @@ def register_image_source(name: str, load: Callable[[str], ImageDataset]) -> Non
     if name == "digits" or Path(name).suffix or "/" in name:
         raise UserError(f"'{name}' cannot name a registered image source: it is 'digits' or looks like a path.")
     _REGISTERED[name] = load
-
-
-def default_cache_dir() -> Path:
-    return Path(os.environ.get("POLYATTN_CACHE") or Path.home() / ".cache" / "polyattn")
 
 
 def load_image_split(source: str, split: str, *, image_size: int | None = None, test_fraction: float = 0.2,
@@ -400,17 +396,8 @@ def _write_cache(file: Path, dataset: ImageDataset) -> None:
     """Writes atomically (a temporary file renamed into place); a cache that cannot be written only warns."""
     obj = {"version": CACHE_FORMAT_VERSION, "images": dataset.images, "labels": dataset.labels,
            "classes": list(dataset.classes), "source": dataset.source}
-    tmp = None
     try:
-        file.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=file.parent, prefix=file.name, suffix=".tmp")
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-        os.replace(tmp, file)
-        tmp = None
+        atomic_write(file, lambda f: torch.save(obj, f))
     except OSError as e:
         warnings.warn(f"Could not write the dataset cache {file} ({e}); the next load will decode again.",
                       stacklevel=3)
-    finally:
-        if tmp is not None and os.path.exists(tmp):
-            os.unlink(tmp)

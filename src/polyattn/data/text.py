@@ -50,8 +50,9 @@ import numpy as np
 import torch
 
 from ..errors import UserError
-from .images import CappedReader, default_cache_dir
-from .tokenizers import BpeTokenizer, ByteTokenizer, Tokenizer, atomic_write
+from ..files import atomic_write, default_cache_dir
+from .images import CappedReader
+from .tokenizers import BpeTokenizer, ByteTokenizer, Tokenizer
 
 CORPUS_DIR = Path(__file__).resolve().parent / "corpus"
 EMBEDDED = {"shakespeare": CORPUS_DIR / "shakespeare.txt.gz"}

@@ -15,8 +15,6 @@ multi-byte character.
 from __future__ import annotations
 
 import hashlib
-import os
-import tempfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Protocol
@@ -24,6 +22,7 @@ from typing import Protocol
 import numpy as np
 
 from ..errors import UserError
+from ..files import atomic_write
 
 TOKENIZER_FILE = "tokenizer.json"
 EOS_TOKEN = "<|endoftext|>"
@@ -70,22 +69,6 @@ class ByteTokenizer:
 
     def __repr__(self) -> str:
         return "ByteTokenizer(vocab_size=256)"
-
-
-def atomic_write(path: Path, write) -> None:
-    """Calls `write(f)` on a temporary binary file beside `path`, then renames it into place, so a reader
-    never sees a half-written file (also after a crash)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _hf():

@@ -31,7 +31,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..data.images import default_cache_dir
 from ..data.loader import to_device
 from ..data.text import (
     EMBEDDED,
@@ -45,6 +44,7 @@ from ..data.text import (
 )
 from ..data.tokenizers import TOKENIZER_FILE, BpeTokenizer, ByteTokenizer, StreamDecoder, Tokenizer, train_bpe
 from ..errors import UserError
+from ..files import default_cache_dir
 from ..models.generation import stream_generate
 from ..progress import progress_bar
 

@@ -32,6 +32,7 @@ channel unless set (`polyattn.data.transforms.normalize`), i.e. [-1, 1]; `to_uin
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import math
@@ -45,9 +46,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..data.loader import BatchLoader, to_device
-from ..data.tokenizers import atomic_write
 from ..data.transforms import TrainAugment
 from ..errors import UserError, nearest
+from ..files import atomic_write
 from ..progress import progress_bar
 from .image_job import ImageJob, subset
 
@@ -473,6 +474,50 @@ def sample_to_dir(model: nn.Module, data_config, class_names: Sequence[str], out
     return {"grid": grid, "paths": paths, "images": images, "labels": labels, "seconds": seconds}
 
 
+
+def sample_run(model: nn.Module, data_config, run_dir: Path, *, out: Path | None, classes: str | None, n: int,
+               steps: int, cfg: float, sampler: str, eta: float, seed: int, batch_size: int, weights: str,
+               device: torch.device | str = "cpu", autocast: Callable[[], Any] = contextlib.nullcontext,
+               classifier: tuple[nn.Module, Any, Path] | None = None,
+               announce: Callable[[Path], None] | None = None) -> dict[str, Any]:
+    """`polyattn sample` on a loaded diffusion run: the images into `out` (new or empty; None = `samples_dir`),
+    and with `classifier = (model, config, run_dir)` of an image classifier trained on the same data, their
+    quality (`polyattn.tasks.sample_quality.measure_samples`) written to `out/quality.json`.
+
+    The sampler runs under `autocast()` (the run's inference precision); the classifier measures in float32, as
+    `polyattn eval` evaluates. `announce(out)` is called once the arguments are checked, before sampling starts.
+    Returns `sample_to_dir`'s
+    summary with `out` and, with a classifier, `metrics` (what quality.json holds) and `quality` (its path).
+    """
+    from ..files import atomic_write_text
+
+    if out is not None:
+        out = Path(out)
+        if out.exists() and any(out.iterdir()):
+            raise UserError(f"--out {out} already holds files; choose an empty or new folder, so that two calls "
+                            f"never mix their images.")
+    else:
+        out = samples_dir(run_dir, classes=classes, n=n, steps=steps, cfg=cfg, sampler=sampler, eta=eta, seed=seed,
+                          batch_size=batch_size, weights=weights)
+    with autocast():
+        result = sample_to_dir(model, data_config, read_class_names(run_dir, model.num_classes), out,
+                               classes=classes, n=n, steps=steps, cfg=cfg, sampler=sampler, eta=eta, seed=seed,
+                               batch_size=batch_size, device=device,
+                               announce=None if announce is None else lambda: announce(out))
+    result["out"] = out
+    if classifier is not None:
+        from .sample_quality import measure_samples
+
+        classifier_model, classifier_config, classifier_dir = classifier
+        metrics = measure_samples(result["images"], result["labels"], classifier=classifier_model,
+                                  classifier_config=classifier_config, data_config=data_config, device=device)
+        result["metrics"] = {"run": str(run_dir), "classifier_run": str(classifier_dir), "steps": steps,
+                             "sampler": sampler, "cfg": cfg, "seed": seed, **metrics}
+        result["quality"] = out / "quality.json"
+        atomic_write_text(result["quality"], json.dumps(result["metrics"], indent=2) + "\n")
+    return result
+
+
 __all__ = [
     "CLASSES_FILE",
     "SAMPLERS",
@@ -485,6 +530,7 @@ __all__ = [
     "parse_classes",
     "read_class_names",
     "sample",
+    "sample_run",
     "sample_to_dir",
     "samples_dir",
     "time_grid",

@@ -5,7 +5,8 @@ run logs. It knows nothing about particular models; a task supplies a `TrainingJ
 a trained run's model, config and tokenizer.
 """
 
-from .checkpoint import CheckpointDir, atomic_write_text, load_weights, save_weights
+from ..files import atomic_write_text
+from .checkpoint import CheckpointDir, load_weights, save_weights
 from .config import (
     DataConfig,
     ModelConfig,

@@ -1,4 +1,4 @@
-"""Run directories: weights, training state and atomic file writes.
+"""Run directories: weights, training state, checkpoints (files are written with `polyattn.files`).
 
 A run directory holds everything `eval`, `generate`, `sample` and `resume` need:
 
@@ -24,7 +24,6 @@ one sentence naming the path.
 
 from __future__ import annotations
 
-import errno
 import fcntl
 import hashlib
 import json
@@ -40,6 +39,7 @@ import torch
 from torch import nn
 
 from ..errors import UserError
+from ..files import atomic_save, atomic_write_text, write_error
 
 WEIGHTS = "model.safetensors"
 EMA_WEIGHTS = "ema.safetensors"
@@ -50,55 +50,12 @@ MANIFEST = "manifest.json"
 LOCK = ".lock"
 _STEP_NAME = re.compile(r"step-\d{8}")
 
-_WRITE_ERRORS = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is exceeded",
-                 errno.EACCES: "permission is denied", errno.EPERM: "permission is denied",
-                 errno.EROFS: "the file system is read-only"}
-WRITE_ERRNOS = frozenset(_WRITE_ERRORS)
-
-
-def write_error(path: Path, err: OSError) -> UserError:
-    """One sentence for a failed write: what, where, and what to do (free space, fix permissions)."""
-    reason = _WRITE_ERRORS.get(err.errno, err.strerror or str(err))
-    fix = "free some space" if err.errno in (errno.ENOSPC, errno.EDQUOT) else "choose a writable location"
-    return UserError(f"Cannot write {path}: {reason}; {fix} and try again (an interrupted training run "
-                     f"continues from its last checkpoint with `polyattn train --resume RUN_DIR`).")
-
-
-def _atomic_write(path: Path, write) -> None:
-    path = Path(path)
-    tmp = None
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        os.close(fd)
-        write(tmp)
-        os.replace(tmp, path)
-    except OSError as err:
-        if tmp is not None:
-            Path(tmp).unlink(missing_ok=True)
-        raise write_error(path, err) from err
-    except BaseException:
-        if tmp is not None:
-            Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    def write(tmp):
-        with open(tmp, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-
-    _atomic_write(path, write)
-
-
 def save_weights(model: nn.Module, path: Path, *, model_name: str) -> None:
     """Saves the state dict as safetensors, with the registered model name in the metadata."""
     from safetensors.torch import save_file
 
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    _atomic_write(path, lambda tmp: save_file(state, tmp, metadata={"format": "pt", "model": model_name}))
+    atomic_save(path, lambda tmp: save_file(state, tmp, metadata={"format": "pt", "model": model_name}))
 
 
 def load_weights(model: nn.Module, path: Path, *, model_name: str) -> None:
@@ -154,7 +111,7 @@ class CheckpointDir:
             save_weights(model, tmp / WEIGHTS, model_name=model_name)
             if ema_model is not None:
                 save_weights(ema_model, tmp / EMA_WEIGHTS, model_name=model_name)
-            _atomic_write(tmp / TRAINING_STATE, lambda p: torch.save(training_state, p))
+            atomic_save(tmp / TRAINING_STATE, lambda p: torch.save(training_state, p))
             manifest = {p.name: _digest(p) for p in sorted(tmp.iterdir())}
             atomic_write_text(tmp / MANIFEST, json.dumps(manifest, indent=1) + "\n")
             os.replace(tmp, final)

@@ -564,7 +564,7 @@ def apply_overrides(config: RunConfig, overrides: list[str]) -> None:
 
 
 def save_yaml(data: Any, path: Path) -> None:
-    from .checkpoint import atomic_write_text
+    from ..files import atomic_write_text
 
     atomic_write_text(path, yaml.safe_dump(data, sort_keys=False))
 

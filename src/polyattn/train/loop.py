@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from ..errors import Interrupted, UserError
+from ..files import atomic_write_text, write_error
 from ..hardware import Precision, autocast_for, device_name, environment, resolve_device, resolve_precision
 from ..progress import note, progress_bar
 from ..registry import get_entry
@@ -35,13 +36,11 @@ from .checkpoint import (
     WEIGHTS,
     CheckpointDir,
     RunDirLock,
-    atomic_write_text,
     claim_new_run_dir,
     load_weights,
     remove_temporaries,
     save_weights,
     set_rng_state,
-    write_error,
 )
 from .checkpoint import rng_state as current_rng_state
 from .config import RunConfig, apply_overrides, fixed_on_resume, load_yaml, save_yaml

@@ -39,7 +39,7 @@ class RunLog:
             with open(self.path, "a") as f:
                 f.write(json.dumps(record) + "\n")
         except OSError as err:
-            from .checkpoint import write_error
+            from ..files import write_error
 
             raise write_error(self.path, err) from err
         if self.tb is not None:
@@ -52,7 +52,7 @@ class RunLog:
             self.tb.close()
 
     def _truncate_after(self, step: int) -> None:
-        from .checkpoint import atomic_write_text
+        from ..files import atomic_write_text
 
         kept = [r for r in read_metrics(self.run_dir) if r["step"] <= step]
         atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
@@ -114,7 +114,7 @@ def write_plots(run_dir: Path) -> list[Path]:
         import matplotlib.pyplot as plt
     except ImportError:
         return []
-    from .checkpoint import _atomic_write
+    from ..files import atomic_save
 
     series = curves(read_metrics(run_dir))
     if not series:
@@ -140,7 +140,7 @@ def write_plots(run_dir: Path) -> list[Path]:
     def save(fig, name: str) -> None:
         path = out_dir / name
         fig.tight_layout()
-        _atomic_write(path, partial(fig.savefig, format="png"))
+        atomic_save(path, partial(fig.savefig, format="png"))
         plt.close(fig)
         written.append(path)
 
