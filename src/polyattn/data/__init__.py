@@ -10,7 +10,6 @@ from .images import ImageDataset, default_cache_dir, load_image_split, register_
 from .loader import BatchLoader
 from .text import (
     EMBEDDED,
-    IGNORE_INDEX,
     TextSource,
     TokenFile,
     build_token_file,
@@ -29,7 +28,6 @@ from .transforms import EvalTransform, MixupCutmix, TrainAugment, channel_stats,
 
 __all__ = [
     "EMBEDDED",
-    "IGNORE_INDEX",
     "BatchLoader",
     "BpeTokenizer",
     "ByteTokenizer",

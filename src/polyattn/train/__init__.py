@@ -7,10 +7,8 @@ a trained run's model, config and tokenizer.
 
 from .checkpoint import CheckpointDir, atomic_write_text, load_weights, save_weights
 from .config import (
-    DataConfig,
     ModelConfig,
     RunConfig,
-    TaskConfig,
     TrainConfig,
     apply_overrides,
     build_config,
@@ -31,18 +29,16 @@ from .loop import (
 )
 from .optim import CosineSchedule, build_optimizer, param_groups
 from .run_log import RunLog, read_metrics, write_plots
-from .schedules import SoftMaskSchedule
+from .schedules import InputSchedule
 
 __all__ = [
     "CheckpointDir",
     "CosineSchedule",
-    "DataConfig",
+    "InputSchedule",
     "ModelConfig",
     "Run",
     "RunConfig",
     "RunLog",
-    "SoftMaskSchedule",
-    "TaskConfig",
     "TrainConfig",
     "TrainingJob",
     "WeightEma",
