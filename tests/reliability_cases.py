@@ -51,7 +51,11 @@ CASES: list[Case] = [
     bad_value("train.run_name=../elsewhere", "train.run_name must be one directory name inside train.out_dir"),
     bad_value("data.crop_scale=[0.9,0.5]", "data.crop_scale must be (min, max) with min ≤ max"),
     bad_value("data.test_fraction=1", "data.test_fraction must be greater than 0 and less than 1"),
-    bad_value("task.mask_replace=0.8 task.mask_random=0.5", "task.mask_replace + task.mask_random must be at most 1"),
+    bad_value("task.mask_replace=0.8 task.mask_random=0.5", "task.mask_replace + task.mask_random must be at most 1",
+              recipe="bert_shakespeare"),
+    bad_value("data.seq_len=64", "data.seq_len is a setting of text data, but model 'vit_nano' trains classification"),
+    bad_value("task.mask_prob=0.2", "task.mask_prob is a setting of the masked_lm task, but model 'vit_nano' trains "
+              "classification"),
     bad_value("data.eval_stride=300", "data.eval_stride (300) must be at most data.seq_len (256)",
               recipe="llama_lm_shakespeare"),
     bad_value("data.source=/dev/zero", "is not a regular file", recipe="llama_lm_shakespeare"),

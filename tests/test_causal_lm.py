@@ -13,7 +13,8 @@ from polyattn.cli import main
 from polyattn.data.text import EMBEDDED
 from polyattn.data.tokenizers import ByteTokenizer, train_bpe
 from polyattn.errors import UserError
-from polyattn.tasks.causal_lm import causal_lm_loss, evaluate_lm, lm_metrics, stream_text
+from polyattn.ops.losses import cross_entropy
+from polyattn.tasks.causal_lm import evaluate_lm, lm_metrics, stream_text
 from polyattn.train.config import build_config
 from polyattn.train.loop import train
 from polyattn.train.run_log import read_metrics
@@ -56,7 +57,8 @@ def test_loss_ignores_padding_and_metrics_follow_their_definitions():
     targets[1, 2:] = -100
     keep = targets != -100
     manual = torch.nn.functional.cross_entropy(logits[keep], targets[keep])
-    torch.testing.assert_close(causal_lm_loss(logits, targets), manual)
+    torch.testing.assert_close(cross_entropy(logits, targets), manual)
+    torch.testing.assert_close(cross_entropy(logits, targets, reduction="sum"), manual * keep.sum())
     m = lm_metrics(total_nats=200.0, num_tokens=100, num_bytes=400)
     assert m["loss"] == 2.0 and m["ppl"] == pytest.approx(math.exp(2.0))
     assert m["bpb"] == pytest.approx(2.0 / math.log(2) / 4)  # 4 bytes per token

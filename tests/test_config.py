@@ -77,9 +77,9 @@ def test_every_numeric_setting_has_a_rule():
     import dataclasses
     import typing
 
-    from polyattn.train.config import DataConfig, TaskConfig, TrainConfig
+    from polyattn.train.config import section_classes
 
-    for cls in (DataConfig, TaskConfig, TrainConfig):
+    for cls in (cls for classes in section_classes().values() for cls in classes):
         hints = typing.get_type_hints(cls)
         for f in dataclasses.fields(cls):
             kinds = set(typing.get_args(hints[f.name])) | {hints[f.name]}

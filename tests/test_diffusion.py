@@ -228,7 +228,7 @@ def test_job_drops_labels_for_guidance_and_evaluates_deterministically(cache_dir
             return x * self.w
 
     images, labels = next(iter(job.batches(0, 0)))
-    job.loss(Spy(), (images, labels), accumulation_steps=1, autocast=nullcontext, forward_kwargs={})
+    job.loss(Spy(), job.prepare((images, labels)), {})
     dropped = seen["y"] == 10
     assert 0.4 < float(dropped.float().mean()) < 0.6
     assert torch.equal(seen["y"][~dropped], labels[~dropped])

@@ -5,7 +5,8 @@ import torch
 
 import polyattn
 from polyattn.data.text import pack_documents, pad_documents
-from polyattn.models.generation import next_token_loss, sample_next
+from polyattn.models.generation import sample_next
+from polyattn.ops.losses import cross_entropy
 
 
 def _one_per_class(names):
@@ -184,7 +185,7 @@ def test_sample_next_filters():
     assert draws == {1, 2}
     draws = {sample_next(logits, temperature=1.0, top_p=0.01, generator=g).item() for _ in range(20)}
     assert draws == {1}
-    torch.testing.assert_close(next_token_loss(torch.zeros(1, 2, 4), torch.tensor([[1, -100]])),
+    torch.testing.assert_close(cross_entropy(torch.zeros(1, 2, 4), torch.tensor([[1, -100]])),
                                torch.tensor(4.0).log())
 
 

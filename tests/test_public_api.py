@@ -102,9 +102,13 @@ def test_config_command_prints_the_resolved_config(capsys):
     out = capsys.readouterr().out
     assert "lr: 0.0003  # float, default 0.001; Peak learning rate" in out
     assert "depth: 2  # int, default 6" in out
-    assert "precision: auto" in out and "eval_tokens: null" in out
+    assert "precision: auto" in out and "mean: null" in out
+    assert "seq_len:" not in out  # an image run's data section has no text settings
     parsed = yaml.safe_load(out)  # the listing is itself a recipe
     assert parsed["train"]["lr"] == 3e-4 and parsed["model"]["depth"] == 2
+    assert main(["config", "llama_lm_shakespeare"]) == 0
+    out = capsys.readouterr().out
+    assert "eval_tokens: null" in out and "crop:" not in out
     assert main(["config", "--keys"]) == 0
     out = capsys.readouterr().out
     assert all(k.key in out for k in config_keys())

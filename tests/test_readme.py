@@ -185,7 +185,9 @@ HOW: dict[str, Train | Run | Error | Help | Covered | Skip] = {
 
 SHRINK = ["train.max_steps=1", "train.progress=false", "train.log_every=1", "train.ema_decay=null"]
 """Appended to every training command: one optimizer step."""
-SHRINK_IMAGES = ["train.batch_size=4", "data.eval_batch_size=64", "task.eval_images=4"]
+SHRINK_IMAGES = ["train.batch_size=4", "data.eval_batch_size=64"]
+SHRINK_TASK = {"diffusion": ["task.eval_images=4"]}
+"""Shrinking overrides of one task's own section (another task's key is an error)."""
 SHRINK_TEXT = ["data.source=shakespeare", "train.batch_size=2", "data.eval_batch_size=4", "data.eval_tokens=512"]
 
 
@@ -219,7 +221,8 @@ def places(tmp_path_factory):
         common = [*SHRINK, f"train.out_dir={root}"]
         for argv in (["default", *common, *SHRINK_IMAGES, "train.run_name=cls", "train.max_steps=2"],
                      ["llama_lm_shakespeare", *common, *SHRINK_TEXT, "train.run_name=lm"],
-                     ["dit_digits", *common, *SHRINK_IMAGES, "model.depth=1", "train.run_name=dit"]):
+                     ["dit_digits", *common, *SHRINK_IMAGES, *SHRINK_TASK["diffusion"], "model.depth=1",
+                      "train.run_name=dit"]):
             assert main(["train", *argv]) == 0, argv
     return {"cls": root / "cls", "lm": root / "lm", "dit": root / "dit", "s2": root / "s2", "folder": folder,
             "archive": archive, "results": results, "root": root}
@@ -267,10 +270,11 @@ def _train_argv(command: str, how: Train, places: dict, tmp: Path) -> list[str]:
 
     config = build_config(argv[1] if len(argv) > 1 and "=" not in argv[1] else None,
                           [a for a in argv[1:] if "=" in a])
-    text = model_task(config.model.name) in ("causal_lm", "masked_lm")
-    data = []
+    task = model_task(config.model.name)
+    text = task in ("causal_lm", "masked_lm")
+    data = SHRINK_TASK.get(task, [])
     if not text and config.data.source.startswith("../shared/"):
-        data = [f"data.source={places['archive']}"]
+        data = [*data, f"data.source={places['archive']}"]
     return [*argv, *data, *SHRINK, *(SHRINK_TEXT if text else SHRINK_IMAGES), f"train.out_dir={tmp}", *how.extra]
 
 

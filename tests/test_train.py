@@ -14,7 +14,7 @@ import torch
 
 from polyattn.cli import main
 from polyattn.errors import UserError
-from polyattn.train.config import build_config
+from polyattn.train.config import RunConfig, build_config
 from polyattn.train.loop import train
 from polyattn.train.run_log import read_metrics
 
@@ -63,8 +63,11 @@ def test_gradient_accumulation_matches_one_batch(tmp_path, cache_dir):
 def test_nan_loss_stops_with_one_clear_sentence(tmp_path, cache_dir, monkeypatch):
     from polyattn.tasks import image_classification
 
-    def nan_loss(self, model, batch, **kwargs):
-        return torch.tensor(float("nan")), len(batch[1])
+    finite_loss = image_classification.ImageClassificationJob.loss
+
+    def nan_loss(self, model, batch, inputs):
+        loss, n = finite_loss(self, model, batch, inputs)
+        return loss * float("nan"), n
 
     monkeypatch.setattr(image_classification.ImageClassificationJob, "loss", nan_loss)
     with pytest.raises(UserError, match=r"not finite for 3 steps in a row .* no checkpoint was written"):
@@ -187,21 +190,38 @@ def test_recipe_files_are_valid():
 
 
 def test_soft_mask_schedule_shapes():
-    from polyattn.train.schedules import SoftMaskSchedule
+    from polyattn.train.schedules import InputSchedule
 
-    constant = SoftMaskSchedule("constant", total_steps=100, cutoff=0.2)
-    assert [constant(s) for s in (0, 19, 20, 99)] == [1.0, 1.0, 0.0, 0.0]
-    linear = SoftMaskSchedule("linear", total_steps=100, cutoff=0.2)
-    values = [linear(s) for s in range(25)]
+    constant = InputSchedule("constant", until=0.2)
+    assert [constant.at(s, total_steps=100) for s in (0, 19, 20, 99)] == [1.0, 1.0, 0.0, 0.0]
+    linear = InputSchedule("linear", until=0.2)
+    values = [linear.at(s, 100) for s in range(25)]
     assert values[0] == 1.0 and values[19] == 0.0 and values[20:] == [0.0] * 5
     assert all(a > b for a, b in itertools.pairwise(values[:20]))  # strictly decreasing to the endpoint 0
-    assert SoftMaskSchedule("linear", 100, 0.0)(0) == 0.0
+    assert InputSchedule("linear", until=0.0).at(0, 100) == 0.0
+    rising = InputSchedule("linear", start=0.5, end=2.0, until=0.5)  # any input, either direction
+    assert rising.at(0, 10) == 0.5 and rising.at(4, 10) == 2.0 and rising.at(9, 10) == 2.0
 
 
 def test_soft_mask_needs_a_model_that_takes_it(tmp_path, cache_dir):
     with pytest.raises(UserError, match="soft_mask_a"):
-        train(tiny_config(tmp_path, "train.soft_mask=linear", "train.soft_mask_cutoff=0.5", "train.run_name=s"))
+        train(tiny_config(tmp_path, "schedules.soft_mask_a.until=0.5", "train.run_name=s"))
     assert not (tmp_path / "s").exists()
+
+
+def test_the_old_soft_mask_keys_still_load_with_a_note(capsys):
+    config = build_config("default", ["model=illama_nano", "train.soft_mask=constant", "train.soft_mask_cutoff=0.3",
+                                      "train.soft_mask_a0=0.5"])
+    schedule = config.schedules["soft_mask_a"]
+    assert (schedule.shape, schedule.until, schedule.start, schedule.end) == ("constant", 0.3, 0.5, 0.0)
+    err = capsys.readouterr().err
+    assert "note: train.soft_mask is deprecated; write schedules.soft_mask_a.shape=constant instead." in err
+    # a run directory of the old version recorded the keys switched off: read as no schedule, silently
+    old = config.to_dict()
+    del old["schedules"]
+    old["train"].update(soft_mask="none", soft_mask_cutoff=0.0, soft_mask_a0=1.0)
+    assert RunConfig.from_dict(old, origin="old config.yaml").schedules == {}
+    assert capsys.readouterr().err == ""
 
 
 @pytest.mark.slow

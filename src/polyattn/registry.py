@@ -33,6 +33,13 @@ class ModelEntry:
         kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
         return {k: p for k, p in sig.parameters.items() if k != "self" and p.kind in kinds}
 
+    def inputs(self) -> list[str]:
+        """The keyword inputs of the model's forward beyond its data (what an input schedule may feed, such as
+        iLLaMA's `soft_mask_a`)."""
+        sig = inspect.signature(self.cls.forward)
+        return [k for k, p in sig.parameters.items() if p.kind is inspect.Parameter.KEYWORD_ONLY
+                or (p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD and p.default is not inspect.Parameter.empty)]
+
 
 _MODELS: dict[str, ModelEntry] = {}
 

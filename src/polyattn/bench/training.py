@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..hardware import PRECISIONS, Precision, autocast_for, native_bf16, resolve_device, resolve_precision
+from ..ops.losses import cross_entropy
 from .common import add_machine_arguments, bench_header, median, pyplot, synchronize, time_call, write_json
 
 VISION = {"img_size": 32, "patch_size": 4, "in_chans": 3, "num_classes": 10}
@@ -118,19 +119,19 @@ def synthetic_step(model: nn.Module, task: str, workload: Workload, device: torc
         x = torch.randn(B, chans, size, size, generator=generator).to(device)
         y = torch.randint(0, workload.args.get("num_classes", 10), (B,), generator=generator).to(device)
         patch = workload.args.get("patch_size", 16)
-        return (lambda: F.cross_entropy(model(x).float(), y)), B, B * (size // patch) ** 2
+        return (lambda: cross_entropy(model(x), y)), B, B * (size // patch) ** 2
     if task in ("causal_lm", "masked_lm"):
-        from ..tasks.causal_lm import causal_lm_loss, scored_targets
+        from ..tasks.causal_lm import scored_targets
 
         vocab = workload.args.get("vocab_size", 256)
         tokens = torch.randint(0, vocab, (B, T + 1), generator=generator).to(device)
         x, y = tokens[:, :-1], tokens[:, 1:]
         if task == "masked_lm":  # the loss of BERT's task on every position: the same FLOPs as 15% of them
-            return (lambda: F.cross_entropy(model(x).float().flatten(0, 1), y.flatten())), B, B * T
+            return (lambda: cross_entropy(model(x), y)), B, B * T
 
         def lm_loss():
             logits = model(x)
-            return causal_lm_loss(logits.float(), scored_targets(logits, y))
+            return cross_entropy(logits, scored_targets(logits, y))
 
         return lm_loss, B, B * T
     if task == "diffusion":

@@ -11,7 +11,6 @@ from .images import ImageDataset, load_image_split, register_image_source, strat
 from .loader import BatchLoader
 from .text import (
     EMBEDDED,
-    IGNORE_INDEX,
     TextSource,
     TokenFile,
     build_token_file,
@@ -30,7 +29,6 @@ from .transforms import EvalTransform, MixupCutmix, TrainAugment, channel_stats,
 
 __all__ = [
     "EMBEDDED",
-    "IGNORE_INDEX",
     "BatchLoader",
     "BpeTokenizer",
     "ByteTokenizer",

@@ -51,14 +51,13 @@ import torch
 
 from ..errors import UserError
 from ..files import atomic_write, default_cache_dir
+from ..ops.losses import IGNORE_INDEX
 from .images import CappedReader
 from .tokenizers import BpeTokenizer, ByteTokenizer, Tokenizer
 
 CORPUS_DIR = Path(__file__).resolve().parent / "corpus"
 EMBEDDED = {"shakespeare": CORPUS_DIR / "shakespeare.txt.gz"}
 TOKEN_FORMAT_VERSION = 1
-IGNORE_INDEX = -100
-"""Target id that the loss skips (padding)."""
 
 _READ_CHUNK = 8 << 20  # characters per piece when reading a large text file
 MAX_TEXT_BYTES = 64 << 30

@@ -23,28 +23,16 @@ produces it.
 Documents of different lengths: a padding `attention_mask [B, T]` (padded keys get no weight), or documents packed
 into one row with `cu_seqlens [N + 1]` (a block-diagonal mask; positions restart at each document).
 
-`MaskedLMMixin` and `masked_lm_loss` are what every masked LM of the library shares (BERT, bidirectional LightNet).
+`MaskedLMMixin` is what every masked LM of the library shares (BERT, bidirectional LightNet).
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
+from ..ops.losses import cross_entropy
 from ..registry import register_model
-from .generation import IGNORE_INDEX
 from .llama_lm import RopeTransformer
-
-
-def masked_lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy (nats) over the masked positions, in float32.
-
-    Args:
-        logits (Tensor): `[B, T, V]`.
-        targets (Tensor): `[B, T]` int64, the original token at each masked position and `IGNORE_INDEX` (-100)
-            everywhere else (unmasked tokens and padding are not scored).
-    """
-    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX)
 
 
 class MaskedLMMixin:
@@ -60,13 +48,13 @@ class MaskedLMMixin:
 
         Args:
             tokens (Tensor): `[B, T]` int64.
-            targets (Tensor, Optional): `[B, T]` int64, the original tokens at the masked positions, -100 elsewhere
-                (see `masked_lm_loss`).
+            targets (Tensor, Optional): `[B, T]` int64, the original tokens at the masked positions, `IGNORE_INDEX`
+                elsewhere (unmasked tokens and padding; the loss is their mean cross-entropy).
             attention_mask (Tensor, Optional): `[B, T]` bool/0-1, True = real token (padding mask).
             cu_seqlens (Tensor, Optional): `[N + 1]` offsets of documents packed into one row (`B == 1`).
         """
         logits = self._logits(tokens, attention_mask, cu_seqlens)
-        return logits if targets is None else (logits, masked_lm_loss(logits, targets))
+        return logits if targets is None else (logits, cross_entropy(logits, targets))
 
     @property
     def mask_token_id(self) -> int:

@@ -3,7 +3,7 @@
 A causal LM in this library (`LlamaLM`, `LightNetLM`, ...) provides two forward entry points:
 
 - `forward(tokens [B, T], targets=None, *, attention_mask=None, cu_seqlens=None)`: logits `[B, T, V]`, or
-  `(logits, loss)` when `targets` is given (see `next_token_loss`);
+  `(logits, loss)` when `targets` is given (the mean `polyattn.ops.losses.cross_entropy` over the scored targets);
 - `forward_cached(tokens [B, T], cache=None, *, attention_mask=None) -> (logits [B, T, V], cache)`: the same
   computation continued from `cache`, the model's explicit decoding state (one entry per layer, each with its
   own position counter). `cache=None` starts a new sequence; passing the returned cache back continues it,
@@ -19,20 +19,9 @@ from collections.abc import Iterator
 from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-IGNORE_INDEX = -100
-
-
-def next_token_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy (nats) over the target tokens that are not `IGNORE_INDEX` (padding), in float32.
-
-    Args:
-        logits (Tensor): `[B, T, V]`.
-        targets (Tensor): `[B, T]` int64, the token that follows each position, `IGNORE_INDEX` = skip.
-    """
-    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX)
+from ..ops.losses import cross_entropy
 
 
 def sample_next(logits: torch.Tensor, *, temperature: float = 0.0, top_k: int | None = None,
@@ -162,12 +151,12 @@ class CausalLMMixin:
 
         Args:
             tokens (Tensor): `[B, T]` int64.
-            targets (Tensor, Optional): `[B, T]` int64, -100 = not scored (see `next_token_loss`).
+            targets (Tensor, Optional): `[B, T]` int64, `IGNORE_INDEX` = not scored (see `polyattn.ops.losses`).
             attention_mask (Tensor, Optional): `[B, T]` bool/0-1, True = real token (padding mask).
             cu_seqlens (Tensor, Optional): `[N + 1]` offsets of documents packed into one row (`B == 1`).
         """
         logits = self._logits(tokens, attention_mask, cu_seqlens)
-        return logits if targets is None else (logits, next_token_loss(logits, targets))
+        return logits if targets is None else (logits, cross_entropy(logits, targets))
 
     def generate(self, tokens: torch.Tensor, max_new_tokens: int, temperature: float = 0.0,
                  top_k: int | None = None, top_p: float | None = None, use_cache: bool = True, *,
@@ -194,5 +183,5 @@ class CausalLMMixin:
                         attention_mask=attention_mask, generator=generator, return_logits=return_logits)
 
 
-__all__ = ["IGNORE_INDEX", "CausalLMMixin", "GenerationStep", "generate", "next_token_loss", "sample_next",
+__all__ = ["CausalLMMixin", "GenerationStep", "generate", "sample_next",
            "stream_generate"]

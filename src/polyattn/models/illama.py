@@ -6,9 +6,9 @@ lets it see every patch), a learned absolute position table plus 1-D interleaved
 (class token at position N), pre-RMSNorm blocks of attention and a bias-free SwiGLU, final RMSNorm, linear head.
 
 The attention mask is a constructor choice (`mask_mode`); the soft-mask value `a` is a forward input, stepped
-by the training loop's `SoftMaskSchedule`, never a model attribute. The released model uses `illama_soft`: a
-post-softmax multiplicative mask without renormalisation, which is *not* causal even at `a = 0` (spec §3); it
-is the default here so that released weights and numbers reproduce. `causal` is the true −inf mask.
+by the training loop's input schedule (`schedules.soft_mask_a`), never a model attribute. The released model uses
+`illama_soft`: a post-softmax multiplicative mask without renormalisation, which is *not* causal even at `a = 0`
+(spec §3); it is the default here so that released weights and numbers reproduce. `causal` is the true −inf mask.
 """
 
 from __future__ import annotations

@@ -84,8 +84,9 @@ from ..layers.norm import RMSNorm
 from ..layers.rope import Rotary, RotaryEmbedding
 from ..layers.token_io import TokenIO
 from ..ops.attention import attention, causal_mask, padding_to_attn_mask
+from ..ops.losses import cross_entropy
 from ..registry import register_model
-from .generation import CausalLMMixin, next_token_loss
+from .generation import CausalLMMixin
 
 
 class PerceiverVariant(str, Enum):
@@ -687,7 +688,7 @@ class PerceiverAR(CausalLMMixin, nn.Module):
                 return logits
             doc_targets, _, _ = unpack_documents(targets, cu_seqlens)
             L = min(docs.shape[1], self.max_seq_len, self._num_latents(num_latents))
-            return logits, next_token_loss(logits, pack_outputs(doc_targets[:, -L:], lengths))
+            return logits, cross_entropy(logits, pack_outputs(doc_targets[:, -L:], lengths))
         B, T = tokens.shape
         if self.training and tokens.shape[1] > self.max_seq_len:
             raise UserError(f"A training row of {T} tokens is longer than the model's window "
@@ -696,7 +697,7 @@ class PerceiverAR(CausalLMMixin, nn.Module):
         mask = None if attention_mask is None else attention_mask.bool()
         logits = self._window_logits(tokens, mask, real_positions(mask, B, T, tokens.device),
                                      self._num_latents(num_latents))  # (B, L, V)
-        return logits if targets is None else (logits, next_token_loss(logits, targets[:, -logits.shape[1]:]))
+        return logits if targets is None else (logits, cross_entropy(logits, targets[:, -logits.shape[1]:]))
 
     def forward_cached(self, tokens: torch.Tensor, cache: PerceiverARCache | WindowCache | None = None, *,
                        attention_mask: torch.Tensor | None = None

@@ -35,8 +35,9 @@ from torch import nn
 
 from ..layers.attention import KVCache
 from ..layers.rope import RotaryEmbedding
+from ..ops.losses import cross_entropy
 from ..registry import register_model
-from .generation import CausalLMMixin, next_token_loss
+from .generation import CausalLMMixin
 from .llama_lm import document_positions
 from .perceiver_ar import (
     WindowCache,
@@ -168,7 +169,7 @@ class LLPTransformer(CausalLMMixin, nn.Module):
                 allowed = llp_mask(positions, positions, self.segment_len)[:, None]
             x, _ = self._layers(self.io.embed_tokens(tokens), positions, allowed, mask)
             logits = self.io.logits(x)
-        return logits if targets is None else (logits, next_token_loss(logits, targets[:, -logits.shape[1]:]))
+        return logits if targets is None else (logits, cross_entropy(logits, targets[:, -logits.shape[1]:]))
 
     def forward_cached(self, tokens: torch.Tensor, cache: LLPCache | WindowCache | None = None, *,
                        attention_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, LLPCache | WindowCache]:

@@ -1,7 +1,8 @@
 """Pure tensor functions: the math of each token mixer, `[B, T, H, D]` layout, each with a reference form.
 
 Submodules: `attention` (softmax attention and its masks), `lightnet`, `decay_scan`, `chunk_gated` (the chunk
-kernel those two share), `lrpe`, `tpe`. The submodule names are not shadowed here, so `polyattn.ops.attention`
+kernel those two share), `lrpe`, `tpe`, `losses` (the one cross-entropy and `IGNORE_INDEX`). The submodule names
+are not shadowed here, so `polyattn.ops.attention`
 stays the module: the softmax attention function is `from polyattn.ops.attention import attention` (or
 `polyattn.ops.softmax_attention`, the same function under a name that does not collide).
 """
@@ -25,16 +26,19 @@ from .lightnet import (
     lightnet_recurrent,
     lightnet_reference,
 )
+from .losses import IGNORE_INDEX, cross_entropy
 from .lrpe import lrpe_cosine, lrpe_rotary, lrpe_theta, md_lrpe_angles
 from .tpe import md_tpe_scan, tpe_reference, tpe_scan
 
 __all__ = [
+    "IGNORE_INDEX",
     "Backend",
     "LightNetState",
     "MaskMode",
     "attention_ref",
     "causal_mask",
     "chunk_gated_core",
+    "cross_entropy",
     "decay_attn",
     "decay_attn_recurrent",
     "decay_attn_reference",

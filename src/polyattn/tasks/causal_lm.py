@@ -23,18 +23,17 @@ import hashlib
 import json
 import math
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..data.loader import to_device
 from ..data.text import (
     EMBEDDED,
-    IGNORE_INDEX,
     eval_windows,
     load_token_file,
     random_windows,
@@ -46,19 +45,16 @@ from ..data.tokenizers import TOKENIZER_FILE, BpeTokenizer, ByteTokenizer, Strea
 from ..errors import UserError
 from ..files import default_cache_dir
 from ..models.generation import stream_generate
+from ..ops.losses import IGNORE_INDEX, cross_entropy
 from ..progress import progress_bar
+from ..settings import Section
 
 BPE_CACHE_VERSION = 1
 
 
-def causal_lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy (nats) over the targets that are not padding (`IGNORE_INDEX`), float32.
-
-    Args:
-        logits (Tensor): `[B, T, V]`.
-        targets (Tensor): `[B, T]` int64, the token after each position; `IGNORE_INDEX` (-100) = not scored.
-    """
-    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX)
+@dataclass
+class CausalLMConfig(Section):
+    """The `task` section of causal language modelling: nothing to set beyond the data (`data.seq_len`, ...)."""
 
 
 def scored_targets(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -110,8 +106,7 @@ def evaluate_lm(model: nn.Module, tokens: np.ndarray, tokenizer: Tokenizer, *, s
             if (kept != IGNORE_INDEX).sum() != (y != IGNORE_INDEX).sum():
                 raise UserError(f"The model predicts only the last {logits.shape[1]} positions of a window, fewer "
                                 f"than the scored ones; set data.eval_stride to at most {logits.shape[1]}.")
-            total += F.cross_entropy(logits.float().flatten(0, 1), kept.flatten(), reduction="sum",
-                                     ignore_index=IGNORE_INDEX).item()
+            total += cross_entropy(logits, kept, reduction="sum").item()
             kept = kept[kept != IGNORE_INDEX]
             count += kept.numel()
             scored.append(kept.cpu())
@@ -150,8 +145,8 @@ class TextStreamJob:
 
     A tokenizer (byte-level, the run's own BPE, or a token file's), the token stream of `data.source` split into
     its first `1 − data.val_fraction` (train) and the rest (val, test), the size of an epoch, the files a run
-    directory needs, and the loss step: mean cross-entropy over the scored targets (`IGNORE_INDEX` elsewhere),
-    with micro-batches weighted by their share of scored tokens. Subclasses supply `batches` and `evaluate`.
+    directory needs, and the loss: summed cross-entropy over the scored targets (`IGNORE_INDEX` elsewhere) and
+    their count, which the loop averages over. Subclasses supply `batches` and `evaluate`.
 
     Args:
         config: the run's `RunConfig` (data.source, data.tokenizer, data.vocab_size, data.seq_len,
@@ -162,7 +157,7 @@ class TextStreamJob:
     """
 
     throughput_unit = "tokens"
-    """The loop reports tokens/s: `loss` returns the number of target tokens."""
+    """The loop reports tokens/s: `samples_per_step` is tokens (every input token of a step's windows)."""
     extra_ids = 0
     """Ids the model has beyond the tokenizer's (a masked LM reserves one for `[MASK]`)."""
     task_label = "a causal LM"
@@ -245,31 +240,24 @@ class TextStreamJob:
             raise UserError(f"Cannot resume at step {start_step} of an epoch that has {self.steps_per_epoch} steps; "
                             f"check that the checkpoint matches this corpus and batch size.")
 
-    def loss(self, model: nn.Module, batch, *, accumulation_steps: int, autocast,
-             forward_kwargs: dict[str, Any], backward=torch.Tensor.backward) -> tuple[torch.Tensor, int]:
+    def check_model(self, model: nn.Module) -> None:
+        """Before the run starts: the model has an id for every token of the tokenizer (and of the task)."""
         self._check_vocab(model)
+
+    def prepare(self, batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Inputs and targets on the device, and the targets' host copy, from which `loss` counts the scored
+        tokens (counting on the device would sync it at every micro-batch)."""
         x_host, y_host = batch
         x, y = to_device(x_host, y_host, device=self.device)
-        # Token counts come from the host copy of the targets: counting on the device would sync it every step.
-        n_total = int((y_host != IGNORE_INDEX).sum())
-        n_scored = None  # known after the first forward: a model may score only its last positions (latents)
-        total = torch.zeros((), device=self.device)
-        for xs, ys, ys_host in zip(x.chunk(accumulation_steps), y.chunk(accumulation_steps),
-                                   y_host.chunk(accumulation_steps)):
-            with autocast():
-                logits = model(xs, **forward_kwargs)
-            ys, ys_host = scored_targets(logits, ys), scored_targets(logits, ys_host)
-            if n_scored is None:
-                n_scored = int((scored_targets(logits, y_host) != IGNORE_INDEX).sum())
-            # weighted by its share of scored tokens, so accumulation gives the gradient of one big batch
-            loss = causal_lm_loss(logits, ys) * (int((ys_host != IGNORE_INDEX).sum()) / n_scored)
-            backward(loss)
-            total += loss.detach()
-        return total, self._tokens_processed(x, n_total)
+        return x, y, y_host
 
-    def _tokens_processed(self, inputs: torch.Tensor, n_scored: int) -> int:
-        """What the loop's tokens/s counts: the scored targets (every input token of a next-token window)."""
-        return n_scored
+    def loss(self, model: nn.Module, batch, inputs: dict[str, Any]) -> tuple[torch.Tensor, int]:
+        """Summed cross-entropy over a micro-batch's scored targets and their number: a model may score only a
+        window's last positions (Perceiver AR's latents), so the targets it scores are the last ones."""
+        x, y, y_host = batch
+        logits = model(x, **inputs)
+        scored = int((scored_targets(logits, y_host) != IGNORE_INDEX).sum())
+        return cross_entropy(logits, scored_targets(logits, y), reduction="sum"), scored
 
     def state_dict(self) -> dict[str, Any]:
         return {}  # batches are a pure function of (seed, epoch, step): nothing to save
@@ -292,9 +280,11 @@ class CausalLMJob(TextStreamJob):
             yield random_windows(tokens, self.batch_size, self.seq_len, seed=self.seed, epoch=epoch, step=step)
 
     def check_model(self, model: nn.Module) -> None:
-        """Before the run starts: a model that predicts only a window's last positions (Perceiver AR's latents)
-        must predict the `data.eval_stride` targets each evaluation window scores, else the first evaluation
-        would fail after an epoch of training. One forward pass in eval mode (no random numbers drawn)."""
+        """Before the run starts: the vocabulary fits (`TextStreamJob.check_model`), and a model that predicts
+        only a window's last positions (Perceiver AR's latents) must predict the `data.eval_stride` targets each
+        evaluation window scores, else the first evaluation would fail after an epoch of training. One forward
+        pass in eval mode (no random numbers drawn)."""
+        super().check_model(model)
         stride = self.eval_stride or self.seq_len
         was_training = model.training
         model.eval()
@@ -343,5 +333,5 @@ def stream_text(model: nn.Module, tokenizer: Tokenizer, prompt: str, max_new_tok
         yield rest
 
 
-__all__ = ["CausalLMJob", "TextStreamJob", "causal_lm_loss", "encode_prompt", "evaluate_lm", "lm_metrics",
+__all__ = ["CausalLMConfig", "CausalLMJob", "TextStreamJob", "encode_prompt", "evaluate_lm", "lm_metrics",
            "scored_targets", "stream_text"]

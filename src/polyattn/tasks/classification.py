@@ -10,12 +10,24 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..errors import UserError
+from ..ops.losses import cross_entropy
+from ..settings import Section, checked
+
+
+@dataclass
+class ClassificationConfig(Section):
+    """The `task` section of classification."""
+
+    label_smoothing: float = checked(0.1, ge=0, lt=1)
+    """Classification: label smoothing of the cross-entropy (0 = off; DeiT: 0.1)."""
+    ece_bins: int = checked(15, ge=1)
+    """Classification: confidence bins of the expected calibration error and the reliability diagram."""
 
 
 def topk_correct(logits: torch.Tensor, targets: torch.Tensor, ks: Sequence[int]) -> dict[int, int]:
@@ -85,8 +97,9 @@ class ClassificationTask:
         self.num_classes, self.label_smoothing, self.ece_bins = num_classes, label_smoothing, ece_bins
         self.topk = (1,) if num_classes == 1 else (1, min(5, num_classes))
 
-    def loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """Mean cross-entropy with label smoothing, in float32.
+    def loss(self, logits: torch.Tensor, targets: torch.Tensor, *,
+             reduction: Literal["mean", "sum"] = "mean") -> torch.Tensor:
+        """Cross-entropy with label smoothing, in float32: the mean over the samples, or their sum.
 
         `targets` are class indices `[B]` (int64) or class probabilities `[B, C]` (soft targets, e.g. from
         mixup); smoothing mixes either with the uniform distribution: (1 − ε)·target + ε/C.
@@ -101,7 +114,7 @@ class ClassificationTask:
             targets = targets.float()
         else:
             targets = targets.long()
-        return F.cross_entropy(logits.float(), targets, label_smoothing=self.label_smoothing)
+        return cross_entropy(logits, targets, reduction=reduction, label_smoothing=self.label_smoothing)
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], *,
@@ -134,7 +147,7 @@ class ClassificationTask:
                     raise UserError(f"The model gives {logits.shape[-1]} logits per sample but the task has "
                                     f"{self.num_classes} classes; set the model's number of classes to match "
                                     f"the data.")
-                loss_sum += float(F.cross_entropy(logits, targets, reduction="sum"))
+                loss_sum += float(cross_entropy(logits, targets, reduction="sum"))
                 for k, n in topk_correct(logits, targets, self.topk).items():
                     correct[k] += n
                 conf, pred = logits.softmax(dim=-1).max(dim=-1)

@@ -38,11 +38,11 @@ import json
 import math
 import re
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..data.loader import BatchLoader, to_device
@@ -50,6 +50,7 @@ from ..data.transforms import TrainAugment
 from ..errors import UserError, nearest
 from ..files import atomic_write
 from ..progress import progress_bar
+from ..settings import Section, checked
 from .image_job import ImageJob, subset
 
 CLASSES_FILE = "classes.json"
@@ -60,6 +61,18 @@ SAMPLERS = ("euler", "heun", "ddim")
 
 Velocity = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 """`v(x [B, C, H, W], t [B]) → [B, C, H, W]`."""
+
+
+@dataclass
+class DiffusionConfig(Section):
+    """The `task` section of class-conditional generation."""
+
+    label_dropout: float = checked(0.1, ge=0, lt=1)
+    """Diffusion: probability of training on the null label instead of the class (classifier-free guidance)."""
+    time_sampling: Literal["logit_normal", "uniform"] = "logit_normal"
+    """Diffusion: distribution of the flow time t in training: sigmoid of a standard normal, or uniform."""
+    eval_images: int | None = checked(None, ge=1)
+    """Diffusion: evaluate the loss on at most this many images of the split (a fixed subset); null = all."""
 
 
 # ---- the objective ---------------------------------------------------------------------------------------------
@@ -94,10 +107,12 @@ class RectifiedFlow:
         return noise - x0
 
     def loss(self, model: nn.Module, x0: torch.Tensor, labels: torch.Tensor, noise: torch.Tensor,
-             t: torch.Tensor, **forward_kwargs) -> torch.Tensor:
-        """Mean squared error between the model's velocity at `(x_t, t, labels)` and `ε − x0` (float32)."""
-        v = model(self.interpolate(x0, noise, t), t, labels, **forward_kwargs)
-        return F.mse_loss(v.float(), self.target(x0, noise).float())
+             t: torch.Tensor, *, reduction: Literal["mean", "sum"] = "mean", **inputs) -> torch.Tensor:
+        """Mean squared error between the model's velocity at `(x_t, t, labels)` and `ε − x0` (float32): each
+        image's mean over its pixels, then their mean over the batch, or their sum (`reduction="sum"`)."""
+        v = model(self.interpolate(x0, noise, t), t, labels, **inputs)
+        per_image = (v.float() - self.target(x0, noise).float()).square().flatten(1).mean(1)
+        return per_image.sum() if reduction == "sum" else per_image.mean()
 
 
 # ---- guidance and samplers ---------------------------------------------------------------------------------------
@@ -252,25 +267,22 @@ class DiffusionJob(ImageJob):
         text = json.dumps(self.classes, indent=1) + "\n"
         atomic_write(Path(run_dir) / CLASSES_FILE, lambda f: f.write(text.encode()))
 
-    def loss(self, model: nn.Module, batch, *, accumulation_steps: int, autocast,
-             forward_kwargs: dict[str, Any], backward=torch.Tensor.backward) -> tuple[torch.Tensor, int]:
+    def prepare(self, batch) -> tuple[torch.Tensor, ...]:
+        """Clean images, noise, times and labels (some dropped to the null label) on the device, drawn for the
+        whole batch in this order from the job's generator: augmentation, noise, times, label dropout."""
         images, labels = batch
         b = len(labels)
-        # Draw order from the job's generator: augmentation, noise, times, label dropout.
         x0 = self.augment(images, self.generator)
         noise = torch.randn(x0.shape, generator=self.generator)
         t = self.flow.sample_time(b, self.generator)
         dropped = torch.rand(b, generator=self.generator) < self.label_dropout
         y = labels.masked_fill(dropped, self.num_classes)
-        x0, noise, t, y = to_device(x0, noise, t, y, device=self.device)
-        total = torch.zeros((), device=self.device)
-        for xs, ns, ts, ys in zip(*(v.chunk(accumulation_steps) for v in (x0, noise, t, y))):
-            with autocast():
-                # Weight each micro-batch by its share, so accumulation gives the gradient of one big batch.
-                loss = self.flow.loss(model, xs, ys, ns, ts, **forward_kwargs) * (len(ys) / b)
-            backward(loss)
-            total += loss.detach()
-        return total, b
+        return to_device(x0, noise, t, y, device=self.device)
+
+    def loss(self, model: nn.Module, batch, inputs: dict[str, Any]) -> tuple[torch.Tensor, int]:
+        """Summed per-image squared error of a micro-batch and its number of images."""
+        x0, noise, t, y = batch
+        return self.flow.loss(model, x0, y, noise, t, reduction="sum", **inputs), len(y)
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, split: str, *, autocast) -> dict[str, float]:
@@ -521,6 +533,7 @@ def sample_run(model: nn.Module, data_config, run_dir: Path, *, out: Path | None
 __all__ = [
     "CLASSES_FILE",
     "SAMPLERS",
+    "DiffusionConfig",
     "DiffusionJob",
     "RectifiedFlow",
     "ddim_step",

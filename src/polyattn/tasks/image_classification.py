@@ -35,22 +35,19 @@ class ImageClassificationJob(ImageJob):
                               prob=d.mix_prob, switch_prob=d.mix_switch_prob)
             self.mix = mix if mix.enabled else None
 
-    def loss(self, model: nn.Module, batch, *, accumulation_steps: int, autocast,
-             forward_kwargs: dict[str, Any], backward=torch.Tensor.backward) -> tuple[torch.Tensor, int]:
+    def prepare(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """Augmented (and mixed) images and their targets on the device; augmentation draws over the whole batch,
+        so the draws do not depend on how the loop splits it."""
         images, labels = batch
         x, y = self.augment(images, self.generator), labels
         if self.mix is not None:
             x, y = self.mix(x, y, self.generator)  # y: soft targets (B, classes)
-        x, y = to_device(x, y, device=self.device)
-        total = torch.zeros((), device=self.device)
-        for xs, ys in zip(x.chunk(accumulation_steps), y.chunk(accumulation_steps)):
-            with autocast():
-                logits = model(xs, **forward_kwargs)
-            # Weight each micro-batch by its share, so accumulation gives the same gradient as one big batch.
-            loss = self.task.loss(logits.float(), ys) * (len(ys) / len(y))
-            backward(loss)
-            total += loss.detach()
-        return total, len(y)
+        return to_device(x, y, device=self.device)
+
+    def loss(self, model: nn.Module, batch, inputs: dict[str, Any]) -> tuple[torch.Tensor, int]:
+        """Summed cross-entropy of a micro-batch and its number of images."""
+        x, y = batch
+        return self.task.loss(model(x, **inputs), y, reduction="sum"), len(y)
 
     def evaluate(self, model: nn.Module, split: str, *, autocast, reliability: bool = False,
                  progress: bool | None = None) -> dict[str, Any]:

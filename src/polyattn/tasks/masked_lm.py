@@ -41,9 +41,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..data.text import IGNORE_INDEX, window_starts
+from ..data.text import window_starts
 from ..errors import UserError
+from ..ops.losses import IGNORE_INDEX, cross_entropy
 from ..progress import progress_bar
+from ..settings import PROBABILITY, Section, checked
 from .causal_lm import TextStreamJob
 
 EVAL_MASK_SEED = 20181011
@@ -51,6 +53,24 @@ EVAL_MASK_SEED = 20181011
 _MASK_STREAM = 1
 """Fourth entry of a training batch's seed sequence: its masks come from `(seed, epoch, step, 1)`, a stream
 independent of the window positions drawn from `(seed, epoch, step)`."""
+
+
+@dataclass
+class MaskedLMConfig(Section):
+    """The `task` section of masked language modelling."""
+
+    mask_prob: float = checked(0.15, gt=0, le=1)
+    """Masked LM: share of the real tokens of each window selected for prediction (BERT: 0.15)."""
+    mask_replace: float = checked(0.8, **PROBABILITY)
+    """Masked LM: share of the selected tokens replaced by [MASK] (BERT: 0.8)."""
+    mask_random: float = checked(0.1, **PROBABILITY)
+    """Masked LM: share of the selected tokens replaced by a random token (BERT: 0.1); the rest stay unchanged."""
+
+    def validate(self, section: str = "task") -> None:
+        super().validate(section)
+        if self.mask_replace + self.mask_random > 1:
+            raise UserError(f"task.mask_replace + task.mask_random must be at most 1 (shares of the selected "
+                            f"tokens), got {self.mask_replace} + {self.mask_random}.")
 
 
 @dataclass(frozen=True)
@@ -164,7 +184,7 @@ def evaluate_mlm(model: nn.Module, tokens: np.ndarray, recipe: MaskingRecipe, *,
                 logits = model(x)
             scored = y != IGNORE_INDEX
             logits, y = logits[scored].float(), y[scored]  # (N, V), (N,)
-            total += torch.nn.functional.cross_entropy(logits, y, reduction="sum").item()
+            total += cross_entropy(logits, y, reduction="sum").item()
             correct += int((logits.argmax(-1) == y).sum())
             count += y.numel()
     finally:
@@ -206,10 +226,6 @@ class MaskedLMJob(TextStreamJob):
             raise UserError(f"The model's [MASK] id is {mask_id} but the task masks with {self.recipe.mask_id}; "
                             f"remove model.vocab_size so the model follows the tokenizer.")
 
-    def _tokens_processed(self, inputs: torch.Tensor, n_scored: int) -> int:
-        """Input tokens, not only the ~15% scored ones, so tokens/s compares with a causal LM's."""
-        return inputs.numel()
-
     def batches(self, epoch: int, start_step: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         self._check_start_step(start_step)
         tokens = self.splits["train"]
@@ -224,5 +240,13 @@ class MaskedLMJob(TextStreamJob):
                             max_tokens=self.eval_tokens, progress=self.progress)
 
 
-__all__ = ["EVAL_MASK_SEED", "MaskedLMJob", "MaskingRecipe", "eval_masked_windows", "evaluate_mlm",
-           "masked_windows", "mlm_metrics"]
+__all__ = [
+    "EVAL_MASK_SEED",
+    "MaskedLMConfig",
+    "MaskedLMJob",
+    "MaskingRecipe",
+    "eval_masked_windows",
+    "evaluate_mlm",
+    "masked_windows",
+    "mlm_metrics",
+]

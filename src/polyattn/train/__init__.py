@@ -8,10 +8,8 @@ a trained run's model, config and tokenizer.
 from ..files import atomic_write_text
 from .checkpoint import CheckpointDir, load_weights, save_weights
 from .config import (
-    DataConfig,
     ModelConfig,
     RunConfig,
-    TaskConfig,
     TrainConfig,
     apply_overrides,
     build_config,
@@ -32,18 +30,16 @@ from .loop import (
 )
 from .optim import CosineSchedule, build_optimizer, param_groups
 from .run_log import RunLog, read_metrics, write_plots
-from .schedules import SoftMaskSchedule
+from .schedules import InputSchedule
 
 __all__ = [
     "CheckpointDir",
     "CosineSchedule",
-    "DataConfig",
+    "InputSchedule",
     "ModelConfig",
     "Run",
     "RunConfig",
     "RunLog",
-    "SoftMaskSchedule",
-    "TaskConfig",
     "TrainConfig",
     "TrainingJob",
     "WeightEma",

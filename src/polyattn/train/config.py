@@ -1,25 +1,29 @@
 """Run configuration: typed sections, YAML recipes and `key=value` overrides.
 
-A run is described by one `RunConfig`: the model (a registered name plus constructor arguments), the task,
-the data and the training hyper-parameters. Recipes are YAML files with the same sections; overrides such as
-`train.lr=3e-4` or `model.depth=6` are parsed as YAML scalars and converted to the annotated type of the
-field (model arguments take their types from the model constructor's annotations). Unknown keys are errors
-that name the nearest valid key.
+A run is described by one `RunConfig`: the model (a registered name plus constructor arguments), the task, the
+data, the training hyper-parameters and the schedules of model inputs. The `task` and `data` sections are those
+the model's task declares (`polyattn.tasks.TASKS`: e.g. classification's label smoothing and the image settings,
+or a masked LM's masking and the text settings), `train` is the loop's own (`TrainConfig`) and `schedules` maps
+model inputs to their `InputSchedule`. Recipes are YAML files with the same sections; overrides such as
+`train.lr=3e-4` or `model.depth=6` are parsed as YAML scalars and converted to the annotated type of the field by
+`polyattn.settings.coerce` (model arguments take their types from the model constructor's annotations). Unknown
+keys are errors that name the nearest valid key; a key of another task's section is an error naming the task.
 
 Every value is also checked against its meaning when a config is built or a run starts (`RunConfig.validate`):
 each field carries a `Rule` beside its declaration (bounds, finiteness, a pattern, and whether a resumed run may
 change it), each section's `validate` adds the rules that tie its fields together, and `MODEL_ARG_RULES` covers
 model constructor arguments by name. So a bad value is one sentence before anything is written.
+
+Spellings that moved: `train.soft_mask`, `train.soft_mask_cutoff` and `train.soft_mask_a0` are read as
+`schedules.soft_mask_a.shape`, `.until` and `.start` with a one-line deprecation note (`LEGACY_KEYS`).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import enum
 import inspect
-import math
 import re
-import types
+import sys
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,8 +31,19 @@ from typing import Any, Literal
 
 import yaml
 
+from ..data.config import DataConfig
 from ..errors import UserError, nearest
-from ..registry import get_entry, resolve_model_args
+from ..registry import get_entry, model_task, resolve_model_args
+from ..settings import (
+    Rule,
+    Section,
+    checked,
+    coerce,
+    parse_scalar,
+    plain,
+)
+from ..tasks import TASKS, TaskSpec, task_spec
+from .schedules import InputSchedule
 
 RECIPE_DIRS = (
     Path(__file__).resolve().parent.parent / "configs",  # installed wheel
@@ -40,172 +55,8 @@ RUN_NAME = r"[A-Za-z0-9_][A-Za-z0-9_.+=-]*"
 """A run name is one directory name: no separators and no leading dot, so it cannot escape out_dir."""
 
 
-@dataclass(frozen=True)
-class Rule:
-    """The values a config field (or model argument) may take, checked when a config is resolved.
-
-    Bounds apply to numbers and to every item of a tuple; every number must also be finite (NaN and ±inf
-    are never a meaningful setting); `pattern` is a regular expression a whole string must match. None
-    passes for an optional field.
-    """
-
-    ge: float | None = None
-    gt: float | None = None
-    le: float | None = None
-    lt: float | None = None
-    pattern: str | None = None
-    meaning: str | None = None
-    """What the allowed values are, in words, for the error (default: the bounds or the pattern)."""
-    fixed: bool = False
-    """The field shapes the trajectory of training, so a resumed run may not change it (unless forced)."""
-
-    def check(self, key: str, value: Any) -> None:
-        if value is None or isinstance(value, bool):
-            return
-        if isinstance(value, (tuple, list)):
-            for item in value:
-                self.check(key, item)
-            return
-        if isinstance(value, str):
-            if self.pattern is not None and not re.fullmatch(self.pattern, value):
-                raise UserError(f"{key} must be {self.meaning or 'text matching ' + self.pattern}, got {value!r}.")
-            return
-        if not isinstance(value, (int, float)):
-            return
-        if not math.isfinite(value):
-            raise UserError(f"{key} must be a finite number, got {value}.")
-        bounds = [(b, word, ok) for b, word, ok in (
-            (self.gt, "greater than", lambda b: value > b), (self.ge, "at least", lambda b: value >= b),
-            (self.lt, "less than", lambda b: value < b), (self.le, "at most", lambda b: value <= b)) if b is not None]
-        if not all(ok(b) for b, _, ok in bounds):
-            wanted = " and ".join(f"{word} {b:g}" for b, word, _ in bounds)
-            raise UserError(f"{key} must be {self.meaning or wanted}, got {value}.")
-
-
-PROBABILITY = {"ge": 0, "le": 1, "meaning": "a probability, from 0 to 1"}
-
-
-def checked(default: Any, **rule) -> Any:
-    """A dataclass field with `default` and the `Rule` its values must follow (see `Rule`)."""
-    return field(default=default, metadata={"rule": Rule(**rule)})
-
-
-def check_fields(obj: Any, section: str) -> None:
-    """Checks every field of a config section against its `Rule`."""
-    for f in dataclasses.fields(obj):
-        rule = f.metadata.get("rule")
-        if rule is not None:
-            rule.check(f"{section}.{f.name}", getattr(obj, f.name))
-
-
-def fixed_on_resume(obj: Any) -> list[str]:
-    """Names of the fields of a section that a resumed run may not change (their `Rule` is `fixed`)."""
-    return [f.name for f in dataclasses.fields(obj) if getattr(f.metadata.get("rule"), "fixed", False)]
-
-
 @dataclass
-class DataConfig:
-    """Where the examples come from and how they are batched and augmented."""
-
-    source: str = checked("digits", pattern=r".+", meaning="a dataset name or a path")
-    """Images: 'digits' (embedded, no download), an image-folder directory, or a .tar/.tar.gz archive of one.
-    Text: 'shakespeare' (embedded, no download), a UTF-8 text file, a directory of .txt files, or a token file
-    (.bin with its .json sidecar, see polyattn.data.text)."""
-    image_size: int | None = checked(None, ge=1)
-    """Resize images to this size (shorter side, then centre crop); None keeps the stored size."""
-    test_fraction: float = checked(0.2, gt=0, lt=1)
-    """Share of each class held out as the test split when the source has no train/test folders."""
-    val_fraction: float = checked(0.0, ge=0, lt=1)
-    """Images: share of the training split held out for validation during training; 0 evaluates on the test
-    split. Text: the last share of the token stream, held out for validation (and test); text recipes use 0.1."""
-    crop: Literal["pad", "resized", "none"] = "pad"
-    """Training crop: random crop after zero padding, random-resized crop, or none."""
-    crop_padding: int = checked(4, ge=0)
-    """Zero padding in pixels for crop='pad'."""
-    crop_scale: tuple[float, float] = checked((0.35, 1.0), gt=0, le=1)
-    """Area range for crop='resized'."""
-    hflip: bool = True
-    """Random horizontal flips (turn off for data that is not mirror-symmetric, such as digits)."""
-    randaugment_ops: int = checked(0, ge=0, le=13)
-    """RandAugment: operations applied to each training image (0 = off; DeiT: 2). Needs kornia."""
-    randaugment_magnitude: float = checked(9.0, gt=0, lt=10)
-    """RandAugment magnitude on the 0-10 scale of timm and DeiT ('rand-m9'), strictly between 0 and 10."""
-    random_erase: float = checked(0.0, **PROBABILITY)
-    """Probability of erasing one random rectangle of a training image (0 = off; DeiT: 0.25). Needs kornia."""
-    mixup_alpha: float = checked(0.0, ge=0)
-    """Mixup: λ ~ Beta(α, α) per batch; 0 = off (DeiT: 0.8). Targets become soft; see polyattn.data.transforms."""
-    cutmix_alpha: float = checked(0.0, ge=0)
-    """CutMix: λ ~ Beta(α, α) per batch; 0 = off (DeiT: 1.0)."""
-    mix_prob: float = checked(1.0, **PROBABILITY)
-    """Probability that a training batch is mixed, when mixup_alpha or cutmix_alpha is > 0."""
-    mix_switch_prob: float = checked(0.5, **PROBABILITY)
-    """With both alphas > 0: probability that a mixed batch uses cutmix rather than mixup."""
-    eval_batch_size: int = checked(512, ge=1)
-    """Images per evaluation batch; for text, windows of seq_len tokens per evaluation batch."""
-    tokenizer: Literal["byte", "bpe"] = "byte"
-    """Text: 'byte' (UTF-8 bytes, 256 ids) or 'bpe' (byte-level BPE trained on the training text and saved in the
-    run directory as tokenizer.json)."""
-    vocab_size: int = checked(4096, ge=257)
-    """Text with tokenizer=bpe: vocabulary size to train (the 256 bytes and <|endoftext|> included)."""
-    seq_len: int = checked(256, ge=1)
-    """Text: tokens per training window (each token is predicted from up to seq_len tokens before it)."""
-    eval_tokens: int | None = checked(None, ge=1)
-    """Text: score at most this many tokens of the evaluated split; None scores all of it."""
-    eval_stride: int | None = checked(None, ge=1)
-    """Causal LM evaluation: windows of seq_len advance by this many tokens and score their last eval_stride
-    targets, so every scored target has at least seq_len − eval_stride tokens of context (the first ones of the
-    split are not scored); None = seq_len, consecutive windows. Perceiver models need it ≤ their latents."""
-    mean: tuple[float, ...] | None = checked(None, ge=0, le=1)
-    """Per-channel normalisation mean (0..1 scale); None computes it from the training split."""
-    std: tuple[float, ...] | None = checked(None, gt=0)
-    """Per-channel normalisation std; None computes it from the training split."""
-
-    def validate(self) -> None:
-        """The field rules, then the rules that tie fields of this section together."""
-        check_fields(self, "data")
-        if self.crop_scale[0] > self.crop_scale[1]:
-            raise UserError(f"data.crop_scale must be (min, max) with min ≤ max, got {list(self.crop_scale)}.")
-        if self.eval_stride is not None and self.eval_stride > self.seq_len:
-            raise UserError(f"data.eval_stride ({self.eval_stride}) must be at most data.seq_len ({self.seq_len}); "
-                            f"windows cannot advance by more than their length.")
-        if (self.mean is None) != (self.std is None):
-            raise UserError("data.mean and data.std go together: set both (one value per channel) or neither "
-                            "(then both are computed from the training split).")
-        if self.mean is not None and len(self.mean) != len(self.std):
-            raise UserError(f"data.mean has {len(self.mean)} values but data.std {len(self.std)}; give one per "
-                            f"channel in both.")
-
-
-@dataclass
-class TaskConfig:
-    """What is learned and measured (see polyattn.tasks)."""
-
-    label_smoothing: float = checked(0.1, ge=0, lt=1)
-    """Classification: label smoothing of the cross-entropy (0 = off; DeiT: 0.1)."""
-    ece_bins: int = checked(15, ge=1)
-    """Classification: confidence bins of the expected calibration error and the reliability diagram."""
-    label_dropout: float = checked(0.1, ge=0, lt=1)
-    """Diffusion: probability of training on the null label instead of the class (classifier-free guidance)."""
-    time_sampling: Literal["logit_normal", "uniform"] = "logit_normal"
-    """Diffusion: distribution of the flow time t in training: sigmoid of a standard normal, or uniform."""
-    eval_images: int | None = checked(None, ge=1)
-    """Diffusion: evaluate the loss on at most this many images of the split (a fixed subset); null = all."""
-    mask_prob: float = checked(0.15, gt=0, le=1)
-    """Masked LM: share of the real tokens of each window selected for prediction (BERT: 0.15)."""
-    mask_replace: float = checked(0.8, **PROBABILITY)
-    """Masked LM: share of the selected tokens replaced by [MASK] (BERT: 0.8)."""
-    mask_random: float = checked(0.1, **PROBABILITY)
-    """Masked LM: share of the selected tokens replaced by a random token (BERT: 0.1); the rest stay unchanged."""
-
-    def validate(self) -> None:
-        check_fields(self, "task")
-        if self.mask_replace + self.mask_random > 1:
-            raise UserError(f"task.mask_replace + task.mask_random must be at most 1 (shares of the selected "
-                            f"tokens), got {self.mask_replace} + {self.mask_random}.")
-
-
-@dataclass
-class TrainConfig:
+class TrainConfig(Section):
     """The optimisation loop; it knows nothing about particular models."""
 
     epochs: int = checked(10, ge=1, fixed=True)
@@ -264,12 +115,6 @@ class TrainConfig:
     ema_decay: float | None = checked(None, gt=0, lt=1, fixed=True)
     """Keep an exponential moving average of the weights with this decay (e.g. 0.999; warmed up over the first
     updates); evaluation, `polyattn eval` and sampling then use the averaged weights (saved as ema.safetensors)."""
-    soft_mask: Literal["none", "constant", "linear"] = checked("none", fixed=True)
-    """iLLaMA soft-mask schedule passed to the model as `soft_mask_a` (see polyattn.train.schedules)."""
-    soft_mask_cutoff: float = checked(0.0, ge=0, le=1, fixed=True)
-    """Fraction of training over which the soft mask is on (the paper: 50/300 epochs ≈ 0.17)."""
-    soft_mask_a0: float = checked(1.0, **PROBABILITY, fixed=True)
-    """Initial soft-mask value (1 = bidirectional)."""
     log_every: int = checked(10, ge=1)
     """Log training loss and learning rate every this many optimizer steps."""
     out_dir: str = checked("runs", pattern=r".+", meaning="a directory path")
@@ -280,8 +125,8 @@ class TrainConfig:
     progress: bool = True
     """Show progress bars (training, evaluation, decoding) on the terminal."""
 
-    def validate(self) -> None:
-        check_fields(self, "train")
+    def validate(self, section: str = "train") -> None:
+        super().validate(section)
         if self.batch_size % self.accumulation_steps:
             raise UserError(f"train.batch_size {self.batch_size} is not divisible by train.accumulation_steps "
                             f"{self.accumulation_steps}; make it a multiple.")
@@ -298,42 +143,83 @@ class ModelConfig:
     args: dict[str, Any] = field(default_factory=dict)
 
 
+LEGACY_KEYS: dict[str, tuple[str, Any]] = {
+    "train.soft_mask": ("schedules.soft_mask_a.shape", "none"),
+    "train.soft_mask_cutoff": ("schedules.soft_mask_a.until", 0.0),
+    "train.soft_mask_a0": ("schedules.soft_mask_a.start", 1.0),
+}
+"""Old spelling → (new spelling, the old default). The old default is what every run directory of the old
+spelling recorded when the feature was off, so it is read as nothing set; `train.soft_mask=none` removes the
+schedule."""
+
+
 @dataclass
 class RunConfig:
     recipe: str = "default"
     model: ModelConfig = field(default_factory=ModelConfig)
-    task: TaskConfig = field(default_factory=TaskConfig)
-    data: DataConfig = field(default_factory=DataConfig)
+    task: Section = field(default_factory=lambda: TASKS["classification"].section())
+    """The `task` section of the model's task (see `polyattn.tasks.TASKS`)."""
+    data: DataConfig = field(default_factory=lambda: TASKS["classification"].data())
+    """The `data` section the model's task reads: `ImageDataConfig` or `TextDataConfig`."""
     train: TrainConfig = field(default_factory=TrainConfig)
+    schedules: dict[str, InputSchedule] = field(default_factory=dict)
+    """Model inputs that change during training, by the name of the forward's keyword (`InputSchedule`)."""
     environment: dict[str, Any] | None = None
     """What the run resolved when it started: device and its name, CPU and ISA level, threads, torch, and the
     precision `auto` chose with the reason (polyattn.hardware.environment). Written by the training loop; a
     record, not an input."""
+    given: dict[str, dict[str, Any]] = field(default_factory=lambda: {"task": {}, "data": {}}, repr=False,
+                                             compare=False)
+    """The task and data values set explicitly (recipe, command line), kept so a change of model re-reads them
+    into its task's sections, and a value no section of the model takes is an error at `validate`."""
 
-    SECTIONS: typing.ClassVar[tuple[str, ...]] = ("model", "task", "data", "train")
+    SECTIONS: typing.ClassVar[tuple[str, ...]] = ("model", "task", "data", "train", "schedules")
+
+    @property
+    def task_spec(self) -> TaskSpec:
+        """The model's task: its sections and its job."""
+        return task_spec(model_task(self.model.name))
 
     def validate(self) -> None:
         """Checks every value against its meaning (see `Rule` and each section's `validate`), so a bad setting
         is one sentence before anything is written."""
+        spec = self.task_spec
+        for section in ("task", "data"):
+            fields = _fields(getattr(self, section))
+            for name in self.given[section]:
+                if name not in fields:
+                    raise UserError(_foreign_key(section, name, self.model.name, spec))
         for section in ("data", "task", "train"):
-            getattr(self, section).validate()
+            getattr(self, section).validate(section)
+        inputs = get_entry(self.model.name).inputs()
+        for name, schedule in self.schedules.items():
+            if name not in inputs:
+                raise UserError(f"schedules.{name} feeds the model input {name}, but '{self.model.name}' takes no "
+                                f"such input (it takes {', '.join(inputs) or 'none'}); remove the schedule or "
+                                f"choose a model whose forward takes {name} (such as illama_nano for soft_mask_a).")
+            schedule.validate(f"schedules.{name}")
 
     def to_dict(self) -> dict[str, Any]:
         """Plain, YAML-ready form: the model section is flattened to `name` plus its arguments."""
-        out = {"recipe": self.recipe, "model": {"name": self.model.name, **_plain(self.model.args)}}
-        for section in ("task", "data", "train"):
-            out[section] = _plain(dataclasses.asdict(getattr(self, section)))
+        out = {"recipe": self.recipe, "model": {"name": self.model.name, **plain(self.model.args)}}
+        for section in ("task", "data", "train", "schedules"):
+            out[section] = plain(getattr(self, section))
         if self.environment is not None:
-            out["environment"] = _plain(self.environment)
+            out["environment"] = plain(self.environment)
         return out
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any], *, origin: str) -> RunConfig:
-        """Builds and type-checks a config from a recipe or a run directory's config.yaml."""
+        """Builds and type-checks a config from a recipe or a run directory's config.yaml.
+
+        The model is read first, since it decides the task and data sections. A key of another task's section at
+        its default value is skipped: run directories of versions whose sections held every task's keys wrote
+        them all.
+        """
         if not isinstance(raw, dict):
             raise UserError(f"{origin} must be a YAML mapping with sections {', '.join(cls.SECTIONS)}.")
         config = cls()
-        for key, value in raw.items():
+        for key, value in sorted(raw.items(), key=lambda kv: kv[0] != "model"):
             if key == "recipe":
                 config.recipe = str(value)
                 continue
@@ -344,30 +230,96 @@ class RunConfig:
                 raise UserError(f"Unknown section '{key}' in {origin}.{nearest(key, cls.SECTIONS)}")
             if not isinstance(value, dict):
                 raise UserError(f"Section '{key}' in {origin} must be a mapping of keys to values.")
+            if key == "model" and "name" in value:  # the name first: it decides which arguments exist
+                value = {"name": value["name"], **value}
             for sub, sub_value in value.items():
-                config.set(f"{key}.{sub}", sub_value, origin=origin)
+                dotted = f"{key}.{sub}"
+                if dotted in LEGACY_KEYS and sub_value == LEGACY_KEYS[dotted][1]:
+                    continue  # the old spelling's "off", recorded by every run of the old version
+                if key in ("task", "data") and sub not in _fields(getattr(config, key)):
+                    default = _foreign_default(key, sub)
+                    if default is not _MISSING and plain(default) == plain(sub_value):
+                        continue
+                config.set(dotted, sub_value, origin=origin)
         return config
 
     def set(self, key: str, value: Any, *, origin: str = "the command line") -> None:
-        """Sets one dotted key (`train.lr`, `model.depth`, or `model` for the model name), type-checked."""
+        """Sets one dotted key (`train.lr`, `model.depth`, `schedules.soft_mask_a.until`, or `model` for the
+        model name), type-checked."""
+        if key in LEGACY_KEYS:
+            new = LEGACY_KEYS[key][0]
+            if key == "train.soft_mask" and value in ("none", None):
+                print(f"note: {key} is deprecated; drop it (or the schedules.soft_mask_a section) to train "
+                      f"without the soft mask.", file=sys.stderr)
+                self.schedules.pop("soft_mask_a", None)
+                return
+            print(f"note: {key} is deprecated; write {new}={value} instead.", file=sys.stderr)
+            key = new
         section, _, name = key.partition(".")
         if section not in self.SECTIONS:
-            valid = [f"{s}.{f}" for s in ("task", "data", "train") for f in _fields(getattr(self, s))]
-            raise UserError(f"Unknown key '{key}' in {origin}.{nearest(key, [*valid, 'model', 'model.name'])}")
+            raise UserError(f"Unknown key '{key}' in {origin}.{nearest(key, self._valid_keys())}")
         if section == "model":
             if name in ("", "name"):
                 get_entry(str(value))  # fails early, naming the nearest model
                 self.model = ModelConfig(name=str(value), args=self.model.args)
+                self._retype()
                 return
             self.model.args[name] = value  # checked against the constructor in resolve()
             return
+        if section == "schedules":
+            self._set_schedule(key, name, value, origin)
+            return
         target = getattr(self, section)
         fields = _fields(target)
-        if name not in fields:
-            valid = [f"{section}.{f}" for f in fields]
-            raise UserError(f"Unknown key '{key}' in {origin}.{nearest(key, valid)}")
-        hints = typing.get_type_hints(type(target))
-        setattr(target, name, coerce(value, hints[name], key))
+        if name in fields:
+            value = coerce(value, typing.get_type_hints(type(target))[name], key)
+            setattr(target, name, value)
+        else:
+            owner = next((c for c in _section_classes(section) if name in _fields(c)), None)
+            if section == "train" or owner is None:
+                valid = [k for k in self._valid_keys() if k.startswith(f"{section}.")]
+                raise UserError(f"Unknown key '{key}' in {origin}.{nearest(key, valid)}")
+            value = coerce(value, typing.get_type_hints(owner)[name], key)  # another task's: see validate
+        if section in self.given:
+            self.given[section][name] = value
+
+    def _set_schedule(self, key: str, name: str, value: Any, origin: str) -> None:
+        input_name, _, sub = name.partition(".")
+        if not input_name.isidentifier():
+            raise UserError(f"Key '{key}' in {origin} must name a model input, as in schedules.soft_mask_a.until.")
+        if not sub:  # the whole schedule: a mapping of its fields, or null to remove it
+            if value is None:
+                self.schedules.pop(input_name, None)
+                return
+            if not isinstance(value, dict):
+                raise UserError(f"{key} must be a mapping such as {{shape: linear, until: 0.17}}, got {value!r}.")
+            self.schedules[input_name] = InputSchedule()
+            for k, v in value.items():
+                self._set_schedule(f"{key}.{k}", f"{input_name}.{k}", v, origin)
+            return
+        schedule = self.schedules.setdefault(input_name, InputSchedule())
+        fields = _fields(schedule)
+        if sub not in fields:
+            raise UserError(f"Unknown key '{key}' in {origin}."
+                            f"{nearest(key, [f'schedules.{input_name}.{f}' for f in fields])}")
+        setattr(schedule, sub, coerce(value, typing.get_type_hints(InputSchedule)[sub], key))
+
+    def _retype(self) -> None:
+        """After a change of model: the task and data sections of its task, holding the values set explicitly."""
+        spec = self.task_spec
+        for section, cls in (("task", spec.section), ("data", spec.data)):
+            if type(getattr(self, section)) is cls:
+                continue
+            fresh = cls()
+            names = _fields(fresh)
+            for name, value in self.given[section].items():
+                if name in names:
+                    setattr(fresh, name, value)
+            setattr(self, section, fresh)
+
+    def _valid_keys(self) -> list[str]:
+        keys = [f"{s}.{f}" for s in ("task", "data", "train") for f in _fields(getattr(self, s))]
+        return [*keys, "model", "model.name", *(f"schedules.NAME.{f}" for f in _fields(InputSchedule))]
 
     def resolved_model_args(self, **inferred) -> dict[str, Any]:
         """Full constructor arguments: the variant's defaults, then values inferred from the data (only
@@ -388,6 +340,47 @@ class RunConfig:
         return args
 
 
+_MISSING = object()
+
+
+def _section_classes(section: str) -> list[type]:
+    """Every dataclass the `task` or `data` section can be, in `TASKS` order without repeats."""
+    if section == "train":
+        return [TrainConfig]
+    seen: list[type] = []
+    for spec in TASKS.values():
+        cls = spec.section if section == "task" else spec.data
+        if cls not in seen:
+            seen.append(cls)
+    return seen
+
+
+def section_classes() -> dict[str, list[type]]:
+    """`{"task": [...], "data": [...], "train": [TrainConfig], "schedules": [InputSchedule]}`: every config
+    section dataclass there is."""
+    return {"task": _section_classes("task"), "data": _section_classes("data"), "train": [TrainConfig],
+            "schedules": [InputSchedule]}
+
+
+def _foreign_default(section: str, name: str) -> Any:
+    for cls in _section_classes(section):
+        for f in dataclasses.fields(cls):
+            if f.name == name:
+                return f.default if f.default_factory is dataclasses.MISSING else f.default_factory()
+    return _MISSING
+
+
+def _foreign_key(section: str, name: str, model: str, spec: TaskSpec) -> str:
+    """The sentence for a key of another task's section."""
+    if section == "task":
+        owners = [t.name for t in TASKS.values() if name in _fields(t.section)]
+        return (f"task.{name} is a setting of the {' and '.join(owners)} task, but model '{model}' trains "
+                f"{spec.name}; remove it or choose a {owners[0]} model.")
+    kinds = sorted({t.modality for t in TASKS.values() if name in _fields(t.data)})
+    return (f"data.{name} is a setting of {' and '.join(kinds)} data, but model '{model}' trains {spec.name} on "
+            f"{spec.modality}; remove it or choose a model for {kinds[0]}.")
+
+
 _POSITIVE, _RATE = Rule(ge=1), Rule(ge=0, lt=1)
 MODEL_ARG_RULES: dict[str, Rule] = {
     **dict.fromkeys(("depth", "dim", "embed_dim", "num_heads", "num_kv_heads", "num_classes", "num_latents",
@@ -403,112 +396,6 @@ are positive, dropout-like rates lie in [0, 1), scales are positive."""
 
 def _fields(obj) -> list[str]:
     return [f.name for f in dataclasses.fields(obj)]
-
-
-def _plain(value):
-    """Converts tuples and enums to YAML-friendly lists and strings, recursively."""
-    if isinstance(value, enum.Enum):
-        return value.value
-    if isinstance(value, (tuple, list)):
-        return [_plain(v) for v in value]
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    return value
-
-
-def parse_scalar(text: str) -> Any:
-    """A command-line value as YAML would read it ('3' → 3, 'true' → True, '[1, 2]' → list, 'null' → None)."""
-    try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError:
-        return text
-
-
-def coerce(value: Any, annotation: Any, key: str) -> Any:
-    """Converts `value` to `annotation` (int, float, bool, str, Literal, enums, Optional/unions, tuples, lists),
-    or raises a UserError that names the key, the expected type and the value."""
-    try:
-        return _coerce(value, annotation)
-    except (TypeError, ValueError) as err:
-        raise UserError(f"{key} expects {_describe(annotation)}, got {value!r}.") from err
-
-
-def _coerce(value: Any, ann: Any) -> Any:
-    if ann is Any or ann is inspect.Parameter.empty:
-        return value
-    origin, args = typing.get_origin(ann), typing.get_args(ann)
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        for option in (a for a in args if a is not type(None)):
-            try:
-                return _coerce(value, option)
-            except (TypeError, ValueError):
-                continue
-        raise ValueError(value)
-    if origin is Literal:
-        if value in args:
-            return value
-        raise ValueError(value)
-    if origin in (tuple, list):
-        if isinstance(value, str):
-            value = parse_scalar(value)
-        if isinstance(value, (int, float)) and origin is tuple and args and args[-1] is not Ellipsis:
-            value = [value] * len(args)  # `patch_size=4` for a (h, w) pair
-        if not isinstance(value, (list, tuple)):
-            raise TypeError(value)
-        if origin is tuple and args and args[-1] is not Ellipsis:
-            if len(value) != len(args):
-                raise ValueError(value)
-            return tuple(_coerce(v, a) for v, a in zip(value, args))
-        item = args[0] if args else Any
-        items = [_coerce(v, item) for v in value]
-        return tuple(items) if origin is tuple else items
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise TypeError(value)
-        return value
-    if isinstance(ann, type) and issubclass(ann, enum.Enum):
-        return ann(value.value if isinstance(value, enum.Enum) else value)
-    if ann is bool:
-        if isinstance(value, bool):
-            return value
-        raise TypeError(value)
-    if ann is int:
-        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-            raise TypeError(value)
-        if isinstance(value, float) and not value.is_integer():
-            raise ValueError(value)
-        return int(value) if not isinstance(value, str) else int(value, 10)
-    if ann is float:
-        if isinstance(value, bool):
-            raise TypeError(value)
-        return float(value)  # also accepts '1e-3', which YAML 1.1 reads as a string
-    if ann is str:
-        if isinstance(value, (dict, list)):
-            raise TypeError(value)
-        return str(value)
-    if isinstance(ann, type):
-        if isinstance(value, ann):
-            return value
-        raise TypeError(value)
-    return value
-
-
-
-def _describe(ann: Any) -> str:
-    origin, args = typing.get_origin(ann), typing.get_args(ann)
-    if origin in (typing.Union, types.UnionType):
-        return " or ".join(_describe(a) for a in args)
-    if origin is Literal:
-        return "one of " + ", ".join(repr(a) for a in args)
-    if origin in (tuple, list):
-        return f"a list of {len(args)} values" if origin is tuple and Ellipsis not in args else "a list"
-    if ann is type(None):
-        return "null"
-    if isinstance(ann, type) and issubclass(ann, enum.Enum):
-        return "one of " + ", ".join(repr(m.value) for m in ann)
-    return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(ann, str(ann))
 
 
 def find_recipe(name: str) -> Path:
@@ -573,7 +460,7 @@ def save_yaml(data: Any, path: Path) -> None:
 
 @dataclass(frozen=True)
 class ConfigKey:
-    """One settable key of the task, data or train section."""
+    """One settable key of a task, data, train or schedules section."""
 
     key: str
     """Dotted name, e.g. `train.lr`."""
@@ -582,6 +469,8 @@ class ConfigKey:
     default: Any
     help: str
     """The attribute docstring under the field, joined into one paragraph."""
+    scope: str = "every run"
+    """The runs that have the key: 'every run', a task ('classification'), a kind of data ('images', 'text')."""
 
     @property
     def summary(self) -> str:
@@ -591,49 +480,67 @@ class ConfigKey:
 
 
 def field_docs(cls: type) -> dict[str, tuple[str, str]]:
-    """`{field: (annotation source, attribute docstring)}` of a dataclass, read from its source with `ast`: the
-    docstrings under the fields are the one place each key is documented."""
+    """`{field: (annotation source, attribute docstring)}` of a dataclass and the dataclasses it extends, read
+    from their source with `ast`: the docstrings under the fields are the one place each key is documented."""
     import ast
     import textwrap
 
-    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
-    body = tree.body[0].body
     docs: dict[str, tuple[str, str]] = {}
-    for node, after in zip(body, [*body[1:], None]):
-        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
-            doc = ""
-            if (isinstance(after, ast.Expr) and isinstance(after.value, ast.Constant)
-                    and isinstance(after.value.value, str)):
-                doc = " ".join(after.value.value.split())
-            docs[node.target.id] = (ast.unparse(node.annotation), doc)
+    for klass in reversed([k for k in cls.__mro__ if dataclasses.is_dataclass(k)]):
+        body = ast.parse(textwrap.dedent(inspect.getsource(klass))).body[0].body
+        for node, after in zip(body, [*body[1:], None]):
+            if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+                doc = ""
+                if (isinstance(after, ast.Expr) and isinstance(after.value, ast.Constant)
+                        and isinstance(after.value.value, str)):
+                    doc = " ".join(after.value.value.split())
+                docs[node.target.id] = (ast.unparse(node.annotation), doc)
     return docs
 
 
 def config_keys() -> list[ConfigKey]:
-    """Every key of the task, data and train sections with its type, default and help, in the code's order."""
-    keys = []
-    defaults = RunConfig()
-    for section in ("task", "data", "train"):
-        obj = getattr(defaults, section)
-        docs = field_docs(type(obj))
-        for f in dataclasses.fields(obj):
-            annotation, doc = docs.get(f.name, ("", ""))
-            keys.append(ConfigKey(f"{section}.{f.name}", annotation, _plain(getattr(obj, f.name)), doc))
+    """Every key of every section with its type, default, help and the runs that have it, in the code's order:
+    each task's `task` section, the `data` fields every source has, then those of images and of text, `train`,
+    and the fields of an input schedule (`schedules.NAME.FIELD`)."""
+    keys, seen = [], set()
+    for section, classes in section_classes().items():
+        for cls in classes:
+            docs = field_docs(cls)
+            scope = _scope(section, cls)
+            for f in dataclasses.fields(cls):
+                key = f"schedules.NAME.{f.name}" if section == "schedules" else f"{section}.{f.name}"
+                if key in seen:
+                    continue
+                seen.add(key)
+                owner = next(k for k in cls.__mro__ if f.name in getattr(k, "__annotations__", {}))
+                annotation, doc = docs.get(f.name, ("", ""))
+                default = f.default if f.default_factory is dataclasses.MISSING else f.default_factory()
+                keys.append(ConfigKey(key, annotation, plain(default), doc,
+                                      "every run" if owner is DataConfig else scope))
     return keys
+
+
+def _scope(section: str, cls: type) -> str:
+    if section == "task":
+        return " and ".join(t.name for t in TASKS.values() if t.section is cls)
+    if section == "data":
+        return " and ".join(sorted({t.modality for t in TASKS.values() if t.data is cls}))
+    return "every run" if section == "train" else "a scheduled model input"
 
 
 def format_value(value: Any) -> str:
     """A value as it would be written on the command line or in a recipe (YAML flow style)."""
-    text = yaml.safe_dump(_plain(value), default_flow_style=True, width=10_000).strip()
+    text = yaml.safe_dump(plain(value), default_flow_style=True, width=10_000).strip()
     return text.removesuffix("\n...").removesuffix(" ...")
 
 
 def keys_markdown() -> str:
     """The README's table of keys, generated from `config_keys` (`polyattn config --keys --markdown`)."""
-    lines = ["| key | type | default | what it sets |", "|---|---|---|---|"]
+    lines = ["| key | for | type | default | what it sets |", "|---|---|---|---|---|"]
     for k in config_keys():
         text = k.help.replace("|", "\\|")
-        lines.append(f"| `{k.key}` | `{k.type.replace('|', '∣')}` | `{format_value(k.default)}` | {text} |")
+        lines.append(f"| `{k.key}` | {k.scope} | `{k.type.replace('|', '∣')}` | `{format_value(k.default)}` | "
+                     f"{text} |")
     return "\n".join(lines) + "\n"
 
 
@@ -655,16 +562,20 @@ def describe_config(config: RunConfig, *, origin: str) -> str:
         if name in FROM_DATA and name not in config.model.args:
             note = ", set from the data when training starts"
         lines.append(f"  {name}: {format_value(value)}  # {_type_text(hints.get(name, Any))}{note}")
-    base = RunConfig()
     by_key = {k.key: k for k in config_keys()}
     for section in ("task", "data", "train"):
-        lines.append(f"{section}:")
-        for f in dataclasses.fields(getattr(config, section)):
+        obj = getattr(config, section)
+        base = type(obj)()
+        lines.append(f"{section}:" if dataclasses.fields(obj) else f"{section}: {{}}")
+        for f in dataclasses.fields(obj):
             k = by_key[f"{section}.{f.name}"]
-            value = _plain(getattr(getattr(config, section), f.name))
-            changed = value != _plain(getattr(getattr(base, section), f.name))
-            note = f", default {format_value(k.default)}" if changed else ""
+            value = plain(getattr(obj, f.name))
+            changed = value != plain(getattr(base, f.name))
+            note = f", default {format_value(plain(getattr(base, f.name)))}" if changed else ""
             lines.append(f"  {f.name}: {format_value(value)}  # {k.type}{note}; {k.summary}")
+    lines.append("schedules:" if config.schedules else "schedules: {}  # model inputs scheduled over training")
+    for name, schedule in config.schedules.items():
+        lines.append(f"  {name}: {format_value(plain(schedule))}  # the value of the model input {name} per step")
     return "\n".join(lines) + "\n"
 
 

@@ -1,15 +1,15 @@
 """The training loop: one loop for every model and task.
 
 The loop sees a model (an nn.Module) and a `TrainingJob` that supplies batches, the loss and the
-evaluation; it owns the optimizer, schedule, precision, accumulation, clipping, checkpoints, logging and
-exact resume. Resuming restores the weights, the optimizer moments, the RNG states (torch, numpy, python
+evaluation; it owns the step (splitting a batch into micro-batches, weighting them, backward, clipping, the
+optimizer update), the schedules of learning rate and model inputs, precision, checkpoints, logging and exact
+resume. Resuming restores the weights, the optimizer moments, the RNG states (torch, numpy, python
 and the job's augmentation generator) and the position in the epoch, so a resumed run reproduces the
 uninterrupted one exactly on CPU.
 """
 
 from __future__ import annotations
 
-import inspect
 import json
 import math
 import signal
@@ -29,6 +29,7 @@ from ..files import atomic_write_text, write_error
 from ..hardware import Precision, autocast_for, device_name, environment, resolve_device, resolve_precision
 from ..progress import note, progress_bar
 from ..registry import get_entry
+from ..settings import fixed_on_resume
 from .checkpoint import (
     CONFIG,
     EMA_WEIGHTS,
@@ -43,17 +44,16 @@ from .checkpoint import (
     set_rng_state,
 )
 from .checkpoint import rng_state as current_rng_state
-from .config import RunConfig, apply_overrides, fixed_on_resume, load_yaml, save_yaml
+from .config import RunConfig, apply_overrides, load_yaml, save_yaml
 from .ema import WeightEma
 from .optim import CosineSchedule, build_optimizer
 from .run_log import RunLog, format_table, write_plots
-from .schedules import SoftMaskSchedule
 
 
 class TrainingJob(Protocol):
     """What a task supplies to the loop (see polyattn.tasks).
 
-    Optional: `throughput_unit` (what `loss` counts, e.g. "tokens"; default "samples"),
+    Optional: `throughput_unit` (what `samples_per_step` counts, e.g. "tokens"; default "samples"),
     `save_to_run_dir(run_dir)` (files the run directory needs besides the weights, such as a tokenizer),
     `describe_data()` (one line on the data, for a command's first line), `final_split` (what the README calls
     the split of the final evaluation, default "test"; text jobs: "val"), `progress` (show evaluation bars) and
@@ -63,19 +63,26 @@ class TrainingJob(Protocol):
     inferred_model_args: dict[str, Any]
     """Model arguments that follow from the data (e.g. num_classes, img_size), used unless the user set them."""
     steps_per_epoch: int
-    samples_per_step: int
     eval_split: str
     """The split evaluated during training ('val' or 'test')."""
+
+    samples_per_step: int
+    """What one optimizer step processes, in `throughput_unit`s (samples, or tokens): the throughput's count."""
 
     def batches(self, epoch: int, start_step: int): ...
     """Iterator over the optimizer-step batches of one epoch, starting at `start_step`."""
 
-    def loss(self, model: nn.Module, batch: Any, *, accumulation_steps: int, autocast,
-             forward_kwargs: dict[str, Any], backward=torch.Tensor.backward) -> tuple[torch.Tensor, int]:
-        """Forward and backward over one optimizer-step batch (split into micro-batches), passing
-        `forward_kwargs` (scheduled model inputs such as `soft_mask_a`) to the model and each micro-batch's loss
-        to `backward` (the loop's, which scales it under float16); returns the mean loss (detached) and the
-        number of samples."""
+    def prepare(self, batch: Any) -> tuple[torch.Tensor, ...]:
+        """One step's batch ready for the model, on the device: every random draw over the whole batch is made
+        here (augmentation, mixing, noise), so it does not depend on the split into micro-batches. Every tensor's
+        first dimension is the batch's rows; the loop splits them into `train.accumulation_steps` micro-batches."""
+        ...
+
+    def loss(self, model: nn.Module, batch: tuple[torch.Tensor, ...],
+             inputs: dict[str, Any]) -> tuple[torch.Tensor, int]:
+        """The summed loss of one micro-batch (a tensor, float32) and the number of terms it sums (an int, counted
+        without a device sync), passing `inputs` (the scheduled model inputs, such as `soft_mask_a`) to the model.
+        The loop averages over the whole step's count, so accumulation gives the gradient of one big batch."""
         ...
 
     def evaluate(self, model: nn.Module, split: str, *, autocast) -> dict[str, float]: ...
@@ -145,7 +152,7 @@ def check_resume_changes(changes: dict[str, tuple[Any, Any]], config: RunConfig,
         raise UserError(f"A resumed run cannot change its model section ({', '.join(model)}); its weights would "
                         f"not fit. Start a new run.")
     fixed = {f"train.{name}" for name in fixed_on_resume(config.train)}
-    breaking = [k for k in changes if k.startswith(("data.", "task.")) or k in fixed]
+    breaking = [k for k in changes if k.startswith(("data.", "task.", "schedules.")) or k in fixed]
     if breaking and not force:
         listed = ", ".join(f"{k} {changes[k][0]!r} → {changes[k][1]!r}" for k in breaking)
         raise UserError(f"Resuming with changed {listed} would not reproduce the run; resume without the change, "
@@ -209,12 +216,6 @@ def train(config: RunConfig, *, resume_dir: Path | None = None, evaluate: bool =
     model.to(device)
     n_params = sum(p.numel() for p in model.parameters())
     total_steps = cfg.steps or cfg.epochs * job.steps_per_epoch
-    soft_mask = None
-    if cfg.soft_mask != "none":
-        if "soft_mask_a" not in inspect.signature(model.forward).parameters:
-            raise UserError(f"train.soft_mask needs a model whose forward takes soft_mask_a (such as iLLaMA); "
-                            f"'{config.model.name}' does not, so set train.soft_mask=none.")
-        soft_mask = SoftMaskSchedule(cfg.soft_mask, total_steps, cfg.soft_mask_cutoff, cfg.soft_mask_a0)
     check_model = getattr(job, "check_model", None)
     if check_model is not None:
         check_model(model)
@@ -226,14 +227,14 @@ def train(config: RunConfig, *, resume_dir: Path | None = None, evaluate: bool =
         run_dir = new_run_dir(config)
         lock = claim_new_run_dir(run_dir)
     try:
-        return _train_in(run_dir, config, job, model, n_params, total_steps, soft_mask, device, precision,
+        return _train_in(run_dir, config, job, model, n_params, total_steps, device, precision,
                          resuming=resume_dir is not None, changes=changes, evaluate=evaluate)
     finally:
         lock.release()
 
 
 def _train_in(run_dir: Path, config: RunConfig, job, model: nn.Module, n_params: int, total_steps: int,
-              soft_mask: SoftMaskSchedule | None, device: torch.device, precision: Precision, *,
+              device: torch.device, precision: Precision, *,
               resuming: bool, changes: dict[str, tuple[Any, Any]], evaluate: bool) -> dict[str, Any]:
     """The training loop proper, in a run directory this process has locked (see `train`)."""
     cfg = config.train
@@ -258,7 +259,7 @@ def _train_in(run_dir: Path, config: RunConfig, job, model: nn.Module, n_params:
             save_job_files(run_dir)
         except OSError as err:
             raise write_error(Path(err.filename or run_dir), err) from err
-    unit = getattr(job, "throughput_unit", "samples")  # what `job.loss` counts: samples, or tokens for LMs
+    unit = getattr(job, "throughput_unit", "samples")  # what `job.samples_per_step` counts: samples, or tokens
 
     ema = WeightEma(model, cfg.ema_decay) if cfg.ema_decay else None
     eval_model = ema.module if ema is not None else model  # the weights that evaluation and sampling use
@@ -303,6 +304,7 @@ def _train_in(run_dir: Path, config: RunConfig, job, model: nn.Module, n_params:
     # float16 needs its loss scaled so small gradients do not flush to zero; bfloat16 has float32's range.
     scaler = torch.amp.GradScaler(device.type) if precision.name == "fp16" else None
     backward = (lambda loss: scaler.scale(loss).backward()) if scaler is not None else torch.Tensor.backward
+    micro_batches = cfg.accumulation_steps
     if scaler is not None and resume_from is not None and "grad_scaler" in state:
         scaler.load_state_dict(state["grad_scaler"])
     log = RunLog(run_dir, resume_step=step if resume_from is not None else None)
@@ -348,6 +350,30 @@ def _train_in(run_dir: Path, config: RunConfig, job, model: nn.Module, n_params:
             return step
         return max(step, min(total_steps, int(train_time / budget * total_steps)))
 
+    def accumulate(batch: tuple[torch.Tensor, ...], inputs: dict[str, Any]) -> torch.Tensor:
+        """Forward and backward over the micro-batches of one step; returns the step's mean loss (detached) and
+        leaves the gradient of that mean in `.grad` (unscaled under float16).
+
+        Each micro-batch's summed loss is scaled by the nominal count of a step (`job.samples_per_step`) before
+        its backward, so the gradients have the magnitude of a mean; once the step's true count is known (a masked
+        LM scores ~15% of its tokens, Perceiver AR only its latents), one multiplication makes them exactly the
+        gradient of the sum over the step divided by that count. Nothing is done twice and nothing syncs.
+        """
+        nominal = job.samples_per_step
+        total, count = torch.zeros((), device=device), 0
+        for micro in zip(*(t.chunk(micro_batches) for t in batch)):
+            with autocast():
+                loss_sum, n = job.loss(train_model, micro, inputs)
+            backward(loss_sum * (1.0 / nominal))
+            total, count = total + loss_sum.detach().float(), count + n
+        if scaler is not None:
+            scaler.unscale_(optimizer)  # the true gradients: their norm, finiteness and clipping
+        if count != nominal and count > 0:
+            for p in params:
+                if p.grad is not None:
+                    p.grad.mul_(nominal / count)
+        return total / max(count, 1)
+
     progress = progress_bar(total=total_steps, initial=step, enabled=cfg.progress, unit="step", leave=True,
                             desc="training", bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}]"
                                                         "{postfix}")
@@ -364,12 +390,9 @@ def _train_in(run_dir: Path, config: RunConfig, job, model: nn.Module, n_params:
                 lr = schedule(schedule_step())
                 for group in optimizer.param_groups:
                     group["lr"] = lr
-                forward_kwargs = {"soft_mask_a": soft_mask(schedule_step())} if soft_mask else {}
+                inputs = {name: s.at(schedule_step(), total_steps) for name, s in config.schedules.items()}
                 t0 = time.perf_counter()
-                loss, n = job.loss(train_model, batch, accumulation_steps=cfg.accumulation_steps, autocast=autocast,
-                                   forward_kwargs=forward_kwargs, backward=backward)
-                if scaler is not None:
-                    scaler.unscale_(optimizer)  # the true gradients: their norm, finiteness and clipping
+                loss = accumulate(job.prepare(batch), inputs)
                 grads = [p.grad for p in params if p.grad is not None]
                 grad_norm = nn.utils.get_total_norm(grads) if grads else torch.zeros((), device=loss.device)
                 # the one device sync per step, shared by the checks and logs below
@@ -402,7 +425,7 @@ def _train_in(run_dir: Path, config: RunConfig, job, model: nn.Module, n_params:
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)
                 train_time += time.perf_counter() - t0
-                train_samples += n
+                train_samples += job.samples_per_step
                 step += 1
                 if bad_in_row >= cfg.max_bad_steps:
                     good = last_saved[0] or next(iter(checkpoints.candidates()), None)
@@ -424,7 +447,7 @@ def _train_in(run_dir: Path, config: RunConfig, job, model: nn.Module, n_params:
                         values["grad_norm"] = norm_value
                     if bad_steps:
                         values["bad_steps"] = bad_steps
-                    values.update(forward_kwargs)
+                    values.update(inputs)
                     log.log("train", step, values)
                     window_loss, window_n = 0.0, 0
                 epoch_done = step % job.steps_per_epoch == 0
