@@ -19,8 +19,6 @@ from .rope import (
     RotaryEmbeddingND,
     apply_rotary,
     axial_frequencies,
-    grid_positions,
-    positions_from_padding,
 )
 from .token_io import TokenIO
 
@@ -47,11 +45,9 @@ __all__ = [
     "apply_rotary",
     "axial_frequencies",
     "drop_path",
-    "grid_positions",
     "init_linear",
     "llama_hidden_size",
     "parse_mask_mode",
-    "positions_from_padding",
     "resample_abs_pos_embed",
     "sincos_pos_embed",
     "to_2tuple",

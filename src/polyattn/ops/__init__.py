@@ -1,9 +1,10 @@
 """Pure tensor functions: the math of each token mixer, `[B, T, H, D]` layout, each with a reference form.
 
-Submodules: `attention` (softmax attention and its masks), `lightnet`, `decay_scan`, `lrpe`, `tpe`. The
-submodule names are not shadowed here, so `polyattn.ops.attention` stays the module: the softmax attention
-function is `from polyattn.ops.attention import attention` (or `polyattn.ops.softmax_attention`, the same
-function under a name that does not collide).
+Submodules: `attention` (softmax attention and its masks), `lightnet`, `decay_scan`, `lrpe`, `tpe`, `sequence`
+(positions from padding masks, packed documents, grid coordinates). The submodule names are not shadowed here, so
+`polyattn.ops.attention` stays the module: the softmax attention function is
+`from polyattn.ops.attention import attention` (or `polyattn.ops.softmax_attention`, the same function under a name
+that does not collide).
 """
 
 from .attention import (
@@ -25,6 +26,16 @@ from .lightnet import (
     lightnet_reference,
 )
 from .lrpe import lrpe_cosine, lrpe_rotary, lrpe_theta, md_lrpe_angles
+from .sequence import (
+    cat_padding_masks,
+    check_cu_seqlens,
+    document_positions,
+    grid_positions,
+    pack_sequences,
+    real_counts,
+    real_positions,
+    unpack_sequences,
+)
 from .tpe import md_tpe_scan, tpe_reference, tpe_scan
 
 __all__ = [
@@ -32,10 +43,14 @@ __all__ = [
     "LightNetState",
     "MaskMode",
     "attention_ref",
+    "cat_padding_masks",
     "causal_mask",
+    "check_cu_seqlens",
     "decay_attn",
     "decay_attn_recurrent",
     "decay_attn_reference",
+    "document_positions",
+    "grid_positions",
     "lightnet_attn",
     "lightnet_chunk",
     "lightnet_global",
@@ -47,10 +62,14 @@ __all__ = [
     "md_lrpe_angles",
     "md_tpe_scan",
     "multi_scan_decay_attn",
+    "pack_sequences",
     "padding_to_attn_mask",
+    "real_counts",
+    "real_positions",
     "scan_orders",
     "shifted_group_mask",
     "softmax_attention",
     "tpe_reference",
     "tpe_scan",
+    "unpack_sequences",
 ]
