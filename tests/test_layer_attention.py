@@ -5,8 +5,9 @@ import torch
 
 from polyattn.errors import UserError
 from polyattn.layers.attention import Attention, KVCache
-from polyattn.layers.rope import RotaryEmbedding, positions_from_padding
+from polyattn.layers.rope import RotaryEmbedding
 from polyattn.ops.attention import MaskMode, attention_ref, padding_to_attn_mask
+from polyattn.ops.sequence import real_positions
 from polyattn.testing import assert_close
 
 
@@ -82,7 +83,7 @@ def test_cached_decode_with_left_padding_equals_full_forward(mode, a):
     x, kpm, rows = make_left_padded(lengths, num_new, dim)
 
     # prefill the prompts, then a chunk of 2 tokens, then token by token
-    y, cache = attn(x[:, :P], rope=rope(positions_from_padding(kpm[:, :P])), key_padding_mask=kpm[:, :P],
+    y, cache = attn(x[:, :P], rope=rope(real_positions(kpm[:, :P])), key_padding_mask=kpm[:, :P],
                     soft_mask_a=a, use_cache=True)
     outs = [y]
     for start, stop in [(P, P + 2)] + [(t, t + 1) for t in range(P + 2, P + num_new)]:
@@ -96,7 +97,7 @@ def test_cached_decode_with_left_padding_equals_full_forward(mode, a):
         expected, _ = attn(row[None], rope=rope(torch.arange(len(row))), soft_mask_a=a)
         assert_close(f"row {b}", expected[0], decoded[b, kpm[b]], ratio=1e-5, atol=1e-5)
     # the padded batch in one pass agrees as well
-    full, _ = attn(x, rope=rope(positions_from_padding(kpm)), key_padding_mask=kpm, soft_mask_a=a)
+    full, _ = attn(x, rope=rope(real_positions(kpm)), key_padding_mask=kpm, soft_mask_a=a)
     assert_close("padded batch", full[kpm], decoded[kpm], ratio=1e-5, atol=1e-5)
 
 
@@ -181,7 +182,7 @@ def test_torch_export_causal_layer():
             self.rope = RotaryEmbedding(8)
 
         def forward(self, x, key_padding_mask):
-            rot = self.rope(positions_from_padding(key_padding_mask))
+            rot = self.rope(real_positions(key_padding_mask))
             return self.attn(x, rope=rot, key_padding_mask=key_padding_mask)[0]
 
     torch.manual_seed(0)

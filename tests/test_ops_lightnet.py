@@ -14,7 +14,8 @@ from polyattn.ops.lightnet import (
     lightnet_recurrent,
     lightnet_reference,
 )
-from polyattn.ops.lrpe import grid_positions, lrpe_cosine, lrpe_key_features, lrpe_theta, md_lrpe_angles
+from polyattn.ops.lrpe import lrpe_cosine, lrpe_key_features, lrpe_theta, md_lrpe_angles
+from polyattn.ops.sequence import grid_positions
 from polyattn.testing import assert_close
 
 B, H, K, V = 2, 2, 8, 6

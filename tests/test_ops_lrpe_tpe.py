@@ -7,7 +7,6 @@ import torch
 
 from polyattn.ops.lightnet import lightnet_chunk, lightnet_global
 from polyattn.ops.lrpe import (
-    grid_positions,
     lrpe_cosine,
     lrpe_key_features,
     lrpe_rotary,
@@ -16,6 +15,7 @@ from polyattn.ops.lrpe import (
     md_lrpe_angles,
     pair_angles_to_channels,
 )
+from polyattn.ops.sequence import grid_positions
 from polyattn.ops.tpe import (
     md_tpe_scan,
     tpe_axis_scan,

@@ -8,9 +8,8 @@ from polyattn.layers.rope import (
     RotaryEmbeddingND,
     apply_rotary,
     axial_frequencies,
-    grid_positions,
-    positions_from_padding,
 )
+from polyattn.ops.sequence import grid_positions, real_positions
 from polyattn.testing import assert_close
 
 
@@ -109,7 +108,7 @@ def test_apply_rotary_checks_width():
 
 def test_positions_helpers():
     kpm = torch.tensor([[False, False, True, True], [True, True, True, True]])
-    assert positions_from_padding(kpm).tolist() == [[0, 0, 0, 1], [0, 1, 2, 3]]
+    assert real_positions(kpm).tolist() == [[0, 0, 0, 1], [0, 1, 2, 3]]
     assert grid_positions((2, 3)).tolist() == [[0, 0], [0, 1], [0, 2], [1, 0], [1, 1], [1, 2]]
 
 

@@ -20,8 +20,6 @@ from .rope import (
     RotaryEmbeddingND,
     apply_rotary,
     axial_frequencies,
-    grid_positions,
-    positions_from_padding,
 )
 from .token_io import TokenIO
 
@@ -50,12 +48,10 @@ __all__ = [
     "axial_frequencies",
     "call_op",
     "drop_path",
-    "grid_positions",
     "init_linear",
     "llama_hidden_size",
     "observe_mixer_ops",
     "parse_mask_mode",
-    "positions_from_padding",
     "resample_abs_pos_embed",
     "sincos_pos_embed",
     "to_2tuple",

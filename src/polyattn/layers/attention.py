@@ -14,6 +14,7 @@ from torch import nn
 from ..errors import UserError, nearest
 from ..ops.attention import MaskMode, attention, padding_to_attn_mask
 from ..ops.checks import check_features
+from ..ops.sequence import cat_padding_masks, real_positions
 from .mixer_hooks import call_op
 from .rope import Rotary
 
@@ -53,22 +54,16 @@ class KVCache:
         Args:
             key_padding_mask_new (Tensor, Optional): `[B, T]` bool for the new slots; None = all real.
         """
-        mask = self.key_padding_mask
-        if mask is not None or key_padding_mask_new is not None:
-            old = mask if mask is not None else self.k.new_ones(self.k.shape[:2], dtype=torch.bool)
-            new = (key_padding_mask_new.bool() if key_padding_mask_new is not None
-                   else k_new.new_ones(k_new.shape[:2], dtype=torch.bool))
-            mask = torch.cat((old, new), dim=1)
+        mask = cat_padding_masks(self.key_padding_mask, key_padding_mask_new, self.k.shape[:2], k_new.shape[:2],
+                                 self.k.device)
         return KVCache(torch.cat((self.k, k_new), dim=1), torch.cat((self.v, v_new), dim=1), mask,
                        self.offset + k_new.shape[1])
 
     def next_positions(self, num_new: int = 1) -> torch.Tensor:
         """Positions of `num_new` real tokens appended next: `[num_new]`, or `[B, num_new]` per row when the
         cache has a padding mask (each row continues from its own count of real tokens)."""
-        steps = torch.arange(num_new, device=self.k.device)
-        if self.key_padding_mask is None:
-            return self.offset + steps
-        return self.key_padding_mask.sum(-1, keepdim=True) + steps
+        start = self.offset if self.key_padding_mask is None else self.key_padding_mask.sum(-1)
+        return real_positions(None, num_new, start=start, device=self.k.device)
 
 
 def parse_mask_mode(mask_mode: MaskMode | str) -> MaskMode:

@@ -20,7 +20,6 @@ from ..ops.checks import check_features, check_mask
 from ..ops.decay_scan import multi_scan_decay_attn
 from ..ops.lightnet import LightNetState, lightnet_attn
 from ..ops.lrpe import (
-    grid_positions,
     lrpe_cosine,
     lrpe_key_features,
     lrpe_rotary_query,
@@ -28,6 +27,7 @@ from ..ops.lrpe import (
     md_lrpe_angles,
     pair_angles_to_channels,
 )
+from ..ops.sequence import grid_positions, real_positions
 from ..ops.tpe import tpe_axis_scan, tpe_scan
 from .drop import DropPath
 from .mixer_hooks import call_op
@@ -64,17 +64,6 @@ def _init_linears(module: nn.Module, init: str, zero: Sequence[nn.Linear] = ()) 
     if init == "author":
         for m in zero:
             nn.init.zeros_(m.weight)
-
-
-def _real_positions(mask: torch.Tensor | None, offset: torch.Tensor | None, B: int, T: int, device) -> torch.Tensor:
-    """1-D positions `[B, T]` counting real tokens only (so a padded row equals its unpadded version)."""
-    if mask is None:
-        pos = torch.arange(T, device=device).expand(B, T)
-    else:
-        pos = (mask.long().cumsum(1) - 1).clamp_min(0)
-    if offset is not None:
-        pos = pos + offset[:, None]
-    return pos
 
 
 class LightNetAttention(nn.Module):
@@ -165,7 +154,8 @@ class LightNetAttention(nn.Module):
             if not (pos.shape[0] == T):
                 raise ValueError(f"grid {tuple(grid_shape)} + {self.num_special} specials != {T} tokens")
             return pos[None]
-        return _real_positions(mask, offset, B, T, device).float()[..., None]
+        start = 0 if offset is None else offset
+        return real_positions(mask, T, start=start, batch_size=B, device=device).float()[..., None]
 
     def forward(
         self,

@@ -3,7 +3,8 @@
 A rotary module maps integer (or float) positions to a `Rotary`: per-token angles stored as `cos`/`sin` tables
 over channel pairs. `Rotary.apply(x)` rotates a `[B, T, H, D]` tensor; `Attention` takes a `Rotary` through its
 `rope` argument and applies it to the queries and the new keys. Positions are explicit inputs, so cached
-decoding passes each row's own positions (see `positions_from_padding` and `KVCache.next_positions`).
+decoding passes each row's own positions (see `polyattn.ops.sequence.real_positions` and
+`KVCache.next_positions`); grid coordinates come from `polyattn.ops.sequence.grid_positions`.
 
 Channel-pair layouts:
 
@@ -93,24 +94,6 @@ def _rotary(positions: torch.Tensor, head_dim: int, num_axes: int, base: float, 
     freqs = axial_frequencies(head_dim, num_axes, base, positions.device, wide)
     angles = torch.nan_to_num(positions.to(wide), nan=0.0) @ freqs  # (..., T, D/2)
     return Rotary(angles.cos().float(), angles.sin().float(), interleaved)
-
-
-def positions_from_padding(key_padding_mask: torch.Tensor) -> torch.Tensor:
-    """Per-row positions `[B, T]` of a left-padded batch: real tokens count 0, 1, … in each row.
-
-    Padding slots get position 0; their outputs are meaningless and masked out of attention anyway.
-
-    Args:
-        key_padding_mask (Tensor): `[B, T]` bool, True = real token.
-    """
-    m = key_padding_mask.long()
-    return (m.cumsum(-1) - 1).clamp_min(0)
-
-
-def grid_positions(grid_shape: tuple[int, ...], device: torch.device | str | None = None) -> torch.Tensor:
-    """The integer coordinates `[prod(grid_shape), len(grid_shape)]` of a grid in raster (row-major) order."""
-    axes = [torch.arange(n, device=device) for n in grid_shape]
-    return torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1).reshape(-1, len(grid_shape))
 
 
 class RotaryEmbedding(nn.Module):

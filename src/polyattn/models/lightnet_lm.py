@@ -43,6 +43,7 @@ from torch import nn
 
 from ..layers.lightnet import LightNetAttention, LightNetBlock, LightNetCache, MdTpe
 from ..layers.token_io import TokenIO
+from ..ops.sequence import pack_sequences, unpack_sequences
 from ..registry import register_model
 from .bert import MaskedLMMixin
 from .generation import CausalLMMixin
@@ -58,19 +59,6 @@ class LightNetLMCache(NamedTuple):
 
     tpe: torch.Tensor | None
     layers: tuple[LightNetCache, ...]
-
-
-def _unpack(tokens: torch.Tensor, cu_seqlens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Packed `[1, ΣT]` → right-padded `[N, T_max]`, its mask, and the packed index of every real slot."""
-    cu = cu_seqlens.to(device=tokens.device, dtype=torch.long)
-    total = tokens.shape[1]
-    if cu[0] != 0 or cu[-1] != total or (cu.diff() < 0).any():
-        raise ValueError(f"cu_seqlens must rise from 0 to the packed length {total}, got {cu.tolist()}")
-    lens = cu.diff()
-    pos = torch.arange(int(lens.max()), device=tokens.device)
-    mask = pos[None] < lens[:, None]  # (N, T_max)
-    index = (cu[:-1, None] + pos[None]).clamp(max=total - 1)
-    return tokens[0][index].masked_fill(~mask, 0), mask, index[mask]
 
 
 class LightNetText(nn.Module):
@@ -106,11 +94,8 @@ class LightNetText(nn.Module):
             return self._run(tokens, None if attention_mask is None else attention_mask.bool())
         if tokens.shape[0] != 1 or attention_mask is not None:
             raise ValueError("packed documents (cu_seqlens) need B == 1 and no attention_mask")
-        padded, mask, index = _unpack(tokens, cu_seqlens)
-        out = self._run(padded, mask)  # (N, T_max, V)
-        logits = out.new_zeros(1, tokens.shape[1], out.shape[-1])
-        logits[0, index] = out[mask]
-        return logits
+        padded, mask = unpack_sequences(tokens, cu_seqlens)
+        return pack_sequences(self._run(padded, mask), mask)  # (N, T_max, V) → (1, ΣT, V)
 
     def _run(self, tokens: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         x = self.io.embed_tokens(tokens)  # (B, T, D)

@@ -44,6 +44,7 @@ from ..layers.norm import RMSNorm
 from ..layers.rope import RotaryEmbedding
 from ..layers.token_io import TokenIO
 from ..ops.attention import shifted_group_mask_at
+from ..ops.sequence import cat_padding_masks, document_positions, real_positions
 from ..registry import register_model
 from .generation import CausalLMMixin
 
@@ -53,35 +54,21 @@ LlamaCache = tuple[KVCache, ...]
 
 def _positions(cache: KVCache | None, mask: torch.Tensor | None, T: int, device) -> torch.Tensor:
     """RoPE positions `[T]` or `[B, T]` of `T` new tokens: the real tokens seen so far plus the real tokens before
-    each new one in this call (a padding slot gets the position of the next real token; it is never attended)."""
-    within = torch.arange(T, device=device) if mask is None else (mask.long().cumsum(1) - 1).clamp_min(0)
+    each new one in this call (see `real_positions`)."""
     if cache is None:
-        return within
-    if cache.key_padding_mask is None:
-        return cache.offset + within
-    return cache.key_padding_mask.sum(-1, keepdim=True) + within
+        start = 0
+    else:
+        start = cache.offset if cache.key_padding_mask is None else cache.key_padding_mask.sum(-1)
+    return real_positions(mask, T, start=start, device=device)
 
 
 def _key_positions(cache: KVCache | None, mask: torch.Tensor | None, tokens: torch.Tensor) -> torch.Tensor:
     """Positions `[S]` or `[B, S]` of every key a cached call attends to: the cache's, then the new tokens'."""
     B, T = tokens.shape
     old = 0 if cache is None else cache.offset
-    old_mask = None if cache is None else cache.key_padding_mask
-    if old_mask is None and mask is None:
-        return torch.arange(old + T, device=tokens.device)
-    ones = lambda n: torch.ones(B, n, dtype=torch.bool, device=tokens.device)
-    full = torch.cat((ones(old) if old_mask is None else old_mask, ones(T) if mask is None else mask), dim=1)
-    return (full.long().cumsum(1) - 1).clamp_min(0)
-
-
-def document_positions(cu_seqlens: torch.Tensor, total: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """For tokens packed by `cu_seqlens [N + 1]`: each token's document index `[ΣT]` and position in it `[ΣT]`."""
-    cu = cu_seqlens.to(torch.long)
-    if cu[0] != 0 or cu[-1] != total or (cu.diff() < 0).any():
-        raise ValueError(f"cu_seqlens must rise from 0 to the packed length {total}, got {cu.tolist()}")
-    idx = torch.arange(total, device=cu.device)
-    doc = torch.searchsorted(cu[1:], idx, right=True)
-    return doc, idx - cu[doc]
+    full = cat_padding_masks(None if cache is None else cache.key_padding_mask, mask, (B, old), (B, T),
+                             tokens.device)
+    return real_positions(full, old + T, device=tokens.device)
 
 
 class RopeTransformer(nn.Module):

@@ -1,10 +1,11 @@
 """Pure tensor functions: the math of each token mixer, `[B, T, H, D]` layout, each with a reference form.
 
 Submodules: `attention` (softmax attention and its masks), `lightnet`, `decay_scan`, `chunk_gated` (the chunk
-kernel those two share), `lrpe`, `tpe`, `losses` (the one cross-entropy and `IGNORE_INDEX`). The submodule names
-are not shadowed here, so `polyattn.ops.attention`
-stays the module: the softmax attention function is `from polyattn.ops.attention import attention` (or
-`polyattn.ops.softmax_attention`, the same function under a name that does not collide).
+kernel those two share), `lrpe`, `tpe`, `losses` (the one cross-entropy and `IGNORE_INDEX`), `sequence` (positions
+from padding masks, packed documents, grid coordinates). The submodule names are not shadowed here, so
+`polyattn.ops.attention` stays the module: the softmax attention function is
+`from polyattn.ops.attention import attention` (or `polyattn.ops.softmax_attention`, the same function under a name
+that does not collide).
 """
 
 from .attention import (
@@ -28,6 +29,16 @@ from .lightnet import (
 )
 from .losses import IGNORE_INDEX, cross_entropy
 from .lrpe import lrpe_cosine, lrpe_rotary, lrpe_theta, md_lrpe_angles
+from .sequence import (
+    cat_padding_masks,
+    check_cu_seqlens,
+    document_positions,
+    grid_positions,
+    pack_sequences,
+    real_counts,
+    real_positions,
+    unpack_sequences,
+)
 from .tpe import md_tpe_scan, tpe_reference, tpe_scan
 
 __all__ = [
@@ -36,12 +47,16 @@ __all__ = [
     "LightNetState",
     "MaskMode",
     "attention_ref",
+    "cat_padding_masks",
     "causal_mask",
+    "check_cu_seqlens",
     "chunk_gated_core",
     "cross_entropy",
     "decay_attn",
     "decay_attn_recurrent",
     "decay_attn_reference",
+    "document_positions",
+    "grid_positions",
     "lightnet_attn",
     "lightnet_chunk",
     "lightnet_global",
@@ -53,10 +68,14 @@ __all__ = [
     "md_lrpe_angles",
     "md_tpe_scan",
     "multi_scan_decay_attn",
+    "pack_sequences",
     "padding_to_attn_mask",
+    "real_counts",
+    "real_positions",
     "scan_orders",
     "shifted_group_mask",
     "softmax_attention",
     "tpe_reference",
     "tpe_scan",
+    "unpack_sequences",
 ]

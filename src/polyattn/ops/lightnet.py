@@ -30,6 +30,7 @@ import torch
 
 from .checks import check_float, check_heads, check_mask
 from .chunk_gated import NEG, chunk_gated_core, chunk_len, from_chunks, matmul_dtype, pad_time, to_chunks
+from .sequence import pack_sequences, unpack_sequences
 
 
 class LightNetState(NamedTuple):
@@ -463,16 +464,6 @@ def lightnet_reference(
     return o, LightNetState(S_T, z[:, -1])
 
 
-def _unpack(x: torch.Tensor, cu_seqlens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Packed `[1, ΣT, ...]` → right-padded `[N, T_max, ...]`, its `[N, T_max]` mask and the gather index."""
-    lens = cu_seqlens.diff()
-    N, T_max = lens.numel(), int(lens.max())
-    pos = torch.arange(T_max, device=x.device)
-    mask = pos[None] < lens[:, None]
-    index = (cu_seqlens[:-1, None] + pos[None]).clamp(max=x.shape[1] - 1)  # [N, T_max]
-    return x[0][index].masked_fill(~mask.view(N, T_max, *[1] * (x.dim() - 2)), 0), mask, index
-
-
 def lightnet_attn(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -522,20 +513,15 @@ def lightnet_attn(
         if q.shape[0] != 1 or mask is not None:
             raise ValueError("lightnet_attn: packed sequences (cu_seqlens) need B == 1 and no mask (padding is "
                              "implied by the boundaries)")
-        if cu_seqlens.is_floating_point() or cu_seqlens.ndim != 1 or cu_seqlens.numel() < 2:
-            raise ValueError(f"lightnet_attn: cu_seqlens must be [N + 1] integer offsets, got "
-                             f"{cu_seqlens.dtype} {tuple(cu_seqlens.shape)}")
-        qp, mask_p, index = _unpack(q, cu_seqlens)
-        kp, vp = _unpack(k, cu_seqlens)[0], _unpack(v, cu_seqlens)[0]
+        qp, mask_p = unpack_sequences(q, cu_seqlens)
+        kp, vp = unpack_sequences(k, cu_seqlens)[0], unpack_sequences(v, cu_seqlens)[0]
         fp = None
         if key_features is not None:
-            fp = _unpack(key_features.expand(1, *q.shape[1:]), cu_seqlens)[0]
+            fp = unpack_sequences(key_features.expand(1, *q.shape[1:]), cu_seqlens)[0]
         o, state = lightnet_attn(qp, kp, vp, causal=causal, scale=scale, initial_state=initial_state,
                                  output_final_state=output_final_state, mask=mask_p, chunk_size=chunk_size,
                                  normalizer_init=normalizer_init, key_features=fp, backend=backend)
-        out = o.new_zeros(1, q.shape[1], *o.shape[2:])
-        out[0, index[mask_p]] = o[mask_p]
-        return out, state
+        return pack_sequences(o, mask_p), state
     kw = dict(scale=scale, initial_state=initial_state, output_final_state=output_final_state, mask=mask,
               normalizer_init=normalizer_init, key_features=key_features)
     if not causal:

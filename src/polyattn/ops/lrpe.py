@@ -6,12 +6,12 @@ follow the author's `xopes/ops/lrpe/cosine/_md` (cosine form) code.
 Position-dependent unitary maps on queries and keys make `q_s · k_t` depend on `s − t` only and still factorise,
 so they work inside linear attention. For a grid with k axes, each axis owns a contiguous block of channels
 (`e = ceil(d / k)` channels each); channel `i` of axis `a` turns at angle `p_a θ_i`. Leading special tokens (class
-or condition tokens) get angle 0. Layout `[B, T, H, d]`; angles `[B|1, T, H, d]` (cosine) or `[B|1, T, H, d/2]`
-(rotary, one angle per channel pair `(2j, 2j+1)`).
+or condition tokens) get angle 0 (the coordinates are `polyattn.ops.sequence.grid_positions`). Layout
+`[B, T, H, d]`; angles `[B|1, T, H, d]` (cosine) or `[B|1, T, H, d/2]` (rotary, one angle per channel pair
+`(2j, 2j+1)`).
 """
 
 import math
-from collections.abc import Sequence
 
 import torch
 
@@ -31,15 +31,6 @@ def lrpe_theta(
         return base ** (-torch.arange(e, dtype=torch.float64) / e).expand(num_heads, e).float()
     idx = torch.arange(num_heads * e, dtype=torch.float64).view(num_heads, e)
     return (base ** (-idx / (num_heads * e))).float()
-
-
-def grid_positions(
-    grid_shape: Sequence[int], num_special: int = 0, device: torch.device | None = None
-) -> torch.Tensor:
-    """Coordinates `[num_special + Π grid_shape, k]` of row-major grid tokens (last axis fastest); specials 0."""
-    axes = [torch.arange(n, device=device, dtype=torch.float32) for n in grid_shape]
-    pos = torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1).reshape(-1, len(grid_shape))
-    return torch.cat([pos.new_zeros(num_special, len(grid_shape)), pos], dim=0)
 
 
 def md_lrpe_angles(positions: torch.Tensor, theta: torch.Tensor, dim: int) -> torch.Tensor:
