@@ -20,6 +20,7 @@ from .rope import (
     apply_rotary,
     axial_frequencies,
 )
+from .tied_kv_attention import TiedKVAttention
 from .token_io import TokenIO
 
 __all__ = [
@@ -40,6 +41,7 @@ __all__ = [
     "Rotary",
     "RotaryEmbedding",
     "RotaryEmbeddingND",
+    "TiedKVAttention",
     "TokenIO",
     "TransformerBlock",
     "apply_rotary",

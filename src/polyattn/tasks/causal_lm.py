@@ -294,7 +294,13 @@ class CausalLMJob(TextStreamJob):
     def check_model(self, model: nn.Module) -> None:
         """Before the run starts: a model that predicts only a window's last positions (Perceiver AR's latents)
         must predict the `data.eval_stride` targets each evaluation window scores, else the first evaluation
-        would fail after an epoch of training. One forward pass in eval mode (no random numbers drawn)."""
+        would fail after an epoch of training. One forward pass in eval mode (no random numbers drawn). A model that
+        reads a window (`max_train_len`, Perceiver AR's `max_seq_len`) must hold a whole training row."""
+        limit = getattr(model, "max_train_len", None)
+        if limit is not None and self.seq_len > limit:
+            raise UserError(f"A training row of data.seq_len = {self.seq_len} tokens is longer than the model's "
+                            f"window of {limit} tokens (model.max_seq_len), whose older tokens would be ignored; "
+                            f"set data.seq_len <= {limit} or model.max_seq_len >= {self.seq_len}.")
         stride = self.eval_stride or self.seq_len
         was_training = model.training
         model.eval()
