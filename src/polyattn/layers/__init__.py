@@ -6,6 +6,7 @@ token take and return their cache explicitly. Build your own model from these (s
 
 from .attention import Attention, KVCache, parse_mask_mode
 from .block import TransformerBlock
+from .cross_attention import CrossAttentionBlock, LinearCrossAttention
 from .drop import DropPath, drop_path
 from .init import init_linear
 from .lightnet import LightNetAttention, LightNetBlock, LightNetCache, MdTpe, MultiScanAttention
@@ -25,6 +26,7 @@ from .token_io import TokenIO
 
 __all__ = [
     "Attention",
+    "CrossAttentionBlock",
     "DropPath",
     "GatedMlp",
     "GroupRMSNorm",
@@ -33,6 +35,7 @@ __all__ = [
     "LightNetAttention",
     "LightNetBlock",
     "LightNetCache",
+    "LinearCrossAttention",
     "MdTpe",
     "Mlp",
     "MultiScanAttention",

@@ -1,7 +1,8 @@
 """Pure tensor functions: the math of each token mixer, `[B, T, H, D]` layout, each with a reference form.
 
-Submodules: `attention` (softmax attention and its masks), `lightnet`, `decay_scan`, `lrpe`, `tpe`, `sequence`
-(positions from padding masks, packed documents, grid coordinates). The submodule names are not shadowed here, so
+Submodules: `attention` (softmax attention and its masks), `lightnet`, `decay_scan`, `lrpe`, `tpe`,
+`linear_cross_attention` (kernelized cross-attention over a fixed-size context state), `sequence` (positions from
+padding masks, packed documents, grid coordinates). The submodule names are not shadowed here, so
 `polyattn.ops.attention` stays the module: the softmax attention function is
 `from polyattn.ops.attention import attention` (or `polyattn.ops.softmax_attention`, the same function under a name
 that does not collide).
@@ -30,6 +31,13 @@ from .lightnet import (
     lightnet_recurrent,
     lightnet_reference,
 )
+from .linear_cross_attention import (
+    LinearContextState,
+    elu_feature_map,
+    linear_context_state,
+    linear_cross_attn,
+    linear_cross_attn_reference,
+)
 from .lrpe import lrpe_cosine, lrpe_rotary, lrpe_theta, md_lrpe_angles
 from .sequence import (
     cat_padding_masks,
@@ -46,6 +54,7 @@ from .tpe import md_tpe_scan, tpe_reference, tpe_scan
 __all__ = [
     "Backend",
     "LightNetState",
+    "LinearContextState",
     "MaskMode",
     "attention_ref",
     "cat_padding_masks",
@@ -57,12 +66,16 @@ __all__ = [
     "decay_attn_reference",
     "document_positions",
     "double_mask",
+    "elu_feature_map",
     "grid_positions",
     "lightnet_attn",
     "lightnet_chunk",
     "lightnet_global",
     "lightnet_recurrent",
     "lightnet_reference",
+    "linear_context_state",
+    "linear_cross_attn",
+    "linear_cross_attn_reference",
     "llp_mask",
     "lrpe_cosine",
     "lrpe_rotary",
