@@ -68,3 +68,47 @@ def test_linear_cross_attention_layer_equals_the_explicit_form_of_its_projection
     heads = lambda t: t.unflatten(-1, (2, 4))
     ref = linear_cross_attn_reference(heads(attn.q_proj(x)), heads(attn.k_proj(ctx)), heads(attn.v_proj(ctx)))
     torch.testing.assert_close(out, attn.o_proj(ref.flatten(2)), atol=1e-6, rtol=1e-5)
+
+
+# ---- the Perceiver-style latent image classifier -------------------------------------------------------------
+
+def _vision(**kw):
+    import polyattn
+
+    torch.manual_seed(0)
+    args = dict(img_size=16, patch_size=4, num_classes=5, embed_dim=32, num_latents=6, depth=2, num_heads=2)
+    return polyattn.create_model("perceiver_vision_nano", **{**args, **kw}).eval()
+
+
+@pytest.mark.parametrize("linear", [False, True])
+def test_perceiver_vision_reads_the_image_once_into_its_latents(linear):
+    model = _vision(linear_cross_attention=linear)
+    assert isinstance(model.cross.attn, LinearCrossAttention if linear else Attention)
+    x = torch.randn(2, 3, 16, 16)
+    feats = model.forward_features(x)
+    assert feats.shape == (2, 6, 32)  # N latents, whatever the image size
+    assert model.forward_features(torch.randn(1, 3, 32, 32)).shape == (1, 6, 32)
+    # the image enters only through the cross-attention: the latent stack sees the patches nowhere else
+    seen = []
+    model.cross.register_forward_hook(lambda m, a, out: seen.append(a[1].shape))
+    model(x)
+    assert seen == [(2, 16, 32)]  # 16 patch tokens of width D
+    # permuting the latents' order permutes nothing the head sees (mean over latents, no latent positions)
+    with torch.no_grad():
+        logits = model(x)
+        model.latents.copy_(model.latents.flip(1))
+    torch.testing.assert_close(model(x), logits, atol=1e-5, rtol=1e-5)
+
+
+def test_perceiver_vision_cross_attention_cost_is_latents_times_patches():
+    """The cross-attention's weights are `[N, T]` per head, the latent blocks' `[N, N]`: queries and keys counted
+    at each attention layer's input."""
+    model = _vision()
+    shapes = []
+    record = lambda m, args, kw: shapes.append((args[0].shape[1], kw["context"].k.shape[1] if kw.get("context")
+                                                is not None else args[0].shape[1]))
+    for attn in [model.cross.attn, *(b.attn for b in model.blocks)]:
+        attn.register_forward_pre_hook(record, with_kwargs=True)
+    model(torch.randn(1, 3, 16, 16))
+    model(torch.randn(1, 3, 32, 32))
+    assert shapes == [(6, 16), (6, 6), (6, 6), (6, 64), (6, 6), (6, 6)]  # N × T, then N × N per latent block

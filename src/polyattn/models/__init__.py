@@ -15,6 +15,7 @@ from . import (
     perceiver_family,
     perceiver_llp,
     perceiver_variants,
+    perceiver_vision,
     vit,
 )
 from .bert import BertMLM
@@ -27,6 +28,7 @@ from .llama_lm import LlamaLM
 from .perceiver_ar import PerceiverAR
 from .perceiver_llp import LLPTransformer
 from .perceiver_variants import CompressedAttentionPerceiver, DoubleAttentionPerceiver, SplitAttentionPerceiver
+from .perceiver_vision import PerceiverVision
 from .vit import VisionTransformer
 
 __all__ = [
@@ -44,6 +46,7 @@ __all__ = [
     "LlamaLM",
     "MultiScanViT",
     "PerceiverAR",
+    "PerceiverVision",
     "SplitAttentionPerceiver",
     "TokenMixerViT",
     "VisionTransformer",
@@ -58,6 +61,7 @@ __all__ = [
     "perceiver_family",
     "perceiver_llp",
     "perceiver_variants",
+    "perceiver_vision",
     "stream_generate",
     "vit",
 ]
