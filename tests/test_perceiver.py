@@ -251,6 +251,21 @@ def test_llp_block_aligned_cache_equals_the_full_forward_for_long_sequences_and_
     torch.testing.assert_close(torch.cat(steps, 1), full, atol=2e-5, rtol=1e-4)
 
 
+
+def test_perceiver_ar_cache_projects_each_token_into_the_cross_attend_keys_once():
+    """Decoding reuses the cross-attend layer's keys/values of the window: each step projects its new token only,
+    inside the window and after it slides (the oldest keys drop out); the results equal the uncached forward
+    (the decoding tests above)."""
+    model = perceiver("ar")
+    rows = []
+    model.blocks[0].attn.k_proj.register_forward_hook(lambda m, args, out: rows.append(args[0].shape[1]))
+    x = tokens(1, 20)
+    _, cache = model.forward_cached(x[:, :3])
+    assert rows == [3]
+    for t in range(3, 20):  # past N (latent stack recomputed) and past n (window slides): still one new key
+        _, cache = model.forward_cached(x[:, t:t + 1], cache)
+    assert rows[1:] == [1] * 17 and cache.cross.k.shape[1] == WINDOW
+
 def test_perceiver_ar_latent_kv_cache_is_exact_up_to_n_latents_and_a_fresh_forward_after_a_refill():
     """§7.7: the official fixed-size latent memory (cache_mode="latent_kv")."""
     model = perceiver("ar", cache_mode="latent_kv")
