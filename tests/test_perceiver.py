@@ -18,16 +18,16 @@ from polyattn.data.text import pad_documents
 from polyattn.data.tokenizers import ByteTokenizer
 from polyattn.errors import UserError
 from polyattn.layers.attention import Attention
-from polyattn.models.perceiver_ar import (
-    PerceiverAR,
-    TiedKVAttention,
-    causal_mask_at,
-    double_mask,
-    llp_mask,
-    split_mask,
-)
+from polyattn.layers.tied_kv_attention import TiedKVAttention
+from polyattn.models.perceiver_ar import PerceiverAR
+from polyattn.models.perceiver_family import LatentPerceiver
 from polyattn.models.perceiver_llp import LLPTransformer
-from polyattn.ops.attention import attention, causal_mask
+from polyattn.models.perceiver_variants import (
+    CompressedAttentionPerceiver,
+    DoubleAttentionPerceiver,
+    SplitAttentionPerceiver,
+)
+from polyattn.ops.attention import attention, causal_mask, causal_mask_at, double_mask, llp_mask, split_mask
 from polyattn.registry import count_parameters
 from polyattn.tasks.causal_lm import evaluate_lm
 from polyattn.train.config import build_config
@@ -36,15 +36,17 @@ from polyattn.train.loop import train
 V, D, DEPTH, HEADS = 37, 32, 3, 2
 WINDOW, LATENTS, COMPRESSED, SEGMENTS, SEGMENT_LEN = 12, 5, 3, 2, 4
 LATENT_VARIANTS = ["ar", "double", "compressed", "split"]
+VARIANT_CLASSES = {"ar": PerceiverAR, "double": DoubleAttentionPerceiver, "compressed": CompressedAttentionPerceiver,
+                   "split": SplitAttentionPerceiver}
+VARIANT_ARGS = {"compressed": {"compressed_len": COMPRESSED}, "split": {"num_segments": SEGMENTS}}
 MODES = [False, True]  # clean, faithful
 
 
-def perceiver(variant: str, faithful: bool = False, **kw) -> PerceiverAR:
+def perceiver(variant: str, faithful: bool = False, **kw) -> LatentPerceiver:
     torch.manual_seed(0)
-    extra = {"compressed_len": COMPRESSED} if variant == "compressed" else {}
     args = dict(vocab_size=V, dim=D, depth=DEPTH, num_heads=HEADS, max_seq_len=WINDOW, num_latents=LATENTS,
-                variant=variant, num_segments=SEGMENTS, faithful=faithful, **extra)
-    return PerceiverAR(**{**args, **kw}).eval()
+                faithful=faithful, **VARIANT_ARGS.get(variant, {}))
+    return VARIANT_CLASSES[variant](**{**args, **kw}).eval()
 
 
 def llp(faithful: bool = False, **kw) -> LLPTransformer:
@@ -194,7 +196,7 @@ def test_with_every_position_a_latent_or_one_segment_the_clean_models_are_llama(
     model = build()
     llama = polyattn.create_model("llama_lm_nano", vocab_size=V, dim=D, depth=DEPTH, num_heads=HEADS).eval()
     llama.load_state_dict(model.state_dict())  # the same module tree: the clean block is the LLaMA block
-    T = min(WINDOW, model.num_latents) if isinstance(model, PerceiverAR) else 30
+    T = min(WINDOW, model.num_latents) if isinstance(model, LatentPerceiver) else 30
     x = tokens(2, T)
     torch.testing.assert_close(model(x), llama(x), atol=2e-5, rtol=1e-4)
 
@@ -248,6 +250,21 @@ def test_llp_block_aligned_cache_equals_the_full_forward_for_long_sequences_and_
         assert cache.layers[0].k.shape[1] <= 2 * SEGMENT_LEN  # the previous and the current segment only
     torch.testing.assert_close(torch.cat(steps, 1), full, atol=2e-5, rtol=1e-4)
 
+
+
+def test_perceiver_ar_cache_projects_each_token_into_the_cross_attend_keys_once():
+    """Decoding reuses the cross-attend layer's keys/values of the window: each step projects its new token only,
+    inside the window and after it slides (the oldest keys drop out); the results equal the uncached forward
+    (the decoding tests above)."""
+    model = perceiver("ar")
+    rows = []
+    model.blocks[0].attn.k_proj.register_forward_hook(lambda m, args, out: rows.append(args[0].shape[1]))
+    x = tokens(1, 20)
+    _, cache = model.forward_cached(x[:, :3])
+    assert rows == [3]
+    for t in range(3, 20):  # past N (latent stack recomputed) and past n (window slides): still one new key
+        _, cache = model.forward_cached(x[:, t:t + 1], cache)
+    assert rows[1:] == [1] * 17 and cache.cross.k.shape[1] == WINDOW
 
 def test_perceiver_ar_latent_kv_cache_is_exact_up_to_n_latents_and_a_fresh_forward_after_a_refill():
     """§7.7: the official fixed-size latent memory (cache_mode="latent_kv")."""
@@ -359,12 +376,30 @@ def test_evaluation_scores_the_latents_of_each_window():
         evaluate_lm(model, stream, ByteTokenizer(), seq_len=WINDOW, batch_size=3, device=torch.device("cpu"))
 
 
-def test_a_training_row_longer_than_the_window_is_refused():
-    model = perceiver("ar").train()
-    with pytest.raises(UserError, match="max_seq_len"):
+@pytest.mark.parametrize("variant", LATENT_VARIANTS)
+def test_a_training_row_longer_than_the_window_is_refused(variant):
+    model = perceiver(variant).train()
+    with pytest.raises(ValueError, match=f"a training row of {WINDOW + 1} tokens exceeds max_seq_len {WINDOW}"):
         model(tokens(1, WINDOW + 1))
     assert model.eval()(tokens(1, WINDOW + 1)).shape == (1, LATENTS, V)  # inference reads the last n tokens
 
+
+
+def test_each_model_takes_only_its_own_arguments():
+    """One class per variant: an option of another variant is an error, not silently ignored."""
+    with pytest.raises(TypeError, match="num_segments"):
+        perceiver("double", num_segments=2)
+    with pytest.raises(TypeError, match="compressed_len"):
+        perceiver("split", compressed_len=2)
+    for variant in ("double", "split", "compressed"):
+        with pytest.raises(TypeError, match="cache_mode"):
+            perceiver(variant, cache_mode="latent_kv")
+    with pytest.raises(ValueError, match="cache_mode 'latent_kv' is an option of the clean mode"):
+        perceiver("ar", True, cache_mode="latent_kv")
+    with pytest.raises(ValueError, match="fixed by its compression"):
+        perceiver("compressed")(tokens(1, WINDOW), num_latents=2)
+    assert polyattn.create_model("perceiver_split_nano").num_segments == 4  # the registered variants' own values
+    assert polyattn.create_model("perceiver_compressed_nano").compressed_len == 256
 
 def test_cross_attend_dropout_removes_prefix_keys_in_training_only():
     model = perceiver("ar", cross_attn_dropout=0.5)
@@ -387,14 +422,14 @@ def authors_count(V, D, L, heads, ecp=False):
     ("llp_small", dict(depth=24, segment_len=256, max_seq_len=2048), 214.6, True),
     ("llp_small", dict(depth=6, segment_len=256, max_seq_len=1024), 87.1, True),
     ("perceiver_ar_small", dict(depth=12, num_heads=6, max_seq_len=2048, num_latents=1024), 122.5, False),
-    ("perceiver_ar_small", dict(depth=12, num_heads=6, max_seq_len=2048, num_latents=1024,
-                                variant="compressed", compressed_len=512), 128.8, False),
+    ("perceiver_compressed_nano", dict(depth=12, num_heads=6, max_seq_len=2048, num_latents=1024,
+                                       compressed_len=512), 128.8, False),
 ])
 def test_faithful_parameter_counts_follow_the_authors_code(name, args, expected_m, ecp):
     vocab = 28_996  # bert-base-cased
     n = count_parameters(name, vocab_size=vocab, dim=768, faithful=True, **args)
     expected = authors_count(vocab, 768, args["depth"], 6, ecp)
-    if args.get("variant") == "compressed":
+    if "compressed" in name:
         expected += args["depth"] * (1024 * 512 + 512)  # a projection_hist in every layer
     assert n == expected and round(n / 1e6, 1) == expected_m
 

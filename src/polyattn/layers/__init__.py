@@ -6,6 +6,7 @@ token take and return their cache explicitly. Build your own model from these (s
 
 from .attention import Attention, KVCache, parse_mask_mode
 from .block import TransformerBlock
+from .cross_attention import CrossAttentionBlock, LinearCrossAttention
 from .drop import DropPath, drop_path
 from .init import init_linear
 from .lightnet import LightNetAttention, LightNetBlock, LightNetCache, MdTpe, MultiScanAttention
@@ -21,10 +22,12 @@ from .rope import (
     apply_rotary,
     axial_frequencies,
 )
+from .tied_kv_attention import TiedKVAttention
 from .token_io import TokenIO
 
 __all__ = [
     "Attention",
+    "CrossAttentionBlock",
     "DropPath",
     "GatedMlp",
     "GroupRMSNorm",
@@ -33,6 +36,7 @@ __all__ = [
     "LightNetAttention",
     "LightNetBlock",
     "LightNetCache",
+    "LinearCrossAttention",
     "MdTpe",
     "MixerCall",
     "Mlp",
@@ -42,6 +46,7 @@ __all__ = [
     "Rotary",
     "RotaryEmbedding",
     "RotaryEmbeddingND",
+    "TiedKVAttention",
     "TokenIO",
     "TransformerBlock",
     "apply_rotary",

@@ -12,7 +12,10 @@ from . import (
     lightnet_vision,
     llama_lm,
     perceiver_ar,
+    perceiver_family,
     perceiver_llp,
+    perceiver_variants,
+    perceiver_vision,
     vit,
 )
 from .bert import BertMLM
@@ -22,15 +25,19 @@ from .illama import ILLaMA
 from .lightnet_lm import LightNetLM, LightNetMLM
 from .lightnet_vision import LightNetViT, MultiScanViT, TokenMixerViT
 from .llama_lm import LlamaLM
-from .perceiver_ar import PerceiverAR, PerceiverVariant
+from .perceiver_ar import PerceiverAR
 from .perceiver_llp import LLPTransformer
+from .perceiver_variants import CompressedAttentionPerceiver, DoubleAttentionPerceiver, SplitAttentionPerceiver
+from .perceiver_vision import PerceiverVision
 from .vit import VisionTransformer
 
 __all__ = [
     "BertMLM",
     "CausalLMMixin",
+    "CompressedAttentionPerceiver",
     "DiT",
     "DiTBlock",
+    "DoubleAttentionPerceiver",
     "ILLaMA",
     "LLPTransformer",
     "LightNetLM",
@@ -39,7 +46,8 @@ __all__ = [
     "LlamaLM",
     "MultiScanViT",
     "PerceiverAR",
-    "PerceiverVariant",
+    "PerceiverVision",
+    "SplitAttentionPerceiver",
     "TokenMixerViT",
     "VisionTransformer",
     "bert",
@@ -50,7 +58,10 @@ __all__ = [
     "lightnet_vision",
     "llama_lm",
     "perceiver_ar",
+    "perceiver_family",
     "perceiver_llp",
+    "perceiver_variants",
+    "perceiver_vision",
     "stream_generate",
     "vit",
 ]

@@ -12,7 +12,7 @@ cross-attend — which is the mask
 grows by one segment per layer. Per layer and head `2nm − m²` score entries instead of `n²`; here the mask is
 materialised and applied by the one attention op (a block loop as in the authors' code would compute only those).
 
-Clean mode (default): the library's LLaMA block (see `perceiver_ar`), RoPE in every layer at positions counted from
+Clean mode (default): the library's LLaMA block (see `perceiver_family`), RoPE in every layer at positions counted from
 the start of the sequence, and segments fixed relative to the sequence start, so a sequence of any length is one
 function of its tokens; `forward_cached` keeps per layer the keys/values of the previous complete segment and of the
 current one (`LLPCache`) and reproduces the full-sequence forward exactly for any length. With `segment_len ≥ T` the
@@ -31,24 +31,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torch import nn
 
 from ..layers.attention import KVCache
-from ..layers.rope import RotaryEmbedding
+from ..ops.attention import llp_mask
 from ..ops.losses import cross_entropy
+from ..ops.sequence import document_positions, real_counts, real_positions
 from ..registry import register_model
-from .generation import CausalLMMixin
-from .llama_lm import document_positions
-from .perceiver_ar import (
-    WindowCache,
-    count_real,
-    family_block,
-    family_token_io,
-    init_family_weights,
-    llp_mask,
-    real_positions,
-    window_cached,
-)
+from .perceiver_family import PerceiverFamilyLM, WindowCache, window_cached
 
 
 @dataclass
@@ -67,7 +56,7 @@ class LLPCache:
     seen: torch.Tensor
 
 
-class LLPTransformer(CausalLMMixin, nn.Module):
+class LLPTransformer(PerceiverFamilyLM):
     """LLP / ECP pairwise segment attention LM (module docstring).
 
     Args:
@@ -79,41 +68,21 @@ class LLPTransformer(CausalLMMixin, nn.Module):
         max_seq_len (int): the faithful mode's window `n` (the authors' `sequence_len`); the clean model has no
             maximum length. Default: 1024.
         faithful (bool): reproduce the authors' code (module docstring). Default: False.
-        dropout (float, Optional): dropout on attention weights and residual branches; None = 0.05 (faithful) or
-            0.0 (clean).
-        rope_base (float): RoPE frequency base. Default: 10000.0.
-        norm_eps (float): RMSNorm epsilon (clean). Default: 1e-6.
-        mlp_hidden_dim (int, Optional): SwiGLU width (clean); None = LLaMA's `8D/3` rounded up to 64.
-        tie_embeddings (bool): the head reuses the embedding matrix (clean mode). Default: False.
+        dropout, rope_base, norm_eps, mlp_hidden_dim, tie_embeddings: as `PerceiverAR`.
     """
 
     def __init__(self, vocab_size: int = 256, dim: int = 128, depth: int = 4, num_heads: int = 4,
                  segment_len: int = 256, max_seq_len: int = 1024, faithful: bool = False,
                  dropout: float | None = None, rope_base: float = 10000.0, norm_eps: float = 1e-6,
                  mlp_hidden_dim: int | None = None, tie_embeddings: bool = False):
-        super().__init__()
-        if depth < 1:
-            raise ValueError(f"depth must be at least 1, got {depth}")
-        if dim % num_heads:
-            raise ValueError(f"dim ({dim}) must be divisible by num_heads ({num_heads})")
         if segment_len < 1 or max_seq_len < 1:
             raise ValueError(f"segment_len ({segment_len}) and max_seq_len ({max_seq_len}) must be positive")
-        self.vocab_size, self.dim, self.depth, self.faithful = vocab_size, dim, depth, faithful
-        self.segment_len, self.max_seq_len = segment_len, max_seq_len
-        dropout = (0.05 if faithful else 0.0) if dropout is None else dropout
-        self.io = family_token_io(vocab_size, dim, faithful=faithful, norm_eps=norm_eps,
-                                  tie_embeddings=tie_embeddings)
-        self.rope = RotaryEmbedding(dim // num_heads, base=rope_base)
         # the authors' ECP layer computes its per-head K=V norm but does not use it, and projects segment 0 apart
-        self.blocks = nn.ModuleList(
-            family_block(dim, num_heads, faithful=faithful, dropout=dropout, mlp_hidden_dim=mlp_hidden_dim,
-                         norm_eps=norm_eps, apply_kv_norm=False, first_segment_out=True)
-            for _ in range(depth))
-        self.rope_in_layer = tuple(not faithful or i == 0 for i in range(depth))
+        super().__init__(vocab_size, dim, depth, num_heads, faithful=faithful, dropout=dropout, rope_base=rope_base,
+                         norm_eps=norm_eps, mlp_hidden_dim=mlp_hidden_dim, tie_embeddings=tie_embeddings,
+                         apply_kv_norm=False, first_segment_out=True)
+        self.segment_len, self.max_seq_len = segment_len, max_seq_len
         self.reset_parameters()
-
-    def reset_parameters(self) -> None:
-        init_family_weights(self, self.depth)
 
     def _layers(self, x: torch.Tensor, positions: torch.Tensor, allowed: torch.Tensor,
                 mask: torch.Tensor | None, caches: tuple[KVCache, ...] | None = None, use_cache: bool = False,
@@ -133,7 +102,7 @@ class LLPTransformer(CausalLMMixin, nn.Module):
         """The authors' forward over the window: the last n tokens, positions and segments from its start."""
         n = self.max_seq_len
         tokens, mask = tokens[:, -n:], None if mask is None else mask[:, -n:]
-        window_pos = real_positions(mask, *tokens.shape, tokens.device)
+        window_pos = real_positions(mask, tokens.shape[1], batch_size=tokens.shape[0], device=tokens.device)
         allowed = llp_mask(window_pos, window_pos, self.segment_len)[:, None]  # (B, 1, T, T)
         x, _ = self._layers(self.io.embed_tokens(tokens), window_pos, allowed, mask,
                             first_rows=window_pos < self.segment_len)
@@ -165,7 +134,7 @@ class LLPTransformer(CausalLMMixin, nn.Module):
                 allowed = llp_mask(positions, positions, self.segment_len) & (doc[:, None] == doc[None, :])
                 positions, allowed = positions[None], allowed[None, None]
             else:
-                positions = real_positions(mask, B, T, tokens.device)
+                positions = real_positions(mask, T, batch_size=B, device=tokens.device)
                 allowed = llp_mask(positions, positions, self.segment_len)[:, None]
             x, _ = self._layers(self.io.embed_tokens(tokens), positions, allowed, mask)
             logits = self.io.logits(x)
@@ -183,9 +152,9 @@ class LLPTransformer(CausalLMMixin, nn.Module):
             return window_cached(self._faithful_logits, tokens, cache, attention_mask, self.max_seq_len)
         m, (B, T) = self.segment_len, tokens.shape
         mask = None if attention_mask is None else attention_mask.bool()
-        start = None if cache is None else cache.seen
-        positions = real_positions(mask, B, T, tokens.device, start)
-        seen = count_real(mask, B, T, tokens.device) + (0 if start is None else start)
+        start = 0 if cache is None else cache.seen
+        positions = real_positions(mask, T, start=start, batch_size=B, device=tokens.device)
+        seen = real_counts(mask, T, batch_size=B, device=tokens.device) + start
         keys = positions if cache is None else torch.cat((cache.positions, positions), 1)  # (B, S)
         allowed = llp_mask(positions, keys, m)[:, None]  # (B, 1, T, S)
         x, caches = self._layers(self.io.embed_tokens(tokens), positions, allowed, mask,

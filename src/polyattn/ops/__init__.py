@@ -1,8 +1,9 @@
 """Pure tensor functions: the math of each token mixer, `[B, T, H, D]` layout, each with a reference form.
 
 Submodules: `attention` (softmax attention and its masks), `lightnet`, `decay_scan`, `chunk_gated` (the chunk
-kernel those two share), `lrpe`, `tpe`, `losses` (the one cross-entropy and `IGNORE_INDEX`), `sequence` (positions
-from padding masks, packed documents, grid coordinates). The submodule names are not shadowed here, so
+kernel those two share), `lrpe`, `tpe`, `losses` (the one cross-entropy and `IGNORE_INDEX`),
+`linear_cross_attention` (kernelized cross-attention over a fixed-size context state), `sequence` (positions from
+padding masks, packed documents, grid coordinates). The submodule names are not shadowed here, so
 `polyattn.ops.attention` stays the module: the softmax attention function is
 `from polyattn.ops.attention import attention` (or `polyattn.ops.softmax_attention`, the same function under a name
 that does not collide).
@@ -13,8 +14,13 @@ from .attention import (
     MaskMode,
     attention_ref,
     causal_mask,
+    causal_mask_at,
+    double_mask,
+    llp_mask,
     padding_to_attn_mask,
     shifted_group_mask,
+    shifted_group_mask_at,
+    split_mask,
 )
 from .attention import attention as softmax_attention
 from .chunk_gated import chunk_gated_core
@@ -26,6 +32,13 @@ from .lightnet import (
     lightnet_global,
     lightnet_recurrent,
     lightnet_reference,
+)
+from .linear_cross_attention import (
+    LinearContextState,
+    elu_feature_map,
+    linear_context_state,
+    linear_cross_attn,
+    linear_cross_attn_reference,
 )
 from .losses import IGNORE_INDEX, cross_entropy
 from .lrpe import lrpe_cosine, lrpe_rotary, lrpe_theta, md_lrpe_angles
@@ -45,10 +58,12 @@ __all__ = [
     "IGNORE_INDEX",
     "Backend",
     "LightNetState",
+    "LinearContextState",
     "MaskMode",
     "attention_ref",
     "cat_padding_masks",
     "causal_mask",
+    "causal_mask_at",
     "check_cu_seqlens",
     "chunk_gated_core",
     "cross_entropy",
@@ -56,12 +71,18 @@ __all__ = [
     "decay_attn_recurrent",
     "decay_attn_reference",
     "document_positions",
+    "double_mask",
+    "elu_feature_map",
     "grid_positions",
     "lightnet_attn",
     "lightnet_chunk",
     "lightnet_global",
     "lightnet_recurrent",
     "lightnet_reference",
+    "linear_context_state",
+    "linear_cross_attn",
+    "linear_cross_attn_reference",
+    "llp_mask",
     "lrpe_cosine",
     "lrpe_rotary",
     "lrpe_theta",
@@ -74,7 +95,9 @@ __all__ = [
     "real_positions",
     "scan_orders",
     "shifted_group_mask",
+    "shifted_group_mask_at",
     "softmax_attention",
+    "split_mask",
     "tpe_reference",
     "tpe_scan",
     "unpack_sequences",

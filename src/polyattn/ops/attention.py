@@ -14,6 +14,9 @@ Mask operators (iLLaMA, arXiv 2404.06773, §3 of `reference/illama.md`), with `A
 - `SOFT_CAUSAL`: `softmax(A + log(a + (1 − a)·C))`, renormalised; `a = 0` is exactly `CAUSAL`, `a = 1` is
   `BIDIRECTIONAL`.
 
+The Perceiver family's masks at given positions (`causal_mask_at`, `double_mask`, `split_mask`, `llp_mask`)
+sit beside `causal_mask` and the S²-Attn masks (`shifted_group_mask_at`).
+
 Query rows that may attend to no key at all (all keys padded, or a causal query placed before every key)
 return zeros, with zero gradients, instead of NaN.
 """
@@ -109,6 +112,53 @@ def shifted_group_mask(T: int, group_size: int, num_heads: int, *, causal: bool 
     q, k = rolled[:, :, None], rolled[:, None, :]
     allowed = q // group_size == k // group_size
     return allowed & (k <= q) if causal else allowed
+
+
+# The Perceiver family's masks (spec `perceiver_ar_and_llp.md` §4): pure functions of query positions `t` [..., Tq]
+# and key positions `u` [..., Tk], returning `allowed` [..., Tq, Tk] (True = may attend); padding is combined by AND
+# outside. Positions are window positions (or absolute ones, for LLP), not slot indices.
+
+def _pairs(q_pos: torch.Tensor, k_pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return q_pos[..., :, None], k_pos[..., None, :]
+
+
+def _per_row(value: int | torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """An int, or a per-row tensor `[...]`, broadcastable against `[..., Tq, Tk]`."""
+    return torch.as_tensor(value, device=like.device)[..., None, None]
+
+
+def causal_mask_at(q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:
+    """Causal attention at given positions, `u ≤ t`: dense causal layers, and Perceiver AR's cross-attend (latent `i`
+    of a window of n with N latents sits at `t = i + n − N`: bottom-right aligned, see `causal_mask`)."""
+    t, u = _pairs(q_pos, k_pos)
+    return u <= t
+
+
+def double_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, context_len: int | torch.Tensor) -> torch.Tensor:
+    """Double attention (arXiv 2412.06106 §2.5), and compressed attention in compacted coordinates with
+    `context_len = c` (§2.6): context rows `t < h` see the context `u < h` (bidirectionally); latent rows `t ≥ h`
+    see `u ≤ t`. `context_len` is `h`, an int or one per row `[...]`."""
+    t, u = _pairs(q_pos, k_pos)
+    h = _per_row(context_len, t)
+    return torch.where(t < h, u < h, u <= t)
+
+
+def split_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, context_len: int | torch.Tensor,
+               num_segments: int) -> torch.Tensor:
+    """Split attention (arXiv 2412.06106 §2.7): context rows see their own segment `σ(u) = σ(t)`,
+    `σ(t) = ⌊t·S/h⌋`, of the context; latent rows see `u ≤ t`."""
+    t, u = _pairs(q_pos, k_pos)
+    h = _per_row(context_len, t)
+    segment = lambda p: torch.div(p * num_segments, h.clamp_min(1), rounding_mode="floor")
+    return torch.where(t < h, (u < h) & (segment(u) == segment(t)), u <= t)
+
+
+def llp_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, segment_len: int) -> torch.Tensor:
+    """LLP/ECP pairwise segment attention (arXiv 2412.06106 §2.8): `u ≤ t ∧ ⌊u/m⌋ ≥ ⌊t/m⌋ − 1`, a block-aligned
+    sliding window of the current and the previous segment of `m = segment_len` tokens."""
+    t, u = _pairs(q_pos, k_pos)
+    return (u <= t) & (torch.div(u, segment_len, rounding_mode="floor")
+                       >= torch.div(t, segment_len, rounding_mode="floor") - 1)
 
 
 def padding_to_attn_mask(key_padding_mask: torch.Tensor) -> torch.Tensor:

@@ -280,11 +280,17 @@ class CausalLMJob(TextStreamJob):
             yield random_windows(tokens, self.batch_size, self.seq_len, seed=self.seed, epoch=epoch, step=step)
 
     def check_model(self, model: nn.Module) -> None:
-        """Before the run starts: the vocabulary fits (`TextStreamJob.check_model`), and a model that predicts
+        """Before the run starts: the vocabulary fits (`TextStreamJob.check_model`); a model that reads a window
+        (`max_train_len`, Perceiver AR's `max_seq_len`) must hold a whole training row; and a model that predicts
         only a window's last positions (Perceiver AR's latents) must predict the `data.eval_stride` targets each
         evaluation window scores, else the first evaluation would fail after an epoch of training. One forward
         pass in eval mode (no random numbers drawn)."""
         super().check_model(model)
+        limit = getattr(model, "max_train_len", None)
+        if limit is not None and self.seq_len > limit:
+            raise UserError(f"A training row of data.seq_len = {self.seq_len} tokens is longer than the model's "
+                            f"window of {limit} tokens (model.max_seq_len), whose older tokens would be ignored; "
+                            f"set data.seq_len <= {limit} or model.max_seq_len >= {self.seq_len}.")
         stride = self.eval_stride or self.seq_len
         was_training = model.training
         model.eval()
