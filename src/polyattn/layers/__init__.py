@@ -14,6 +14,7 @@ from .mlp import GatedMlp, Mlp, llama_hidden_size
 from .norm import GroupRMSNorm, RMSNorm
 from .patch_embed import PatchEmbed, to_2tuple
 from .pos_embed import LearnedPosEmbed, resample_abs_pos_embed, sincos_pos_embed
+from .reversible import ReversibleFunction, reversible_blocks, run_blocks
 from .rope import (
     Rotary,
     RotaryEmbedding,
@@ -41,6 +42,7 @@ __all__ = [
     "MultiScanAttention",
     "PatchEmbed",
     "RMSNorm",
+    "ReversibleFunction",
     "Rotary",
     "RotaryEmbedding",
     "RotaryEmbeddingND",
@@ -57,6 +59,8 @@ __all__ = [
     "parse_mask_mode",
     "positions_from_padding",
     "resample_abs_pos_embed",
+    "reversible_blocks",
+    "run_blocks",
     "sincos_pos_embed",
     "to_2tuple",
 ]
