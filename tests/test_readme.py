@@ -120,6 +120,7 @@ HOW: dict[str, Train | Run | Error | Help | Covered | Skip] = {
     "polyattn bench dtypes": Covered("tests/test_bench_perf.py::test_bench_dtypes_takes_each_internal_choice_both_"
                                      "ways"),
     "polyattn bench compare SUITE [--table]": SYNOPSIS,
+    "polyattn bench reversible [--depths N ...]": SYNOPSIS,
     "polyattn train default train.lrr=1e-3": Error("Unknown key 'train.lrr' in the command line. Did you mean "
                                                    "'train.lr'?"),
     # images
@@ -171,6 +172,8 @@ HOW: dict[str, Train | Run | Error | Help | Covered | Skip] = {
                                                         "sides_of_a_pair"),
     "polyattn bench peers": Covered("tests/test_bench_perf.py::test_bench_peers_times_both_sides_of_a_pair"),
     "polyattn bench decode": Covered("tests/test_bench_perf.py::test_bench_decode_reports_latency_against_context"),
+    "polyattn bench reversible --depths 4 8 16 --batch 16 --repeats 2 --threads 1":
+        Covered("tests/test_bench_perf.py::test_bench_reversible_memory_is_flat_in_depth"),
     "make gpu-check": Skip("needs a CUDA device; scripts/gpu_check.sh refuses without one"),
     "polyattn bench compare": SYNOPSIS,
     "polyattn bench compare SUITE": SYNOPSIS,
