@@ -125,6 +125,7 @@ HOW: dict[str, Train | Run | Error | Help | Covered | Skip] = {
                                                    "'train.lr'?"),
     # images
     "polyattn train vit_tiny_cifar10 data.source=../shared/data/cifar10-jpg.tar.gz": Train(),
+    "polyattn train vit_tiny_cifar10 model.reversible=true": Train(),
     "polyattn train vit_tiny_cifar10 data.source=/path/to/folder model=vit_small data.image_size=64": Train(),
     "polyattn train vit_tiny_cifar10 data.source=../shared/data/cifar10-jpg.tar.gz train.epochs=5 "
     "train.warmup_epochs=0.5": Train(),

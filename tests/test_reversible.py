@@ -63,7 +63,7 @@ def test_lightnet_blocks_and_tensor_arguments_get_their_gradients():
             self.lin = nn.Linear(D, D).double()
 
         def mixer_branch(self, x, c):
-            return torch.tanh(self.lin(x)) * c
+            return torch.tanh(self.lin(x)) * c, None
 
         def mlp_branch(self, x, c):
             return torch.sin(x) * c
@@ -146,3 +146,71 @@ def test_reversible_vision_models_train_as_their_coupled_network(name, kwargs, m
     assert out.keys() == ref.keys() and any("blocks.2" in n for n in out)
     for n in ref:
         assert_close(n, ref[n], out[n], atol=1e-10, ratio=1e-9)
+
+
+def _perturbed(model):
+    with torch.no_grad():  # away from the initialisation's exact zeros (zero-initialised gates and heads)
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    return model
+
+
+def _model_grads_match(model, loss_of, monkeypatch, atol=1e-10, ratio=1e-9):
+    import functools
+
+    from polyattn.layers import reversible
+
+    def run():
+        torch.manual_seed(3)
+        model.zero_grad()
+        loss_of(model).backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    out = run()
+    with monkeypatch.context() as m:
+        m.setattr(reversible, "reversible_blocks", functools.partial(reversible.reversible_blocks, recompute=False))
+        ref = run()
+    assert out.keys() == ref.keys() and len(out) > 0
+    for n in ref:
+        assert_close(n, ref[n], out[n], atol=atol, ratio=ratio)
+
+
+@pytest.mark.parametrize("name, kwargs", [("llama_lm_nano", {"dropout": 0.1}), ("lightnet_lm_nano", {})])
+def test_reversible_language_models(name, kwargs, monkeypatch):
+    """Gradients as the coupled network's ordinary backward; no future dependence; cached decoding (prefill, then
+    token by token) equals the full forward."""
+    from polyattn.registry import create_model
+
+    torch.manual_seed(0)
+    model = _perturbed(create_model(name, vocab_size=37, depth=3, reversible=True, **kwargs).double())
+    tokens = torch.randint(0, 37, (2, 11))
+    _model_grads_match(model.train(), lambda m: m(tokens, tokens)[1], monkeypatch)
+    model.eval()
+    with torch.no_grad():
+        full = model(tokens)
+        changed = tokens.clone()
+        changed[:, 7:] = (changed[:, 7:] + 1) % 37
+        assert_close("no future dependence", full[:, :7], model(changed)[:, :7], atol=1e-12)
+        logits, cache = model.forward_cached(tokens[:, :6])
+        steps = [logits]
+        for t in range(6, 11):
+            logits, cache = model.forward_cached(tokens[:, t:t + 1], cache)
+            steps.append(logits)
+        assert_close("cached == full", full, torch.cat(steps, 1), atol=1e-10)
+        assert not torch.allclose(full, create_model(name, vocab_size=37, depth=3, **kwargs).double().eval()(tokens))
+
+
+@pytest.mark.parametrize("mixer", ["softmax", "lightnet"])
+def test_reversible_dit_gets_the_conditioning_gradient(mixer, monkeypatch):
+    """DiT's conditioning `c` reaches both branches of every block: through the recomputing backward the time
+    and class embeddings get the gradients of the ordinary backward."""
+    from polyattn.registry import create_model
+
+    torch.manual_seed(0)
+    model = _perturbed(create_model("dit_nano", img_size=8, patch_size=2, num_classes=3, depth=3, mixer=mixer,
+                                    reversible=True).double()).train()
+    x, t, y = torch.randn(2, 3, 8, 8, dtype=torch.float64), torch.rand(2, dtype=torch.float64), torch.tensor([0, 2])
+    _model_grads_match(model, lambda m: m(x, t, y).square().sum(), monkeypatch)
+    model.zero_grad()
+    model(x, t, y).square().sum().backward()
+    assert model.t_embedder.mlp[0].weight.grad.abs().sum() > 0 and model.y_embedder.weight.grad.abs().sum() > 0

@@ -14,7 +14,7 @@ from .mlp import GatedMlp, Mlp, llama_hidden_size
 from .norm import GroupRMSNorm, RMSNorm
 from .patch_embed import PatchEmbed, to_2tuple
 from .pos_embed import LearnedPosEmbed, resample_abs_pos_embed, sincos_pos_embed
-from .reversible import ReversibleFunction, reversible_blocks, run_blocks
+from .reversible import ReversibleFunction, reversible_blocks, run_blocks, run_blocks_cached
 from .rope import (
     Rotary,
     RotaryEmbedding,
@@ -61,6 +61,7 @@ __all__ = [
     "resample_abs_pos_embed",
     "reversible_blocks",
     "run_blocks",
+    "run_blocks_cached",
     "sincos_pos_embed",
     "to_2tuple",
 ]

@@ -33,9 +33,11 @@ class TransformerBlock(nn.Module):
         x = x + self.mlp_branch(x)
         return x, cache
 
-    def mixer_branch(self, x: torch.Tensor, **attn_kwargs) -> torch.Tensor:
-        """`DropPath(Attn(Norm(x)))`, the first residual branch (no cache; `polyattn.layers.reversible`)."""
-        return self.drop_path(self.attn(self.norm1(x), **attn_kwargs)[0])
+    def mixer_branch(self, x: torch.Tensor, **attn_kwargs) -> tuple[torch.Tensor, KVCache | None]:
+        """`(DropPath(Attn(Norm(x))), the attention's cache)`: the first residual branch, for a reversible stack
+        (`polyattn.layers.reversible`); `attn_kwargs` as `forward`'s, `cache` and `use_cache` included."""
+        y, cache = self.attn(self.norm1(x), **attn_kwargs)
+        return self.drop_path(y), cache
 
     def mlp_branch(self, x: torch.Tensor, **_) -> torch.Tensor:
         """`DropPath(MLP(Norm(x)))`, the second residual branch; the MLP takes none of the mixer's options."""

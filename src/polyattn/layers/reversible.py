@@ -13,10 +13,10 @@ blocks from the last, recomputing each block's input from its output and each br
 Dropout and drop path replay the random state they drew in forward, so the gradients are those of the same
 coupled network trained with ordinary backward (`recompute=False`), within round-off.
 
-A block takes part by having `mixer_branch(x, **kwargs)` and `mlp_branch(x, **kwargs)` (residual-free; the
-keyword arguments of `reversible_blocks` reach both: the mixer's options, or a DiT block's conditioning; a branch
-that needs none takes none of them). The stack has no cache:
-decoding token by token runs the same coupling with `recompute=False` semantics (nothing to save at inference).
+A block takes part by having `mixer_branch(x, **kwargs) -> (F(x), mixer state)` and `mlp_branch(x, **kwargs)`
+(residual-free; the keyword arguments reach both: the mixer's options, or a DiT block's conditioning; a branch that
+needs none takes none of them). Decoding token by token (`run_blocks_cached`) runs the same coupling for the new
+tokens, each mixer continuing its own cache (its keys, or its state, are those of its input stream `x2`).
 
 As in reentrant activation checkpointing, the parameters' gradients are accumulated into their `.grad` during
 the backward pass (`loss.backward()`); `torch.autograd.grad` with respect to parameters does not see them.
@@ -53,9 +53,11 @@ def _replayed(state: tuple[torch.Tensor, torch.Tensor | None], device: torch.dev
     return Replay()
 
 
-def _couple(block: nn.Module, x1: torch.Tensor, x2: torch.Tensor, kwargs: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    y1 = x1 + block.mixer_branch(x2, **kwargs)
-    return y1, x2 + block.mlp_branch(y1, **kwargs)
+def _couple(block: nn.Module, x1: torch.Tensor, x2: torch.Tensor, kwargs: dict):
+    """One coupled block: `(y1, y2, the mixer's state)`."""
+    f, state = block.mixer_branch(x2, **kwargs)
+    y1 = x1 + f
+    return y1, x2 + block.mlp_branch(y1, **kwargs), state
 
 
 class ReversibleFunction(torch.autograd.Function):
@@ -73,7 +75,7 @@ class ReversibleFunction(torch.autograd.Function):
         with torch.no_grad():
             for block in blocks:
                 s_f = _rng_state(device)
-                y1 = x1 + block.mixer_branch(x2, **kwargs)
+                y1 = x1 + block.mixer_branch(x2, **kwargs)[0]
                 s_g = _rng_state(device)
                 x1, x2 = y1, x2 + block.mlp_branch(y1, **kwargs)
                 states.append((s_f, s_g))
@@ -98,7 +100,7 @@ class ReversibleFunction(torch.autograd.Function):
                 dy1 = dy1 + y1.grad
                 x2 = (y2 - g.detach()).detach().requires_grad_()
                 with _replayed(s_f, device):
-                    f = block.mixer_branch(x2, **kwargs)
+                    f = block.mixer_branch(x2, **kwargs)[0]
                 torch.autograd.backward(f, dy1)
             dy2 = dy2 + x2.grad
             y1, y2 = (y1 - f).detach(), x2.detach()
@@ -124,7 +126,7 @@ def reversible_blocks(blocks: Sequence[nn.Module], x: torch.Tensor, *, recompute
     else:
         y1, y2 = x, x
         for block in blocks:
-            y1, y2 = _couple(block, y1, y2, kwargs)
+            y1, y2, _ = _couple(block, y1, y2, kwargs)
     return (y1 + y2) / 2
 
 
@@ -138,4 +140,22 @@ def run_blocks(blocks: Sequence[nn.Module], x: torch.Tensor, *, reversible: bool
     return x
 
 
-__all__ = ["ReversibleFunction", "reversible_blocks", "run_blocks"]
+def run_blocks_cached(blocks: Sequence[nn.Module], x: torch.Tensor, layer_kwargs: Sequence[dict], *,
+                      reversible: bool) -> tuple[torch.Tensor, list]:
+    """A model's cached block loop (prefill or decoding steps): block i gets `layer_kwargs[i]` (its cache, its
+    positions) and returns its new cache; with `reversible=True` the blocks are coupled as in `reversible_blocks`,
+    so that this equals the full forward. Returns `(x, [new cache of each block])`."""
+    states = []
+    if not reversible:
+        for block, kwargs in zip(blocks, layer_kwargs, strict=True):
+            x, state = block(x, **kwargs)
+            states.append(state)
+        return x, states
+    y1 = y2 = x
+    for block, kwargs in zip(blocks, layer_kwargs, strict=True):
+        y1, y2, state = _couple(block, y1, y2, kwargs)
+        states.append(state)
+    return (y1 + y2) / 2, states
+
+
+__all__ = ["ReversibleFunction", "reversible_blocks", "run_blocks", "run_blocks_cached"]
