@@ -85,3 +85,11 @@ def test_bench_dtypes_takes_each_internal_choice_both_ways(tmp_path):
     for row in data["rows"]:
         assert len(row["seconds"]) == 2 and row["chosen"] in row["seconds"] and row["fastest"] in row["seconds"]
     assert isinstance(data["header"]["native_bf16"], bool)
+
+
+def test_bench_reversible_memory_is_flat_in_depth(tmp_path):
+    assert main(["bench", "reversible", "--quick", "--models", "vit_tiny", "--out", str(tmp_path)]) == 0
+    points = json.loads((tmp_path / "reversible.json").read_text())["points"]
+    memory = {(p["depth"], p["reversible"]): p["memory_bytes"] for p in points}
+    assert memory[(2, True)] == memory[(4, True)] < memory[(2, False)] < memory[(4, False)]
+    assert (tmp_path / "reversible.md").is_file() and (tmp_path / "reversible.png").is_file()

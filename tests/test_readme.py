@@ -120,10 +120,12 @@ HOW: dict[str, Train | Run | Error | Help | Covered | Skip] = {
     "polyattn bench dtypes": Covered("tests/test_bench_perf.py::test_bench_dtypes_takes_each_internal_choice_both_"
                                      "ways"),
     "polyattn bench compare SUITE [--table]": SYNOPSIS,
+    "polyattn bench reversible [--depths N ...]": SYNOPSIS,
     "polyattn train default train.lrr=1e-3": Error("Unknown key 'train.lrr' in the command line. Did you mean "
                                                    "'train.lr'?"),
     # images
     "polyattn train vit_tiny_cifar10 data.source=../shared/data/cifar10-jpg.tar.gz": Train(),
+    "polyattn train vit_tiny_cifar10 model.reversible=true": Train(),
     "polyattn train vit_tiny_cifar10 data.source=/path/to/folder model=vit_small data.image_size=64": Train(),
     "polyattn train vit_tiny_cifar10 data.source=../shared/data/cifar10-jpg.tar.gz train.epochs=5 "
     "train.warmup_epochs=0.5": Train(),
@@ -171,6 +173,8 @@ HOW: dict[str, Train | Run | Error | Help | Covered | Skip] = {
                                                         "sides_of_a_pair"),
     "polyattn bench peers": Covered("tests/test_bench_perf.py::test_bench_peers_times_both_sides_of_a_pair"),
     "polyattn bench decode": Covered("tests/test_bench_perf.py::test_bench_decode_reports_latency_against_context"),
+    "polyattn bench reversible --depths 4 8 16 --batch 16 --repeats 2 --threads 1":
+        Covered("tests/test_bench_perf.py::test_bench_reversible_memory_is_flat_in_depth"),
     "make gpu-check": Skip("needs a CUDA device; scripts/gpu_check.sh refuses without one"),
     "polyattn bench compare": SYNOPSIS,
     "polyattn bench compare SUITE": SYNOPSIS,

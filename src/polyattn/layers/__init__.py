@@ -15,6 +15,7 @@ from .mlp import GatedMlp, Mlp, llama_hidden_size
 from .norm import GroupRMSNorm, RMSNorm
 from .patch_embed import PatchEmbed, to_2tuple
 from .pos_embed import LearnedPosEmbed, resample_abs_pos_embed, sincos_pos_embed
+from .reversible import ReversibleFunction, reversible_blocks, run_blocks, run_blocks_cached
 from .rope import (
     Rotary,
     RotaryEmbedding,
@@ -43,6 +44,7 @@ __all__ = [
     "MultiScanAttention",
     "PatchEmbed",
     "RMSNorm",
+    "ReversibleFunction",
     "Rotary",
     "RotaryEmbedding",
     "RotaryEmbeddingND",
@@ -58,6 +60,9 @@ __all__ = [
     "observe_mixer_ops",
     "parse_mask_mode",
     "resample_abs_pos_embed",
+    "reversible_blocks",
+    "run_blocks",
+    "run_blocks_cached",
     "sincos_pos_embed",
     "to_2tuple",
 ]

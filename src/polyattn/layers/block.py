@@ -30,5 +30,15 @@ class TransformerBlock(nn.Module):
         """x: `[B, T, D]`; `attn_kwargs` go to the attention layer (rope, masks, soft_mask_a, context)."""
         y, cache = self.attn(self.norm1(x), cache=cache, use_cache=use_cache, **attn_kwargs)
         x = x + self.drop_path(y)
-        x = x + self.drop_path(self.mlp(self.norm2(x)))
+        x = x + self.mlp_branch(x)
         return x, cache
+
+    def mixer_branch(self, x: torch.Tensor, **attn_kwargs) -> tuple[torch.Tensor, KVCache | None]:
+        """`(DropPath(Attn(Norm(x))), the attention's cache)`: the first residual branch, for a reversible stack
+        (`polyattn.layers.reversible`); `attn_kwargs` as `forward`'s, `cache` and `use_cache` included."""
+        y, cache = self.attn(self.norm1(x), **attn_kwargs)
+        return self.drop_path(y), cache
+
+    def mlp_branch(self, x: torch.Tensor, **_) -> torch.Tensor:
+        """`DropPath(MLP(Norm(x)))`, the second residual branch; the MLP takes none of the mixer's options."""
+        return self.drop_path(self.mlp(self.norm2(x)))

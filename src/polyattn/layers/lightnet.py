@@ -422,5 +422,15 @@ class LightNetBlock(nn.Module):
         o, _, state = self.attn(self.attn_norm(h), attention_mask=attention_mask, past_key_values=past_key_values,
                                 use_cache=use_cache, **kwargs)
         h = h + self.drop_path(o)
-        h = h + self.drop_path(self.mlp(self.mlp_norm(h)))
+        h = h + self.mlp_branch(h)
         return h, state
+
+    def mixer_branch(self, h: torch.Tensor, **kwargs) -> tuple[torch.Tensor, object]:
+        """`(DropPath(Mixer(RMSNorm(h))), the mixer's new state)`: the first residual branch, for a reversible
+        stack (`polyattn.layers.reversible`); `kwargs` as `forward`'s, `past_key_values`/`use_cache` included."""
+        o, _, state = self.attn(self.attn_norm(h), **kwargs)
+        return self.drop_path(o), state
+
+    def mlp_branch(self, h: torch.Tensor, **_) -> torch.Tensor:
+        """`DropPath(GLU(RMSNorm(h)))`, the second residual branch; the GLU takes none of the mixer's options."""
+        return self.drop_path(self.mlp(self.mlp_norm(h)))

@@ -40,6 +40,7 @@ from ..layers.lightnet import LightNetAttention, MdTpe
 from ..layers.mlp import Mlp
 from ..layers.patch_embed import PatchEmbed, to_2tuple
 from ..layers.pos_embed import sincos_pos_embed
+from ..layers.reversible import reversible_blocks
 from ..registry import register_model
 
 TIME_SCALE = 1000.0
@@ -123,6 +124,16 @@ class DiTBlock(nn.Module):
         x = x + gate1.unsqueeze(1) * self.mixer(modulate(self.norm1(x), shift1, scale1), grid_shape)
         return x + gate2.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift2, scale2))
 
+    def mixer_branch(self, x: torch.Tensor, c: torch.Tensor, grid_shape: Sequence[int]) -> tuple[torch.Tensor, None]:
+        """The gated, modulated mixer branch and no state, for a reversible stack (`polyattn.layers.reversible`)."""
+        shift, scale, gate = self.adaLN_modulation(c).chunk(6, dim=-1)[:3]
+        return gate.unsqueeze(1) * self.mixer(modulate(self.norm1(x), shift, scale), grid_shape), None
+
+    def mlp_branch(self, x: torch.Tensor, c: torch.Tensor, grid_shape: Sequence[int]) -> torch.Tensor:
+        """The gated, modulated MLP branch, for a reversible stack."""
+        shift, scale, gate = self.adaLN_modulation(c).chunk(6, dim=-1)[3:]
+        return gate.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift, scale))
+
 
 class FinalLayer(nn.Module):
     """adaLN (shift, scale from c) → Linear to `p·p·C_out` values per token; both zero-initialised."""
@@ -175,6 +186,8 @@ class DiT(nn.Module):
         lrpe: LightNet only: "cosine", "rotary" or None (no MD-LRPE).
         use_tpe: LightNet only: MD-TPE (two-sided per axis, residual) once after the patch embedding.
         pos_embed: "sincos" (DiT's fixed 2-D table) or "none" (LightNet then relies on MD-LRPE/MD-TPE alone).
+        reversible: run the blocks as a reversible stack (`polyattn.layers.reversible`: two coupled residual
+            streams, activations recomputed in backward, training memory flat in depth).
     """
 
     def __init__(
@@ -192,8 +205,10 @@ class DiT(nn.Module):
         lrpe: Literal["cosine", "rotary"] | None = "cosine",
         use_tpe: bool = True,
         pos_embed: Literal["sincos", "none"] = "sincos",
+        reversible: bool = False,
     ):
         super().__init__()
+        self.reversible = reversible
         if mixer not in MIXERS:
             raise ValueError(f"mixer must be one of {sorted(MIXERS)}, got {mixer!r}")
         if pos_embed not in ("sincos", "none"):
@@ -265,8 +280,11 @@ class DiT(nn.Module):
         if y is None:
             y = torch.full((B,), self.num_classes, dtype=torch.long, device=x.device)
         c = self.t_embedder(torch.as_tensor(t, device=x.device).expand(B)) + self.y_embedder(y)  # (B, D)
-        for block in self.blocks:
-            h = block(h, c, grid)
+        if self.reversible:
+            h = reversible_blocks(self.blocks, h, c=c, grid_shape=grid)
+        else:
+            for block in self.blocks:
+                h = block(h, c, grid)
         return self.unpatchify(self.final_layer(h, c), grid)  # (B, C_out, H, W)
 
 

@@ -27,6 +27,7 @@ from ..layers.mlp import GatedMlp, llama_hidden_size
 from ..layers.norm import RMSNorm
 from ..layers.patch_embed import PatchEmbed
 from ..layers.pos_embed import resample_abs_pos_embed
+from ..layers.reversible import run_blocks
 from ..layers.rope import Rotary, RotaryEmbedding
 from ..ops.attention import MaskMode
 from ..registry import register_model
@@ -69,6 +70,8 @@ class ILLaMA(LinearHeadMixin, nn.Module):
         rope_base (float): RoPE frequency base. Default: 10000.0.
         drop_rate (float): dropout after the position embedding and before the head. Default: 0.0.
         drop_path_rate (float): stochastic depth of the last block; rises linearly from 0. Default: 0.0.
+        reversible (bool): run the blocks as a reversible stack (`polyattn.layers.reversible`: two coupled residual
+            streams, activations recomputed in backward, training memory flat in depth). Default: False.
     """
 
     GLOBAL_POOLS = ("token",)
@@ -90,8 +93,10 @@ class ILLaMA(LinearHeadMixin, nn.Module):
         rope_base: float = 10000.0,
         drop_rate: float = 0.0,
         drop_path_rate: float = 0.0,
+        reversible: bool = False,
     ):
         super().__init__()
+        self.reversible = reversible
         if cls_position not in _CLS_POSITIONS:
             raise ValueError(f"cls_position must be one of {_CLS_POSITIONS}, got {cls_position!r}")
         if pos_embed not in _POS_EMBEDS:
@@ -182,8 +187,7 @@ class ILLaMA(LinearHeadMixin, nn.Module):
         grid = self.patch_embed.grid_for(tuple(x.shape[-2:]))
         x = self._pos_embed(self.patch_embed(x), grid)  # (B, N + 1, D)
         rope = self.rotary(x.shape[1], x.device) if self.rope is not None else None
-        for block in self.blocks:
-            x, _ = block(x, rope=rope, soft_mask_a=soft_mask_a)
+        x = run_blocks(self.blocks, x, reversible=self.reversible, rope=rope, soft_mask_a=soft_mask_a)
         return self.norm(x)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:

@@ -42,6 +42,7 @@ import torch
 from torch import nn
 
 from ..layers.lightnet import LightNetAttention, LightNetBlock, LightNetCache, MdTpe
+from ..layers.reversible import run_blocks, run_blocks_cached
 from ..layers.token_io import TokenIO
 from ..ops.sequence import pack_sequences, unpack_sequences
 from ..registry import register_model
@@ -71,8 +72,9 @@ class LightNetText(nn.Module):
     def __init__(self, vocab_size: int, dim: int, depth: int, num_heads: int, mlp_hidden_dim: int | None,
                  lrpe: str | None, tpe: bool, tpe_residual: bool, scale: float | None, normalizer_init: str,
                  chunk_size: int, norm_eps: float, tie_embeddings: bool, init: str, *, causal: bool,
-                 kernel_backend: str = "torch"):
+                 kernel_backend: str = "torch", reversible: bool = False):
         super().__init__()
+        self.reversible = reversible
         if dim % num_heads:
             raise ValueError(f"dim ({dim}) must be divisible by num_heads ({num_heads})")
         self.vocab_size, self.dim, self.depth, self.tie_embeddings = vocab_size, dim, depth, tie_embeddings
@@ -101,8 +103,7 @@ class LightNetText(nn.Module):
         x = self.io.embed_tokens(tokens)  # (B, T, D)
         if self.tpe is not None:
             x, _ = self.tpe(x, attention_mask=mask)
-        for block in self.blocks:
-            x, _ = block(x, attention_mask=mask)
+        x = run_blocks(self.blocks, x, reversible=self.reversible, attention_mask=mask)
         return self.io.logits(x)
 
 
@@ -126,16 +127,18 @@ class LightNetLM(CausalLMMixin, LightNetText):
         init (str): "default" (trunc-normal 0.02) or "author" (Xavier gain 0.01, zero `o_proj`) for the mixers.
         kernel_backend (str): kernel of the causal chunked core: "torch" (default, the reference) or "fla"
             (flash-linear-attention's GLA kernel, CUDA only; see polyattn.ops.gla_backends).
+        reversible (bool): run the blocks as a reversible stack (`polyattn.layers.reversible`: two coupled
+            residual streams, activations recomputed in backward, training memory flat in depth). Default: False.
     """
 
     def __init__(self, vocab_size: int = 256, dim: int = 128, depth: int = 4, num_heads: int = 4,
                  mlp_hidden_dim: int | None = None, lrpe: str | None = "cosine", tpe: bool = True,
                  tpe_residual: bool = True, scale: float | None = 1.0, normalizer_init: str = "empty",
                  chunk_size: int = 64, norm_eps: float = 1e-6, tie_embeddings: bool = False, init: str = "default",
-                 kernel_backend: str = "torch"):
+                 kernel_backend: str = "torch", reversible: bool = False):
         super().__init__(vocab_size, dim, depth, num_heads, mlp_hidden_dim, lrpe, tpe, tpe_residual, scale,
                          normalizer_init, chunk_size, norm_eps, tie_embeddings, init, causal=True,
-                         kernel_backend=kernel_backend)
+                         kernel_backend=kernel_backend, reversible=reversible)
 
 
     def forward_cached(self, tokens: torch.Tensor, cache: LightNetLMCache | None = None, *,
@@ -153,11 +156,9 @@ class LightNetLM(CausalLMMixin, LightNetText):
         if self.tpe is not None:
             x, tpe_state = self.tpe(x, attention_mask=mask, state=None if cache is None else cache.tpe,
                                     use_cache=True)
-        layers = []
-        for i, block in enumerate(self.blocks):
-            x, state = block(x, attention_mask=mask, past_key_values=None if cache is None else cache.layers[i],
-                             use_cache=True)
-            layers.append(state)
+        layer_kwargs = [dict(attention_mask=mask, past_key_values=None if cache is None else cache.layers[i],
+                             use_cache=True) for i in range(self.depth)]
+        x, layers = run_blocks_cached(self.blocks, x, layer_kwargs, reversible=self.reversible)
         return self.io.logits(x), LightNetLMCache(tpe_state, tuple(layers))
 
     def state_size(self) -> int:

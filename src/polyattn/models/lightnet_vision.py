@@ -28,6 +28,7 @@ from ..layers.init import init_linear
 from ..layers.lightnet import LightNetAttention, LightNetBlock, MdTpe, MultiScanAttention
 from ..layers.norm import RMSNorm
 from ..layers.patch_embed import PatchEmbed
+from ..layers.reversible import run_blocks
 from ..registry import register_model
 from .classifier import LinearHeadMixin
 
@@ -51,6 +52,8 @@ class TokenMixerViT(LinearHeadMixin, nn.Module):
         tpe_residual (bool): `x + MD-TPE(x)` (True) or `MD-TPE(x)` replacing the embedding (the author's LM code).
         drop_rate (float): dropout before the head.
         drop_path_rate (float): stochastic depth, rising linearly from 0 (first block) to this (last block).
+        reversible (bool): run the blocks as a reversible stack (`polyattn.layers.reversible`: two coupled residual
+            streams, activations recomputed in backward, training memory flat in depth). Default: False.
     """
 
     GLOBAL_POOLS = ("avg",)
@@ -73,8 +76,10 @@ class TokenMixerViT(LinearHeadMixin, nn.Module):
         tpe_residual: bool = True,
         drop_rate: float = 0.0,
         drop_path_rate: float = 0.0,
+        reversible: bool = False,
     ):
         super().__init__()
+        self.reversible = reversible
         if tpe_direction not in ("bidirectional", "causal"):
             raise ValueError(f"tpe_direction must be 'bidirectional' or 'causal', got {tpe_direction!r}")
         self.num_classes, self.global_pool = num_classes, "avg"
@@ -112,8 +117,7 @@ class TokenMixerViT(LinearHeadMixin, nn.Module):
         x = self.patch_embed(x)  # (B, N, D)
         if self.tpe is not None:
             x, _ = self.tpe(x, grid_shape=grid)
-        for block in self.blocks:
-            x, _ = block(x, grid_shape=grid)
+        x = run_blocks(self.blocks, x, reversible=self.reversible, grid_shape=grid)
         return self.norm(x)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
@@ -140,7 +144,7 @@ class LightNetViT(TokenMixerViT):
 
     Args:
         img_size, patch_size, in_chans, num_classes, embed_dim, depth, num_heads, mlp_hidden_dim, use_tpe,
-            tpe_direction, tpe_residual, drop_rate, drop_path_rate: see `TokenMixerViT`.
+            tpe_direction, tpe_residual, drop_rate, drop_path_rate, reversible: see `TokenMixerViT`.
         lrpe (str, Optional): "cosine" (d → 2d, the default), "rotary" or None (no relative positions).
         scale (float, Optional): output scale of the attention core; 1.0 (the author's) or None for d^-0.5.
         init (str): "default" (trunc-normal 0.02) or "author" (Xavier gain 0.01, zero output projections).
@@ -164,6 +168,7 @@ class LightNetViT(TokenMixerViT):
         init: Literal["default", "author"] = "default",
         drop_rate: float = 0.0,
         drop_path_rate: float = 0.0,
+        reversible: bool = False,
     ):
         if lrpe not in ("cosine", "rotary", None):
             raise ValueError(f"lrpe must be 'cosine', 'rotary' or None, got {lrpe!r}")
@@ -173,7 +178,7 @@ class LightNetViT(TokenMixerViT):
             img_size=img_size, patch_size=patch_size, in_chans=in_chans, num_classes=num_classes,
             embed_dim=embed_dim, depth=depth, num_heads=num_heads, mlp_hidden_dim=mlp_hidden_dim, use_tpe=use_tpe,
             tpe_direction=tpe_direction, tpe_residual=tpe_residual, drop_rate=drop_rate,
-            drop_path_rate=drop_path_rate,
+            drop_path_rate=drop_path_rate, reversible=reversible,
         )
 
 
@@ -190,7 +195,7 @@ class MultiScanViT(TokenMixerViT):
 
     Args:
         img_size, patch_size, in_chans, num_classes, embed_dim, depth, num_heads, mlp_hidden_dim, use_tpe,
-            tpe_direction, tpe_residual, drop_rate, drop_path_rate: see `TokenMixerViT`.
+            tpe_direction, tpe_residual, drop_rate, drop_path_rate, reversible: see `TokenMixerViT`.
         directions (int): 1, 2 or 4 scan orders. Default: 4.
         divide (bool): average the directions instead of summing (Vim's "div2"). Default: False.
         per_direction_decay (bool): a separate decay projection per direction. Default: False (shared).
@@ -218,6 +223,7 @@ class MultiScanViT(TokenMixerViT):
         init: Literal["default", "author"] = "default",
         drop_rate: float = 0.0,
         drop_path_rate: float = 0.0,
+        reversible: bool = False,
     ):
         if directions not in (1, 2, 4):
             raise ValueError(f"directions must be 1, 2 or 4, got {directions!r}")
@@ -228,7 +234,7 @@ class MultiScanViT(TokenMixerViT):
             img_size=img_size, patch_size=patch_size, in_chans=in_chans, num_classes=num_classes,
             embed_dim=embed_dim, depth=depth, num_heads=num_heads, mlp_hidden_dim=mlp_hidden_dim, use_tpe=use_tpe,
             tpe_direction=tpe_direction, tpe_residual=tpe_residual, drop_rate=drop_rate,
-            drop_path_rate=drop_path_rate,
+            drop_path_rate=drop_path_rate, reversible=reversible,
         )
 
 

@@ -41,6 +41,7 @@ from ..layers.attention import Attention, KVCache
 from ..layers.block import TransformerBlock
 from ..layers.mlp import GatedMlp, llama_hidden_size
 from ..layers.norm import RMSNorm
+from ..layers.reversible import run_blocks, run_blocks_cached
 from ..layers.rope import RotaryEmbedding
 from ..layers.token_io import TokenIO
 from ..ops.attention import shifted_group_mask_at
@@ -80,8 +81,10 @@ class RopeTransformer(nn.Module):
 
     def __init__(self, vocab_size: int, dim: int, depth: int, num_heads: int, num_kv_heads: int | None,
                  mlp_hidden_dim: int | None, rope_base: float, norm_eps: float, tie_embeddings: bool, dropout: float,
-                 *, causal: bool, s2_group_size: int | None = None, s2_at_inference: bool = False):
+                 *, causal: bool, s2_group_size: int | None = None, s2_at_inference: bool = False,
+                 reversible: bool = False):
         super().__init__()
+        self.reversible = reversible
         if dim % num_heads:
             raise ValueError(f"dim ({dim}) must be divisible by num_heads ({num_heads})")
         if s2_group_size is not None and s2_group_size < 2:
@@ -140,8 +143,8 @@ class RopeTransformer(nn.Module):
             attn_mask = s2 if attn_mask is None else attn_mask & s2
         rope = self.rope(positions)
         x = self.io.embed_tokens(tokens)  # (B, T, D)
-        for block in self.blocks:
-            x, _ = block(x, rope=rope, key_padding_mask=key_padding_mask, attn_mask=attn_mask)
+        x = run_blocks(self.blocks, x, reversible=self.reversible, rope=rope, key_padding_mask=key_padding_mask,
+                       attn_mask=attn_mask)
         return self.io.logits(x)  # (B, T, V)
 
 
@@ -163,15 +166,17 @@ class LlamaLM(CausalLMMixin, RopeTransformer):
             attention. Default: None.
         s2_at_inference (bool): keep S²-Attn in eval mode and generation too (LongLoRA: full attention there).
             Default: False.
+        reversible (bool): run the blocks as a reversible stack (`polyattn.layers.reversible`: two coupled
+            residual streams, activations recomputed in backward, training memory flat in depth). Default: False.
     """
 
     def __init__(self, vocab_size: int = 256, dim: int = 128, depth: int = 4, num_heads: int = 4,
                  num_kv_heads: int | None = None, mlp_hidden_dim: int | None = None, rope_base: float = 10000.0,
                  norm_eps: float = 1e-6, tie_embeddings: bool = False, dropout: float = 0.0,
-                 s2_group_size: int | None = None, s2_at_inference: bool = False):
+                 s2_group_size: int | None = None, s2_at_inference: bool = False, reversible: bool = False):
         super().__init__(vocab_size, dim, depth, num_heads, num_kv_heads, mlp_hidden_dim, rope_base, norm_eps,
                          tie_embeddings, dropout, causal=True, s2_group_size=s2_group_size,
-                         s2_at_inference=s2_at_inference)
+                         s2_at_inference=s2_at_inference, reversible=reversible)
 
 
     def forward_cached(self, tokens: torch.Tensor, cache: LlamaCache | None = None, *,
@@ -190,13 +195,12 @@ class LlamaLM(CausalLMMixin, RopeTransformer):
             first = None if cache is None else cache[0]
             attn_mask = self._s2_mask(_positions(first, mask, T, tokens.device), _key_positions(first, mask, tokens))
         x = self.io.embed_tokens(tokens)
-        new_cache = []
-        for i, block in enumerate(self.blocks):
+        layer_kwargs = []
+        for i in range(self.depth):
             layer_cache = None if cache is None else cache[i]
-            rope = self.rope(_positions(layer_cache, mask, T, tokens.device))
-            x, layer_cache = block(x, rope=rope, key_padding_mask=mask, attn_mask=attn_mask, cache=layer_cache,
-                                   use_cache=True)
-            new_cache.append(layer_cache)
+            layer_kwargs.append(dict(rope=self.rope(_positions(layer_cache, mask, T, tokens.device)),
+                                     key_padding_mask=mask, attn_mask=attn_mask, cache=layer_cache, use_cache=True))
+        x, new_cache = run_blocks_cached(self.blocks, x, layer_kwargs, reversible=self.reversible)
         return self.io.logits(x), tuple(new_cache)
 
 

@@ -19,6 +19,7 @@ from ..layers.init import init_linear
 from ..layers.mlp import Mlp
 from ..layers.patch_embed import PatchEmbed
 from ..layers.pos_embed import resample_abs_pos_embed, sincos_pos_embed
+from ..layers.reversible import run_blocks
 from ..registry import register_model
 from .classifier import LinearHeadMixin
 
@@ -27,7 +28,8 @@ class VisionTransformer(LinearHeadMixin, nn.Module):
     """Isotropic ViT classifier with timm's contract (`forward_features`, `forward_head`, `reset_classifier`).
 
     Images of another size than `img_size` are accepted as long as the patch size divides them: the
-    position table is resampled (bicubic) to the new grid, in forward and when loading weights.
+    position table is resampled (bicubic) to the new grid, in forward and when loading weights. `reversible=True`
+    runs the blocks as a reversible stack (`polyattn.layers.reversible`).
     """
 
     GLOBAL_POOLS = ("token", "avg")
@@ -47,8 +49,10 @@ class VisionTransformer(LinearHeadMixin, nn.Module):
         pos_embed: Literal["learned", "sincos"] = "learned",
         drop_rate: float = 0.0,
         drop_path_rate: float = 0.0,
+        reversible: bool = False,
     ):
         super().__init__()
+        self.reversible = reversible
         if global_pool not in ("token", "avg"):
             raise ValueError(f"global_pool must be 'token' or 'avg', got {global_pool!r}")
         if pos_embed not in ("learned", "sincos"):
@@ -101,8 +105,7 @@ class VisionTransformer(LinearHeadMixin, nn.Module):
         """Images `[B, C, H, W]` → normalised tokens `[B, 1 + N, D]` (class token first)."""
         grid = self.patch_embed.grid_for(tuple(x.shape[-2:]))
         x = self._pos_embed(self.patch_embed(x), grid)
-        for block in self.blocks:
-            x, _ = block(x)
+        x = run_blocks(self.blocks, x, reversible=self.reversible)
         return self.norm(x)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:

@@ -1,0 +1,143 @@
+"""`polyattn bench reversible`: training memory against depth, standard blocks against reversible ones
+(`polyattn.layers.reversible`), and what the recomputation costs in step time.
+
+Per model (`--models`, registered names with a `reversible` flag) and depth (`--depths`): one training step
+(forward, loss, backward) of the standard model and of the same model with `reversible=True` at the same width,
+on random inputs. Memory: on CUDA the peak allocated memory of the step above the model and its inputs
+(`torch.cuda.max_memory_allocated`); on a CPU the bytes autograd keeps for backward (`SavedTensorBytes`: the
+activations, what depth multiplies; the backward pass's own temporaries are not in it). Time: the median of
+`--repeats` steps after a warm-up. Benchmarks never assert times.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import torch
+
+from ..hardware import resolve_device
+from .common import SavedTensorBytes, add_machine_arguments, bench_header, median, pyplot, synchronize, write_json
+
+VISION = {"img_size": 32, "patch_size": 4, "num_classes": 10}
+MODELS = {"vit_tiny": VISION, "illama_tiny": VISION, "lightnet_vision_tiny": VISION}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", type=Path, default=Path("runs/bench/reversible"), help="output directory")
+    parser.add_argument("--models", nargs="+", default=["vit_tiny", "lightnet_vision_tiny"], choices=list(MODELS))
+    parser.add_argument("--depths", type=int, nargs="+", default=[4, 8, 16, 32], help="numbers of blocks")
+    parser.add_argument("--batch", type=int, default=32, help="images per step (default: 32)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed steps per point; the median is reported")
+    parser.add_argument("--quick", action="store_true", help="smoke test: depths 2 and 4, batch 2, 1 repeat")
+    add_machine_arguments(parser)
+    parser.add_argument("--seed", type=int, default=0)
+
+
+def training_step_memory(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor,
+                         device: torch.device, repeats: int) -> dict:
+    """Peak memory of one training step (see the module docstring) and the median step time."""
+    def step():
+        model.zero_grad(set_to_none=True)
+        torch.nn.functional.cross_entropy(model(images), labels).backward()
+
+    step()  # warm-up: allocates the gradients, so the peak below is the step's own
+    synchronize(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        step()
+        synchronize(device)
+        memory = torch.cuda.max_memory_allocated(device) - base
+    else:
+        model.zero_grad(set_to_none=True)
+        with SavedTensorBytes() as saved:
+            loss = torch.nn.functional.cross_entropy(model(images), labels)
+        loss.backward()
+        memory = saved.bytes
+    times = []
+    for _ in range(repeats):
+        synchronize(device)
+        t0 = time.perf_counter()
+        step()
+        synchronize(device)
+        times.append(time.perf_counter() - t0)
+    return {"memory_bytes": memory, "step_s": median(times)}
+
+
+def run(args) -> int:
+    from ..registry import create_model
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = resolve_device(args.device)
+    if args.quick:
+        args.depths, args.batch, args.repeats = [2, 4], 2, 1
+    memory = "peak allocated (CUDA)" if device.type == "cuda" else "bytes saved for backward (CPU)"
+    header = bench_header(device, batch=args.batch, repeats=args.repeats, memory=memory)
+    points = []
+    for name in args.models:
+        kwargs = MODELS[name]
+        g = torch.Generator().manual_seed(args.seed)
+        images = torch.randn(args.batch, 3, kwargs["img_size"], kwargs["img_size"], generator=g).to(device)
+        labels = torch.randint(0, kwargs["num_classes"], (args.batch,), generator=g).to(device)
+        for depth in sorted(args.depths):
+            for reversible in (False, True):
+                torch.manual_seed(args.seed)
+                model = create_model(name, depth=depth, reversible=reversible, **kwargs).to(device).train()
+                result = training_step_memory(model, images, labels, device, args.repeats)
+                points.append({"model": name, "depth": depth, "reversible": reversible, **result})
+                print(f"{name} depth {depth} {'reversible' if reversible else 'standard'}: "
+                      f"{result['memory_bytes'] / 2**20:.1f} MiB, {result['step_s'] * 1e3:.0f} ms/step", flush=True)
+                del model
+    table = format_table(points, header)
+    print("\n" + table)
+    out = Path(args.out)
+    write_json(out / "reversible.json", {"header": header, "points": points})
+    (out / "reversible.md").write_text(table + "\n")
+    plot(points, out / "reversible.png", header)
+    print(f"wrote {out / 'reversible.json'}, {out / 'reversible.md'}, {out / 'reversible.png'}")
+    return 0
+
+
+def format_table(points: list[dict], header: dict) -> str:
+    lines = [f"**Training step, standard against reversible blocks: {header['memory']} (MiB) and step time (ms), "
+             f"batch {header['batch']}, {header['device_name']}, {header['threads']} threads, median of "
+             f"{header['repeats']}**", "",
+             "| model | depth | standard MiB | reversible MiB | standard ms | reversible ms | time ratio |",
+             "|---|---|---|---|---|---|---|"]
+    for name in dict.fromkeys(p["model"] for p in points):
+        for depth in sorted({p["depth"] for p in points if p["model"] == name}):
+            std, rev = (next(p for p in points if (p["model"], p["depth"], p["reversible"]) == (name, depth, r))
+                        for r in (False, True))
+            lines.append(f"| {name} | {depth} | {std['memory_bytes'] / 2**20:.1f} | {rev['memory_bytes'] / 2**20:.1f} "
+                         f"| {std['step_s'] * 1e3:.0f} | {rev['step_s'] * 1e3:.0f} | "
+                         f"{rev['step_s'] / std['step_s']:.2f} |")
+    return "\n".join(lines)
+
+
+def plot(points: list[dict], path: Path, header: dict) -> None:
+    plt = pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for name in dict.fromkeys(p["model"] for p in points):
+        for reversible, style in ((False, "o-"), (True, "s--")):
+            pts = [p for p in points if p["model"] == name and p["reversible"] == reversible]
+            label = f"{name} {'reversible' if reversible else 'standard'}"
+            axes[0].plot([p["depth"] for p in pts], [p["memory_bytes"] / 2**20 for p in pts], style, label=label)
+            axes[1].plot([p["depth"] for p in pts], [p["step_s"] * 1e3 for p in pts], style, label=label)
+    axes[0].set_ylabel(f"MiB ({header['memory']})")
+    axes[1].set_ylabel("ms per training step")
+    for ax in axes:
+        ax.set_xlabel("depth (blocks)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(f"reversible blocks, batch {header['batch']}, {header['device_name']}, torch {header['torch']}, "
+                 f"{header['git']}", fontsize=9)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+__all__ = ["MODELS", "add_arguments", "run", "training_step_memory"]
