@@ -243,6 +243,9 @@ def _train_distributed(config: RunConfig, device: torch.device, resume_dir: Path
     check_model = getattr(job, "check_model", None)
     if check_model is not None:
         check_model(model)
+    if cfg.activation_checkpointing and not _repeated_blocks(model):
+        raise UserError(f"train.activation_checkpointing recomputes the repeated blocks of a model (the members of "
+                        f"its nn.ModuleLists), but '{config.model.name}' has none; set it to false.")
 
     main = distributed.is_main()
     if resume_dir is not None:
@@ -334,6 +337,8 @@ def _train_in(run_dir: Path, config: RunConfig, job, model: nn.Module, n_params:
                                   f"{job.samples_per_step} {getattr(job, 'throughput_unit', 'samples')}"
                                   + (", compiled" if cfg.compile else "")
                                   + (f", {world} processes ({_backend()})" if world > 1 else "")), precision)
+    if cfg.activation_checkpointing:
+        checkpoint_blocks(model)
     train_model = model
     if world > 1:  # gradients averaged over the processes during the last micro-batch's backward
         from torch.nn.parallel import DistributedDataParallel
@@ -590,6 +595,33 @@ def _train_in(run_dir: Path, config: RunConfig, job, model: nn.Module, n_params:
     rows += [(f"{final} {k}", _fmt(v)) for k, v in test_metrics.items()]
     print(format_table(rows, "summary"))
     return summary
+
+
+def _repeated_blocks(module: nn.Module) -> list[nn.Module]:
+    """The members of the outermost nn.ModuleLists of `module` (a model's repeated blocks)."""
+    blocks = []
+    for child in module.children():
+        if isinstance(child, nn.ModuleList):
+            blocks.extend(child)
+        else:
+            blocks.extend(_repeated_blocks(child))
+    return blocks
+
+
+def checkpoint_blocks(model: nn.Module) -> int:
+    """Activation checkpointing (`train.activation_checkpointing`): each repeated block of `model` keeps only its
+    inputs during the forward pass and recomputes its activations in the backward pass (`torch.utils.checkpoint`,
+    non-reentrant, with the random state of the first pass, so dropout draws the same), trading about one more
+    forward for the memory of every block's activations. Weights and results are unchanged. Returns the number of
+    blocks wrapped."""
+    import functools
+
+    from torch.utils.checkpoint import checkpoint
+
+    blocks = _repeated_blocks(model)
+    for block in blocks:
+        block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)
+    return len(blocks)
 
 
 class _NoLog:
