@@ -307,7 +307,8 @@ def _train_in(run_dir: Path, config: RunConfig, job, model: nn.Module, n_params:
         if checkpoints.candidates():
             raise UserError(f"Every checkpoint in {checkpoints.root} is damaged, so {run_dir} cannot be resumed "
                             f"exactly; start a new run.")
-        print(f"note: {run_dir} has no checkpoint yet; starting it from the beginning.", file=sys.stderr)
+        if main:
+            print(f"note: {run_dir} has no checkpoint yet; starting it from the beginning.", file=sys.stderr)
     if resume_from is not None:
         for path in checkpoints.discard_after(resume_from) if main else ():
             print(f"note: removed the damaged checkpoint {path}; training repeats its steps.", file=sys.stderr)
