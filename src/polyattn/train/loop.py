@@ -340,11 +340,12 @@ def _train_in(run_dir: Path, config: RunConfig, job, model: nn.Module, n_params:
                                   + (f", {world} processes ({_backend()})" if world > 1 else "")), precision)
     if cfg.activation_checkpointing:
         checkpoint_blocks(model)
-    train_model = model
+    train_model = ddp_model = model
     if world > 1:  # gradients averaged over the processes during the last micro-batch's backward
         from torch.nn.parallel import DistributedDataParallel
 
-        train_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        train_model = ddp_model = DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
     train_model = torch.compile(train_model) if cfg.compile else train_model
     autocast = autocast_for(precision, device)
     # float16 needs its loss scaled so small gradients do not flush to zero; bfloat16 has float32's range.
@@ -419,7 +420,7 @@ def _train_in(run_dir: Path, config: RunConfig, job, model: nn.Module, n_params:
         micros = list(zip(*(t.chunk(micro_batches) for t in batch)))
         for i, micro in enumerate(micros):
             # DDP averages gradients over the processes during the last micro-batch's backward only
-            quiet = train_model.no_sync() if world > 1 and i < len(micros) - 1 else contextlib.nullcontext()
+            quiet = ddp_model.no_sync() if world > 1 and i < len(micros) - 1 else contextlib.nullcontext()
             with quiet:
                 with autocast():
                     loss_sum, n = job.loss(train_model, micro, inputs)
