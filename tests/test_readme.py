@@ -108,6 +108,14 @@ HOW: dict[str, Train | Run | Error | Help | Covered | Skip] = {
     "polyattn config [RECIPE] [key=value ...]": SYNOPSIS,
     "polyattn config --keys": Run(),
     "polyattn train [RECIPE] [key=value ...]": SYNOPSIS,
+    "polyattn train --nproc N RECIPE ...": Covered(
+        "tests/test_distributed.py::test_one_and_two_processes_give_the_same_run"),
+    "polyattn train --nproc 2 --resume RUN_DIR": Covered(
+        "tests/test_distributed.py::test_a_killed_process_stops_the_others_and_checkpoints_resume_across_world_sizes"),
+    "polyattn train --nproc 2 default": Covered(
+        "tests/test_distributed.py::test_one_and_two_processes_give_the_same_run"),
+    "polyattn train --nproc 2 --resume runs/<run>": Covered(
+        "tests/test_distributed.py::test_a_killed_process_stops_the_others_and_checkpoints_resume_across_world_sizes"),
     "polyattn train --resume RUN_DIR": Covered("tests/test_train.py::test_kill_9_and_resume_reaches_the_same_metrics"),
     "polyattn eval RUN_DIR [--data SOURCE]": SYNOPSIS,
     "polyattn generate RUN_DIR --prompt TEXT": SYNOPSIS,

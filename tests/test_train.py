@@ -303,3 +303,19 @@ def test_training_length_in_steps_need_not_be_whole_epochs(tmp_path, cache_dir):
     assert summary["steps"] == 7
     lrs = [r["lr"] for r in read_metrics(tmp_path / "s") if r["kind"] == "train"]
     assert len(lrs) == 7 and lrs[-1] < 0.1 * lrs[0] + 1e-4  # the cosine schedule spans the 7 steps
+
+
+def test_activation_checkpointing_changes_memory_not_results(tmp_path, cache_dir):
+    from polyattn.train.loop import checkpoint_blocks
+
+    settings = ("train.max_steps=3", "train.precision=fp32", "model.depth=2", "model.drop_path_rate=0.1")
+    plain = train(tiny_config(tmp_path, *settings, "train.run_name=plain"))
+    recomputed = train(tiny_config(tmp_path, *settings, "train.run_name=ckpt", "train.activation_checkpointing=true"))
+    assert recomputed["test"] == pytest.approx(plain["test"], rel=1e-6)  # dropout draws the same on recompute
+    from polyattn import create_model
+
+    model = create_model("vit_nano", depth=2, embed_dim=32, num_heads=2, img_size=8, patch_size=4, num_classes=3)
+    assert checkpoint_blocks(model) == 2
+    x = torch.randn(2, 3, 8, 8, requires_grad=True)
+    model(x).sum().backward()
+    assert x.grad is not None and all(p.grad is not None for p in model.parameters() if p.requires_grad)

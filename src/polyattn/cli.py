@@ -116,6 +116,8 @@ def _cmd_train(args) -> int:
     if args.list_recipes:
         print("\n".join(list_recipes()))
         return 0
+    if args.nproc is not None:
+        return _launch_torchrun(args.nproc, args.argv)
     if args.resume:
         recipe_like = [a for a in ([args.recipe] if args.recipe else []) if "=" not in a]
         if recipe_like:
@@ -130,6 +132,20 @@ def _cmd_train(args) -> int:
         recipe, overrides = None, [recipe, *overrides]
     train(build_config(recipe, overrides + _device_overrides(args)))
     return 0
+
+
+def _launch_torchrun(nproc: int, argv: list[str]) -> int:
+    """`polyattn train --nproc N ...`: the same command under `torchrun --standalone --nproc-per-node N` (one
+    machine); its exit status is the run's."""
+    import subprocess
+
+    if nproc < 1:
+        raise UserError(f"--nproc must be at least 1 process, got {nproc}.")
+    rest = [a for i, a in enumerate(argv) if a != "--nproc" and not a.startswith("--nproc=")
+            and (i == 0 or argv[i - 1] != "--nproc")]
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+               "-m", "polyattn", *rest]
+    return subprocess.call(command)
 
 
 def _device_overrides(args) -> list[str]:
@@ -306,6 +322,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="with --resume: accept changed settings that make the "
                    "run differ from an uninterrupted one (batch size, seed, learning rate, data)")
     p.add_argument("--list-recipes", action="store_true", help="print the available recipes and exit")
+    p.add_argument("--nproc", type=int, default=None, metavar="N", help="train with N processes on this machine "
+                   "(runs the same command under torchrun; gloo on CPUs, nccl on GPUs)")
     p.add_argument("--device", default=None, help="auto, cpu, cuda or cuda:N (default: the recipe's train.device, "
                    "auto = cuda when available)")
     p.add_argument("--precision", default=None, choices=PRECISIONS,
@@ -408,6 +426,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     if extra:
         args.overrides = [*args.overrides, *extra]
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     try:
         return args.func(args)
     except Interrupted as err:

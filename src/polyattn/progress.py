@@ -23,6 +23,9 @@ def progress_bar(iterable: Iterable | None = None, *, total: float | None = None
     """A tqdm bar on stderr (`leave=False`: on a terminal it disappears when done, as an inner bar should)."""
     from tqdm import tqdm
 
+    from .distributed import is_main
+
+    enabled = enabled and is_main()  # one process of a distributed run shows progress
     if interactive():
         style = {"mininterval": 0.5, "delay": 0.0 if leave else 1.0, "leave": leave, "file": sys.stderr}
     else:

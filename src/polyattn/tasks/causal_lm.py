@@ -42,6 +42,7 @@ from ..data.text import (
     token_file_for_source,
 )
 from ..data.tokenizers import TOKENIZER_FILE, BpeTokenizer, ByteTokenizer, StreamDecoder, Tokenizer, train_bpe
+from ..distributed import all_sum, shard
 from ..errors import UserError
 from ..files import default_cache_dir
 from ..models.generation import stream_generate
@@ -98,7 +99,7 @@ def evaluate_lm(model: nn.Module, tokens: np.ndarray, tokenizer: Tokenizer, *, s
     to_score = min(len(tokens) - 1, context + max_tokens if max_tokens else len(tokens)) - context
     bar = progress_bar(total=max(to_score, 0), desc="evaluating", unit="tok", unit_scale=True, enabled=progress)
     try:
-        for x, y in eval_windows(tokens, seq_len, batch_size, max_tokens, stride=stride):
+        for x, y in shard(eval_windows(tokens, seq_len, batch_size, max_tokens, stride=stride)):  # our share
             x, y = x.to(device), y.to(device)
             with autocast() if autocast is not None else contextlib.nullcontext():
                 logits = model(x)
@@ -114,7 +115,9 @@ def evaluate_lm(model: nn.Module, tokens: np.ndarray, tokenizer: Tokenizer, *, s
     finally:
         bar.close()
         model.train(was_training)
-    return lm_metrics(total, count, target_bytes(tokenizer, torch.cat(scored).numpy()))
+    scored_bytes = target_bytes(tokenizer, torch.cat(scored).numpy()) if scored else 0
+    total, count, scored_bytes = all_sum([total, count, scored_bytes])  # in a distributed run: every share
+    return lm_metrics(total, int(count), int(scored_bytes))
 
 
 def _bpe_for_source(source: str, vocab_size: int, val_fraction: float) -> BpeTokenizer:

@@ -15,6 +15,7 @@ from typing import Literal
 import torch
 from torch import nn
 
+from ..distributed import all_gather, all_sum
 from ..errors import UserError
 from ..ops.losses import cross_entropy
 from ..settings import Section, checked
@@ -120,7 +121,8 @@ class ClassificationTask:
     def evaluate(self, model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], *,
                  autocast_dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
                  reliability: bool = False) -> dict:
-        """{"loss", "top1", "top{k}", "ece", "count"} over all the batches (every sample weighs the same), and
+        """{"loss", "top1", "top{k}", "ece", "count"} over all the batches (every sample weighs the same; in a
+        distributed run, the batches of every process: each passes its share, see `polyattn.distributed.shard`), and
         with `reliability` also "reliability": the `ReliabilityBins` behind the ECE (for a reliability diagram).
 
         "loss" is the plain cross-entropy (negative log-likelihood, no label smoothing), so it can be compared
@@ -156,6 +158,11 @@ class ClassificationTask:
                 count += targets.shape[0]
         finally:
             model.train(was_training)
+        # in a distributed run each process saw its share of the batches: the sums and the confidences of all
+        loss_sum, count, *hits = all_sum([loss_sum, count, *(correct[k] for k in self.topk)])
+        count, correct = int(count), {k: int(n) for k, n in zip(self.topk, hits)}
+        confidences = [c for share in all_gather(confidences) for c in share]
+        top1_ok = [c for share in all_gather(top1_ok) for c in share]
         if count == 0:
             raise UserError("The evaluation set is empty; check the test split of the data source.")
         metrics = {"loss": loss_sum / count}

@@ -47,6 +47,7 @@ from torch import nn
 
 from ..data.loader import BatchLoader, to_device
 from ..data.transforms import TrainAugment
+from ..distributed import all_sum, rank, world_size
 from ..errors import UserError, nearest
 from ..files import atomic_write
 from ..progress import progress_bar
@@ -294,11 +295,13 @@ class DiffusionJob(ImageJob):
         model.eval()
         total, count = 0.0, 0
         loader = BatchLoader(dataset, self.eval_batch_size, shuffle=False)
-        for images, labels in progress_bar(loader.epoch(0), total=len(loader), desc=f"evaluating {split}",
-                                           unit="batch", enabled=self.progress):
+        for i, (images, labels) in enumerate(progress_bar(loader.epoch(0), total=len(loader), unit="batch",
+                                                          desc=f"evaluating {split}", enabled=self.progress)):
             x0 = self.eval_transform(images)
             noise = torch.randn(x0.shape, generator=generator)
             t = torch.rand(len(labels), generator=generator)
+            if i % world_size() != rank():  # another process's batch: its draws are made, so ours stay the same
+                continue
             x0, noise, t, y = (v.to(self.device) for v in (x0, noise, t, labels))
             with autocast():
                 v = model(self.flow.interpolate(x0, noise, t), t, y)
@@ -306,6 +309,7 @@ class DiffusionJob(ImageJob):
             total += float(per_image.sum())
             count += len(labels)
         model.train(was_training)
+        total, count = all_sum([total, count])  # in a distributed run: every process's share
         return {"loss": total / count}
 
 

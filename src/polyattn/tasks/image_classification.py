@@ -9,6 +9,7 @@ from torch import nn
 
 from ..data.loader import BatchLoader, to_device
 from ..data.transforms import MixupCutmix, TrainAugment
+from ..distributed import shard, world_size
 from ..progress import progress_bar
 from .classification import ClassificationTask
 from .image_job import ImageJob
@@ -55,8 +56,9 @@ class ImageClassificationJob(ImageJob):
         ("reliability": `ReliabilityBins`), `progress` shows a progress bar over the batches (None: as
         train.progress says)."""
         loader = BatchLoader(self.datasets[split], self.eval_batch_size, shuffle=False)
-        batches = ((self.eval_transform(x), y) for x, y in loader.epoch(0))
+        batches = ((self.eval_transform(x), y) for x, y in shard(loader.epoch(0)))  # this process's share
         if progress if progress is not None else self.progress:
-            batches = progress_bar(batches, total=len(loader), desc=f"evaluating {split}", unit="batch")
+            batches = progress_bar(batches, total=-(-len(loader) // world_size()), desc=f"evaluating {split}",
+                                   unit="batch")
         with autocast():
             return self.task.evaluate(model, batches, device=self.device, reliability=reliability)

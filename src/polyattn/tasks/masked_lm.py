@@ -42,6 +42,7 @@ import torch
 from torch import nn
 
 from ..data.text import window_starts
+from ..distributed import all_sum, shard
 from ..errors import UserError
 from ..ops.losses import IGNORE_INDEX, cross_entropy
 from ..progress import progress_bar
@@ -178,7 +179,7 @@ def evaluate_mlm(model: nn.Module, tokens: np.ndarray, recipe: MaskingRecipe, *,
     total, correct, count = 0.0, 0, 0
     try:
         windows = eval_masked_windows(tokens, recipe, seq_len, batch_size, max_tokens)
-        for x, y in progress_bar(windows, desc="evaluating", unit="batch", enabled=progress):
+        for x, y in progress_bar(shard(windows), desc="evaluating", unit="batch", enabled=progress):
             x, y = x.to(device), y.to(device)
             with autocast() if autocast is not None else contextlib.nullcontext():
                 logits = model(x)
@@ -189,7 +190,8 @@ def evaluate_mlm(model: nn.Module, tokens: np.ndarray, recipe: MaskingRecipe, *,
             count += y.numel()
     finally:
         model.train(was_training)
-    return mlm_metrics(total, correct, count)
+    total, correct, count = all_sum([total, correct, count])  # in a distributed run: every process's share
+    return mlm_metrics(total, int(correct), int(count))
 
 
 class MaskedLMJob(TextStreamJob):

@@ -91,6 +91,9 @@ class TrainConfig(Section):
     started with, so it stays exact."""
     compile: bool = False
     """Wrap the model in torch.compile."""
+    activation_checkpointing: bool = False
+    """Recompute each repeated block's activations in the backward pass instead of keeping them (less memory, about
+    a third more compute; results unchanged)."""
     device: str = "auto"
     """'auto' (cuda when available), 'cpu', 'cuda' or 'cuda:N'."""
     threads: int | None = checked(None, ge=1)
@@ -115,6 +118,9 @@ class TrainConfig(Section):
     ema_decay: float | None = checked(None, gt=0, lt=1, fixed=True)
     """Keep an exponential moving average of the weights with this decay (e.g. 0.999; warmed up over the first
     updates); evaluation, `polyattn eval` and sampling then use the averaged weights (saved as ema.safetensors)."""
+    collective_timeout_s: float = checked(60.0, gt=0)
+    """Distributed runs: seconds a process waits in a collective for the others before it stops with one sentence
+    (a process died or stalled); must exceed the longest gap between two steps (an evaluation, a checkpoint)."""
     log_every: int = checked(10, ge=1)
     """Log training loss and learning rate every this many optimizer steps."""
     out_dir: str = checked("runs", pattern=r".+", meaning="a directory path")

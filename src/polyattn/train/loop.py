@@ -10,6 +10,7 @@ uninterrupted one exactly on CPU.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import signal
@@ -24,6 +25,7 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
+from .. import distributed
 from ..errors import Interrupted, UserError
 from ..files import atomic_write_text, write_error
 from ..hardware import Precision, autocast_for, device_name, environment, resolve_device, resolve_precision
@@ -192,8 +194,6 @@ def train(config: RunConfig, *, resume_dir: Path | None = None, evaluate: bool =
     data, the model's arguments), so a bad start writes nothing. The directory is then created atomically and
     locked for the run's lifetime.
     """
-    from ..tasks import build_job
-
     config.validate()
     cfg = config.train
     changes: dict[str, tuple[Any, Any]] = {}
@@ -204,6 +204,29 @@ def train(config: RunConfig, *, resume_dir: Path | None = None, evaluate: bool =
             raise UserError(f"Run {resume_dir} already finished; evaluate it with `polyattn eval {resume_dir}` or "
                             f"start a new run.")
     device = resolve_device(cfg.device)
+    joined = distributed.launched() and not distributed.active()
+    distributed.init(device.type, cfg.collective_timeout_s)  # under torchrun: join the group (gloo or nccl)
+    try:
+        return _train_distributed(config, device, resume_dir, changes, evaluate=evaluate)
+    finally:
+        if joined:
+            distributed.shutdown()
+
+
+def _train_distributed(config: RunConfig, device: torch.device, resume_dir: Path | None,
+                       changes: dict[str, tuple[Any, Any]], *, evaluate: bool) -> dict[str, Any]:
+    """`train` once this process is in its process group (or alone)."""
+    from ..tasks import build_job
+
+    cfg = config.train
+    world = distributed.world_size()
+    if device.type == "cuda" and world > 1:  # one GPU per process, by its index on the machine
+        device = torch.device("cuda", distributed.local_rank())
+        torch.cuda.set_device(device)
+    if cfg.batch_size % (world * cfg.accumulation_steps):
+        raise UserError(f"train.batch_size {cfg.batch_size} is not divisible by {world} processes × "
+                        f"train.accumulation_steps {cfg.accumulation_steps}; make it a multiple of "
+                        f"{world * cfg.accumulation_steps}.")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     precision = _training_precision(config, device, resuming=resume_dir is not None)
@@ -219,18 +242,26 @@ def train(config: RunConfig, *, resume_dir: Path | None = None, evaluate: bool =
     check_model = getattr(job, "check_model", None)
     if check_model is not None:
         check_model(model)
+    if cfg.activation_checkpointing and not _repeated_blocks(model):
+        raise UserError(f"train.activation_checkpointing recomputes the repeated blocks of a model (the members of "
+                        f"its nn.ModuleLists), but '{config.model.name}' has none; set it to false.")
 
+    main = distributed.is_main()
     if resume_dir is not None:
         run_dir = Path(resume_dir)
-        lock = RunDirLock(run_dir)
+        lock = RunDirLock(run_dir) if main else None
     else:
+        if config.train.run_name is None and distributed.active():  # one name for every process: rank 0's clock
+            config.train.run_name = distributed.broadcast(new_run_dir(config).name)
         run_dir = new_run_dir(config)
-        lock = claim_new_run_dir(run_dir)
+        lock = claim_new_run_dir(run_dir) if main else None
+    distributed.barrier()  # the others start once rank 0 owns the run directory
     try:
         return _train_in(run_dir, config, job, model, n_params, total_steps, device, precision,
                          resuming=resume_dir is not None, changes=changes, evaluate=evaluate)
     finally:
-        lock.release()
+        if lock is not None:
+            lock.release()
 
 
 def _train_in(run_dir: Path, config: RunConfig, job, model: nn.Module, n_params: int, total_steps: int,
@@ -239,7 +270,8 @@ def _train_in(run_dir: Path, config: RunConfig, job, model: nn.Module, n_params:
     """The training loop proper, in a run directory this process has locked (see `train`)."""
     cfg = config.train
     num_epochs = math.ceil(total_steps / job.steps_per_epoch)
-    if resuming:
+    main, rank, world = distributed.is_main(), distributed.rank(), distributed.world_size()
+    if resuming and main:
         for path in remove_temporaries(run_dir):
             print(f"note: removed {path}, left by an interrupted write.", file=sys.stderr)
         if changes:  # allowed (or forced) changes: kept, never silently; the original config stays beside them
@@ -251,10 +283,10 @@ def _train_in(run_dir: Path, config: RunConfig, job, model: nn.Module, n_params:
                   f"{ORIGINAL_CONFIG}.", file=sys.stderr)
     if config.environment is None:  # recorded at the run's start; a resumed run keeps its first record
         config.environment = environment(device, precision)
-    if not resuming or changes:
+    if main and (not resuming or changes):
         save_yaml(config.to_dict(), run_dir / CONFIG)
     save_job_files = getattr(job, "save_to_run_dir", None)  # files the run needs besides weights (a tokenizer)
-    if save_job_files is not None:
+    if save_job_files is not None and main:
         try:
             save_job_files(run_dir)
         except OSError as err:
@@ -274,9 +306,10 @@ def _train_in(run_dir: Path, config: RunConfig, job, model: nn.Module, n_params:
         if checkpoints.candidates():
             raise UserError(f"Every checkpoint in {checkpoints.root} is damaged, so {run_dir} cannot be resumed "
                             f"exactly; start a new run.")
-        print(f"note: {run_dir} has no checkpoint yet; starting it from the beginning.", file=sys.stderr)
+        if main:
+            print(f"note: {run_dir} has no checkpoint yet; starting it from the beginning.", file=sys.stderr)
     if resume_from is not None:
-        for path in checkpoints.discard_after(resume_from):
+        for path in checkpoints.discard_after(resume_from) if main else ():
             print(f"note: removed the damaged checkpoint {path}; training repeats its steps.", file=sys.stderr)
         load_weights(model, resume_from / WEIGHTS, model_name=config.model.name)
         state = checkpoints.load_state(resume_from)
@@ -292,14 +325,27 @@ def _train_in(run_dir: Path, config: RunConfig, job, model: nn.Module, n_params:
                                 f"turned on when resuming; resume without it or start a new run.")
             load_weights(ema.module, resume_from / EMA_WEIGHTS, model_name=config.model.name)
             ema.n_averaged.fill_(state["ema_updates"])
-        print(f"resuming {run_dir} at step {step}/{total_steps} from {resume_from.name}", file=sys.stderr)
+        if main:
+            print(f"resuming {run_dir} at step {step}/{total_steps} from {resume_from.name}", file=sys.stderr)
+    if rank > 0:  # dropout and the like: a stream of this process's own (rank 0 keeps the one process's stream)
+        torch.manual_seed((cfg.seed * 1_000_003 + step * 7919 + rank) % 2**63)
 
     # the first line, once everything that can fail on bad input (data, model, run directory, checkpoint) passed
-    announce(run_header("training", config, n_params, job, device, precision=precision,
-                        extra=f"{total_steps} steps ({_epochs(total_steps / job.steps_per_epoch)}) of "
-                              f"{job.samples_per_step} {getattr(job, 'throughput_unit', 'samples')}"
-                              + (", compiled" if cfg.compile else "")), precision)
-    train_model = torch.compile(model) if cfg.compile else model
+    if main:
+        announce(run_header("training", config, n_params, job, device, precision=precision,
+                            extra=f"{total_steps} steps ({_epochs(total_steps / job.steps_per_epoch)}) of "
+                                  f"{job.samples_per_step} {getattr(job, 'throughput_unit', 'samples')}"
+                                  + (", compiled" if cfg.compile else "")
+                                  + (f", {world} processes ({_backend()})" if world > 1 else "")), precision)
+    if cfg.activation_checkpointing:
+        checkpoint_blocks(model)
+    train_model = ddp_model = model
+    if world > 1:  # gradients averaged over the processes during the last micro-batch's backward
+        from torch.nn.parallel import DistributedDataParallel
+
+        train_model = ddp_model = DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+    train_model = torch.compile(train_model) if cfg.compile else train_model
     autocast = autocast_for(precision, device)
     # float16 needs its loss scaled so small gradients do not flush to zero; bfloat16 has float32's range.
     scaler = torch.amp.GradScaler(device.type) if precision.name == "fp16" else None
@@ -307,7 +353,7 @@ def _train_in(run_dir: Path, config: RunConfig, job, model: nn.Module, n_params:
     micro_batches = cfg.accumulation_steps
     if scaler is not None and resume_from is not None and "grad_scaler" in state:
         scaler.load_state_dict(state["grad_scaler"])
-    log = RunLog(run_dir, resume_step=step if resume_from is not None else None)
+    log = RunLog(run_dir, resume_step=step if resume_from is not None else None) if main else _NoLog()
     if resume_from is None:
         log.log("run", 0, {"params": n_params, "model": config.model.name, **config.environment})
     if changes:
@@ -331,6 +377,8 @@ def _train_in(run_dir: Path, config: RunConfig, job, model: nn.Module, n_params:
         `verified`: the weights produced a finite loss at the next step (the usual case: checkpoints wait for
         that step). Otherwise (the run is stopping) the weights are checked to be finite here, one sync.
         """
+        if not main:  # rank 0 writes the checkpoint: every process holds the same weights and optimizer state
+            return
         if not verified:
             tensors = [*model.parameters(), *(ema.module.parameters() if ema is not None else ())]
             if tensors and not bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all()):
@@ -344,11 +392,15 @@ def _train_in(run_dir: Path, config: RunConfig, job, model: nn.Module, n_params:
 
     budget = cfg.time_budget_s
 
+    def agreed_time() -> float:
+        """Training time so far, the same on every process: rank 0's as of the last step's collective."""
+        return synced_time[0] if world > 1 else train_time
+
     def schedule_step() -> int:
         """The step the schedules are read at: the step itself, or the budget's share of training if larger."""
         if budget is None:
             return step
-        return max(step, min(total_steps, int(train_time / budget * total_steps)))
+        return max(step, min(total_steps, int(agreed_time() / budget * total_steps)))
 
     def accumulate(batch: tuple[torch.Tensor, ...], inputs: dict[str, Any]) -> torch.Tensor:
         """Forward and backward over the micro-batches of one step; returns the step's mean loss (detached) and
@@ -360,12 +412,27 @@ def _train_in(run_dir: Path, config: RunConfig, job, model: nn.Module, n_params:
         gradient of the sum over the step divided by that count. Nothing is done twice and nothing syncs.
         """
         nominal = job.samples_per_step
+        if world > 1:  # this process's rows of the global batch (the same batch, draws included, as one process)
+            rows = len(batch[0]) // world
+            batch = tuple(t[rank * rows:(rank + 1) * rows] for t in batch)
         total, count = torch.zeros((), device=device), 0
-        for micro in zip(*(t.chunk(micro_batches) for t in batch)):
-            with autocast():
-                loss_sum, n = job.loss(train_model, micro, inputs)
-            backward(loss_sum * (1.0 / nominal))
+        micros = list(zip(*(t.chunk(micro_batches) for t in batch)))
+        for i, micro in enumerate(micros):
+            # DDP averages gradients over the processes during the last micro-batch's backward only
+            quiet = ddp_model.no_sync() if world > 1 and i < len(micros) - 1 else contextlib.nullcontext()
+            with quiet:
+                with autocast():
+                    loss_sum, n = job.loss(train_model, micro, inputs)
+                backward(loss_sum * (world / nominal))  # × world: DDP's average over processes becomes a sum
             total, count = total + loss_sum.detach().float(), count + n
+        if world > 1:  # the step's loss and count over every process, and whether any must stop
+            synced = torch.stack([total, torch.tensor(float(count), device=device),
+                                  torch.tensor(float(stop.received is not None), device=device),
+                                  torch.tensor(train_time if main else 0.0, device=device, dtype=torch.float32)])
+            torch.distributed.all_reduce(synced)
+            total, count = synced[0], int(synced[1].item())
+            stop_requested[0] = stop_requested[0] or synced[2].item() > 0
+            synced_time[0] = float(synced[3].item())
         if scaler is not None:
             scaler.unscale_(optimizer)  # the true gradients: their norm, finiteness and clipping
         if count != nominal and count > 0:
@@ -374,13 +441,15 @@ def _train_in(run_dir: Path, config: RunConfig, job, model: nn.Module, n_params:
                     p.grad.mul_(nominal / count)
         return total / max(count, 1)
 
+    stop_requested, synced_time = [False], [0.0]  # agreed by every process at each step (see accumulate)
+
     progress = progress_bar(total=total_steps, initial=step, enabled=cfg.progress, unit="step", leave=True,
                             desc="training", bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}]"
                                                         "{postfix}")
     window_loss, window_n, bad_in_row = 0.0, 0, 0
     pending = None  # a checkpoint due at the last step boundary, written once the next loss shows it is good
     max_steps = min(total_steps, cfg.max_steps) if cfg.max_steps else total_steps
-    out_of_time = lambda: budget is not None and train_time >= budget
+    out_of_time = lambda: budget is not None and agreed_time() >= budget
     stop = _StopSignals()
     try:
         while step < max_steps and not out_of_time():
@@ -417,8 +486,9 @@ def _train_in(run_dir: Path, config: RunConfig, job, model: nn.Module, n_params:
                     scaler.step(optimizer)  # its scale and the step counts as done (as in every fp16 recipe)
                 else:  # skipped: no update, so the weights stay those that gave the last finite loss
                     bad_in_row, bad_steps = bad_in_row + 1, bad_steps + 1
-                    progress.write(f"warning: step {step}: loss {loss_value}, gradient norm {norm_value}; step "
-                                   f"skipped ({bad_in_row} of at most {cfg.max_bad_steps} in a row).")
+                    (progress.write if main else _quiet)(
+                        f"warning: step {step}: loss {loss_value}, gradient norm {norm_value}; step skipped "
+                        f"({bad_in_row} of at most {cfg.max_bad_steps} in a row).")
                 if scaler is not None:
                     scaler.update()
                 optimizer.zero_grad(set_to_none=True)
@@ -455,21 +525,34 @@ def _train_in(run_dir: Path, config: RunConfig, job, model: nn.Module, n_params:
                                                 or step == total_steps):
                     metrics = job.evaluate(eval_model, job.eval_split, autocast=autocast)
                     log.log(job.eval_split, step, {**metrics, "epoch": step // job.steps_per_epoch})
-                    note(_format_metrics(f"epoch {step // job.steps_per_epoch} {job.eval_split}", metrics))
+                    if main:
+                        note(_format_metrics(f"epoch {step // job.steps_per_epoch} {job.eval_split}", metrics))
                 if bad_in_row == 0 and (
                         epoch_done or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0)
                         or (cfg.checkpoint_every_s and time.monotonic() - last_saved[1] >= cfg.checkpoint_every_s)):
                     pending = snapshot()
-                if stop.received is not None:
+                if stop.received is not None or stop_requested[0]:  # every process agrees, at the same step
                     if bad_in_row == 0:
                         write_checkpoint(pending or snapshot(), verified=False)
-                    saved = last_saved[0]
-                    raise Interrupted(f"Training stopped by {stop.received} at step {step}; "
+                    saved = last_saved[0] if main else checkpoints.latest()
+                    signal_name = stop.received or "SIGTERM"
+                    raise Interrupted(f"Training stopped by {signal_name} at step {step}; "
                                       + (f"the checkpoint {saved} holds it, so continue with "
                                          f"`polyattn train --resume {run_dir}`." if saved is not None else
-                                         "no checkpoint was written."), signal_name=stop.received)
+                                         "no checkpoint was written."), signal_name=signal_name)
                 if step >= max_steps or out_of_time():
                     break
+    except RuntimeError as err:  # a peer died or stalled: one sentence, within the timeout
+        if world == 1 or not _lost_peers(err):
+            log.close()
+            raise
+        log.close()
+        good = checkpoints.latest()
+        raise UserError(f"Process {rank} of {world} lost the other processes at step {step} (a process died or "
+                        f"stalled for over train.collective_timeout_s = {cfg.collective_timeout_s:g} s: "
+                        f"{str(err).splitlines()[0].split('. ')[0][:160]}); "
+                        + (f"the last complete checkpoint is {good}; continue with the same launch and "
+                           f"`--resume {run_dir}`." if good else "no checkpoint was written.")) from err
     except BaseException:
         log.close()
         raise
@@ -482,9 +565,6 @@ def _train_in(run_dir: Path, config: RunConfig, job, model: nn.Module, n_params:
     test_metrics = job.evaluate(eval_model, "test", autocast=autocast) if evaluate else {}
     if test_metrics:
         log.log("test", step, test_metrics)
-    save_weights(model, run_dir / WEIGHTS, model_name=config.model.name)
-    if ema is not None:
-        save_weights(ema.module, run_dir / EMA_WEIGHTS, model_name=config.model.name)
     summary = {
         "model": config.model.name,
         "params": n_params,
@@ -498,6 +578,13 @@ def _train_in(run_dir: Path, config: RunConfig, job, model: nn.Module, n_params:
         "time_budget_s": budget,
         **environment(device, precision),
     }
+    if world > 1:
+        summary["processes"] = world
+    if not main:  # rank 0 writes the run's files and prints its summary
+        return summary
+    save_weights(model, run_dir / WEIGHTS, model_name=config.model.name)
+    if ema is not None:
+        save_weights(ema.module, run_dir / EMA_WEIGHTS, model_name=config.model.name)
     atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
     log.close()
     write_plots(run_dir)
@@ -509,6 +596,60 @@ def _train_in(run_dir: Path, config: RunConfig, job, model: nn.Module, n_params:
     rows += [(f"{final} {k}", _fmt(v)) for k, v in test_metrics.items()]
     print(format_table(rows, "summary"))
     return summary
+
+
+def _repeated_blocks(module: nn.Module) -> list[nn.Module]:
+    """The members of the outermost nn.ModuleLists of `module` (a model's repeated blocks)."""
+    blocks = []
+    for child in module.children():
+        if isinstance(child, nn.ModuleList):
+            blocks.extend(child)
+        else:
+            blocks.extend(_repeated_blocks(child))
+    return blocks
+
+
+def checkpoint_blocks(model: nn.Module) -> int:
+    """Activation checkpointing (`train.activation_checkpointing`): each repeated block of `model` keeps only its
+    inputs during the forward pass and recomputes its activations in the backward pass (`torch.utils.checkpoint`,
+    non-reentrant, with the random state of the first pass, so dropout draws the same), trading about one more
+    forward for the memory of every block's activations. Weights and results are unchanged. Returns the number of
+    blocks wrapped."""
+    import functools
+
+    from torch.utils.checkpoint import checkpoint
+
+    blocks = _repeated_blocks(model)
+    for block in blocks:
+        block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)
+    return len(blocks)
+
+
+class _NoLog:
+    """The run log of a process other than rank 0: records nothing (rank 0 writes the run's log)."""
+
+    def log(self, kind: str, step: int, values: dict[str, Any]) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _quiet(*args, **kwargs) -> None:
+    """Print nothing: processes other than rank 0 are quiet."""
+
+
+def _lost_peers(err: RuntimeError) -> bool:
+    """Whether an error inside a distributed step says the other processes are gone (a closed connection or a
+    collective's timeout; gloo raises them as plain RuntimeErrors, in DDP's backward hook too)."""
+    text = str(err)
+    return isinstance(err, torch.distributed.DistError) or any(
+        word in text for word in ("Connection closed", "Connection reset", "timed out", "Timed out", "Broken pipe",
+                                  "NCCL", "gloo"))
+
+
+def _backend() -> str:
+    return torch.distributed.get_backend() if distributed.active() else "none"
 
 
 class _StopSignals:
