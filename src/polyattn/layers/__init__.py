@@ -1,14 +1,27 @@
 """nn.Modules that compose the ops and own parameters: attention, LightNet, positions, norms, MLPs, blocks.
 
 Every layer takes `[B, T, D]` tokens (or `[B, C, H, W]` images for `PatchEmbed`); layers that decode token by
-token take and return their cache explicitly. Build your own model from these (see `examples/`).
+token take and return their cache explicitly. Every token mixer follows one interface (`polyattn.layers.mixer`:
+`build(dim, num_heads, *, causal, grid_shape, **options)`, `(x, *, key_padding_mask, cache, use_cache,
+grid_shape) -> (o, cache)`). Build your own model from these (see `examples/`).
 """
 
 from .attention import Attention, KVCache, parse_mask_mode
 from .block import TransformerBlock
 from .drop import DropPath, drop_path
 from .init import init_linear
-from .lightnet import LightNetAttention, LightNetBlock, LightNetCache, MdTpe, MultiScanAttention
+from .lightnet import (
+    GatePosition,
+    LightNetAttention,
+    LightNetBlock,
+    LightNetCache,
+    Lrpe,
+    MdTpe,
+    MixerInit,
+    MultiScanAttention,
+    NormalizerInit,
+)
+from .mixer import MixerKind, TokenMixer, build_mixer, mixer_class, mixer_options
 from .mlp import GatedMlp, Mlp, llama_hidden_size
 from .norm import GroupRMSNorm, RMSNorm
 from .patch_embed import PatchEmbed, to_2tuple
@@ -27,6 +40,7 @@ from .token_io import TokenIO
 __all__ = [
     "Attention",
     "DropPath",
+    "GatePosition",
     "GatedMlp",
     "GroupRMSNorm",
     "KVCache",
@@ -34,22 +48,30 @@ __all__ = [
     "LightNetAttention",
     "LightNetBlock",
     "LightNetCache",
+    "Lrpe",
     "MdTpe",
+    "MixerInit",
+    "MixerKind",
     "Mlp",
     "MultiScanAttention",
+    "NormalizerInit",
     "PatchEmbed",
     "RMSNorm",
     "Rotary",
     "RotaryEmbedding",
     "RotaryEmbeddingND",
     "TokenIO",
+    "TokenMixer",
     "TransformerBlock",
     "apply_rotary",
     "axial_frequencies",
+    "build_mixer",
     "drop_path",
     "grid_positions",
     "init_linear",
     "llama_hidden_size",
+    "mixer_class",
+    "mixer_options",
     "parse_mask_mode",
     "positions_from_padding",
     "resample_abs_pos_embed",

@@ -41,7 +41,8 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from ..layers.lightnet import LightNetAttention, LightNetBlock, LightNetCache, MdTpe
+from ..layers.lightnet import LightNetBlock, LightNetCache, Lrpe, MdTpe, MixerInit, NormalizerInit
+from ..layers.mixer import MixerKind, build_mixer
 from ..layers.token_io import TokenIO
 from ..registry import register_model
 from .bert import MaskedLMMixin
@@ -81,9 +82,9 @@ class LightNetText(nn.Module):
     """
 
     def __init__(self, vocab_size: int, dim: int, depth: int, num_heads: int, mlp_hidden_dim: int | None,
-                 lrpe: str | None, tpe: bool, tpe_residual: bool, scale: float | None, normalizer_init: str,
-                 chunk_size: int, norm_eps: float, tie_embeddings: bool, init: str, *, causal: bool,
-                 kernel_backend: str = "torch"):
+                 lrpe: Lrpe | str | None, tpe: bool, tpe_residual: bool, scale: float | None,
+                 normalizer_init: NormalizerInit | str, chunk_size: int, norm_eps: float, tie_embeddings: bool,
+                 init: MixerInit | str, *, causal: bool, kernel_backend: str = "torch"):
         super().__init__()
         if dim % num_heads:
             raise ValueError(f"dim ({dim}) must be divisible by num_heads ({num_heads})")
@@ -93,11 +94,11 @@ class LightNetText(nn.Module):
         self.tpe = MdTpe(dim, num_heads, num_axes=1, causal=causal, residual=tpe_residual, norm_eps=norm_eps) \
             if tpe else None
         self.blocks = nn.ModuleList(
-            LightNetBlock(dim, num_heads, mlp_hidden_dim=mlp_hidden_dim, mixer_layer=LightNetAttention,
-                          norm_eps=norm_eps, layer_idx=i, causal=causal, lrpe=lrpe, scale=scale,
-                          normalizer_init=normalizer_init, chunk_size=chunk_size, init=init,
-                          kernel_backend=kernel_backend)
-            for i in range(depth))
+            LightNetBlock(dim, build_mixer(MixerKind.LIGHTNET, dim, num_heads, causal=causal, lrpe=lrpe, scale=scale,
+                                           normalizer_init=normalizer_init, chunk_size=chunk_size, init=init,
+                                           kernel_backend=kernel_backend),
+                          mlp_hidden_dim=mlp_hidden_dim, norm_eps=norm_eps)
+            for _ in range(depth))
 
     def _logits(self, tokens: torch.Tensor, attention_mask: torch.Tensor | None,
                 cu_seqlens: torch.Tensor | None) -> torch.Tensor:
@@ -117,7 +118,7 @@ class LightNetText(nn.Module):
         if self.tpe is not None:
             x, _ = self.tpe(x, attention_mask=mask)
         for block in self.blocks:
-            x, _ = block(x, attention_mask=mask)
+            x, _ = block(x, key_padding_mask=mask)
         return self.io.logits(x)
 
 
@@ -144,10 +145,11 @@ class LightNetLM(CausalLMMixin, LightNetText):
     """
 
     def __init__(self, vocab_size: int = 256, dim: int = 128, depth: int = 4, num_heads: int = 4,
-                 mlp_hidden_dim: int | None = None, lrpe: str | None = "cosine", tpe: bool = True,
-                 tpe_residual: bool = True, scale: float | None = 1.0, normalizer_init: str = "empty",
-                 chunk_size: int = 64, norm_eps: float = 1e-6, tie_embeddings: bool = False, init: str = "default",
-                 kernel_backend: str = "torch"):
+                 mlp_hidden_dim: int | None = None, lrpe: Lrpe | str | None = "cosine", tpe: bool = True,
+                 tpe_residual: bool = True, scale: float | None = 1.0,
+                 normalizer_init: NormalizerInit | str = "empty",
+                 chunk_size: int = 64, norm_eps: float = 1e-6, tie_embeddings: bool = False,
+                 init: MixerInit | str = "default", kernel_backend: str = "torch"):
         super().__init__(vocab_size, dim, depth, num_heads, mlp_hidden_dim, lrpe, tpe, tpe_residual, scale,
                          normalizer_init, chunk_size, norm_eps, tie_embeddings, init, causal=True,
                          kernel_backend=kernel_backend)
@@ -170,7 +172,7 @@ class LightNetLM(CausalLMMixin, LightNetText):
                                     use_cache=True)
         layers = []
         for i, block in enumerate(self.blocks):
-            x, state = block(x, attention_mask=mask, past_key_values=None if cache is None else cache.layers[i],
+            x, state = block(x, key_padding_mask=mask, cache=None if cache is None else cache.layers[i],
                              use_cache=True)
             layers.append(state)
         return self.io.logits(x), LightNetLMCache(tpe_state, tuple(layers))
@@ -220,9 +222,10 @@ class LightNetMLM(MaskedLMMixin, LightNetText):
     """
 
     def __init__(self, vocab_size: int = 257, dim: int = 128, depth: int = 4, num_heads: int = 4,
-                 mlp_hidden_dim: int | None = None, lrpe: str | None = "cosine", tpe: bool = True,
-                 tpe_residual: bool = True, scale: float | None = 1.0, normalizer_init: str = "empty",
-                 norm_eps: float = 1e-6, tie_embeddings: bool = True, init: str = "default"):
+                 mlp_hidden_dim: int | None = None, lrpe: Lrpe | str | None = "cosine", tpe: bool = True,
+                 tpe_residual: bool = True, scale: float | None = 1.0,
+                 normalizer_init: NormalizerInit | str = "empty",
+                 norm_eps: float = 1e-6, tie_embeddings: bool = True, init: MixerInit | str = "default"):
         super().__init__(vocab_size, dim, depth, num_heads, mlp_hidden_dim, lrpe, tpe, tpe_residual, scale,
                          normalizer_init, 64, norm_eps, tie_embeddings, init, causal=False)
 
