@@ -21,6 +21,7 @@ from .lightnet import (
     MultiScanAttention,
     NormalizerInit,
 )
+from .linear_attention import LinearAttention, LinearAttnCache
 from .mixer import MixerKind, TokenMixer, build_mixer, mixer_class, mixer_options
 from .mlp import GatedMlp, Mlp, llama_hidden_size
 from .norm import GroupRMSNorm, RMSNorm
@@ -48,6 +49,8 @@ __all__ = [
     "LightNetAttention",
     "LightNetBlock",
     "LightNetCache",
+    "LinearAttention",
+    "LinearAttnCache",
     "Lrpe",
     "MdTpe",
     "MixerInit",

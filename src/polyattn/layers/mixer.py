@@ -1,8 +1,8 @@
 """One token-mixer interface: how a model builds a mixer and calls it, whichever mixer it is.
 
-Every token mixer (softmax `Attention`, `LightNetAttention`, `MultiScanAttention`, and those to come) follows the
-same two contracts, so a model takes a mixer class (or a `MixerKind`, which a recipe names by its string) and
-nothing else in the model changes:
+Every token mixer (softmax `Attention`, `LightNetAttention`, `MultiScanAttention`, kernelized `LinearAttention`)
+follows the same two contracts, so a model takes a mixer class (or a `MixerKind`, which a recipe names by its
+string) and nothing else in the model changes:
 
 - Construction: `cls.build(dim, num_heads, *, causal, grid_shape=None, **options)`. The model says what it
   needs (a causal mixer or not, the grid of its tokens); `options` are the mixer's own constructor arguments,
@@ -32,6 +32,7 @@ from torch import nn
 from ..errors import UserError, nearest, parse_enum
 from .attention import Attention
 from .lightnet import LightNetAttention, MultiScanAttention
+from .linear_attention import LinearAttention
 
 
 @runtime_checkable
@@ -51,17 +52,33 @@ class MixerKind(str, Enum):
     SOFTMAX = "softmax"  # multi-head softmax attention, `polyattn.layers.attention.Attention`
     LIGHTNET = "lightnet"  # LightNet attention, `polyattn.layers.lightnet.LightNetAttention`
     MULTISCAN = "multiscan"  # multiplicative decay over several scan orders, `MultiScanAttention`
+    # kernelized linear attention, `polyattn.layers.linear_attention.LinearAttention`, one kind per feature map
+    LINEAR_ELU = "linear_elu"  # elu + 1 (arXiv 2006.16236)
+    LINEAR_RELU = "linear_relu"  # relu
+    PERFORMER = "performer"  # FAVOR+ positive random features (arXiv 2009.14794)
+    COSFORMER = "cosformer"  # relu with cos re-weighting (arXiv 2202.08791)
+    HEDGEHOG = "hedgehog"  # learnable softmax-like map (arXiv 2402.04347)
 
     @property
     def layer(self) -> type[nn.Module]:
         """The mixer class."""
-        return _LAYERS[self]
+        return _LAYERS[self][0]
+
+    @property
+    def preset(self) -> dict[str, Any]:
+        """The options this kind fixes (the feature map of a linear-attention kind)."""
+        return dict(_LAYERS[self][1])
 
 
-_LAYERS: dict[MixerKind, type[nn.Module]] = {
-    MixerKind.SOFTMAX: Attention,
-    MixerKind.LIGHTNET: LightNetAttention,
-    MixerKind.MULTISCAN: MultiScanAttention,
+_LAYERS: dict[MixerKind, tuple[type[nn.Module], dict[str, Any]]] = {
+    MixerKind.SOFTMAX: (Attention, {}),
+    MixerKind.LIGHTNET: (LightNetAttention, {}),
+    MixerKind.MULTISCAN: (MultiScanAttention, {}),
+    MixerKind.LINEAR_ELU: (LinearAttention, {"feature_map": "elu"}),
+    MixerKind.LINEAR_RELU: (LinearAttention, {"feature_map": "relu"}),
+    MixerKind.PERFORMER: (LinearAttention, {"feature_map": "favor"}),
+    MixerKind.COSFORMER: (LinearAttention, {"feature_map": "cosformer"}),
+    MixerKind.HEDGEHOG: (LinearAttention, {"feature_map": "hedgehog"}),
 }
 
 
@@ -99,4 +116,27 @@ def build_mixer(mixer: MixerKind | str | type[nn.Module], dim: int, num_heads: i
     **options)` after checking that every option applies to that mixer."""
     cls = mixer_class(mixer)
     check_mixer_options(cls, options)
-    return cls.build(dim, num_heads, causal=causal, grid_shape=grid_shape, **options)
+    kind = None if isinstance(mixer, type) else parse_enum(MixerKind, mixer, "mixer")
+    preset = {} if kind is None else kind.preset
+    for key in preset:
+        if key in options:
+            raise UserError(f"The {kind.value} mixer sets {key} itself ({preset[key]!r}); drop the option or name "
+                            f"another mixer kind.")
+    return cls.build(dim, num_heads, causal=causal, grid_shape=grid_shape, **preset, **options)
+
+
+def mixer_name(mixer: MixerKind | str | type[nn.Module]) -> str:
+    """How an error names a mixer: its kind's string or its class name."""
+    return mixer.__name__ if isinstance(mixer, type) else parse_enum(MixerKind, mixer, "mixer").value
+
+
+def refuse_changed(owner: str, mixer: MixerKind | str | type[nn.Module], belongs_to: str,
+                   **args: tuple[Any, Any]) -> None:
+    """A model's arguments for one mixer (`name=(value, default)`), refused when changed from their defaults while
+    the model's mixer is another one: they would change nothing. (The default itself cannot be told apart from an
+    unset argument, since a run directory stores every argument.)"""
+    changed = [name for name, (value, default) in args.items() if value != default]
+    if changed:
+        verb, pronoun = ("belong", "them") if len(changed) > 1 else ("belongs", "it")
+        raise UserError(f"{' and '.join(changed)} {verb} to the {belongs_to} mixer, and this {owner}'s mixer is "
+                        f"{mixer_name(mixer)}; leave {pronoun} at the default.")

@@ -17,7 +17,8 @@ is the identity on its tokens and predicts exactly 0 ("adaLN-Zero", the paper's 
 
 The mixer is any token mixer of `polyattn.layers.mixer`, built bidirectional over the patch grid: `"softmax"`
 (multi-head softmax attention with qkv biases, the DiT baseline), `"lightnet"` (non-causal LightNet attention with
-MD-LRPE on the patch grid, and MD-TPE once after the patch embedding), `"multiscan"`, or a mixer class. Everything
+MD-LRPE on the patch grid, and MD-TPE once after the patch embedding), `"multiscan"`, the kernelized linear
+attentions (`"linear_elu"`, `"performer"`, ...), or a mixer class. Everything
 else (MLP, norms, modulation, head, initialisation) is the same for all, so a comparison changes only the token
 mixer.
 
@@ -37,10 +38,10 @@ import torch
 from einops import rearrange
 from torch import nn
 
-from ..errors import UserError, parse_enum
+from ..errors import parse_enum
 from ..layers.attention import Attention
 from ..layers.lightnet import LightNetAttention, Lrpe, MdTpe, parse_lrpe
-from ..layers.mixer import MixerKind, build_mixer, mixer_class
+from ..layers.mixer import MixerKind, build_mixer, mixer_class, refuse_changed
 from ..layers.mlp import Mlp
 from ..layers.patch_embed import PatchEmbed, to_2tuple
 from ..layers.pos_embed import sincos_pos_embed
@@ -158,7 +159,8 @@ class DiT(nn.Module):
         embed_dim, depth, num_heads: width D, blocks L, heads H.
         mlp_ratio: MLP hidden width / D (DiT: 4).
         mixer: a `MixerKind` or its string, "softmax" (DiT, with qkv biases), "lightnet" (non-causal LightNet
-            attention with MD-LRPE) or "multiscan", or a token-mixer class (`polyattn.layers.mixer`).
+            attention with MD-LRPE), "multiscan", a kernelized linear attention ("linear_elu", "linear_relu",
+            "performer", "cosformer", "hedgehog"), or a token-mixer class (`polyattn.layers.mixer`).
         lrpe: LightNet only: "cosine", "rotary" or None (no MD-LRPE).
         use_tpe: LightNet only: MD-TPE (two-sided per axis, residual) once after the patch embedding.
         pos_embed: `DiTPosEmbed`: "sincos" (DiT's fixed 2-D table) or "none" (LightNet then relies on
@@ -179,7 +181,7 @@ class DiT(nn.Module):
         depth: int = 12,
         num_heads: int = 6,
         mlp_ratio: float = 4.0,
-        mixer: MixerKind | Literal["softmax", "lightnet", "multiscan"] | type[nn.Module] = "softmax",
+        mixer: MixerKind | str | type[nn.Module] = "softmax",
         lrpe: Lrpe | Literal["cosine", "rotary"] | None = "cosine",
         use_tpe: bool = True,
         pos_embed: DiTPosEmbed | Literal["sincos", "none"] = "sincos",
@@ -190,9 +192,8 @@ class DiT(nn.Module):
         lrpe = parse_lrpe(lrpe)
         pos_embed = parse_enum(DiTPosEmbed, pos_embed, "pos_embed")
         lightnet = mixer_cls is LightNetAttention
-        if not lightnet and (lrpe is not Lrpe.COSINE or not use_tpe):
-            raise UserError(f"lrpe and use_tpe belong to the LightNet mixer, and this DiT's mixer is "
-                            f"{getattr(mixer, 'value', mixer_cls.__name__)}; leave them at their defaults.")
+        if not lightnet:
+            refuse_changed("DiT", mixer, "LightNet", lrpe=(lrpe, Lrpe.COSINE), use_tpe=(use_tpe, True))
         if num_classes < 0:
             raise ValueError(f"num_classes must be >= 0, got {num_classes}")
         self.img_size, self.patch_size = to_2tuple(img_size), to_2tuple(patch_size)

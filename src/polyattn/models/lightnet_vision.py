@@ -27,8 +27,8 @@ from torch import nn
 
 from ..errors import parse_enum
 from ..layers.init import init_linear
-from ..layers.lightnet import LightNetBlock, Lrpe, MdTpe, MixerInit, parse_lrpe
-from ..layers.mixer import MixerKind, build_mixer
+from ..layers.lightnet import LightNetAttention, LightNetBlock, Lrpe, MdTpe, MixerInit, parse_lrpe
+from ..layers.mixer import MixerKind, build_mixer, mixer_class, refuse_changed
 from ..layers.norm import RMSNorm
 from ..layers.patch_embed import PatchEmbed
 from ..registry import register_model
@@ -87,6 +87,7 @@ class TokenMixerViT(LinearHeadMixin, nn.Module):
     ):
         super().__init__()
         tpe_direction = parse_enum(TpeDirection, tpe_direction, "tpe_direction")
+        self.mixer = mixer  # as given: a MixerKind or a class
         self.num_classes, self.global_pool = num_classes, "avg"
         self.num_features = self.embed_dim = embed_dim
         self.num_prefix_tokens = 0  # mean-pool head: no class token
@@ -156,6 +157,9 @@ class LightNetViT(TokenMixerViT):
         lrpe (str, Optional): "cosine" (d → 2d, the default), "rotary" or None (no relative positions).
         scale (float, Optional): output scale of the attention core; 1.0 (the author's) or None for d^-0.5.
         init (str): "default" (trunc-normal 0.02) or "author" (Xavier gain 0.01, zero output projections).
+        mixer (MixerKind | str | type): the token mixer; "lightnet" (default) or another (`polyattn.layers.mixer`),
+            e.g. a kernelized linear attention ("linear_elu", "performer", ...), with MD-TPE as its positions;
+            `lrpe`, `scale` and `init` are LightNet's and then stay at their defaults.
     """
 
     def __init__(
@@ -176,10 +180,18 @@ class LightNetViT(TokenMixerViT):
         init: MixerInit | Literal["default", "author"] = "default",
         drop_rate: float = 0.0,
         drop_path_rate: float = 0.0,
+        mixer: MixerKind | str | type[nn.Module] = "lightnet",
     ):
+        mixer = mixer if isinstance(mixer, type) else parse_enum(MixerKind, mixer, "mixer")
+        if mixer_class(mixer) is LightNetAttention:
+            options = dict(lrpe=parse_lrpe(lrpe), scale=scale, init=init)
+        else:
+            refuse_changed(type(self).__name__, mixer, "LightNet", lrpe=(parse_lrpe(lrpe), Lrpe.COSINE),
+                           scale=(scale, 1.0), init=(parse_enum(MixerInit, init, "init"), MixerInit.DEFAULT))
+            options = {}
         super().__init__(
-            mixer=MixerKind.LIGHTNET,
-            mixer_options=dict(lrpe=parse_lrpe(lrpe), scale=scale, init=init),
+            mixer=mixer,
+            mixer_options=options,
             img_size=img_size, patch_size=patch_size, in_chans=in_chans, num_classes=num_classes,
             embed_dim=embed_dim, depth=depth, num_heads=num_heads, mlp_hidden_dim=mlp_hidden_dim, use_tpe=use_tpe,
             tpe_direction=tpe_direction, tpe_residual=tpe_residual, drop_rate=drop_rate,
@@ -291,3 +303,10 @@ def multiscan_vision_small():
 def multiscan_vision_base():
     """Multiplicative 4-scan baseline with D=768, 12 blocks, 12 heads (ViT-B sizes)."""
     return dict(embed_dim=768, depth=12, num_heads=12)
+
+
+@register_model(LightNetViT, task="classification")
+def linear_vision_nano():
+    """Kernelized linear attention (elu+1; `model.mixer=performer|cosformer|hedgehog|linear_relu`) in the
+    LightNet-vision body with MD-TPE, D=128, 6 blocks, 4 heads."""
+    return dict(embed_dim=128, depth=6, num_heads=4, mixer="linear_elu", lrpe="cosine")
