@@ -11,7 +11,7 @@ import argparse
 import torch
 from torch import nn
 
-from polyattn.layers import LightNetBlock, MdTpe, PatchEmbed, RMSNorm
+from polyattn.layers import LightNetBlock, MdTpe, PatchEmbed, RMSNorm, build_mixer
 
 
 class TinyLightNetClassifier(nn.Module):
@@ -21,8 +21,11 @@ class TinyLightNetClassifier(nn.Module):
         self.patch_embed = PatchEmbed(img_size, patch_size, in_chans=3, embed_dim=dim)
         self.grid = self.patch_embed.grid_size  # (rows, cols) of patches
         self.tpe = MdTpe(dim, num_heads, num_axes=2)  # positions by a decayed scan along rows and columns
+        # any token mixer of polyattn.layers.mixer fits the block: "lightnet", "softmax", "multiscan", or a class
         self.blocks = nn.ModuleList(
-            LightNetBlock(dim, num_heads, causal=False, lrpe="cosine", grid_shape=self.grid) for _ in range(depth))
+            LightNetBlock(dim, build_mixer("lightnet", dim, num_heads, causal=False, lrpe="cosine",
+                                           grid_shape=self.grid))
+            for _ in range(depth))
         self.norm = RMSNorm(dim)
         self.head = nn.Linear(dim, num_classes)
 

@@ -7,10 +7,11 @@ import torch
 from einops import rearrange
 
 import polyattn
+from polyattn.layers.mixer import MixerKind
 from polyattn.models.dit import DiT, timestep_embedding
 from polyattn.registry import count_parameters
 
-MIXERS = ["softmax", "lightnet"]
+MIXERS = [kind.value for kind in MixerKind]  # every token mixer: DiT changes nothing else
 
 
 def small_dit(mixer="softmax", **kw):
@@ -91,8 +92,19 @@ def test_lightnet_mixer_uses_lightnet_layers_with_tpe_and_lrpe_switches():
 
 
 def test_unknown_mixer_is_refused():
-    with pytest.raises(ValueError, match="mixer must be one of"):
+    with pytest.raises(ValueError, match="Unknown mixer 'mamba'; expected one of"):
         small_dit("mamba")
+
+
+@pytest.mark.parametrize("kw", [dict(lrpe="rotary"), dict(lrpe=None), dict(use_tpe=False)])
+def test_lightnet_arguments_with_the_softmax_mixer_are_refused_not_ignored(kw):
+    with pytest.raises(ValueError, match=r"belongs? to the LightNet mixer"):
+        small_dit("softmax", **kw)
+
+
+def test_checkpoint_keys_of_the_mixers_are_those_of_before():
+    assert "blocks.0.mixer.layer.q_proj.weight" in small_dit("softmax").state_dict()
+    assert "blocks.0.mixer.layer.g_norm.weight" in small_dit("lightnet").state_dict()
 
 
 def test_unpatchify_inverts_the_raster_patch_layout():
@@ -135,7 +147,7 @@ def test_parameter_counts_match_dit():
     assert {"dit_nano", "dit_tiny", "dit_small", "dit_base"} <= set(names)
 
 
-@pytest.mark.parametrize("mixer", MIXERS)
+@pytest.mark.parametrize("mixer", ["softmax", "lightnet"])  # the two the docstring's table counts
 def test_parameter_count_formula(mixer):
     D, L, P, C, K, H = 32, 2, 2, 3, 5, 2
     h = 4 * D

@@ -172,3 +172,24 @@ def test_invalid_arguments():
         multiscan(directions=3)
     with pytest.raises(ValueError, match="tpe_direction"):
         lightnet(tpe_direction="forward")
+
+
+LINEAR_MIXERS = ["linear_elu", "linear_relu", "performer", "cosformer", "hedgehog"]
+
+
+@pytest.mark.parametrize("mixer", LINEAR_MIXERS)
+def test_kernelized_linear_attention_as_the_mixer_trains_every_parameter(mixer):
+    model = lightnet(mixer=mixer)
+    x = torch.randn(2, 3, 16, 16)
+    model(x).logsumexp(-1).sum().backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+    # MD-TPE gives the mixer its positions: permuting the patches changes the prediction
+    perm = torch.randperm(16, generator=torch.Generator().manual_seed(0))
+    model.eval()
+    assert not torch.allclose(model(permute_patches(x, perm)), model(x), atol=1e-5)
+
+
+def test_lightnet_options_with_another_mixer_are_refused():
+    with pytest.raises(ValueError, match="lrpe and scale belong to the LightNet mixer"):
+        lightnet(mixer="performer", lrpe="rotary", scale=None)

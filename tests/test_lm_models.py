@@ -21,7 +21,10 @@ def _one_per_class(names):
 
 # Options that change the computation of a registered model, checked against the same contracts: LongLoRA
 # S²-Attn kept at inference (groups of 6, so T = 21 crosses several boundaries of both head halves).
-OPTIONS = {"llama_lm_nano+s2": ("llama_lm_nano", dict(s2_group_size=6, s2_at_inference=True))}
+OPTIONS = {"llama_lm_nano+s2": ("llama_lm_nano", dict(s2_group_size=6, s2_at_inference=True)),
+           # every kernelized linear attention as the token mixer of the LightNet LM body (issue #17 §2)
+           **{f"lightnet_lm_nano+{k}": ("lightnet_lm_nano", dict(mixer=k))
+              for k in ("linear_elu", "linear_relu", "performer", "cosformer", "hedgehog")}}
 LMS = _one_per_class(polyattn.list_models("causal_lm")) + sorted(OPTIONS)
 V = 61  # a vocabulary size that is not a power of two
 

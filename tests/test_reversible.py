@@ -52,8 +52,8 @@ def test_lightnet_blocks_and_tensor_arguments_get_their_gradients():
     x = torch.randn(2, 9, D, dtype=torch.float64)
     mask = torch.ones(2, 9, dtype=torch.bool)
     mask[1, :3] = False
-    ref = grads(blocks, x, recompute=False, seed=2, attention_mask=mask)
-    out = grads(blocks, x, recompute=True, seed=2, attention_mask=mask)
+    ref = grads(blocks, x, recompute=False, seed=2, key_padding_mask=mask)
+    out = grads(blocks, x, recompute=True, seed=2, key_padding_mask=mask)
     for r, o in zip(ref, out):
         assert_close("lightnet", r, o, atol=1e-11, ratio=1e-10)
 

@@ -5,6 +5,10 @@ without a traceback and exits with status 2.
 """
 
 import difflib
+from enum import Enum
+from typing import TypeVar
+
+E = TypeVar("E", bound=Enum)
 
 
 class UserError(ValueError):
@@ -15,6 +19,18 @@ def nearest(name: str, choices) -> str:
     """' Did you mean 'x'?' for the closest valid choice, or '' when nothing is close."""
     match = difflib.get_close_matches(name, list(choices), n=1, cutoff=0.5)
     return f" Did you mean '{match[0]}'?" if match else ""
+
+
+def parse_enum(kind: type[E], value: E | str, name: str) -> E:
+    """`kind(value)` for a member or its string value (a recipe's YAML), parsed once where a model or layer is
+    built; anything else is a `UserError` naming `name` and listing the valid values."""
+    if isinstance(value, kind):
+        return value
+    try:
+        return kind(value)
+    except ValueError:
+        valid = [m.value for m in kind]
+        raise UserError(f"Unknown {name} {value!r}; expected one of {valid}.{nearest(str(value), valid)}") from None
 
 
 class Interrupted(UserError):

@@ -1,7 +1,9 @@
 """nn.Modules that compose the ops and own parameters: attention, LightNet, positions, norms, MLPs, blocks.
 
 Every layer takes `[B, T, D]` tokens (or `[B, C, H, W]` images for `PatchEmbed`); layers that decode token by
-token take and return their cache explicitly. Build your own model from these (see `examples/`).
+token take and return their cache explicitly. Every token mixer follows one interface (`polyattn.layers.mixer`:
+`build(dim, num_heads, *, causal, grid_shape, **options)`, `(x, *, key_padding_mask, cache, use_cache,
+grid_shape) -> (o, cache)`). Build your own model from these (see `examples/`).
 """
 
 from .attention import Attention, KVCache, parse_mask_mode
@@ -9,7 +11,19 @@ from .block import TransformerBlock
 from .cross_attention import CrossAttentionBlock, LinearCrossAttention
 from .drop import DropPath, drop_path
 from .init import init_linear
-from .lightnet import LightNetAttention, LightNetBlock, LightNetCache, MdTpe, MultiScanAttention
+from .lightnet import (
+    GatePosition,
+    LightNetAttention,
+    LightNetBlock,
+    LightNetCache,
+    Lrpe,
+    MdTpe,
+    MixerInit,
+    MultiScanAttention,
+    NormalizerInit,
+)
+from .linear_attention import LinearAttention, LinearAttnCache
+from .mixer import MixerKind, TokenMixer, build_mixer, mixer_class, mixer_options
 from .mixer_hooks import MixerCall, call_op, observe_mixer_ops
 from .mlp import GatedMlp, Mlp, llama_hidden_size
 from .norm import GroupRMSNorm, RMSNorm
@@ -30,6 +44,7 @@ __all__ = [
     "Attention",
     "CrossAttentionBlock",
     "DropPath",
+    "GatePosition",
     "GatedMlp",
     "GroupRMSNorm",
     "KVCache",
@@ -37,11 +52,17 @@ __all__ = [
     "LightNetAttention",
     "LightNetBlock",
     "LightNetCache",
+    "LinearAttention",
+    "LinearAttnCache",
     "LinearCrossAttention",
+    "Lrpe",
     "MdTpe",
     "MixerCall",
+    "MixerInit",
+    "MixerKind",
     "Mlp",
     "MultiScanAttention",
+    "NormalizerInit",
     "PatchEmbed",
     "RMSNorm",
     "ReversibleFunction",
@@ -50,13 +71,17 @@ __all__ = [
     "RotaryEmbeddingND",
     "TiedKVAttention",
     "TokenIO",
+    "TokenMixer",
     "TransformerBlock",
     "apply_rotary",
     "axial_frequencies",
+    "build_mixer",
     "call_op",
     "drop_path",
     "init_linear",
     "llama_hidden_size",
+    "mixer_class",
+    "mixer_options",
     "observe_mixer_ops",
     "parse_mask_mode",
     "resample_abs_pos_embed",

@@ -6,12 +6,14 @@ changes during forward (flash-linear-attention's layer contract, without a globa
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import nn
 
-from ..errors import UserError, nearest
+from ..errors import UserError, parse_enum
 from ..ops.attention import MaskMode, attention, padding_to_attn_mask
 from ..ops.checks import check_features
 from ..ops.sequence import cat_padding_masks, real_positions
@@ -68,12 +70,7 @@ class KVCache:
 
 def parse_mask_mode(mask_mode: MaskMode | str) -> MaskMode:
     """`MaskMode` from the enum or its string value, with a clear error for anything else."""
-    try:
-        return MaskMode(mask_mode)
-    except ValueError:
-        valid = [m.value for m in MaskMode]
-        raise UserError(f"Unknown mask_mode {mask_mode!r}; expected one of {valid}."
-                        f"{nearest(str(mask_mode), valid)}") from None
+    return parse_enum(MaskMode, mask_mode, "mask_mode")
 
 
 class Attention(nn.Module):
@@ -85,6 +82,10 @@ class Attention(nn.Module):
 
     With `dim = D`, `head_dim = D / num_heads`, `num_kv_heads = num_heads` and both biases the layer has exactly
     `4D² + 4D` parameters (the ViT/iLLaMA count).
+
+    A token mixer (`polyattn.layers.mixer`): `Attention.build(dim, num_heads, causal=...)` sets `mask_mode`, and
+    its call form `(x, *, key_padding_mask, cache, use_cache, grid_shape) -> (o, cache)` is the one every mixer
+    follows; `rope`, `context`, `attn_mask` and `soft_mask_a` are softmax attention's own call arguments.
 
     Args:
         dim (int): model width `D` of `x` and of the output.
@@ -122,6 +123,22 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(num_heads * head_dim, dim, bias=proj_bias, **factory)
         self.proj_drop = nn.Dropout(proj_drop)
         self.reset_parameters()
+
+    BUILD_ARGS: ClassVar[tuple[str, ...]] = ("mask_mode",)
+    """Constructor arguments that `build` sets from its own (`causal`), so a model's options may not set them."""
+
+    @classmethod
+    def build(cls, dim: int, num_heads: int, *, causal: bool, grid_shape: Sequence[int] | None = None,
+              **options) -> Attention:
+        """The token-mixer constructor (`polyattn.layers.mixer`): `CAUSAL` or `BIDIRECTIONAL` masks; `grid_shape`
+        is not needed (positions come from `rope` or an absolute table)."""
+        mask_mode = MaskMode.CAUSAL if causal else MaskMode.BIDIRECTIONAL
+        return cls(dim, num_heads, mask_mode=mask_mode, **options)
+
+    @property
+    def causal(self) -> bool:
+        """True when no output depends on a later token, so that decoding with a cache reproduces the forward."""
+        return self.mask_mode is MaskMode.CAUSAL
 
     def reset_parameters(self) -> None:
         """Trunc-normal (std 0.02) weights and zero biases (ViT, iLLaMA).
@@ -167,6 +184,7 @@ class Attention(nn.Module):
         attn_mask: torch.Tensor | None = None,
         cache: KVCache | None = None,
         use_cache: bool = False,
+        grid_shape: Sequence[int] | None = None,
     ) -> tuple[torch.Tensor, KVCache | None]:
         """Attends from `x` to itself (and its cache) or to `context`.
 
@@ -190,6 +208,9 @@ class Attention(nn.Module):
                 appended and the queries sit at the end (causal masks are bottom-right aligned).
             use_cache (bool): return the updated self-attention cache (or the context's keys/values in
                 cross-attention) even when no cache was passed. Default: False.
+            grid_shape (Sequence[int], Optional): the grid the tokens lie on, which every token mixer is handed
+                (the common call form); softmax attention does not need it, since its positions come from
+                `rope` or from an absolute table added before the block.
 
         Returns:
             tuple[Tensor, KVCache | None]: output `[B, T, dim]` and the cache (None unless `cache` was passed or

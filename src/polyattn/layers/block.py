@@ -5,18 +5,19 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .attention import Attention, KVCache
+from .attention import KVCache
 from .drop import DropPath
 
 
 class TransformerBlock(nn.Module):
     """`x + DropPath(Attn(Norm(x)))`, then `x + DropPath(MLP(Norm(x)))`.
 
-    Structure is injected: `norm_layer` (LayerNorm, RMSNorm, ...) and `mlp` (an already built channel mixer),
-    so ViT (LayerNorm + GELU MLP) and LLaMA-style models (RMSNorm + SwiGLU) share this one block.
+    Structure is injected: `attn` (an already built token mixer, any `polyattn.layers.mixer` mixer), `norm_layer`
+    (LayerNorm, RMSNorm, ...) and `mlp` (an already built channel mixer), so ViT (LayerNorm + GELU MLP) and
+    LLaMA-style models (RMSNorm + SwiGLU) share this one block.
     """
 
-    def __init__(self, dim: int, attn: Attention, mlp: nn.Module, norm_layer: type[nn.Module],
+    def __init__(self, dim: int, attn: nn.Module, mlp: nn.Module, norm_layer: type[nn.Module],
                  drop_path: float = 0.0):
         super().__init__()
         self.norm1 = norm_layer(dim)
@@ -27,7 +28,8 @@ class TransformerBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, *, cache: KVCache | None = None, use_cache: bool = False,
                 **attn_kwargs) -> tuple[torch.Tensor, KVCache | None]:
-        """x: `[B, T, D]`; `attn_kwargs` go to the attention layer (rope, masks, soft_mask_a, context)."""
+        """x: `[B, T, D]`; `attn_kwargs` go to the token mixer (its common `key_padding_mask`, `grid_shape`, and a
+        softmax `Attention`'s own `rope`, `attn_mask`, `soft_mask_a`, `context`)."""
         y, cache = self.attn(self.norm1(x), cache=cache, use_cache=use_cache, **attn_kwargs)
         x = x + self.drop_path(y)
         x = x + self.mlp_branch(x)

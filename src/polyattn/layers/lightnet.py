@@ -2,20 +2,25 @@
 
 arXiv 2405.21022 (Qin et al., LightNet); spec shared/reference/lightnet.md §3–§5.
 
-Layer contract (FLA style, spec ecosystem §1.2): `forward(hidden_states [B, T, D], attention_mask [B, T] | None,
-past_key_values=None, use_cache=False, **kwargs) -> (o [B, T, D], None, state)`. Only 2-D padding masks are
-accepted (True/1 = real token). `past_key_values` is *this layer's own* decoding state (a `LightNetCache`, not a
-multi-layer cache object): a model keeps one per layer and passes it back in; nothing is stored on the module.
+Both mixers follow the token-mixer interface of `polyattn.layers.mixer` (softmax `Attention`'s call form):
+`forward(x [B, T, D], *, key_padding_mask [B, T] | None, cache, use_cache, grid_shape) -> (o [B, T, D], cache)`.
+Only 2-D padding masks are accepted (True/1 = real token). `cache` is *this layer's own* decoding state (a
+`LightNetCache`, not a multi-layer cache object): a model keeps one per layer and passes it back in; nothing is
+stored on the module. The string options of the constructors are enums, parsed once when the layer is built.
 """
+
+from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import NamedTuple
+from enum import Enum
+from typing import ClassVar, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import UserError, parse_enum
 from ..ops.checks import check_features, check_mask
 from ..ops.decay_scan import multi_scan_decay_attn
 from ..ops.lightnet import LightNetState, lightnet_attn
@@ -35,6 +40,39 @@ from .mlp import GatedMlp
 from .norm import GroupRMSNorm, RMSNorm
 
 
+class Lrpe(str, Enum):
+    """MD-LRPE form of `LightNetAttention` (None = no relative positions)."""
+
+    COSINE = "cosine"  # d → 2d channels (cos, sin), exact under the causal decay
+    ROTARY = "rotary"  # rotation of the query, carried in the same 2d state so it stays exact
+
+
+class GatePosition(str, Enum):
+    """Where the output gate sits relative to the per-head RMSNorm."""
+
+    PRE = "pre"  # the author's: norm(o ⊙ σ(u))
+    POST = "post"  # norm(o) ⊙ σ(u)
+
+
+class NormalizerInit(str, Enum):
+    """Initial log-normaliser of the LightNet softmax (see `polyattn.ops.lightnet.lightnet_attn`)."""
+
+    EMPTY = "empty"  # z₀ = −inf: a plain softmax over the keys seen
+    UNIT = "unit"  # z₀ = 0: one extra virtual key of logit 0 and value 0 (the author's LM code)
+
+
+class MixerInit(str, Enum):
+    """Initialisation of a mixer's linear layers."""
+
+    DEFAULT = "default"  # trunc-normal, std 0.02, zero biases
+    AUTHOR = "author"  # Xavier-uniform gain 0.01, the output projection zeroed (the author's code)
+
+
+def parse_lrpe(lrpe: Lrpe | str | None) -> Lrpe | None:
+    """`Lrpe` from a member or its string; None = no LRPE."""
+    return None if lrpe is None else parse_enum(Lrpe, lrpe, "lrpe")
+
+
 class LightNetCache(NamedTuple):
     """Decoding state of one `LightNetAttention` layer.
 
@@ -49,19 +87,17 @@ class LightNetCache(NamedTuple):
     offset: torch.Tensor
 
 
-def _init_linears(module: nn.Module, init: str, zero: Sequence[nn.Linear] = ()) -> None:
-    """"default": trunc-normal(0.02) for every linear; "author": Xavier-uniform gain 0.01, listed layers zeroed."""
-    if init not in ("default", "author"):
-        raise ValueError(f"init must be 'default' or 'author', got {init!r}")
+def _init_linears(module: nn.Module, init: MixerInit, zero: Sequence[nn.Linear] = ()) -> None:
+    """`DEFAULT`: trunc-normal(0.02) for every linear; `AUTHOR`: Xavier-uniform gain 0.01, listed layers zeroed."""
     for m in module.modules():
         if isinstance(m, nn.Linear):
-            if init == "default":
+            if init is MixerInit.DEFAULT:
                 nn.init.trunc_normal_(m.weight, std=0.02)
             else:
                 nn.init.xavier_uniform_(m.weight, gain=0.01)
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
-    if init == "author":
+    if init is MixerInit.AUTHOR:
         for m in zero:
             nn.init.zeros_(m.weight)
 
@@ -78,20 +114,26 @@ class LightNetAttention(nn.Module):
         num_heads: H; head dim d = D / H for keys and values.
         causal: causal (LM) or global one-scan (encoders, images) mixing.
         scale: output scale of the core; 1.0 (the authors') or None for d^-0.5.
-        lrpe: "cosine" (d → 2d, exact under the causal decay), "rotary" (carried in the same 2d state so it stays
-            exact, see `lrpe_rotary_query`) or None.
+        lrpe: `Lrpe` or its string: "cosine" (d → 2d, exact under the causal decay), "rotary" (carried in the same
+            2d state so it stays exact, see `lrpe_rotary_query`), or None.
         grid_shape: default grid (e.g. `(14, 14)`) for MD-LRPE over grid tokens; None = 1-D positions that count
             real tokens. A forward call may pass another `grid_shape`.
         num_special: leading special tokens (angle 0) before the grid tokens.
         lrpe_base, lrpe_shared_heads: LRPE frequencies (`polyattn.ops.lrpe.lrpe_theta`).
         gate_low_rank_dim: rank r of the output gate; None → d.
-        gate_position: "pre" (author: `norm(o ⊙ σ(u))`) or "post" (`norm(o) ⊙ σ(u)`).
+        gate_position: `GatePosition`: "pre" (author: `norm(o ⊙ σ(u))`) or "post" (`norm(o) ⊙ σ(u)`).
         norm_eps: eps of the per-head RMSNorm.
-        normalizer_init: "empty" or "unit" (see `lightnet_attn`).
+        normalizer_init: `NormalizerInit`: "empty" or "unit" (see `lightnet_attn`).
         chunk_size: chunk length of the causal parallel form.
-        init: "default" (trunc-normal 0.02) or "author" (Xavier gain 0.01, zero o_proj).
-        layer_idx: index of the layer in its model (bookkeeping only).
+        init: `MixerInit`: "default" (trunc-normal 0.02) or "author" (Xavier gain 0.01, zero o_proj).
+        kernel_backend: the causal chunked core: "torch" or a `polyattn.ops.gla_backends` name.
+
+    Options that cannot apply are refused when the layer is built: a grid or special tokens without LRPE (they
+    only place LRPE angles), and a `kernel_backend` other than "torch" in the global form (it has one kernel).
     """
+
+    BUILD_ARGS: ClassVar[tuple[str, ...]] = ("causal", "grid_shape")
+    """Constructor arguments that `build` sets (see `polyattn.layers.mixer`)."""
 
     def __init__(
         self,
@@ -100,37 +142,42 @@ class LightNetAttention(nn.Module):
         *,
         causal: bool = True,
         scale: float | None = 1.0,
-        lrpe: str | None = "cosine",
+        lrpe: Lrpe | str | None = Lrpe.COSINE,
         grid_shape: Sequence[int] | None = None,
         num_special: int = 0,
         lrpe_base: float = 10000.0,
         lrpe_shared_heads: bool = False,
         gate_low_rank_dim: int | None = None,
-        gate_position: str = "pre",
+        gate_position: GatePosition | str = GatePosition.PRE,
         norm_eps: float = 1e-6,
-        normalizer_init: str = "empty",
+        normalizer_init: NormalizerInit | str = NormalizerInit.EMPTY,
         chunk_size: int = 64,
-        init: str = "default",
-        layer_idx: int | None = None,
+        init: MixerInit | str = MixerInit.DEFAULT,
         kernel_backend: str = "torch",
     ):
         super().__init__()
         if hidden_size % num_heads:
             raise ValueError(f"hidden_size {hidden_size} is not divisible by num_heads {num_heads}")
-        if lrpe not in ("cosine", "rotary", None):
-            raise ValueError(f"unknown lrpe {lrpe!r}; use 'cosine', 'rotary' or None")
-        if gate_position not in ("pre", "post"):
-            raise ValueError(f"unknown gate_position {gate_position!r}; use 'pre' or 'post'")
+        self.lrpe = parse_lrpe(lrpe)
+        self.gate_position = parse_enum(GatePosition, gate_position, "gate_position")
+        self.normalizer_init = parse_enum(NormalizerInit, normalizer_init, "normalizer_init")
+        init = parse_enum(MixerInit, init, "init")
         self.hidden_size, self.num_heads = hidden_size, num_heads
         self.head_dim = d = hidden_size // num_heads
-        if not (lrpe != "rotary" or d % 2 == 0):
+        if self.lrpe is Lrpe.ROTARY and d % 2:
             raise ValueError("rotary LRPE needs an even head dim")
-        self.causal, self.lrpe, self.gate_position = causal, lrpe, gate_position
+        if self.lrpe is None and (grid_shape is not None or num_special):
+            raise UserError("grid_shape and num_special place MD-LRPE angles, and this layer has lrpe=None; "
+                            "drop them or choose an lrpe.")
+        if kernel_backend != "torch" and not causal:
+            raise UserError(f"kernel_backend {kernel_backend!r} runs the causal chunked form only; the global "
+                            "form (causal=False) has one kernel, so leave kernel_backend at 'torch'.")
+        self.causal = causal
         self.scale = d**-0.5 if scale is None else scale
         self.grid_shape = tuple(grid_shape) if grid_shape is not None else None
         self.num_special = num_special
-        self.normalizer_init, self.chunk_size, self.layer_idx = normalizer_init, chunk_size, layer_idx
-        self.kernel_backend = kernel_backend  # the causal chunked core: "torch" or a polyattn.ops.gla_backends name
+        self.chunk_size = chunk_size
+        self.kernel_backend = kernel_backend
         self.lrpe_base, self.lrpe_shared_heads = lrpe_base, lrpe_shared_heads
         self.q_proj = nn.Linear(hidden_size, hidden_size, bias=False)
         self.k_proj = nn.Linear(hidden_size, hidden_size, bias=False)
@@ -141,8 +188,16 @@ class LightNetAttention(nn.Module):
         self.o_proj = nn.Linear(hidden_size, hidden_size, bias=False)
         _init_linears(self, init, zero=[self.o_proj])
 
+    @classmethod
+    def build(cls, dim: int, num_heads: int, *, causal: bool, grid_shape: Sequence[int] | None = None,
+              **options) -> LightNetAttention:
+        """The token-mixer constructor (`polyattn.layers.mixer`). The grid places MD-LRPE angles; a layer without
+        LRPE does not take one."""
+        lrpe = parse_lrpe(options.get("lrpe", Lrpe.COSINE))
+        return cls(dim, num_heads, causal=causal, grid_shape=grid_shape if lrpe is not None else None, **options)
+
     def _theta(self, num_axes: int, device) -> torch.Tensor:
-        dim = self.head_dim if self.lrpe == "cosine" else self.head_dim // 2
+        dim = self.head_dim if self.lrpe is Lrpe.COSINE else self.head_dim // 2
         return lrpe_theta(dim, self.num_heads, num_axes, self.lrpe_base, self.lrpe_shared_heads).to(device)
 
     def _positions(self, B, T, mask, offset, grid_shape, device) -> torch.Tensor:
@@ -159,38 +214,43 @@ class LightNetAttention(nn.Module):
 
     def forward(
         self,
-        hidden_states: torch.Tensor,
-        attention_mask: torch.Tensor | None = None,
-        past_key_values: LightNetCache | None = None,
+        x: torch.Tensor,
+        *,
+        key_padding_mask: torch.Tensor | None = None,
+        cache: LightNetCache | None = None,
         use_cache: bool = False,
         grid_shape: Sequence[int] | None = None,
-        cu_seqlens: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, None, LightNetCache | None]:
-        """`[B, T, D]` → `([B, T, D], None, cache)`; see the module docstring for the contract.
+    ) -> tuple[torch.Tensor, LightNetCache | None]:
+        """`x [B, T, D]` → `(o [B, T, D], cache)`, the token-mixer call form (`polyattn.layers.mixer`).
 
-        Packed sequences (`cu_seqlens`) are not handled here, because LRPE positions and the state would have to
-        restart at every boundary; unpack to a padded batch with a padding mask (as `LightNetLM` does).
+        Args:
+            key_padding_mask: `[B, T]` bool, True = real token.
+            cache: this layer's state from a previous call (causal layers only); the new tokens continue it.
+            use_cache: return the new state even when no `cache` was passed.
+            grid_shape: the grid of the tokens for MD-LRPE; None = the layer's own (1-D positions when it has none).
+
+        Returns the new `LightNetCache` when `cache` was passed or `use_cache` is set, else None. Packed sequences
+        (`cu_seqlens`) are not taken, because LRPE positions and the state would have to restart at every
+        boundary; unpack to a padded batch with a padding mask (as `LightNetLM` does).
         """
-        if cu_seqlens is not None:
-            raise NotImplementedError("LightNetAttention takes padded batches with attention_mask, not cu_seqlens")
-        check_features("LightNetAttention", hidden_states, self.hidden_size, "hidden_states")
-        check_mask("LightNetAttention", attention_mask, *hidden_states.shape[:2], "attention_mask")
-        if not (past_key_values is None or self.causal):
+        check_features("LightNetAttention", x, self.hidden_size, "x")
+        check_mask("LightNetAttention", key_padding_mask, *x.shape[:2], "key_padding_mask")
+        if not (cache is None or self.causal):
             raise ValueError("a decoding state needs a causal layer")
-        x = hidden_states
         B, T, D = x.shape
         H, d = self.num_heads, self.head_dim
-        mask = None if attention_mask is None else attention_mask.bool()
+        mask = None if key_padding_mask is None else key_padding_mask.bool()
         grid_shape = self.grid_shape if grid_shape is None else grid_shape
+        want_state = use_cache or cache is not None
         q = F.silu(self.q_proj(x)).view(B, T, H, d)  # [B, T, H, d]
         k = self.k_proj(x).view(B, T, H, d)  # raw key logits: the key is the decay input
         v = self.v_proj(x).view(B, T, H, d)
-        offset = None if past_key_values is None else past_key_values.offset
+        offset = None if cache is None else cache.offset
         feats = None
         if self.lrpe is not None:
             pos = self._positions(B, T, mask, offset, grid_shape, x.device)
             theta = self._theta(pos.shape[-1], x.device)
-            if self.lrpe == "cosine":
+            if self.lrpe is Lrpe.COSINE:
                 ang = md_lrpe_angles(pos, theta, d)  # [B|1, T, H, d]
                 q = lrpe_cosine(q, ang)
             else:
@@ -198,21 +258,21 @@ class LightNetAttention(nn.Module):
                 ang = pair_angles_to_channels(pair)
                 q = lrpe_rotary_query(q, pair)
             feats = lrpe_key_features(ang)
-        state = None if past_key_values is None else LightNetState(past_key_values.S, past_key_values.z)
+        state = None if cache is None else LightNetState(cache.S, cache.z)
         o, new_state = call_op(self, lightnet_attn, q, k, v, causal=self.causal, scale=self.scale,
-                               initial_state=state, output_final_state=use_cache, mask=mask,
-                               chunk_size=self.chunk_size, normalizer_init=self.normalizer_init, key_features=feats,
-                               backend=self.kernel_backend)
+                               initial_state=state, output_final_state=want_state, mask=mask,
+                               chunk_size=self.chunk_size, normalizer_init=self.normalizer_init.value,
+                               key_features=feats, backend=self.kernel_backend)
         o = o.reshape(B, T, D)
         gate = torch.sigmoid(self.g_proj(x))
-        o = self.g_norm(o * gate) if self.gate_position == "pre" else self.g_norm(o) * gate
+        o = self.g_norm(o * gate) if self.gate_position is GatePosition.PRE else self.g_norm(o) * gate
         o = self.o_proj(o)
-        cache = None
-        if use_cache:
+        new_cache = None
+        if want_state:
             seen = torch.full((B,), T, device=x.device, dtype=torch.long) if mask is None else mask.long().sum(1)
             prev = torch.zeros_like(seen) if offset is None else offset
-            cache = LightNetCache(new_state.S, new_state.z, prev + seen)
-        return o, None, cache
+            new_cache = LightNetCache(new_state.S, new_state.z, prev + seen)
+        return o, new_cache
 
     def state_size(self) -> int:
         """Floats per sequence in the decoding state: `S` (H·R·d·d) + `z` (H·d) (+ the position counter)."""
@@ -313,8 +373,15 @@ class MultiScanAttention(nn.Module):
         per_direction_decay: a separate decay projection per direction (default: shared).
         scale: query scale; None → d^-0.5.
         gate_low_rank_dim, decay_low_rank_dim: ranks; None → d.
-        norm_eps, chunk_size, init, layer_idx: as `LightNetAttention`.
+        norm_eps, chunk_size, init: as `LightNetAttention`.
+
+    Not causal (every direction but the first runs against the token order), so it has no decoding state:
+    `build(causal=True)` and a `cache` are refused.
     """
+
+    BUILD_ARGS: ClassVar[tuple[str, ...]] = ("grid_shape",)
+    """Constructor arguments that `build` sets (see `polyattn.layers.mixer`)."""
+    causal: ClassVar[bool] = False
 
     def __init__(
         self,
@@ -330,10 +397,10 @@ class MultiScanAttention(nn.Module):
         decay_low_rank_dim: int | None = None,
         norm_eps: float = 1e-6,
         chunk_size: int = 64,
-        init: str = "default",
-        layer_idx: int | None = None,
+        init: MixerInit | str = MixerInit.DEFAULT,
     ):
         super().__init__()
+        init = parse_enum(MixerInit, init, "init")
         if hidden_size % num_heads:
             raise ValueError(f"hidden_size {hidden_size} is not divisible by num_heads {num_heads}")
         if directions not in (1, 2, 4):
@@ -342,7 +409,7 @@ class MultiScanAttention(nn.Module):
         self.head_dim = d = hidden_size // num_heads
         self.directions, self.divide, self.scale = directions, divide, scale
         self.grid_shape = tuple(grid_shape) if grid_shape is not None else None
-        self.chunk_size, self.layer_idx = chunk_size, layer_idx
+        self.chunk_size = chunk_size
         self.q_proj = nn.Linear(hidden_size, hidden_size, bias=False)
         self.k_proj = nn.Linear(hidden_size, hidden_size, bias=False)
         self.v_proj = nn.Linear(hidden_size, hidden_size, bias=False)
@@ -359,20 +426,30 @@ class MultiScanAttention(nn.Module):
         for f in self.f_projs:  # start with slow decay (λ ≈ sigmoid(3) ≈ 0.95): long memory, as GLA-style models
             nn.init.constant_(f[1].bias, 3.0)
 
+    @classmethod
+    def build(cls, dim: int, num_heads: int, *, causal: bool, grid_shape: Sequence[int] | None = None,
+              **options) -> MultiScanAttention:
+        """The token-mixer constructor (`polyattn.layers.mixer`); bidirectional models only."""
+        if causal:
+            raise UserError("MultiScanAttention is not causal (its scans run in several directions over the "
+                            "grid); use it in a bidirectional model or choose a causal mixer.")
+        return cls(dim, num_heads, grid_shape=grid_shape, **options)
+
     def forward(
         self,
-        hidden_states: torch.Tensor,
-        attention_mask: torch.Tensor | None = None,
-        past_key_values: None = None,
+        x: torch.Tensor,
+        *,
+        key_padding_mask: torch.Tensor | None = None,
+        cache: None = None,
         use_cache: bool = False,
         grid_shape: Sequence[int] | None = None,
-    ) -> tuple[torch.Tensor, None, None]:
-        """`[B, T, D]` → `([B, T, D], None, None)`; no decoding state (a multi-direction scan is not causal)."""
-        if not (past_key_values is None and not use_cache):
+    ) -> tuple[torch.Tensor, None]:
+        """`x [B, T, D]` → `(o [B, T, D], None)`, the token-mixer call form (`polyattn.layers.mixer`); no decoding
+        state (a multi-direction scan is not causal). `grid_shape` overrides the layer's own (None → 1-D)."""
+        if not (cache is None and not use_cache):
             raise ValueError("MultiScanAttention has no decoding state")
-        check_features("MultiScanAttention", hidden_states, self.hidden_size, "hidden_states")
-        check_mask("MultiScanAttention", attention_mask, *hidden_states.shape[:2], "attention_mask")
-        x = hidden_states
+        check_features("MultiScanAttention", x, self.hidden_size, "x")
+        check_mask("MultiScanAttention", key_padding_mask, *x.shape[:2], "key_padding_mask")
         B, T, D = x.shape
         H, d = self.num_heads, self.head_dim
         grid_shape = self.grid_shape if grid_shape is None else grid_shape
@@ -381,13 +458,13 @@ class MultiScanAttention(nn.Module):
         k = self.k_proj(x).view(B, T, H, d)
         v = self.v_proj(x).view(B, T, H, d)
         gs = [F.logsigmoid(f(x).float()).view(B, T, H, d) for f in self.f_projs]
-        mask = None if attention_mask is None else attention_mask.bool()
+        mask = None if key_padding_mask is None else key_padding_mask.bool()
         o = call_op(self, multi_scan_decay_attn, q, k, v, gs[0] if len(gs) == 1 else gs, grid_shape=grid_shape,
                     directions=self.directions, divide=self.divide, scale=self.scale, mask=mask,
                     chunk_size=self.chunk_size)
         o = o.reshape(B, T, D)
         o = self.o_proj(self.g_norm(o * torch.sigmoid(self.g_proj(x))))
-        return o, None, None
+        return o, None
 
 
 class LightNetBlock(nn.Module):
@@ -395,40 +472,36 @@ class LightNetBlock(nn.Module):
 
     Args:
         dim: width D.
-        num_heads: heads of the token mixer.
+        mixer: the token mixer, already built (any `polyattn.layers.mixer` mixer: `LightNetAttention`,
+            `MultiScanAttention`, softmax `Attention`, ...; see `build_mixer`).
         mlp_hidden_dim: GLU hidden width; None → 8D/3 rounded up to a multiple of 8 (a ViT 4× MLP budget).
-        mixer_layer: token-mixer class (`LightNetAttention`, `MultiScanAttention`, or any class with the same
-            constructor head `(hidden_size, num_heads, **kw)` and forward contract).
         norm_eps: eps of the two RMSNorms.
         drop_path: stochastic-depth probability of both residual branches.
-        layer_idx: passed to the mixer.
-        **mixer_kwargs: forwarded to `mixer_layer` (e.g. `causal=False, grid_shape=(14, 14)`).
     """
 
-    def __init__(self, dim: int, num_heads: int, *, mlp_hidden_dim: int | None = None,
-                 mixer_layer: type[nn.Module] = LightNetAttention, norm_eps: float = 1e-6,
-                 drop_path: float = 0.0, layer_idx: int | None = None, **mixer_kwargs):
+    def __init__(self, dim: int, mixer: nn.Module, *, mlp_hidden_dim: int | None = None, norm_eps: float = 1e-6,
+                 drop_path: float = 0.0):
         super().__init__()
         hidden = mlp_hidden_dim or 8 * math.ceil(8 * dim / 3 / 8)
         self.attn_norm = RMSNorm(dim, eps=norm_eps)
-        self.attn = mixer_layer(dim, num_heads, layer_idx=layer_idx, **mixer_kwargs)
+        self.attn = mixer
         self.mlp_norm = RMSNorm(dim, eps=norm_eps)
         self.mlp = GatedMlp(dim, hidden)
         self.drop_path = DropPath(drop_path)
 
-    def forward(self, h: torch.Tensor, attention_mask: torch.Tensor | None = None, past_key_values=None,
-                use_cache: bool = False, **kwargs) -> tuple[torch.Tensor, object]:
-        """`[B, T, D]` → `([B, T, D], the mixer's new state or None)`; kwargs (e.g. grid_shape) go to the mixer."""
-        o, _, state = self.attn(self.attn_norm(h), attention_mask=attention_mask, past_key_values=past_key_values,
-                                use_cache=use_cache, **kwargs)
-        h = h + self.drop_path(o)
+    def forward(self, h: torch.Tensor, *, key_padding_mask: torch.Tensor | None = None, cache=None,
+                use_cache: bool = False, grid_shape: Sequence[int] | None = None) -> tuple[torch.Tensor, object]:
+        """`[B, T, D]` → `([B, T, D], the mixer's new state or None)`, in the mixer's call form."""
+        o, state = self.mixer_branch(h, key_padding_mask=key_padding_mask, cache=cache, use_cache=use_cache,
+                                     grid_shape=grid_shape)
+        h = h + o
         h = h + self.mlp_branch(h)
         return h, state
 
     def mixer_branch(self, h: torch.Tensor, **kwargs) -> tuple[torch.Tensor, object]:
         """`(DropPath(Mixer(RMSNorm(h))), the mixer's new state)`: the first residual branch, for a reversible
-        stack (`polyattn.layers.reversible`); `kwargs` as `forward`'s, `past_key_values`/`use_cache` included."""
-        o, _, state = self.attn(self.attn_norm(h), **kwargs)
+        stack (`polyattn.layers.reversible`); `kwargs` as `forward`'s, `cache`/`use_cache` included."""
+        o, state = self.attn(self.attn_norm(h), **kwargs)
         return self.drop_path(o), state
 
     def mlp_branch(self, h: torch.Tensor, **_) -> torch.Tensor:

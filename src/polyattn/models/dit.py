@@ -15,10 +15,12 @@ adaLN + linear layer → unpatchify to the input's shape. Each block is
 with LayerNorms without affine parameters. Every gate and the final linear layer start at zero, so a new model
 is the identity on its tokens and predicts exactly 0 ("adaLN-Zero", the paper's best conditioning).
 
-The mixer is `"softmax"` (bidirectional multi-head softmax attention with qkv biases, the DiT baseline) or
-`"lightnet"` (non-causal LightNet attention with MD-LRPE on the patch grid, and MD-TPE once after the patch
-embedding). Everything else (MLP, norms, modulation, head, initialisation) is the same for both, so a comparison
-of the two changes only the token mixer.
+The mixer is any token mixer of `polyattn.layers.mixer`, built bidirectional over the patch grid: `"softmax"`
+(multi-head softmax attention with qkv biases, the DiT baseline), `"lightnet"` (non-causal LightNet attention with
+MD-LRPE on the patch grid, and MD-TPE once after the patch embedding), `"multiscan"`, the kernelized linear
+attentions (`"linear_elu"`, `"performer"`, ...), or a mixer class. Everything
+else (MLP, norms, modulation, head, initialisation) is the same for all, so a comparison changes only the token
+mixer.
 
 The timestep is continuous, `t ∈ [0, 1]`; its sinusoidal embedding is taken of `1000·t`, DiT's range of integer
 DDPM steps. Class `num_classes` is the null label of classifier-free guidance (arXiv 2207.12598).
@@ -28,6 +30,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from enum import Enum
 from functools import partial
 from typing import Literal
 
@@ -35,8 +38,10 @@ import torch
 from einops import rearrange
 from torch import nn
 
+from ..errors import parse_enum
 from ..layers.attention import Attention
-from ..layers.lightnet import LightNetAttention, MdTpe
+from ..layers.lightnet import LightNetAttention, Lrpe, MdTpe, parse_lrpe
+from ..layers.mixer import MixerKind, build_mixer, mixer_class, refuse_changed
 from ..layers.mlp import Mlp
 from ..layers.patch_embed import PatchEmbed, to_2tuple
 from ..layers.pos_embed import sincos_pos_embed
@@ -77,43 +82,23 @@ class TimestepEmbedder(nn.Module):
         return self.mlp(freq.to(self.mlp[0].weight.dtype))
 
 
-class SoftmaxMixer(nn.Module):
-    """DiT's token mixer: bidirectional multi-head softmax attention, with qkv and output biases.
+class DiTPosEmbed(str, Enum):
+    """The absolute positions added after the patch embedding."""
 
-    Positions come from the absolute table added after the patch embedding; `grid_shape` is not needed.
-    """
-
-    def __init__(self, dim: int, num_heads: int, grid_shape: tuple[int, int]):
-        super().__init__()
-        self.layer = Attention(dim, num_heads, qkv_bias=True, proj_bias=True, mask_mode="bidirectional")
-
-    def forward(self, x: torch.Tensor, grid_shape: Sequence[int]) -> torch.Tensor:
-        return self.layer(x)[0]  # (B, N, D)
-
-
-class LightNetMixer(nn.Module):
-    """Non-causal LightNet attention (one global additive scan) with MD-LRPE over the patch grid.
-
-    Args:
-        lrpe: "cosine" (the default), "rotary" or None (no relative positions).
-    """
-
-    def __init__(self, dim: int, num_heads: int, grid_shape: tuple[int, int],
-                 lrpe: Literal["cosine", "rotary"] | None = "cosine"):
-        super().__init__()
-        self.layer = LightNetAttention(dim, num_heads, causal=False, lrpe=lrpe, grid_shape=grid_shape)
-
-    def forward(self, x: torch.Tensor, grid_shape: Sequence[int]) -> torch.Tensor:
-        return self.layer(x, grid_shape=grid_shape)[0]  # (B, N, D)
+    SINCOS = "sincos"  # DiT's fixed 2-D sin-cos table
+    NONE = "none"  # none (LightNet then relies on MD-LRPE/MD-TPE alone)
 
 
 class DiTBlock(nn.Module):
-    """A DiT block with adaLN-Zero conditioning (see the module docstring); `mixer` maps `(x, grid) → x`."""
+    """A DiT block with adaLN-Zero conditioning (see the module docstring) around a token mixer (any
+    `polyattn.layers.mixer` mixer, called as `mixer(x, grid_shape=grid)`)."""
 
     def __init__(self, dim: int, mixer: nn.Module, mlp_ratio: float = 4.0):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
-        self.mixer = mixer
+        # Held as `mixer.layer` (state-dict keys `blocks.i.mixer.layer.*`), the name it had in checkpoints written
+        # before mixers shared one interface.
+        self.mixer = nn.ModuleDict({"layer": mixer})
         self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=partial(nn.GELU, approximate="tanh"))
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
@@ -121,13 +106,15 @@ class DiTBlock(nn.Module):
     def forward(self, x: torch.Tensor, c: torch.Tensor, grid_shape: Sequence[int]) -> torch.Tensor:
         """x `[B, N, D]`, c `[B, D]` → `[B, N, D]`."""
         shift1, scale1, gate1, shift2, scale2, gate2 = self.adaLN_modulation(c).chunk(6, dim=-1)  # 6 × (B, D)
-        x = x + gate1.unsqueeze(1) * self.mixer(modulate(self.norm1(x), shift1, scale1), grid_shape)
+        o, _ = self.mixer["layer"](modulate(self.norm1(x), shift1, scale1), grid_shape=grid_shape)
+        x = x + gate1.unsqueeze(1) * o
         return x + gate2.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift2, scale2))
 
     def mixer_branch(self, x: torch.Tensor, c: torch.Tensor, grid_shape: Sequence[int]) -> tuple[torch.Tensor, None]:
         """The gated, modulated mixer branch and no state, for a reversible stack (`polyattn.layers.reversible`)."""
         shift, scale, gate = self.adaLN_modulation(c).chunk(6, dim=-1)[:3]
-        return gate.unsqueeze(1) * self.mixer(modulate(self.norm1(x), shift, scale), grid_shape), None
+        o, _ = self.mixer["layer"](modulate(self.norm1(x), shift, scale), grid_shape=grid_shape)
+        return gate.unsqueeze(1) * o, None
 
     def mlp_branch(self, x: torch.Tensor, c: torch.Tensor, grid_shape: Sequence[int]) -> torch.Tensor:
         """The gated, modulated MLP branch, for a reversible stack."""
@@ -149,7 +136,8 @@ class FinalLayer(nn.Module):
         return self.linear(modulate(self.norm(x), shift, scale))  # (B, N, p·p·C_out)
 
 
-MIXERS: dict[str, type[nn.Module]] = {"softmax": SoftmaxMixer, "lightnet": LightNetMixer}
+_MIXER_OPTIONS: dict[type[nn.Module], dict] = {Attention: {"qkv_bias": True, "proj_bias": True}}
+"""DiT's own choices for a mixer: softmax attention with qkv and output biases (DiT's `Attention(qkv_bias=True)`)."""
 
 
 class DiT(nn.Module):
@@ -182,12 +170,18 @@ class DiT(nn.Module):
         num_classes: K classes; K is the null label (K = 0: unconditional, only the null label).
         embed_dim, depth, num_heads: width D, blocks L, heads H.
         mlp_ratio: MLP hidden width / D (DiT: 4).
-        mixer: "softmax" (DiT) or "lightnet" (non-causal LightNet attention with MD-LRPE).
+        mixer: a `MixerKind` or its string, "softmax" (DiT, with qkv biases), "lightnet" (non-causal LightNet
+            attention with MD-LRPE), "multiscan", a kernelized linear attention ("linear_elu", "linear_relu",
+            "performer", "cosformer", "hedgehog"), or a token-mixer class (`polyattn.layers.mixer`).
         lrpe: LightNet only: "cosine", "rotary" or None (no MD-LRPE).
         use_tpe: LightNet only: MD-TPE (two-sided per axis, residual) once after the patch embedding.
-        pos_embed: "sincos" (DiT's fixed 2-D table) or "none" (LightNet then relies on MD-LRPE/MD-TPE alone).
+        pos_embed: `DiTPosEmbed`: "sincos" (DiT's fixed 2-D table) or "none" (LightNet then relies on
+            MD-LRPE/MD-TPE alone).
         reversible: run the blocks as a reversible stack (`polyattn.layers.reversible`: two coupled residual
             streams, activations recomputed in backward, training memory flat in depth).
+
+    `lrpe` and `use_tpe` at any value but their default with another mixer than LightNet are an error: they
+    would change nothing.
     """
 
     def __init__(
@@ -201,18 +195,21 @@ class DiT(nn.Module):
         depth: int = 12,
         num_heads: int = 6,
         mlp_ratio: float = 4.0,
-        mixer: Literal["softmax", "lightnet"] = "softmax",
-        lrpe: Literal["cosine", "rotary"] | None = "cosine",
+        mixer: MixerKind | str | type[nn.Module] = "softmax",
+        lrpe: Lrpe | Literal["cosine", "rotary"] | None = "cosine",
         use_tpe: bool = True,
-        pos_embed: Literal["sincos", "none"] = "sincos",
+        pos_embed: DiTPosEmbed | Literal["sincos", "none"] = "sincos",
         reversible: bool = False,
     ):
         super().__init__()
         self.reversible = reversible
-        if mixer not in MIXERS:
-            raise ValueError(f"mixer must be one of {sorted(MIXERS)}, got {mixer!r}")
-        if pos_embed not in ("sincos", "none"):
-            raise ValueError(f"pos_embed must be 'sincos' or 'none', got {pos_embed!r}")
+        mixer = mixer if isinstance(mixer, type) else parse_enum(MixerKind, mixer, "mixer")
+        mixer_cls = mixer_class(mixer)
+        lrpe = parse_lrpe(lrpe)
+        pos_embed = parse_enum(DiTPosEmbed, pos_embed, "pos_embed")
+        lightnet = mixer_cls is LightNetAttention
+        if not lightnet:
+            refuse_changed("DiT", mixer, "LightNet", lrpe=(lrpe, Lrpe.COSINE), use_tpe=(use_tpe, True))
         if num_classes < 0:
             raise ValueError(f"num_classes must be >= 0, got {num_classes}")
         self.img_size, self.patch_size = to_2tuple(img_size), to_2tuple(patch_size)
@@ -221,16 +218,18 @@ class DiT(nn.Module):
 
         self.patch_embed = PatchEmbed(self.img_size, self.patch_size, in_chans, embed_dim)
         grid = self.patch_embed.grid_size
-        table = sincos_pos_embed(grid, embed_dim)[None] if pos_embed == "sincos" else None  # (1, N, D)
+        table = sincos_pos_embed(grid, embed_dim)[None] if pos_embed is DiTPosEmbed.SINCOS else None  # (1, N, D)
         self.register_buffer("pos_embed", table, persistent=False)
         self.tpe = (MdTpe(embed_dim, num_heads, num_axes=2, causal=False, residual=True)
-                    if mixer == "lightnet" and use_tpe else None)
+                    if lightnet and use_tpe else None)
         self.t_embedder = TimestepEmbedder(embed_dim)
         self.y_embedder = nn.Embedding(num_classes + 1, embed_dim)  # row num_classes: the null label
-        mixer_cls = MIXERS[mixer]
-        mixer_kwargs = {"lrpe": lrpe} if mixer == "lightnet" else {}
+        options = _MIXER_OPTIONS.get(mixer_cls, {})
+        if lightnet:
+            options = {**options, "lrpe": lrpe}
         self.blocks = nn.ModuleList(
-            DiTBlock(embed_dim, mixer_cls(embed_dim, num_heads, grid, **mixer_kwargs), mlp_ratio)
+            DiTBlock(embed_dim, build_mixer(mixer_cls, embed_dim, num_heads, causal=False, grid_shape=grid,
+                                            **options), mlp_ratio)
             for _ in range(depth)
         )
         self.final_layer = FinalLayer(embed_dim, self.patch_size, self.out_chans)

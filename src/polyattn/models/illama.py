@@ -14,12 +14,14 @@ by the training loop's input schedule (`schedules.soft_mask_a`), never a model a
 from __future__ import annotations
 
 import math
+from enum import Enum
 from functools import partial
 from typing import Literal
 
 import torch
 from torch import nn
 
+from ..errors import parse_enum
 from ..layers.attention import Attention, parse_mask_mode
 from ..layers.block import TransformerBlock
 from ..layers.init import init_linear
@@ -33,8 +35,28 @@ from ..ops.attention import MaskMode
 from ..registry import register_model
 from .classifier import LinearHeadMixin
 
-_POS_EMBEDS = ("learned+rope", "rope", "learned")
-_CLS_POSITIONS = ("last", "first")
+
+class IllamaPosEmbed(str, Enum):
+    """iLLaMA's positions: a learned absolute table, RoPE over the sequence order, or both (the paper)."""
+
+    LEARNED_ROPE = "learned+rope"
+    ROPE = "rope"
+    LEARNED = "learned"
+
+    @property
+    def learned(self) -> bool:
+        return self is not IllamaPosEmbed.ROPE
+
+    @property
+    def rope(self) -> bool:
+        return self is not IllamaPosEmbed.LEARNED
+
+
+class ClsPosition(str, Enum):
+    """Where the class token sits in the sequence."""
+
+    LAST = "last"  # post-sequence (the paper): under a causal mask it sees every patch
+    FIRST = "first"  # ViT's
 
 
 class ILLaMA(LinearHeadMixin, nn.Module):
@@ -87,8 +109,8 @@ class ILLaMA(LinearHeadMixin, nn.Module):
         num_heads: int = 12,
         ffn_multiple_of: int = 256,
         qkv_bias: bool = True,
-        cls_position: Literal["last", "first"] = "last",
-        pos_embed: Literal["learned+rope", "rope", "learned"] = "learned+rope",
+        cls_position: ClsPosition | Literal["last", "first"] = "last",
+        pos_embed: IllamaPosEmbed | Literal["learned+rope", "rope", "learned"] = "learned+rope",
         mask_mode: MaskMode | str = "illama_soft",
         rope_base: float = 10000.0,
         drop_rate: float = 0.0,
@@ -97,10 +119,8 @@ class ILLaMA(LinearHeadMixin, nn.Module):
     ):
         super().__init__()
         self.reversible = reversible
-        if cls_position not in _CLS_POSITIONS:
-            raise ValueError(f"cls_position must be one of {_CLS_POSITIONS}, got {cls_position!r}")
-        if pos_embed not in _POS_EMBEDS:
-            raise ValueError(f"pos_embed must be one of {_POS_EMBEDS}, got {pos_embed!r}")
+        cls_position = parse_enum(ClsPosition, cls_position, "cls_position")
+        pos_embed = parse_enum(IllamaPosEmbed, pos_embed, "pos_embed")
         if embed_dim % num_heads:
             raise ValueError(f"embed_dim ({embed_dim}) is not divisible by num_heads ({num_heads})")
         self.num_classes, self.global_pool = num_classes, "token"
@@ -113,13 +133,13 @@ class ILLaMA(LinearHeadMixin, nn.Module):
 
         self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim, bias=True)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
-        if "learned" in pos_embed:
+        if pos_embed.learned:
             self.pos_embed = nn.Parameter(torch.zeros(1, self.patch_embed.num_patches + 1, embed_dim))
         else:
             self.pos_embed = None
         # Angles are computed per call from the positions (a [N+1, hd/2] table, in float64): nothing to store,
         # nothing to resize, and a dtype cast of the model cannot round them (spec §8.7).
-        self.rope = RotaryEmbedding(self.head_dim, base=rope_base, interleaved=True) if "rope" in pos_embed else None
+        self.rope = RotaryEmbedding(self.head_dim, base=rope_base, interleaved=True) if pos_embed.rope else None
         self.pos_drop = nn.Dropout(drop_rate)
 
         hidden = llama_hidden_size(embed_dim, multiple_of=ffn_multiple_of)
@@ -154,7 +174,7 @@ class ILLaMA(LinearHeadMixin, nn.Module):
 
     @property
     def _cls_last(self) -> bool:
-        return self.cls_position == "last"
+        return self.cls_position is ClsPosition.LAST
 
     def rotary(self, num_tokens: int, device: torch.device | str | None = None) -> Rotary:
         """RoPE angles for a sequence of `num_tokens = N + 1` tokens: position = index in the sequence.

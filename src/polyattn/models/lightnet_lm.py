@@ -41,7 +41,18 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from ..layers.lightnet import LightNetAttention, LightNetBlock, LightNetCache, MdTpe
+from ..errors import parse_enum
+from ..layers.lightnet import (
+    LightNetAttention,
+    LightNetBlock,
+    LightNetCache,
+    Lrpe,
+    MdTpe,
+    MixerInit,
+    NormalizerInit,
+    parse_lrpe,
+)
+from ..layers.mixer import MixerKind, build_mixer, mixer_class, mixer_options, refuse_changed
 from ..layers.reversible import run_blocks, run_blocks_cached
 from ..layers.token_io import TokenIO
 from ..ops.sequence import pack_sequences, unpack_sequences
@@ -66,15 +77,35 @@ class LightNetText(nn.Module):
     """Embedding → 1-D TPE → LightNet blocks → RMSNorm → head: the body of `LightNetLM` (`causal=True`: prefix
     softmax, causal TPE) and `LightNetMLM` (`causal=False`: global one-scan softmax, two-sided TPE).
 
-    Arguments as `LightNetLM`; subclasses add the loss of their task.
+    Arguments as `LightNetLM`; subclasses add the loss of their task. `mixer` swaps LightNet attention for another
+    token mixer (`polyattn.layers.mixer`, e.g. a kernelized linear attention) and keeps everything else; the
+    LightNet options (`lrpe`, `scale`, `normalizer_init`, `init`, `kernel_backend`) must then stay at their defaults.
     """
 
     def __init__(self, vocab_size: int, dim: int, depth: int, num_heads: int, mlp_hidden_dim: int | None,
-                 lrpe: str | None, tpe: bool, tpe_residual: bool, scale: float | None, normalizer_init: str,
-                 chunk_size: int, norm_eps: float, tie_embeddings: bool, init: str, *, causal: bool,
-                 kernel_backend: str = "torch", reversible: bool = False):
+                 lrpe: Lrpe | str | None, tpe: bool, tpe_residual: bool, scale: float | None,
+                 normalizer_init: NormalizerInit | str, chunk_size: int, norm_eps: float, tie_embeddings: bool,
+                 init: MixerInit | str, *, causal: bool, kernel_backend: str = "torch",
+                 mixer: MixerKind | str | type[nn.Module] = MixerKind.LIGHTNET, reversible: bool = False):
         super().__init__()
         self.reversible = reversible
+        mixer = mixer if isinstance(mixer, type) else parse_enum(MixerKind, mixer, "mixer")
+        cls = mixer_class(mixer)
+        if cls is LightNetAttention:
+            options = dict(lrpe=lrpe, scale=scale, normalizer_init=normalizer_init, chunk_size=chunk_size, init=init,
+                           kernel_backend=kernel_backend)
+        else:
+            name = type(self).__name__
+            refuse_changed(name, mixer, "LightNet", lrpe=(parse_lrpe(lrpe), Lrpe.COSINE), scale=(scale, 1.0),
+                           normalizer_init=(parse_enum(NormalizerInit, normalizer_init, "normalizer_init"),
+                                            NormalizerInit.EMPTY),
+                           init=(parse_enum(MixerInit, init, "init"), MixerInit.DEFAULT),
+                           kernel_backend=(kernel_backend, "torch"))
+            takes_chunks = "chunk_size" in mixer_options(cls)
+            if not takes_chunks:
+                refuse_changed(name, mixer, "chunked", chunk_size=(chunk_size, 64))
+            options = dict(chunk_size=chunk_size) if takes_chunks else {}
+        self.mixer = mixer
         if dim % num_heads:
             raise ValueError(f"dim ({dim}) must be divisible by num_heads ({num_heads})")
         self.vocab_size, self.dim, self.depth, self.tie_embeddings = vocab_size, dim, depth, tie_embeddings
@@ -83,11 +114,9 @@ class LightNetText(nn.Module):
         self.tpe = MdTpe(dim, num_heads, num_axes=1, causal=causal, residual=tpe_residual, norm_eps=norm_eps) \
             if tpe else None
         self.blocks = nn.ModuleList(
-            LightNetBlock(dim, num_heads, mlp_hidden_dim=mlp_hidden_dim, mixer_layer=LightNetAttention,
-                          norm_eps=norm_eps, layer_idx=i, causal=causal, lrpe=lrpe, scale=scale,
-                          normalizer_init=normalizer_init, chunk_size=chunk_size, init=init,
-                          kernel_backend=kernel_backend)
-            for i in range(depth))
+            LightNetBlock(dim, build_mixer(mixer, dim, num_heads, causal=causal, **options),
+                          mlp_hidden_dim=mlp_hidden_dim, norm_eps=norm_eps)
+            for _ in range(depth))
 
     def _logits(self, tokens: torch.Tensor, attention_mask: torch.Tensor | None,
                 cu_seqlens: torch.Tensor | None) -> torch.Tensor:
@@ -103,7 +132,7 @@ class LightNetText(nn.Module):
         x = self.io.embed_tokens(tokens)  # (B, T, D)
         if self.tpe is not None:
             x, _ = self.tpe(x, attention_mask=mask)
-        x = run_blocks(self.blocks, x, reversible=self.reversible, attention_mask=mask)
+        x = run_blocks(self.blocks, x, reversible=self.reversible, key_padding_mask=mask)
         return self.io.logits(x)
 
 
@@ -127,18 +156,22 @@ class LightNetLM(CausalLMMixin, LightNetText):
         init (str): "default" (trunc-normal 0.02) or "author" (Xavier gain 0.01, zero `o_proj`) for the mixers.
         kernel_backend (str): kernel of the causal chunked core: "torch" (default, the reference) or "fla"
             (flash-linear-attention's GLA kernel, CUDA only; see polyattn.ops.gla_backends).
+        mixer (MixerKind | str | type): the token mixer; "lightnet" (default) or another causal one, e.g. a
+            kernelized linear attention ("linear_elu", "performer", ...); the LightNet options then stay default.
         reversible (bool): run the blocks as a reversible stack (`polyattn.layers.reversible`: two coupled
             residual streams, activations recomputed in backward, training memory flat in depth). Default: False.
     """
 
     def __init__(self, vocab_size: int = 256, dim: int = 128, depth: int = 4, num_heads: int = 4,
-                 mlp_hidden_dim: int | None = None, lrpe: str | None = "cosine", tpe: bool = True,
-                 tpe_residual: bool = True, scale: float | None = 1.0, normalizer_init: str = "empty",
-                 chunk_size: int = 64, norm_eps: float = 1e-6, tie_embeddings: bool = False, init: str = "default",
-                 kernel_backend: str = "torch", reversible: bool = False):
+                 mlp_hidden_dim: int | None = None, lrpe: Lrpe | str | None = "cosine", tpe: bool = True,
+                 tpe_residual: bool = True, scale: float | None = 1.0,
+                 normalizer_init: NormalizerInit | str = "empty",
+                 chunk_size: int = 64, norm_eps: float = 1e-6, tie_embeddings: bool = False,
+                 init: MixerInit | str = "default", kernel_backend: str = "torch",
+                 mixer: MixerKind | str | type[nn.Module] = "lightnet", reversible: bool = False):
         super().__init__(vocab_size, dim, depth, num_heads, mlp_hidden_dim, lrpe, tpe, tpe_residual, scale,
                          normalizer_init, chunk_size, norm_eps, tie_embeddings, init, causal=True,
-                         kernel_backend=kernel_backend, reversible=reversible)
+                         kernel_backend=kernel_backend, mixer=mixer, reversible=reversible)
 
 
     def forward_cached(self, tokens: torch.Tensor, cache: LightNetLMCache | None = None, *,
@@ -156,8 +189,8 @@ class LightNetLM(CausalLMMixin, LightNetText):
         if self.tpe is not None:
             x, tpe_state = self.tpe(x, attention_mask=mask, state=None if cache is None else cache.tpe,
                                     use_cache=True)
-        layer_kwargs = [dict(attention_mask=mask, past_key_values=None if cache is None else cache.layers[i],
-                             use_cache=True) for i in range(self.depth)]
+        layer_kwargs = [dict(key_padding_mask=mask, cache=None if cache is None else cache.layers[i], use_cache=True)
+                        for i in range(self.depth)]
         x, layers = run_blocks_cached(self.blocks, x, layer_kwargs, reversible=self.reversible)
         return self.io.logits(x), LightNetLMCache(tpe_state, tuple(layers))
 
@@ -185,6 +218,13 @@ def lightnet_lm_small():
     return dict(dim=768, depth=12, num_heads=12)
 
 
+@register_model(LightNetLM, task="causal_lm")
+def linear_lm_nano():
+    """Causal kernelized linear attention (elu+1; `model.mixer=performer|cosformer|hedgehog|linear_relu`) in the
+    LightNet LM body (causal TPE, GLU), D 128, 4 layers, 4 heads."""
+    return dict(dim=128, depth=4, num_heads=4, mixer="linear_elu")
+
+
 class LightNetMLM(MaskedLMMixin, LightNetText):
     """Bidirectional LightNet encoder with a masked-LM head (module docstring).
 
@@ -203,14 +243,17 @@ class LightNetMLM(MaskedLMMixin, LightNetText):
         norm_eps (float): RMSNorm epsilon. Default: 1e-6.
         tie_embeddings (bool): output head shares the embedding matrix (BERT). Default: True.
         init (str): "default" (trunc-normal 0.02) or "author" (Xavier gain 0.01, zero `o_proj`) for the mixers.
+        mixer (MixerKind | str | type): the token mixer, as `LightNetLM`'s (built bidirectional).
     """
 
     def __init__(self, vocab_size: int = 257, dim: int = 128, depth: int = 4, num_heads: int = 4,
-                 mlp_hidden_dim: int | None = None, lrpe: str | None = "cosine", tpe: bool = True,
-                 tpe_residual: bool = True, scale: float | None = 1.0, normalizer_init: str = "empty",
-                 norm_eps: float = 1e-6, tie_embeddings: bool = True, init: str = "default"):
+                 mlp_hidden_dim: int | None = None, lrpe: Lrpe | str | None = "cosine", tpe: bool = True,
+                 tpe_residual: bool = True, scale: float | None = 1.0,
+                 normalizer_init: NormalizerInit | str = "empty",
+                 norm_eps: float = 1e-6, tie_embeddings: bool = True, init: MixerInit | str = "default",
+                 mixer: MixerKind | str | type[nn.Module] = "lightnet"):
         super().__init__(vocab_size, dim, depth, num_heads, mlp_hidden_dim, lrpe, tpe, tpe_residual, scale,
-                         normalizer_init, 64, norm_eps, tie_embeddings, init, causal=False)
+                         normalizer_init, 64, norm_eps, tie_embeddings, init, causal=False, mixer=mixer)
 
 
 
@@ -230,3 +273,10 @@ def lightnet_mlm_tiny():
 def lightnet_mlm_base():
     """Bidirectional LightNet masked LM in the BERT-base shape: D 768, 12 layers, 12 heads."""
     return dict(dim=768, depth=12, num_heads=12)
+
+
+@register_model(LightNetMLM, task="masked_lm")
+def linear_mlm_nano():
+    """Bidirectional kernelized linear attention (elu+1; `model.mixer=performer|...`) in the LightNet MLM body
+    (two-sided TPE, GLU), D 128, 4 layers, 4 heads."""
+    return dict(dim=128, depth=4, num_heads=4, mixer="linear_elu")

@@ -19,18 +19,28 @@ another resolution needs nothing resampled.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from enum import Enum
 from typing import Any, Literal
 
 import torch
 from torch import nn
 
+from ..errors import parse_enum
 from ..layers.init import init_linear
-from ..layers.lightnet import LightNetAttention, LightNetBlock, MdTpe, MultiScanAttention
+from ..layers.lightnet import LightNetAttention, LightNetBlock, Lrpe, MdTpe, MixerInit, parse_lrpe
+from ..layers.mixer import MixerKind, build_mixer, mixer_class, refuse_changed
 from ..layers.norm import RMSNorm
 from ..layers.patch_embed import PatchEmbed
 from ..layers.reversible import run_blocks
 from ..registry import register_model
 from .classifier import LinearHeadMixin
+
+
+class TpeDirection(str, Enum):
+    """How MD-TPE scans each grid axis."""
+
+    BIDIRECTIONAL = "bidirectional"  # two-sided λ^|Δ|
+    CAUSAL = "causal"  # the author's one-sided scans (an arbitrary top-left bias on images)
 
 
 class TokenMixerViT(LinearHeadMixin, nn.Module):
@@ -42,8 +52,9 @@ class TokenMixerViT(LinearHeadMixin, nn.Module):
     the MD-TPE.
 
     Args:
-        mixer_layer (type[nn.Module]): token-mixer class with `LightNetBlock`'s mixer contract.
-        mixer_kwargs (Mapping[str, Any]): extra constructor arguments of the mixer (`grid_shape` is added).
+        mixer (MixerKind | str | type[nn.Module]): the token mixer (`polyattn.layers.mixer`), built
+            bidirectional over the patch grid.
+        mixer_options (Mapping[str, Any]): the mixer's own constructor options (checked against it).
         img_size, patch_size, in_chans, num_classes, embed_dim, depth, num_heads: as `VisionTransformer`.
         mlp_hidden_dim (int, Optional): GLU hidden width; None → `8·ceil(D/3)` (a ViT 4× MLP budget).
         use_tpe (bool): apply MD-TPE once after the patch embedding.
@@ -61,8 +72,8 @@ class TokenMixerViT(LinearHeadMixin, nn.Module):
     def __init__(
         self,
         *,
-        mixer_layer: type[nn.Module],
-        mixer_kwargs: Mapping[str, Any],
+        mixer: MixerKind | str | type[nn.Module],
+        mixer_options: Mapping[str, Any],
         img_size: int | tuple[int, int] = 224,
         patch_size: int | tuple[int, int] = 16,
         in_chans: int = 3,
@@ -72,7 +83,7 @@ class TokenMixerViT(LinearHeadMixin, nn.Module):
         num_heads: int = 12,
         mlp_hidden_dim: int | None = None,
         use_tpe: bool = True,
-        tpe_direction: Literal["bidirectional", "causal"] = "bidirectional",
+        tpe_direction: TpeDirection | Literal["bidirectional", "causal"] = "bidirectional",
         tpe_residual: bool = True,
         drop_rate: float = 0.0,
         drop_path_rate: float = 0.0,
@@ -80,20 +91,22 @@ class TokenMixerViT(LinearHeadMixin, nn.Module):
     ):
         super().__init__()
         self.reversible = reversible
-        if tpe_direction not in ("bidirectional", "causal"):
-            raise ValueError(f"tpe_direction must be 'bidirectional' or 'causal', got {tpe_direction!r}")
+        tpe_direction = parse_enum(TpeDirection, tpe_direction, "tpe_direction")
+        self.mixer = mixer  # as given: a MixerKind or a class
         self.num_classes, self.global_pool = num_classes, "avg"
         self.num_features = self.embed_dim = embed_dim
         self.num_prefix_tokens = 0  # mean-pool head: no class token
 
         self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim)
         grid = self.patch_embed.grid_size
-        self.tpe = (MdTpe(embed_dim, num_heads, num_axes=2, causal=tpe_direction == "causal", residual=tpe_residual)
+        causal_tpe = tpe_direction is TpeDirection.CAUSAL
+        self.tpe = (MdTpe(embed_dim, num_heads, num_axes=2, causal=causal_tpe, residual=tpe_residual)
                     if use_tpe else None)
         dpr = [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]  # stochastic depth grows with depth
         self.blocks = nn.ModuleList(
-            LightNetBlock(embed_dim, num_heads, mlp_hidden_dim=mlp_hidden_dim, mixer_layer=mixer_layer,
-                          drop_path=dpr[i], layer_idx=i, grid_shape=grid, **mixer_kwargs)
+            LightNetBlock(embed_dim, build_mixer(mixer, embed_dim, num_heads, causal=False, grid_shape=grid,
+                                                 **mixer_options),
+                          mlp_hidden_dim=mlp_hidden_dim, drop_path=dpr[i])
             for i in range(depth)
         )
         self.norm = RMSNorm(embed_dim, eps=1e-6)
@@ -148,6 +161,9 @@ class LightNetViT(TokenMixerViT):
         lrpe (str, Optional): "cosine" (d → 2d, the default), "rotary" or None (no relative positions).
         scale (float, Optional): output scale of the attention core; 1.0 (the author's) or None for d^-0.5.
         init (str): "default" (trunc-normal 0.02) or "author" (Xavier gain 0.01, zero output projections).
+        mixer (MixerKind | str | type): the token mixer; "lightnet" (default) or another (`polyattn.layers.mixer`),
+            e.g. a kernelized linear attention ("linear_elu", "performer", ...), with MD-TPE as its positions;
+            `lrpe`, `scale` and `init` are LightNet's and then stay at their defaults.
     """
 
     def __init__(
@@ -161,20 +177,26 @@ class LightNetViT(TokenMixerViT):
         num_heads: int = 12,
         mlp_hidden_dim: int | None = None,
         use_tpe: bool = True,
-        tpe_direction: Literal["bidirectional", "causal"] = "bidirectional",
+        tpe_direction: TpeDirection | Literal["bidirectional", "causal"] = "bidirectional",
         tpe_residual: bool = True,
-        lrpe: Literal["cosine", "rotary"] | None = "cosine",
+        lrpe: Lrpe | Literal["cosine", "rotary"] | None = "cosine",
         scale: float | None = 1.0,
-        init: Literal["default", "author"] = "default",
+        init: MixerInit | Literal["default", "author"] = "default",
         drop_rate: float = 0.0,
         drop_path_rate: float = 0.0,
+        mixer: MixerKind | str | type[nn.Module] = "lightnet",
         reversible: bool = False,
     ):
-        if lrpe not in ("cosine", "rotary", None):
-            raise ValueError(f"lrpe must be 'cosine', 'rotary' or None, got {lrpe!r}")
+        mixer = mixer if isinstance(mixer, type) else parse_enum(MixerKind, mixer, "mixer")
+        if mixer_class(mixer) is LightNetAttention:
+            options = dict(lrpe=parse_lrpe(lrpe), scale=scale, init=init)
+        else:
+            refuse_changed(type(self).__name__, mixer, "LightNet", lrpe=(parse_lrpe(lrpe), Lrpe.COSINE),
+                           scale=(scale, 1.0), init=(parse_enum(MixerInit, init, "init"), MixerInit.DEFAULT))
+            options = {}
         super().__init__(
-            mixer_layer=LightNetAttention,
-            mixer_kwargs=dict(causal=False, lrpe=lrpe, scale=scale, init=init),
+            mixer=mixer,
+            mixer_options=options,
             img_size=img_size, patch_size=patch_size, in_chans=in_chans, num_classes=num_classes,
             embed_dim=embed_dim, depth=depth, num_heads=num_heads, mlp_hidden_dim=mlp_hidden_dim, use_tpe=use_tpe,
             tpe_direction=tpe_direction, tpe_residual=tpe_residual, drop_rate=drop_rate,
@@ -217,10 +239,10 @@ class MultiScanViT(TokenMixerViT):
         divide: bool = False,
         per_direction_decay: bool = False,
         use_tpe: bool = False,
-        tpe_direction: Literal["bidirectional", "causal"] = "bidirectional",
+        tpe_direction: TpeDirection | Literal["bidirectional", "causal"] = "bidirectional",
         tpe_residual: bool = True,
         scale: float | None = None,
-        init: Literal["default", "author"] = "default",
+        init: MixerInit | Literal["default", "author"] = "default",
         drop_rate: float = 0.0,
         drop_path_rate: float = 0.0,
         reversible: bool = False,
@@ -228,8 +250,8 @@ class MultiScanViT(TokenMixerViT):
         if directions not in (1, 2, 4):
             raise ValueError(f"directions must be 1, 2 or 4, got {directions!r}")
         super().__init__(
-            mixer_layer=MultiScanAttention,
-            mixer_kwargs=dict(directions=directions, divide=divide, per_direction_decay=per_direction_decay,
+            mixer=MixerKind.MULTISCAN,
+            mixer_options=dict(directions=directions, divide=divide, per_direction_decay=per_direction_decay,
                               scale=scale, init=init),
             img_size=img_size, patch_size=patch_size, in_chans=in_chans, num_classes=num_classes,
             embed_dim=embed_dim, depth=depth, num_heads=num_heads, mlp_hidden_dim=mlp_hidden_dim, use_tpe=use_tpe,
@@ -287,3 +309,10 @@ def multiscan_vision_small():
 def multiscan_vision_base():
     """Multiplicative 4-scan baseline with D=768, 12 blocks, 12 heads (ViT-B sizes)."""
     return dict(embed_dim=768, depth=12, num_heads=12)
+
+
+@register_model(LightNetViT, task="classification")
+def linear_vision_nano():
+    """Kernelized linear attention (elu+1; `model.mixer=performer|cosformer|hedgehog|linear_relu`) in the
+    LightNet-vision body with MD-TPE, D=128, 6 blocks, 4 heads."""
+    return dict(embed_dim=128, depth=6, num_heads=4, mixer="linear_elu", lrpe="cosine")

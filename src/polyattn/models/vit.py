@@ -7,12 +7,14 @@ of bidirectional attention and a GELU MLP, final norm, linear head on the class 
 
 from __future__ import annotations
 
+from enum import Enum
 from functools import partial
 from typing import Literal
 
 import torch
 from torch import nn
 
+from ..errors import parse_enum
 from ..layers.attention import Attention
 from ..layers.block import TransformerBlock
 from ..layers.init import init_linear
@@ -22,6 +24,13 @@ from ..layers.pos_embed import resample_abs_pos_embed, sincos_pos_embed
 from ..layers.reversible import run_blocks
 from ..registry import register_model
 from .classifier import LinearHeadMixin
+
+
+class VitPosEmbed(str, Enum):
+    """ViT's absolute positions."""
+
+    LEARNED = "learned"  # a trained table (ViT, DeiT)
+    SINCOS = "sincos"  # a fixed 2-D sin-cos table (MAE, MoCo v3)
 
 
 class VisionTransformer(LinearHeadMixin, nn.Module):
@@ -46,7 +55,7 @@ class VisionTransformer(LinearHeadMixin, nn.Module):
         mlp_ratio: float = 4.0,
         qkv_bias: bool = True,
         global_pool: Literal["token", "avg"] = "token",
-        pos_embed: Literal["learned", "sincos"] = "learned",
+        pos_embed: VitPosEmbed | Literal["learned", "sincos"] = "learned",
         drop_rate: float = 0.0,
         drop_path_rate: float = 0.0,
         reversible: bool = False,
@@ -55,8 +64,7 @@ class VisionTransformer(LinearHeadMixin, nn.Module):
         self.reversible = reversible
         if global_pool not in ("token", "avg"):
             raise ValueError(f"global_pool must be 'token' or 'avg', got {global_pool!r}")
-        if pos_embed not in ("learned", "sincos"):
-            raise ValueError(f"pos_embed must be 'learned' or 'sincos', got {pos_embed!r}")
+        pos_embed = parse_enum(VitPosEmbed, pos_embed, "pos_embed")
         self.num_classes, self.global_pool = num_classes, global_pool
         self.num_features = self.embed_dim = embed_dim
         self.num_prefix_tokens = 1
@@ -65,7 +73,7 @@ class VisionTransformer(LinearHeadMixin, nn.Module):
         self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         num_tokens = self.num_prefix_tokens + self.patch_embed.num_patches
-        if pos_embed == "learned":
+        if pos_embed is VitPosEmbed.LEARNED:
             self.pos_embed = nn.Parameter(torch.zeros(1, num_tokens, embed_dim))
             nn.init.trunc_normal_(self.pos_embed, std=0.02)
         else:

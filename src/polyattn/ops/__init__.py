@@ -1,10 +1,10 @@
 """Pure tensor functions: the math of each token mixer, `[B, T, H, D]` layout, each with a reference form.
 
-Submodules: `attention` (softmax attention and its masks), `lightnet`, `decay_scan`, `chunk_gated` (the chunk
-kernel those two share), `lrpe`, `tpe`, `losses` (the one cross-entropy and `IGNORE_INDEX`),
-`linear_cross_attention` (kernelized cross-attention over a fixed-size context state), `sequence` (positions from
-padding masks, packed documents, grid coordinates). The submodule names are not shadowed here, so
-`polyattn.ops.attention` stays the module: the softmax attention function is
+Submodules: `attention` (softmax attention and its masks), `lightnet`, `linear_attn` (kernelized, with its
+feature maps), `decay_scan`, `chunk_gated` (the chunk kernel lightnet and decay_scan share), `lrpe`, `tpe`, `losses`
+(the one cross-entropy and `IGNORE_INDEX`), `linear_cross_attention` (kernelized cross-attention over a fixed-size
+context state), `sequence` (positions from padding masks, packed documents, grid coordinates). The submodule names
+are not shadowed here, so `polyattn.ops.attention` stays the module: the softmax attention function is
 `from polyattn.ops.attention import attention` (or `polyattn.ops.softmax_attention`, the same function under a name
 that does not collide).
 """
@@ -33,6 +33,14 @@ from .lightnet import (
     lightnet_recurrent,
     lightnet_reference,
 )
+from .linear_attn import (
+    FeatureMap,
+    LinearAttnState,
+    feature_map_fn,
+    linear_attn,
+    linear_attn_recurrent,
+    linear_attn_reference,
+)
 from .linear_cross_attention import (
     LinearContextState,
     elu_feature_map,
@@ -57,7 +65,9 @@ from .tpe import md_tpe_scan, tpe_reference, tpe_scan
 __all__ = [
     "IGNORE_INDEX",
     "Backend",
+    "FeatureMap",
     "LightNetState",
+    "LinearAttnState",
     "LinearContextState",
     "MaskMode",
     "attention_ref",
@@ -73,12 +83,16 @@ __all__ = [
     "document_positions",
     "double_mask",
     "elu_feature_map",
+    "feature_map_fn",
     "grid_positions",
     "lightnet_attn",
     "lightnet_chunk",
     "lightnet_global",
     "lightnet_recurrent",
     "lightnet_reference",
+    "linear_attn",
+    "linear_attn_recurrent",
+    "linear_attn_reference",
     "linear_context_state",
     "linear_cross_attn",
     "linear_cross_attn_reference",
