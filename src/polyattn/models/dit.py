@@ -20,6 +20,19 @@ The mixer is `"softmax"` (bidirectional multi-head softmax attention with qkv bi
 embedding). Everything else (MLP, norms, modulation, head, initialisation) is the same for both, so a comparison
 of the two changes only the token mixer.
 
+Conditioning (`conditioning=`, the three variants the DiT paper compares in §3.2 / Fig. 5; `DiTConditioning`):
+
+- `adaln_zero` (default, above): `c = t_emb(t) + y_emb(y)` modulates every block.
+- `cross_attention`: the class and timestep embeddings are two condition tokens `[y_emb(y), t_emb(t)]`, and each
+  block (pre-LayerNorm, no modulation) adds a multi-head cross-attention to them after its token mixer. The class
+  token's keys/values do not depend on the noisy image or the step, so `encode_condition(y)` projects them once
+  per image and a sampler passes them as `condition=` to every step and both guidance branches; each step then
+  projects its one timestep token only (`forward` without `condition` computes the same in one go).
+- `in_context`: the two condition tokens are prepended to the patch tokens of standard pre-norm blocks and dropped
+  after the last one (their keys change with the image in every layer: nothing to reuse).
+
+The non-adaLN variants end in a LayerNorm and a zero-initialised linear layer, so they too start by predicting 0.
+
 The timestep is continuous, `t ∈ [0, 1]`; its sinusoidal embedding is taken of `1000·t`, DiT's range of integer
 DDPM steps. Class `num_classes` is the null label of classifier-free guidance (arXiv 2207.12598).
 """
@@ -28,6 +41,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from enum import Enum
 from functools import partial
 from typing import Literal
 
@@ -35,7 +49,7 @@ import torch
 from einops import rearrange
 from torch import nn
 
-from ..layers.attention import Attention
+from ..layers.attention import Attention, KVCache
 from ..layers.lightnet import LightNetAttention, MdTpe
 from ..layers.mlp import Mlp
 from ..layers.patch_embed import PatchEmbed, to_2tuple
@@ -82,7 +96,7 @@ class SoftmaxMixer(nn.Module):
     Positions come from the absolute table added after the patch embedding; `grid_shape` is not needed.
     """
 
-    def __init__(self, dim: int, num_heads: int, grid_shape: tuple[int, int]):
+    def __init__(self, dim: int, num_heads: int, grid_shape: tuple[int, int], num_special: int = 0):
         super().__init__()
         self.layer = Attention(dim, num_heads, qkv_bias=True, proj_bias=True, mask_mode="bidirectional")
 
@@ -95,12 +109,14 @@ class LightNetMixer(nn.Module):
 
     Args:
         lrpe: "cosine" (the default), "rotary" or None (no relative positions).
+        num_special: leading condition tokens before the grid (angle 0; in-context conditioning).
     """
 
     def __init__(self, dim: int, num_heads: int, grid_shape: tuple[int, int],
-                 lrpe: Literal["cosine", "rotary"] | None = "cosine"):
+                 lrpe: Literal["cosine", "rotary"] | None = "cosine", num_special: int = 0):
         super().__init__()
-        self.layer = LightNetAttention(dim, num_heads, causal=False, lrpe=lrpe, grid_shape=grid_shape)
+        self.layer = LightNetAttention(dim, num_heads, causal=False, lrpe=lrpe, grid_shape=grid_shape,
+                                       num_special=num_special)
 
     def forward(self, x: torch.Tensor, grid_shape: Sequence[int]) -> torch.Tensor:
         return self.layer(x, grid_shape=grid_shape)[0]  # (B, N, D)
@@ -124,18 +140,60 @@ class DiTBlock(nn.Module):
         return x + gate2.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift2, scale2))
 
 
-class FinalLayer(nn.Module):
-    """adaLN (shift, scale from c) → Linear to `p·p·C_out` values per token; both zero-initialised."""
+class DiTTokenBlock(nn.Module):
+    """A pre-LayerNorm block without modulation, for the `cross_attention` and `in_context` conditionings:
+    `x + Mixer(LN(x))`, then (with `cross_attention`) `x + CrossAttn(LN(x), condition tokens)`, then
+    `x + MLP(LN(x))`."""
 
-    def __init__(self, dim: int, patch_size: tuple[int, int], out_chans: int):
+    def __init__(self, dim: int, mixer: nn.Module, num_heads: int, mlp_ratio: float = 4.0,
+                 cross_attention: bool = False):
         super().__init__()
-        self.norm = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
-        self.linear = nn.Linear(dim, patch_size[0] * patch_size[1] * out_chans)
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim))
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.mixer = mixer
+        if cross_attention:
+            self.norm_cross = nn.LayerNorm(dim, eps=1e-6)
+            self.norm_context = nn.LayerNorm(dim, eps=1e-6)
+            self.cross = Attention(dim, num_heads, qkv_bias=True, proj_bias=True)
+        else:
+            self.cross = None
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=partial(nn.GELU, approximate="tanh"))
 
-    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    def encode_condition(self, tokens: torch.Tensor) -> KVCache:
+        """Keys/values `[B, S, H, D/H]` of condition tokens `[B, S, D]` for the cross-attention."""
+        return self.cross.encode_context(self.norm_context(tokens))
+
+    def forward(self, x: torch.Tensor, condition: KVCache | None, grid_shape: Sequence[int]) -> torch.Tensor:
+        """x `[B, N, D]`, the condition tokens' keys/values (cross-attention) → `[B, N, D]`."""
+        x = x + self.mixer(self.norm1(x), grid_shape)
+        if self.cross is not None:
+            x = x + self.cross(self.norm_cross(x), context=condition)[0]
+        return x + self.mlp(self.norm2(x))
+
+
+class FinalLayer(nn.Module):
+    """adaLN (shift, scale from c) → Linear to `p·p·C_out` values per token; both zero-initialised. With
+    `adaptive=False` (the conditionings without adaLN) a LayerNorm with affine parameters replaces the adaLN."""
+
+    def __init__(self, dim: int, patch_size: tuple[int, int], out_chans: int, adaptive: bool = True):
+        super().__init__()
+        self.norm = nn.LayerNorm(dim, elementwise_affine=not adaptive, eps=1e-6)
+        self.linear = nn.Linear(dim, patch_size[0] * patch_size[1] * out_chans)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim)) if adaptive else None
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor | None) -> torch.Tensor:
+        if self.adaLN_modulation is None:
+            return self.linear(self.norm(x))
         shift, scale = self.adaLN_modulation(c).chunk(2, dim=-1)
         return self.linear(modulate(self.norm(x), shift, scale))  # (B, N, p·p·C_out)
+
+
+class DiTConditioning(str, Enum):
+    """How the class and the timestep enter the model (module docstring; DiT §3.2)."""
+
+    ADALN_ZERO = "adaln_zero"
+    CROSS_ATTENTION = "cross_attention"
+    IN_CONTEXT = "in_context"
 
 
 MIXERS: dict[str, type[nn.Module]] = {"softmax": SoftmaxMixer, "lightnet": LightNetMixer}
@@ -143,6 +201,9 @@ MIXERS: dict[str, type[nn.Module]] = {"softmax": SoftmaxMixer, "lightnet": Light
 
 class DiT(nn.Module):
     """Class-conditional diffusion transformer (arXiv 2212.09748) with a softmax or LightNet token mixer.
+
+    `forward(x, t, y, *, condition=None)`: with the `cross_attention` conditioning, `condition` is what
+    `encode_condition(y)` returned for the same rows (then `y` is not read), reused across sampler steps.
 
     `forward(x [B, C, H, W], t [B] in [0, 1], y [B] int64 | None) → [B, C_out, H, W]` (C_out = C unless given):
     the task decides what the output means (`polyattn.tasks.diffusion` trains it as a flow velocity). `y` holds
@@ -175,6 +236,8 @@ class DiT(nn.Module):
         lrpe: LightNet only: "cosine", "rotary" or None (no MD-LRPE).
         use_tpe: LightNet only: MD-TPE (two-sided per axis, residual) once after the patch embedding.
         pos_embed: "sincos" (DiT's fixed 2-D table) or "none" (LightNet then relies on MD-LRPE/MD-TPE alone).
+        conditioning: "adaln_zero" (DiT's best, the default), "cross_attention" or "in_context" (module
+            docstring).
     """
 
     def __init__(
@@ -192,8 +255,14 @@ class DiT(nn.Module):
         lrpe: Literal["cosine", "rotary"] | None = "cosine",
         use_tpe: bool = True,
         pos_embed: Literal["sincos", "none"] = "sincos",
+        conditioning: DiTConditioning | str = "adaln_zero",
     ):
         super().__init__()
+        try:
+            self.conditioning = DiTConditioning(conditioning)
+        except ValueError:
+            raise ValueError(f"conditioning must be one of {[c.value for c in DiTConditioning]}, got "
+                             f"{conditioning!r}") from None
         if mixer not in MIXERS:
             raise ValueError(f"mixer must be one of {sorted(MIXERS)}, got {mixer!r}")
         if pos_embed not in ("sincos", "none"):
@@ -214,11 +283,21 @@ class DiT(nn.Module):
         self.y_embedder = nn.Embedding(num_classes + 1, embed_dim)  # row num_classes: the null label
         mixer_cls = MIXERS[mixer]
         mixer_kwargs = {"lrpe": lrpe} if mixer == "lightnet" else {}
-        self.blocks = nn.ModuleList(
-            DiTBlock(embed_dim, mixer_cls(embed_dim, num_heads, grid, **mixer_kwargs), mlp_ratio)
-            for _ in range(depth)
-        )
-        self.final_layer = FinalLayer(embed_dim, self.patch_size, self.out_chans)
+        adaln = self.conditioning is DiTConditioning.ADALN_ZERO
+        if adaln:
+            self.blocks = nn.ModuleList(
+                DiTBlock(embed_dim, mixer_cls(embed_dim, num_heads, grid, **mixer_kwargs), mlp_ratio)
+                for _ in range(depth)
+            )
+        else:
+            in_context = self.conditioning is DiTConditioning.IN_CONTEXT
+            special = self.NUM_CONDITION_TOKENS if in_context else 0
+            self.blocks = nn.ModuleList(
+                DiTTokenBlock(embed_dim, mixer_cls(embed_dim, num_heads, grid, num_special=special, **mixer_kwargs),
+                              num_heads, mlp_ratio, cross_attention=not in_context)
+                for _ in range(depth)
+            )
+        self.final_layer = FinalLayer(embed_dim, self.patch_size, self.out_chans, adaptive=adaln)
         self.initialize_weights()
 
     def initialize_weights(self) -> None:
@@ -235,10 +314,10 @@ class DiT(nn.Module):
         nn.init.normal_(self.y_embedder.weight, std=0.02)
         nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
         nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
-        for block in self.blocks:
-            nn.init.zeros_(block.adaLN_modulation[-1].weight)
-            nn.init.zeros_(block.adaLN_modulation[-1].bias)
-        for layer in (self.final_layer.adaLN_modulation[-1], self.final_layer.linear):
+        zeroed = [b.adaLN_modulation[-1] for b in self.blocks if isinstance(b, DiTBlock)] + [self.final_layer.linear]
+        if self.final_layer.adaLN_modulation is not None:
+            zeroed.append(self.final_layer.adaLN_modulation[-1])
+        for layer in zeroed:
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
 
@@ -251,8 +330,26 @@ class DiT(nn.Module):
         (ph, pw), (h, w) = self.patch_size, grid
         return rearrange(x, "b (h w) (p q c) -> b c (h p) (w q)", h=h, w=w, p=ph, q=pw)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
-        """x `[B, C, H, W]`, t `[B]` (or a scalar) in [0, 1], y `[B]` class indices (None: the null label)."""
+    NUM_CONDITION_TOKENS = 2
+    """The condition tokens of `cross_attention` and `in_context`: `[y_emb(y), t_emb(t)]`."""
+
+    def _labels(self, y: torch.Tensor | None, B: int, device) -> torch.Tensor:
+        return torch.full((B,), self.num_classes, dtype=torch.long, device=device) if y is None else y
+
+    def encode_condition(self, y: torch.Tensor | None, batch_size: int | None = None) -> tuple[KVCache, ...] | None:
+        """What `forward(..., condition=)` reuses for the rows of `y [B]` (None: `batch_size` null labels): with
+        `cross_attention`, each block's keys/values of the class token, which no sampler step changes; None for
+        the other conditionings (nothing in them is independent of the image)."""
+        if self.conditioning is not DiTConditioning.CROSS_ATTENTION:
+            return None
+        device = self.y_embedder.weight.device
+        y_tok = self.y_embedder(self._labels(y, batch_size or 1, device))[:, None]  # (B, 1, D)
+        return tuple(block.encode_condition(y_tok) for block in self.blocks)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None, *,
+                condition: tuple[KVCache, ...] | None = None) -> torch.Tensor:
+        """x `[B, C, H, W]`, t `[B]` (or a scalar) in [0, 1], y `[B]` class indices (None: the null label);
+        `condition` from `encode_condition` (cross-attention conditioning only)."""
         B = x.shape[0]
         grid = self.patch_embed.grid_for(tuple(x.shape[-2:]))
         h = self.patch_embed(x)  # (B, N, D)
@@ -262,12 +359,31 @@ class DiT(nn.Module):
             h = h + pos.to(h.dtype)
         if self.tpe is not None:
             h, _ = self.tpe(h, grid_shape=grid)
-        if y is None:
-            y = torch.full((B,), self.num_classes, dtype=torch.long, device=x.device)
-        c = self.t_embedder(torch.as_tensor(t, device=x.device).expand(B)) + self.y_embedder(y)  # (B, D)
-        for block in self.blocks:
-            h = block(h, c, grid)
-        return self.unpatchify(self.final_layer(h, c), grid)  # (B, C_out, H, W)
+        t_emb = self.t_embedder(torch.as_tensor(t, device=x.device).expand(B))  # (B, D)
+        if self.conditioning is DiTConditioning.ADALN_ZERO:
+            if condition is not None:
+                raise ValueError("condition= is for the cross_attention conditioning; adaln_zero takes y")
+            c = t_emb + self.y_embedder(self._labels(y, B, x.device))  # (B, D)
+            for block in self.blocks:
+                h = block(h, c, grid)
+            return self.unpatchify(self.final_layer(h, c), grid)  # (B, C_out, H, W)
+        if self.conditioning is DiTConditioning.IN_CONTEXT:
+            if condition is not None:
+                raise ValueError("condition= is for the cross_attention conditioning; in_context takes y")
+            tokens = torch.stack((self.y_embedder(self._labels(y, B, x.device)), t_emb), 1).to(h.dtype)
+            h = torch.cat((tokens, h), 1)  # (B, 2 + N, D)
+            for block in self.blocks:
+                h = block(h, None, grid)
+            h = h[:, self.NUM_CONDITION_TOKENS:]
+        else:  # cross-attention to [y token, t token]; the y token's keys/values may come encoded
+            if condition is None:
+                condition = self.encode_condition(self._labels(y, B, x.device))
+            elif y is not None:
+                raise ValueError("pass y or the condition encoded from it, not both")
+            for block, y_kv in zip(self.blocks, condition):
+                t_kv = block.encode_condition(t_emb[:, None].to(h.dtype))
+                h = block(h, y_kv.append(t_kv.k, t_kv.v), grid)
+        return self.unpatchify(self.final_layer(h, None), grid)
 
 
 # DiT sizes (arXiv 2212.09748 Table 1; spec §3.4): S 384/12/6, B 768/12/12, L 1024/24/16, XL 1152/28/16, and two
