@@ -47,6 +47,7 @@ WORKLOADS = [
     Workload("illama_tiny", "illama_tiny", VISION, batch=128),
     Workload("lightnet_vision_tiny", "lightnet_vision_tiny", VISION, batch=128),
     Workload("multiscan_vision_tiny", "multiscan_vision_tiny", VISION, batch=128),
+    Workload("perceiver_vision_tiny", "perceiver_vision_tiny", VISION, batch=128),
     Workload("llama_lm", "llama_lm_tiny", LM),
     Workload("lightnet_lm", "lightnet_lm_tiny", LM),
     Workload("perceiver_ar", "perceiver_ar_tiny", {**LM, "max_seq_len": 1024, "num_latents": 512}),

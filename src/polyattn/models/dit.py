@@ -22,6 +22,19 @@ attentions (`"linear_elu"`, `"performer"`, ...), or a mixer class. Everything
 else (MLP, norms, modulation, head, initialisation) is the same for all, so a comparison changes only the token
 mixer.
 
+Conditioning (`conditioning=`, the three variants the DiT paper compares in §3.2 / Fig. 5; `DiTConditioning`):
+
+- `adaln_zero` (default, above): `c = t_emb(t) + y_emb(y)` modulates every block.
+- `cross_attention`: the class and timestep embeddings are two condition tokens `[y_emb(y), t_emb(t)]`, and each
+  block (pre-LayerNorm, no modulation) adds a multi-head cross-attention to them after its token mixer. The class
+  token's keys/values do not depend on the noisy image or the step, so `encode_condition(y)` projects them once
+  per image and a sampler passes them as `condition=` to every step and both guidance branches; each step then
+  projects its one timestep token only (`forward` without `condition` computes the same in one go).
+- `in_context`: the two condition tokens are prepended to the patch tokens of standard pre-norm blocks and dropped
+  after the last one (their keys change with the image in every layer: nothing to reuse).
+
+The non-adaLN variants end in a LayerNorm and a zero-initialised linear layer, so they too start by predicting 0.
+
 The timestep is continuous, `t ∈ [0, 1]`; its sinusoidal embedding is taken of `1000·t`, DiT's range of integer
 DDPM steps. Class `num_classes` is the null label of classifier-free guidance (arXiv 2207.12598).
 """
@@ -39,7 +52,7 @@ from einops import rearrange
 from torch import nn
 
 from ..errors import parse_enum
-from ..layers.attention import Attention
+from ..layers.attention import Attention, KVCache
 from ..layers.lightnet import LightNetAttention, Lrpe, MdTpe, parse_lrpe
 from ..layers.mixer import MixerKind, build_mixer, mixer_class, refuse_changed
 from ..layers.mlp import Mlp
@@ -122,16 +135,50 @@ class DiTBlock(nn.Module):
         return gate.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift, scale))
 
 
-class FinalLayer(nn.Module):
-    """adaLN (shift, scale from c) → Linear to `p·p·C_out` values per token; both zero-initialised."""
+class DiTTokenBlock(nn.Module):
+    """A pre-LayerNorm block without modulation, for the `cross_attention` and `in_context` conditionings:
+    `x + Mixer(LN(x))`, then (with `cross_attention`) `x + CrossAttn(LN(x), condition tokens)`, then
+    `x + MLP(LN(x))`."""
 
-    def __init__(self, dim: int, patch_size: tuple[int, int], out_chans: int):
+    def __init__(self, dim: int, mixer: nn.Module, num_heads: int, mlp_ratio: float = 4.0,
+                 cross_attention: bool = False):
         super().__init__()
-        self.norm = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
-        self.linear = nn.Linear(dim, patch_size[0] * patch_size[1] * out_chans)
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim))
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.mixer = nn.ModuleDict({"layer": mixer})  # `mixer.layer`, as in `DiTBlock`
+        if cross_attention:
+            self.norm_cross = nn.LayerNorm(dim, eps=1e-6)
+            self.norm_context = nn.LayerNorm(dim, eps=1e-6)
+            self.cross = Attention(dim, num_heads, qkv_bias=True, proj_bias=True)
+        else:
+            self.cross = None
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=partial(nn.GELU, approximate="tanh"))
 
-    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    def encode_condition(self, tokens: torch.Tensor) -> KVCache:
+        """Keys/values `[B, S, H, D/H]` of condition tokens `[B, S, D]` for the cross-attention."""
+        return self.cross.encode_context(self.norm_context(tokens))
+
+    def forward(self, x: torch.Tensor, condition: KVCache | None, grid_shape: Sequence[int]) -> torch.Tensor:
+        """x `[B, N, D]`, the condition tokens' keys/values (cross-attention) → `[B, N, D]`."""
+        x = x + self.mixer["layer"](self.norm1(x), grid_shape=grid_shape)[0]
+        if self.cross is not None:
+            x = x + self.cross(self.norm_cross(x), context=condition)[0]
+        return x + self.mlp(self.norm2(x))
+
+
+class FinalLayer(nn.Module):
+    """adaLN (shift, scale from c) → Linear to `p·p·C_out` values per token; both zero-initialised. With
+    `adaptive=False` (the conditionings without adaLN) a LayerNorm with affine parameters replaces the adaLN."""
+
+    def __init__(self, dim: int, patch_size: tuple[int, int], out_chans: int, adaptive: bool = True):
+        super().__init__()
+        self.norm = nn.LayerNorm(dim, elementwise_affine=not adaptive, eps=1e-6)
+        self.linear = nn.Linear(dim, patch_size[0] * patch_size[1] * out_chans)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim)) if adaptive else None
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor | None) -> torch.Tensor:
+        if self.adaLN_modulation is None:
+            return self.linear(self.norm(x))
         shift, scale = self.adaLN_modulation(c).chunk(2, dim=-1)
         return self.linear(modulate(self.norm(x), shift, scale))  # (B, N, p·p·C_out)
 
@@ -140,8 +187,20 @@ _MIXER_OPTIONS: dict[type[nn.Module], dict] = {Attention: {"qkv_bias": True, "pr
 """DiT's own choices for a mixer: softmax attention with qkv and output biases (DiT's `Attention(qkv_bias=True)`)."""
 
 
+class DiTConditioning(str, Enum):
+    """How the class and the timestep enter the model (module docstring; DiT §3.2)."""
+
+    ADALN_ZERO = "adaln_zero"
+    CROSS_ATTENTION = "cross_attention"
+    IN_CONTEXT = "in_context"
+
+
+
 class DiT(nn.Module):
     """Class-conditional diffusion transformer (arXiv 2212.09748) with a softmax or LightNet token mixer.
+
+    `forward(x, t, y, *, condition=None)`: with the `cross_attention` conditioning, `condition` is what
+    `encode_condition(y)` returned for the same rows (then `y` is not read), reused across sampler steps.
 
     `forward(x [B, C, H, W], t [B] in [0, 1], y [B] int64 | None) → [B, C_out, H, W]` (C_out = C unless given):
     the task decides what the output means (`polyattn.tasks.diffusion` trains it as a flow velocity). `y` holds
@@ -179,6 +238,8 @@ class DiT(nn.Module):
             MD-LRPE/MD-TPE alone).
         reversible: run the blocks as a reversible stack (`polyattn.layers.reversible`: two coupled residual
             streams, activations recomputed in backward, training memory flat in depth).
+        conditioning: "adaln_zero" (DiT's best, the default), "cross_attention" or "in_context" (module
+            docstring).
 
     `lrpe` and `use_tpe` at any value but their default with another mixer than LightNet are an error: they
     would change nothing.
@@ -200,9 +261,14 @@ class DiT(nn.Module):
         use_tpe: bool = True,
         pos_embed: DiTPosEmbed | Literal["sincos", "none"] = "sincos",
         reversible: bool = False,
+        conditioning: DiTConditioning | str = "adaln_zero",
     ):
         super().__init__()
         self.reversible = reversible
+        self.conditioning = parse_enum(DiTConditioning, conditioning, "conditioning")
+        if reversible and self.conditioning is not DiTConditioning.ADALN_ZERO:
+            raise ValueError("reversible=True couples the adaLN-Zero blocks; the cross_attention and in_context "
+                             "conditionings have no reversible form, so set conditioning=adaln_zero")
         mixer = mixer if isinstance(mixer, type) else parse_enum(MixerKind, mixer, "mixer")
         mixer_cls = mixer_class(mixer)
         lrpe = parse_lrpe(lrpe)
@@ -227,12 +293,23 @@ class DiT(nn.Module):
         options = _MIXER_OPTIONS.get(mixer_cls, {})
         if lightnet:
             options = {**options, "lrpe": lrpe}
-        self.blocks = nn.ModuleList(
-            DiTBlock(embed_dim, build_mixer(mixer_cls, embed_dim, num_heads, causal=False, grid_shape=grid,
-                                            **options), mlp_ratio)
-            for _ in range(depth)
-        )
-        self.final_layer = FinalLayer(embed_dim, self.patch_size, self.out_chans)
+        adaln = self.conditioning is DiTConditioning.ADALN_ZERO
+        if adaln:
+            self.blocks = nn.ModuleList(
+                DiTBlock(embed_dim, build_mixer(mixer_cls, embed_dim, num_heads, causal=False, grid_shape=grid,
+                                                **options), mlp_ratio)
+                for _ in range(depth)
+            )
+        else:
+            in_context = self.conditioning is DiTConditioning.IN_CONTEXT
+            if in_context and lightnet:  # the condition tokens lead the grid, at MD-LRPE angle 0
+                options = {**options, "num_special": self.NUM_CONDITION_TOKENS}
+            self.blocks = nn.ModuleList(
+                DiTTokenBlock(embed_dim, build_mixer(mixer_cls, embed_dim, num_heads, causal=False, grid_shape=grid,
+                                                     **options), num_heads, mlp_ratio, cross_attention=not in_context)
+                for _ in range(depth)
+            )
+        self.final_layer = FinalLayer(embed_dim, self.patch_size, self.out_chans, adaptive=adaln)
         self.initialize_weights()
 
     def initialize_weights(self) -> None:
@@ -249,10 +326,10 @@ class DiT(nn.Module):
         nn.init.normal_(self.y_embedder.weight, std=0.02)
         nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
         nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
-        for block in self.blocks:
-            nn.init.zeros_(block.adaLN_modulation[-1].weight)
-            nn.init.zeros_(block.adaLN_modulation[-1].bias)
-        for layer in (self.final_layer.adaLN_modulation[-1], self.final_layer.linear):
+        zeroed = [b.adaLN_modulation[-1] for b in self.blocks if isinstance(b, DiTBlock)] + [self.final_layer.linear]
+        if self.final_layer.adaLN_modulation is not None:
+            zeroed.append(self.final_layer.adaLN_modulation[-1])
+        for layer in zeroed:
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
 
@@ -265,8 +342,26 @@ class DiT(nn.Module):
         (ph, pw), (h, w) = self.patch_size, grid
         return rearrange(x, "b (h w) (p q c) -> b c (h p) (w q)", h=h, w=w, p=ph, q=pw)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
-        """x `[B, C, H, W]`, t `[B]` (or a scalar) in [0, 1], y `[B]` class indices (None: the null label)."""
+    NUM_CONDITION_TOKENS = 2
+    """The condition tokens of `cross_attention` and `in_context`: `[y_emb(y), t_emb(t)]`."""
+
+    def _labels(self, y: torch.Tensor | None, B: int, device) -> torch.Tensor:
+        return torch.full((B,), self.num_classes, dtype=torch.long, device=device) if y is None else y
+
+    def encode_condition(self, y: torch.Tensor | None, batch_size: int | None = None) -> tuple[KVCache, ...] | None:
+        """What `forward(..., condition=)` reuses for the rows of `y [B]` (None: `batch_size` null labels): with
+        `cross_attention`, each block's keys/values of the class token, which no sampler step changes; None for
+        the other conditionings (nothing in them is independent of the image)."""
+        if self.conditioning is not DiTConditioning.CROSS_ATTENTION:
+            return None
+        device = self.y_embedder.weight.device
+        y_tok = self.y_embedder(self._labels(y, batch_size or 1, device))[:, None]  # (B, 1, D)
+        return tuple(block.encode_condition(y_tok) for block in self.blocks)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None, *,
+                condition: tuple[KVCache, ...] | None = None) -> torch.Tensor:
+        """x `[B, C, H, W]`, t `[B]` (or a scalar) in [0, 1], y `[B]` class indices (None: the null label);
+        `condition` from `encode_condition` (cross-attention conditioning only)."""
         B = x.shape[0]
         grid = self.patch_embed.grid_for(tuple(x.shape[-2:]))
         h = self.patch_embed(x)  # (B, N, D)
@@ -276,15 +371,34 @@ class DiT(nn.Module):
             h = h + pos.to(h.dtype)
         if self.tpe is not None:
             h, _ = self.tpe(h, grid_shape=grid)
-        if y is None:
-            y = torch.full((B,), self.num_classes, dtype=torch.long, device=x.device)
-        c = self.t_embedder(torch.as_tensor(t, device=x.device).expand(B)) + self.y_embedder(y)  # (B, D)
-        if self.reversible:
-            h = reversible_blocks(self.blocks, h, c=c, grid_shape=grid)
-        else:
+        t_emb = self.t_embedder(torch.as_tensor(t, device=x.device).expand(B))  # (B, D)
+        if self.conditioning is DiTConditioning.ADALN_ZERO:
+            if condition is not None:
+                raise ValueError("condition= is for the cross_attention conditioning; adaln_zero takes y")
+            c = t_emb + self.y_embedder(self._labels(y, B, x.device))  # (B, D)
+            if self.reversible:
+                h = reversible_blocks(self.blocks, h, c=c, grid_shape=grid)
+            else:
+                for block in self.blocks:
+                    h = block(h, c, grid)
+            return self.unpatchify(self.final_layer(h, c), grid)  # (B, C_out, H, W)
+        if self.conditioning is DiTConditioning.IN_CONTEXT:
+            if condition is not None:
+                raise ValueError("condition= is for the cross_attention conditioning; in_context takes y")
+            tokens = torch.stack((self.y_embedder(self._labels(y, B, x.device)), t_emb), 1).to(h.dtype)
+            h = torch.cat((tokens, h), 1)  # (B, 2 + N, D)
             for block in self.blocks:
-                h = block(h, c, grid)
-        return self.unpatchify(self.final_layer(h, c), grid)  # (B, C_out, H, W)
+                h = block(h, None, grid)
+            h = h[:, self.NUM_CONDITION_TOKENS:]
+        else:  # cross-attention to [y token, t token]; the y token's keys/values may come encoded
+            if condition is None:
+                condition = self.encode_condition(self._labels(y, B, x.device))
+            elif y is not None:
+                raise ValueError("pass y or the condition encoded from it, not both")
+            for block, y_kv in zip(self.blocks, condition):
+                t_kv = block.encode_condition(t_emb[:, None].to(h.dtype))
+                h = block(h, y_kv.append(t_kv.k, t_kv.v), grid)
+        return self.unpatchify(self.final_layer(h, None), grid)
 
 
 # DiT sizes (arXiv 2212.09748 Table 1; spec §3.4): S 384/12/6, B 768/12/12, L 1024/24/16, XL 1152/28/16, and two

@@ -198,6 +198,15 @@ def check_sampling_args(n: int, steps: int, cfg: float, sampler: str, eta: float
         raise UserError(f"The sampling batch size must be at least 1, got {batch_size}.")
 
 
+def _encode_condition(model, y: torch.Tensor, cfg: float, null_label: int):
+    """A model's step-independent conditioning for the rows `guided_velocity` runs (`[y]`, or `[y, null]` with
+    guidance), from its `encode_condition` (DiT with cross-attention conditioning), or None."""
+    encode = getattr(model, "encode_condition", None)
+    if encode is None:
+        return None
+    return encode(y if cfg == 1.0 else torch.cat([y, torch.full_like(y, null_label)]))
+
+
 @torch.no_grad()
 def sample(model: Callable[..., torch.Tensor], labels: torch.Tensor, *, shape: Sequence[int], null_label: int,
            steps: int, cfg: float = 1.0, sampler: str = "euler", eta: float = 0.0,
@@ -206,6 +215,8 @@ def sample(model: Callable[..., torch.Tensor], labels: torch.Tensor, *, shape: S
     """Draws one image per label with the guided flow of `model(x, t, y) → v`: returns `[n, *shape]` in model
     space (≈ [-1, 1]), on the CPU.
 
+    A model with `encode_condition(y)` (DiT's cross-attention conditioning) has it computed once per batch of
+    images and passed as `condition=` to every step and both guidance branches.
     The starting noise of all images is drawn first, on the CPU from `generator`, so the images of a seed do not
     depend on `batch_size` or the device (DDIM with `eta > 0` draws more noise per batch as it goes).
     A tqdm bar on stderr counts sampler steps over all batches.
@@ -219,6 +230,10 @@ def sample(model: Callable[..., torch.Tensor], labels: torch.Tensor, *, shape: S
         for start in range(0, len(labels), batch_size):
             y = labels[start:start + batch_size].to(device)
             velocity = lambda x, t, y=y: guided_velocity(model, x, t, y, cfg, null_label)
+            condition = _encode_condition(model, y, cfg, null_label)
+            if condition is not None:  # the rows' class conditioning, computed once for every step and branch
+                net = lambda x, t, labels, condition=condition: model(x, t, condition=condition)
+                velocity = lambda x, t, y=y, net=net: guided_velocity(net, x, t, y, cfg, null_label)
             x = integrate(velocity, noise[start:start + batch_size].to(device), steps, sampler=sampler, eta=eta,
                           generator=generator, on_step=lambda: bar.update(1))
             out.append(x.float().cpu())
