@@ -12,13 +12,21 @@ not in it). Time: the median of `--repeats` steps after a warm-up. Benchmarks ne
 from __future__ import annotations
 
 import argparse
-import time
 from pathlib import Path
 
 import torch
 
 from ..hardware import resolve_device
-from .common import SavedTensorBytes, add_machine_arguments, bench_header, median, pyplot, synchronize, write_json
+from .common import (
+    SavedTensorBytes,
+    add_machine_arguments,
+    bench_header,
+    median,
+    pyplot,
+    synchronize,
+    time_call,
+    write_json,
+)
 
 VISION = {"img_size": 32, "patch_size": 4, "num_classes": 10}
 TEXT = {"vocab_size": 256}
@@ -71,14 +79,7 @@ def training_step_memory(model: torch.nn.Module, loss, device: torch.device, rep
             value = loss()
         value.backward()
         memory = saved.bytes
-    times = []
-    for _ in range(repeats):
-        synchronize(device)
-        t0 = time.perf_counter()
-        step()
-        synchronize(device)
-        times.append(time.perf_counter() - t0)
-    return {"memory_bytes": memory, "step_s": median(times)}
+    return {"memory_bytes": memory, "step_s": median(time_call(step, device, repeats))}
 
 
 def run(args) -> int:
