@@ -181,7 +181,7 @@ HOW: dict[str, Train | Run | Error | Help | Covered | Skip] = {
                                                         "sides_of_a_pair"),
     "polyattn bench peers": Covered("tests/test_bench_perf.py::test_bench_peers_times_both_sides_of_a_pair"),
     "polyattn bench decode": Covered("tests/test_bench_perf.py::test_bench_decode_reports_latency_against_context"),
-    "polyattn bench reversible --depths 4 8 16 --batch 16 --repeats 2 --threads 1":
+    "polyattn bench reversible --depths 4 8 16 --batch 8 --repeats 2 --threads 1":
         Covered("tests/test_bench_perf.py::test_bench_reversible_memory_is_flat_in_depth"),
     "make gpu-check": Skip("needs a CUDA device; scripts/gpu_check.sh refuses without one"),
     "polyattn bench compare": SYNOPSIS,

@@ -99,6 +99,19 @@ def test_saved_activations_do_not_grow_with_depth():
     assert saved_bytes(8, recompute=False) > 3 * saved_bytes(2, recompute=False)  # what ordinary backward keeps
 
 
+def test_blocks_learn_when_their_input_needs_no_gradient():
+    """A frozen embedding below the stack: nothing entering the function needs a gradient, the blocks still do."""
+    torch.manual_seed(0)
+    blocks = vit_blocks(2).double()
+    x = torch.randn(2, 5, D, dtype=torch.float64)  # requires_grad=False
+    reversible_blocks(blocks, x).sum().backward()
+    got = [p.grad.clone() for p in blocks.parameters()]
+    blocks.zero_grad()
+    reversible_blocks(blocks, x, recompute=False).sum().backward()
+    for p, g in zip(blocks.parameters(), got):
+        assert_close("param", p.grad, g, atol=1e-12)
+
+
 def test_inference_runs_the_same_coupling_without_the_function():
     torch.manual_seed(0)
     blocks = vit_blocks(3).eval()

@@ -3,30 +3,54 @@
 
 Per model (`--models`, registered names with a `reversible` flag) and depth (`--depths`): one training step
 (forward, loss, backward) of the standard model and of the same model with `reversible=True` at the same width,
-on random inputs. Memory: on CUDA the peak allocated memory of the step above the model and its inputs
-(`torch.cuda.max_memory_allocated`); on a CPU the bytes autograd keeps for backward (`SavedTensorBytes`: the
-activations, what depth multiplies; the backward pass's own temporaries are not in it). Time: the median of
-`--repeats` steps after a warm-up. Benchmarks never assert times.
+on random inputs (32 px images in 8 × 8 patches; 256-token sequences). Memory: on CUDA the peak allocated memory
+of the step above the model and its inputs (`torch.cuda.max_memory_allocated`); on a CPU the bytes autograd keeps
+for backward (`SavedTensorBytes`: the activations, what depth multiplies; the backward pass's own temporaries are
+not in it). Time: the median of `--repeats` steps after a warm-up. Benchmarks never assert times.
 """
 
 from __future__ import annotations
 
 import argparse
-import time
 from pathlib import Path
 
 import torch
 
 from ..hardware import resolve_device
-from .common import SavedTensorBytes, add_machine_arguments, bench_header, median, pyplot, synchronize, write_json
+from .common import (
+    SavedTensorBytes,
+    add_machine_arguments,
+    bench_header,
+    median,
+    pyplot,
+    synchronize,
+    time_call,
+    write_json,
+)
 
 VISION = {"img_size": 32, "patch_size": 4, "num_classes": 10}
-MODELS = {"vit_tiny": VISION, "illama_tiny": VISION, "lightnet_vision_tiny": VISION}
+TEXT = {"vocab_size": 256}
+TEXT_TOKENS = 256  # tokens per sequence of the language-model rows
+MODELS = {"vit_tiny": VISION, "illama_tiny": VISION, "lightnet_vision_tiny": VISION, "llama_lm_tiny": TEXT,
+          "lightnet_lm_tiny": TEXT}
+
+
+def loss_closure(model: torch.nn.Module, kwargs: dict, batch: int, generator: torch.Generator,
+                 device: torch.device):
+    """`() -> loss` of one training step on random data: images and labels (classifiers), or tokens and their
+    next-token targets (language models)."""
+    if "vocab_size" in kwargs:
+        tokens = torch.randint(0, kwargs["vocab_size"], (batch, TEXT_TOKENS), generator=generator).to(device)
+        return lambda: model(tokens, tokens)[1]
+    images = torch.randn(batch, 3, kwargs["img_size"], kwargs["img_size"], generator=generator).to(device)
+    labels = torch.randint(0, kwargs["num_classes"], (batch,), generator=generator).to(device)
+    return lambda: torch.nn.functional.cross_entropy(model(images), labels)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, default=Path("runs/bench/reversible"), help="output directory")
-    parser.add_argument("--models", nargs="+", default=["vit_tiny", "lightnet_vision_tiny"], choices=list(MODELS))
+    parser.add_argument("--models", nargs="+", choices=list(MODELS),
+                        default=["vit_tiny", "lightnet_vision_tiny", "llama_lm_tiny", "lightnet_lm_tiny"])
     parser.add_argument("--depths", type=int, nargs="+", default=[4, 8, 16, 32], help="numbers of blocks")
     parser.add_argument("--batch", type=int, default=32, help="images per step (default: 32)")
     parser.add_argument("--repeats", type=int, default=3, help="timed steps per point; the median is reported")
@@ -35,12 +59,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
 
 
-def training_step_memory(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor,
-                         device: torch.device, repeats: int) -> dict:
-    """Peak memory of one training step (see the module docstring) and the median step time."""
+def training_step_memory(model: torch.nn.Module, loss, device: torch.device, repeats: int) -> dict:
+    """Peak memory of one training step of `loss()` (see the module docstring) and the median step time."""
     def step():
         model.zero_grad(set_to_none=True)
-        torch.nn.functional.cross_entropy(model(images), labels).backward()
+        loss().backward()
 
     step()  # warm-up: allocates the gradients, so the peak below is the step's own
     synchronize(device)
@@ -53,17 +76,10 @@ def training_step_memory(model: torch.nn.Module, images: torch.Tensor, labels: t
     else:
         model.zero_grad(set_to_none=True)
         with SavedTensorBytes() as saved:
-            loss = torch.nn.functional.cross_entropy(model(images), labels)
-        loss.backward()
+            value = loss()
+        value.backward()
         memory = saved.bytes
-    times = []
-    for _ in range(repeats):
-        synchronize(device)
-        t0 = time.perf_counter()
-        step()
-        synchronize(device)
-        times.append(time.perf_counter() - t0)
-    return {"memory_bytes": memory, "step_s": median(times)}
+    return {"memory_bytes": memory, "step_s": median(time_call(step, device, repeats))}
 
 
 def run(args) -> int:
@@ -79,14 +95,12 @@ def run(args) -> int:
     points = []
     for name in args.models:
         kwargs = MODELS[name]
-        g = torch.Generator().manual_seed(args.seed)
-        images = torch.randn(args.batch, 3, kwargs["img_size"], kwargs["img_size"], generator=g).to(device)
-        labels = torch.randint(0, kwargs["num_classes"], (args.batch,), generator=g).to(device)
         for depth in sorted(args.depths):
             for reversible in (False, True):
                 torch.manual_seed(args.seed)
                 model = create_model(name, depth=depth, reversible=reversible, **kwargs).to(device).train()
-                result = training_step_memory(model, images, labels, device, args.repeats)
+                loss = loss_closure(model, kwargs, args.batch, torch.Generator().manual_seed(args.seed), device)
+                result = training_step_memory(model, loss, device, args.repeats)
                 points.append({"model": name, "depth": depth, "reversible": reversible, **result})
                 print(f"{name} depth {depth} {'reversible' if reversible else 'standard'}: "
                       f"{result['memory_bytes'] / 2**20:.1f} MiB, {result['step_s'] * 1e3:.0f} ms/step", flush=True)
@@ -140,4 +154,4 @@ def plot(points: list[dict], path: Path, header: dict) -> None:
     plt.close(fig)
 
 
-__all__ = ["MODELS", "add_arguments", "run", "training_step_memory"]
+__all__ = ["MODELS", "add_arguments", "loss_closure", "run", "training_step_memory"]

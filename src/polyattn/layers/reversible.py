@@ -121,6 +121,8 @@ def reversible_blocks(blocks: Sequence[nn.Module], x: torch.Tensor, *, recompute
                                               or any(p.requires_grad for b in blocks for p in b.parameters()))
     if recompute and needs_grad:
         rest = {k: v for k, v in kwargs.items() if k not in tensor_names}
+        if not (x.requires_grad or any(kwargs[k].requires_grad for k in tensor_names)):
+            x = x.detach().requires_grad_()  # only the blocks learn: the function's backward must still run
         y1, y2 = ReversibleFunction.apply(x, x, tuple(blocks), tensor_names, rest,
                                           *(kwargs[k] for k in tensor_names))
     else:
