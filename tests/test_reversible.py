@@ -48,7 +48,8 @@ def test_lightnet_blocks_and_tensor_arguments_get_their_gradients():
     """LightNet blocks, with a keyword tensor reaching every branch (here the key padding mask, and a learned
     tensor through a custom block) through the recomputing backward."""
     torch.manual_seed(1)
-    blocks = nn.ModuleList(LightNetBlock(D, LightNetAttention(D, 2, causal=True, lrpe=None), drop_path=0.2) for _ in range(3)).double()
+    blocks = nn.ModuleList(LightNetBlock(D, LightNetAttention(D, 2, causal=True, lrpe=None), drop_path=0.2)
+                           for _ in range(3)).double()
     x = torch.randn(2, 9, D, dtype=torch.float64)
     mask = torch.ones(2, 9, dtype=torch.bool)
     mask[1, :3] = False
