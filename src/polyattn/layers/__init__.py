@@ -8,6 +8,7 @@ from .attention import Attention, KVCache, parse_mask_mode
 from .block import TransformerBlock
 from .drop import DropPath, drop_path
 from .init import init_linear
+from .kv_int8 import Int8KVCache, int8_kv_cache
 from .lightnet import LightNetAttention, LightNetBlock, LightNetCache, MdTpe, MultiScanAttention
 from .mlp import GatedMlp, Mlp, llama_hidden_size
 from .norm import GroupRMSNorm, RMSNorm
@@ -29,6 +30,7 @@ __all__ = [
     "DropPath",
     "GatedMlp",
     "GroupRMSNorm",
+    "Int8KVCache",
     "KVCache",
     "LearnedPosEmbed",
     "LightNetAttention",
@@ -49,6 +51,7 @@ __all__ = [
     "drop_path",
     "grid_positions",
     "init_linear",
+    "int8_kv_cache",
     "llama_hidden_size",
     "parse_mask_mode",
     "positions_from_padding",

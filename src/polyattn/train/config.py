@@ -309,6 +309,10 @@ class RunConfig:
     """What the run resolved when it started: device and its name, CPU and ISA level, threads, torch, and the
     precision `auto` chose with the reason (polyattn.hardware.environment). Written by the training loop; a
     record, not an input."""
+    deploy: list[dict[str, Any]] | None = None
+    """The transforms applied to the trained weights, in order (quantization: method, source run, the modules it
+    replaced); `load_run` rebuilds them before loading the weights (polyattn.deploy.record). Written by `polyattn
+    quantize`; a record, not an input."""
 
     SECTIONS: typing.ClassVar[tuple[str, ...]] = ("model", "task", "data", "train")
 
@@ -325,6 +329,8 @@ class RunConfig:
             out[section] = _plain(dataclasses.asdict(getattr(self, section)))
         if self.environment is not None:
             out["environment"] = _plain(self.environment)
+        if self.deploy is not None:
+            out["deploy"] = _plain(self.deploy)
         return out
 
     @classmethod
@@ -339,6 +345,12 @@ class RunConfig:
                 continue
             if key == "environment":
                 config.environment = dict(value) if isinstance(value, dict) else None
+                continue
+            if key == "deploy":
+                if not (isinstance(value, list) and all(isinstance(v, dict) for v in value)):
+                    raise UserError(f"'deploy' in {origin} must be a list of transform records; it is written by "
+                                    f"`polyattn quantize`, restore the file that command wrote.")
+                config.deploy = [dict(v) for v in value]
                 continue
             if key not in cls.SECTIONS:
                 raise UserError(f"Unknown section '{key}' in {origin}.{nearest(key, cls.SECTIONS)}")
