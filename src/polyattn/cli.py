@@ -282,8 +282,16 @@ def _cmd_quantize(args) -> int:
     return 0
 
 
+def _cmd_prune(args) -> int:
+    from .deploy.prune import prune_run
+
+    out = prune_run(Path(args.run_dir), args.heads, args.mlp, out=args.out)
+    print(f"wrote {out}: attention heads and MLP channels pruned ({args.heads:g}, {args.mlp:g} per layer)")
+    return 0
+
+
 def _add_deploy_commands(sub) -> None:
-    """`polyattn export` and `polyattn quantize` (polyattn.deploy)."""
+    """`polyattn export`, `polyattn quantize` and `polyattn prune` (polyattn.deploy)."""
     p = sub.add_parser("export", help="export a run to ONNX or a torch.export program, checked against PyTorch",
                        description="Export a run's model (classifier, LM, one DiT denoiser call) or, with "
                                    "--decode-step, a causal LM's single-token decoding step with its state as "
@@ -305,6 +313,16 @@ def _add_deploy_commands(sub) -> None:
     p.add_argument("--method", required=True, choices=["int8-dynamic", "int8-weight-only", "int4-weight-only"])
     p.add_argument("--out", help="the new run directory (default: RUN_DIR-METHOD beside the run)")
     p.set_defaults(func=_cmd_quantize)
+
+    p = sub.add_parser("prune", help="remove the least important attention heads and MLP channels",
+                       description="Structured pruning by weight magnitude (polyattn.deploy.prune): remove a share "
+                                   "of the attention heads and MLP hidden channels of every layer, physically, "
+                                   "into a new run directory.")
+    p.add_argument("run_dir", metavar="RUN_DIR")
+    p.add_argument("--heads", type=float, default=0.25, help="share of heads removed per layer (default: 0.25)")
+    p.add_argument("--mlp", type=float, default=0.25, help="share of MLP channels removed per layer (default: 0.25)")
+    p.add_argument("--out", help="the new run directory (default: RUN_DIR-pruned beside the run)")
+    p.set_defaults(func=_cmd_prune)
 
 
 def _cmd_bench(args) -> int:

@@ -245,8 +245,6 @@ def quantize_run(run_dir: Path | str, method: str, out: Path | str | None = None
     Args:
         out (Path, Optional): the new run directory (must not exist); default `RUN_DIR-<method>` beside it.
     """
-    from ..train.checkpoint import CONFIG, EMA_WEIGHTS, WEIGHTS, save_weights
-    from ..train.config import save_yaml
     from ..train.loop import load_run
 
     if method not in METHODS:
@@ -260,18 +258,29 @@ def quantize_run(run_dir: Path | str, method: str, out: Path | str | None = None
     names = quantize_model(model, method)
     if not names:
         raise UserError(f"{config.model.name} has no linear layer that {method} can quantize.")
-    out.mkdir(parents=True)
-    for item in run_dir.iterdir():  # the run's own records (tokenizer, class names, metrics) travel with it
-        if item.is_file() and item.name not in (WEIGHTS, EMA_WEIGHTS, CONFIG) and not item.name.startswith("."):
-            shutil.copy2(item, out / item.name)
     record = {"transform": "quantize", "method": method, "source_run": str(run_dir.resolve()),
               "source_weights": run.weights, "modules": names}
+    return write_transformed_run(run_dir, config, model, record, out)
+
+
+def write_transformed_run(run_dir: Path, config, model: nn.Module, record: dict, out: Path) -> Path:
+    """The run directory `out` of a transformed model: the source run's own records (tokenizer, class names,
+    metrics), its config with `record` appended to `deploy`, and the model's weights."""
+    from ..train.checkpoint import CONFIG, EMA_WEIGHTS, WEIGHTS, save_weights
+    from ..train.config import save_yaml
+
+    if out.exists():
+        raise UserError(f"{out} already exists; pass --out with a new directory or remove it.")
+    out.mkdir(parents=True)
+    for item in Path(run_dir).iterdir():
+        if item.is_file() and item.name not in (WEIGHTS, EMA_WEIGHTS, CONFIG) and not item.name.startswith("."):
+            shutil.copy2(item, out / item.name)
     config.deploy = [*(config.deploy or []), record]
     config.train.run_name = out.name
     save_yaml(config.to_dict(), out / CONFIG)
     save_weights(model, out / WEIGHTS, model_name=config.model.name)
     return out
 
-
 __all__ = ["INT4_GROUP", "METHODS", "DynamicInt8Linear", "Int4WeightOnlyLinear", "Int8WeightOnlyLinear",
-           "QuantizedLinear", "empty_quantized", "quantizable_linears", "quantize_model", "quantize_run"]
+           "QuantizedLinear", "empty_quantized", "quantizable_linears", "quantize_model", "quantize_run",
+           "write_transformed_run"]

@@ -16,12 +16,16 @@ from ..errors import UserError
 
 def rebuild(model: nn.Module, records: list[dict[str, Any]]) -> nn.Module:
     """`model` with the modules of every transform in `records` put in place, ready for the stored weights."""
+    from .prune import apply_plan
     from .quantize import empty_quantized
 
     for record in records:
         kind = record.get("transform")
         if kind == "quantize":
             empty_quantized(model, record["method"], list(record["modules"]))
+        elif kind == "prune":  # the kept units' shapes; which of the old units they were does not matter here
+            apply_plan(model, {k: {n: list(range(len(v))) for n, v in mods.items()}
+                               for k, mods in record["plan"].items()})
         else:
             raise UserError(f"Unknown transform {kind!r} in the run's deploy record; it was written by another "
                             f"polyattn version.")
