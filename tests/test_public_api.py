@@ -14,7 +14,7 @@ from polyattn.train.config import config_keys, field_docs, keys_markdown
 
 ROOT = Path(__file__).resolve().parents[1]
 PUBLIC = ("polyattn.layers", "polyattn.ops", "polyattn.models", "polyattn.train", "polyattn.data",
-          "polyattn.analysis")
+          "polyattn.analysis", "polyattn.deploy")
 
 
 @pytest.mark.parametrize("name", PUBLIC)

@@ -129,6 +129,23 @@ HOW: dict[str, Train | Run | Error | Help | Covered | Skip] = {
                                      "ways"),
     "polyattn bench compare SUITE [--table]": SYNOPSIS,
     "polyattn bench reversible [--depths N ...]": SYNOPSIS,
+    "polyattn export RUN_DIR --format onnx|pt2": SYNOPSIS,
+    "polyattn quantize RUN_DIR --method METHOD": SYNOPSIS,
+    "polyattn prune RUN_DIR --heads H --mlp M": SYNOPSIS,
+    "polyattn prune runs/lm --heads 0.25 --mlp 0.25":
+        Covered("tests/test_deploy_prune.py::test_pruned_run_directory_loads_with_its_new_shapes"),
+    # Deploy
+    "polyattn export runs/lm --format onnx": Covered("tests/test_deploy_export.py::test_onnx_forward_matches_eager"),
+    "polyattn export runs/lm --format pt2":
+        Covered("tests/test_deploy_export.py::test_export_command_writes_a_checked_graph"),
+    "polyattn export runs/lm --decode-step --max-len 512":
+        Covered("tests/test_deploy_export.py::test_export_command_writes_a_checked_graph"),
+    "polyattn quantize runs/lm --method int8-dynamic":
+        Covered("tests/test_deploy_quantize.py::test_quantized_run_directory_loads_and_runs"),
+    "polyattn eval runs/lm-int8-dynamic":
+        Covered("tests/test_deploy_quantize.py::test_quantized_run_directory_loads_and_runs"),
+    'polyattn generate runs/lm --prompt "ROMEO:" --kv-cache int8':
+        Run("--max-new-tokens 4", replace={"runs/lm": "{lm}"}),
     "polyattn train default train.lrr=1e-3": Error("Unknown key 'train.lrr' in the command line. Did you mean "
                                                    "'train.lr'?"),
     # images

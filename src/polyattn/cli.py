@@ -192,7 +192,14 @@ def _cmd_generate(args) -> int:
     precision = inference_precision(args.precision, device, run.config)
     autocast = autocast_for(precision, device)
     n_params = sum(p.numel() for p in model.parameters())
-    how = "recomputing every step" if args.no_cache else "cached decoding"
+    if args.kv_cache == "int8" and args.no_cache:
+        raise UserError("--kv-cache int8 stores the decoding cache; it has no effect with --no-cache, drop one.")
+    cache_transform = None
+    if args.kv_cache == "int8":
+        from .layers.kv_int8 import int8_kv_cache
+
+        cache_transform = int8_kv_cache
+    how = "recomputing every step" if args.no_cache else f"cached decoding ({args.kv_cache} KV cache)"
     announce(run_header("generating with", run.config, n_params, None, device, precision=precision,
                         weights=run.weights, extra=f"{how}, temperature {args.temperature:g}, top-k {args.top_k}"),
              precision)
@@ -201,7 +208,7 @@ def _cmd_generate(args) -> int:
     with autocast():
         for piece in stream_text(model, tokenizer, args.prompt, args.max_new_tokens, temperature=args.temperature,
                                  top_k=args.top_k, top_p=args.top_p, use_cache=not args.no_cache, seed=args.seed,
-                                 device=device):
+                                 device=device, cache_transform=cache_transform):
             sys.stdout.write(piece)
             sys.stdout.flush()
     sys.stdout.write("\n")
@@ -259,6 +266,66 @@ def _cmd_inspect(args) -> int:
                 out_dir=Path(args.out) if args.out else None, device_name=args.device,
                 precision=args.precision, ema=False if args.no_ema else None)
     return 0
+
+
+def _cmd_export(args) -> int:
+    from .deploy.export import export_run
+
+    path = export_run(Path(args.run_dir), args.format, decode_step=args.decode_step, out=args.out,
+                      max_len=args.max_len)
+    print(f"exported {path} (checked against the eager model; details in {path}.json)")
+    return 0
+
+
+def _cmd_quantize(args) -> int:
+    from .deploy.quantize import quantize_run
+
+    out = quantize_run(Path(args.run_dir), args.method, out=args.out)
+    print(f"wrote {out}: a {args.method} run directory (eval, generate, sample, inspect and bench read it as any run)")
+    return 0
+
+
+def _cmd_prune(args) -> int:
+    from .deploy.prune import prune_run
+
+    out = prune_run(Path(args.run_dir), args.heads, args.mlp, out=args.out)
+    print(f"wrote {out}: attention heads and MLP channels pruned ({args.heads:g}, {args.mlp:g} per layer)")
+    return 0
+
+
+def _add_deploy_commands(sub) -> None:
+    """`polyattn export`, `polyattn quantize` and `polyattn prune` (polyattn.deploy)."""
+    p = sub.add_parser("export", help="export a run to ONNX or a torch.export program, checked against PyTorch",
+                       description="Export a run's model (classifier, LM, one DiT denoiser call) or, with "
+                                   "--decode-step, a causal LM's single-token decoding step with its state as "
+                                   "explicit inputs and outputs; the file is checked against the eager model.")
+    p.add_argument("run_dir", metavar="RUN_DIR")
+    p.add_argument("--format", default="onnx", choices=["onnx", "pt2"], help="onnx (onnxruntime) or pt2 "
+                   "(torch.export ExportedProgram) (default: onnx)")
+    p.add_argument("--decode-step", action="store_true", help="export the decoding step (LightNet recurrent "
+                   "state, bounded softmax KV cache, Perceiver AR / LLP window) instead of the full forward")
+    p.add_argument("--max-len", type=int, default=None, help="with --decode-step: slots of the bounded KV cache "
+                   "(LLaMA-style) or LLP's window (default: the run's data.seq_len)")
+    p.add_argument("--out", help="output folder (default: RUN_DIR/export)")
+    p.set_defaults(func=_cmd_export)
+
+    p = sub.add_parser("quantize", help="quantize a run's linear layers into a new run directory",
+                       description="Quantize a run's linear layers (int8 dynamic, int8 or int4 weight-only) and "
+                                   "write a new self-describing run directory.")
+    p.add_argument("run_dir", metavar="RUN_DIR")
+    p.add_argument("--method", required=True, choices=["int8-dynamic", "int8-weight-only", "int4-weight-only"])
+    p.add_argument("--out", help="the new run directory (default: RUN_DIR-METHOD beside the run)")
+    p.set_defaults(func=_cmd_quantize)
+
+    p = sub.add_parser("prune", help="remove the least important attention heads and MLP channels",
+                       description="Structured pruning by weight magnitude (polyattn.deploy.prune): remove a share "
+                                   "of the attention heads and MLP hidden channels of every layer, physically, "
+                                   "into a new run directory.")
+    p.add_argument("run_dir", metavar="RUN_DIR")
+    p.add_argument("--heads", type=float, default=0.25, help="share of heads removed per layer (default: 0.25)")
+    p.add_argument("--mlp", type=float, default=0.25, help="share of MLP channels removed per layer (default: 0.25)")
+    p.add_argument("--out", help="the new run directory (default: RUN_DIR-pruned beside the run)")
+    p.set_defaults(func=_cmd_prune)
 
 
 def _cmd_bench(args) -> int:
@@ -350,6 +417,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=None, help="nucleus sampling threshold in (0, 1] (default: off)")
     p.add_argument("--seed", type=int, default=None, help="random seed for reproducible samples")
     p.add_argument("--no-cache", action="store_true", help="recompute the whole sequence at every step")
+    p.add_argument("--kv-cache", default="float", choices=["float", "int8"], help="int8: store a softmax KV cache "
+                   "in int8 with per-token, per-head scales (LLaMA-style runs; default: float)")
     p.set_defaults(func=_cmd_generate)
 
     p = sub.add_parser("sample", help="generate images with a diffusion run",
@@ -384,6 +453,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="test", help="split to use (default: test)")
     p.add_argument("--out", help="output directory (default: RUN_DIR/inspect)")
     p.set_defaults(func=_cmd_inspect)
+
+    _add_deploy_commands(sub)
 
     p = sub.add_parser("bench", help="run a benchmark suite", description="Benchmarks that print tables and write "
                        "plots and JSON. They measure; they never assert times.")

@@ -11,6 +11,7 @@ from .block import TransformerBlock
 from .cross_attention import CrossAttentionBlock, LinearCrossAttention
 from .drop import DropPath, drop_path
 from .init import init_linear
+from .kv_int8 import Int8KVCache, int8_kv_cache
 from .lightnet import (
     GatePosition,
     LightNetAttention,
@@ -47,6 +48,7 @@ __all__ = [
     "GatePosition",
     "GatedMlp",
     "GroupRMSNorm",
+    "Int8KVCache",
     "KVCache",
     "LearnedPosEmbed",
     "LightNetAttention",
@@ -79,6 +81,7 @@ __all__ = [
     "call_op",
     "drop_path",
     "init_linear",
+    "int8_kv_cache",
     "llama_hidden_size",
     "mixer_class",
     "mixer_options",

@@ -15,7 +15,7 @@ A causal LM in this library (`LlamaLM`, `LightNetLM`, ...) provides two forward 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import NamedTuple
 
 import torch
@@ -78,7 +78,8 @@ def _check_args(tokens, max_new_tokens, temperature, top_k, top_p, attention_mas
 def stream_generate(model: nn.Module, tokens: torch.Tensor, max_new_tokens: int, temperature: float = 0.0,
                     top_k: int | None = None, top_p: float | None = None, use_cache: bool = True, *,
                     attention_mask: torch.Tensor | None = None,
-                    generator: torch.Generator | None = None) -> Iterator[GenerationStep]:
+                    generator: torch.Generator | None = None,
+                    cache_transform: Callable | None = None) -> Iterator[GenerationStep]:
     """Yields `max_new_tokens` `GenerationStep`s continuing the prompts `tokens [B, T]`.
 
     With `use_cache`, the prompt is run once through `model.forward_cached` and each new token is one more
@@ -89,6 +90,8 @@ def stream_generate(model: nn.Module, tokens: torch.Tensor, max_new_tokens: int,
     Args:
         attention_mask (Tensor, Optional): `[B, T]` bool, True = real token, for left-padded prompts.
         generator (torch.Generator, Optional): random source for sampling (temperature > 0).
+        cache_transform (Callable, Optional): applied to the cache after the prompt (e.g.
+            `polyattn.layers.int8_kv_cache`, which stores a softmax KV cache in int8); with `use_cache` only.
     """
     _check_args(tokens, max_new_tokens, temperature, top_k, top_p, attention_mask)
     was_training = model.training
@@ -100,6 +103,8 @@ def stream_generate(model: nn.Module, tokens: torch.Tensor, max_new_tokens: int,
             return
         if use_cache:
             logits, cache = model.forward_cached(tokens, None, attention_mask=attention_mask)
+            if cache_transform is not None:
+                cache = cache_transform(cache)
             for i in range(max_new_tokens):
                 last = logits[:, -1].float()
                 nxt = pick(last)

@@ -324,16 +324,17 @@ def encode_prompt(tokenizer: Tokenizer, prompt: str) -> list[int]:
 
 def stream_text(model: nn.Module, tokenizer: Tokenizer, prompt: str, max_new_tokens: int, *,
                 temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
-                use_cache: bool = True, seed: int | None = None,
-                device: torch.device | str = "cpu") -> Iterable[str]:
-    """Generated text after `prompt`, yielded in pieces as soon as they decode to whole characters."""
+                use_cache: bool = True, seed: int | None = None, device: torch.device | str = "cpu",
+                cache_transform=None) -> Iterable[str]:
+    """Generated text after `prompt`, yielded in pieces as soon as they decode to whole characters
+    (`cache_transform`: see `polyattn.models.generation.stream_generate`)."""
     ids = torch.tensor([encode_prompt(tokenizer, prompt)], dtype=torch.long, device=device)
     generator = None
     if seed is not None:
         generator = torch.Generator(device=device).manual_seed(seed)
     decoder = StreamDecoder(tokenizer)
     for step in stream_generate(model, ids, max_new_tokens, temperature, top_k, top_p, use_cache,
-                                generator=generator):
+                                generator=generator, cache_transform=cache_transform):
         piece = decoder.push(step.tokens.tolist())
         if piece:
             yield piece

@@ -178,6 +178,10 @@ class RunConfig:
                                              compare=False)
     """The task and data values set explicitly (recipe, command line), kept so a change of model re-reads them
     into its task's sections, and a value no section of the model takes is an error at `validate`."""
+    deploy: list[dict[str, Any]] | None = None
+    """The transforms applied to the trained weights, in order (quantization: method, source run, the modules it
+    replaced); `load_run` rebuilds them before loading the weights (polyattn.deploy.record). Written by `polyattn
+    quantize`; a record, not an input."""
 
     SECTIONS: typing.ClassVar[tuple[str, ...]] = ("model", "task", "data", "train", "schedules")
 
@@ -212,6 +216,8 @@ class RunConfig:
             out[section] = plain(getattr(self, section))
         if self.environment is not None:
             out["environment"] = plain(self.environment)
+        if self.deploy is not None:
+            out["deploy"] = plain(self.deploy)
         return out
 
     @classmethod
@@ -231,6 +237,12 @@ class RunConfig:
                 continue
             if key == "environment":
                 config.environment = dict(value) if isinstance(value, dict) else None
+                continue
+            if key == "deploy":
+                if not (isinstance(value, list) and all(isinstance(v, dict) for v in value)):
+                    raise UserError(f"'deploy' in {origin} must be a list of transform records; it is written by "
+                                    f"`polyattn quantize`, restore the file that command wrote.")
+                config.deploy = [dict(v) for v in value]
                 continue
             if key not in cls.SECTIONS:
                 raise UserError(f"Unknown section '{key}' in {origin}.{nearest(key, cls.SECTIONS)}")

@@ -722,6 +722,10 @@ def load_run(run_dir: Path | str, *, ema: bool | None = None, device: torch.devi
     elif ema:
         raise UserError(f"{run_dir} kept no averaged weights (train.ema_decay was off); drop the EMA option.")
     model, _ = build_model(config, {})
+    if config.deploy:  # a quantized run: its modules take the stored shapes and dtypes before the weights load
+        from ..deploy.record import rebuild
+
+        model = rebuild(model, config.deploy)
     load_weights(model, weights, model_name=config.model.name)
     tokenizer = None
     if model_task(config.model.name) in ("causal_lm", "masked_lm"):
