@@ -2,7 +2,8 @@
 
     PYTHONPATH=src python scripts/deploy_tables.py RUN_DIR [RUN_DIR ...]
 
-For every run: `polyattn quantize` with each method into RUN_DIR-METHOD (kept if present), then the quality of
+For every run: `polyattn quantize` with each method into RUN_DIR-METHOD and `polyattn prune` at two shares (kept
+if present), then the quality of
 `evaluate_run` (top-1 or validation loss), the size of model.safetensors, the median time of one forward over a
 fixed evaluation batch and, for causal LMs, of one greedy decoding step (64-token prompt, 64 new tokens), all in
 the precision `auto` resolves to here; for LLaMA-style runs also the int8 KV cache: greedy agreement with the
@@ -21,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from polyattn.deploy.prune import prune_run
 from polyattn.deploy.quantize import METHODS, quantize_run
 from polyattn.hardware import autocast_for, resolve_device
 from polyattn.registry import model_task
@@ -48,7 +50,7 @@ def measure(run_dir: Path) -> dict:
     with redirect_stdout(io.StringIO()):
         metrics = evaluate_run(run_dir, device_name="cpu")
     quality = metrics.get("top1", metrics.get("loss"))
-    row = {"quality": quality, "size_mb": (run_dir / "model.safetensors").stat().st_size / 2**20,
+    row = {"quality": quality, "size_mb": Path(run.source).stat().st_size / 2**20,
            "precision": precision.name}
     g = torch.Generator().manual_seed(0)
     if task == "classification":
@@ -96,6 +98,11 @@ def main(runs: list[str]) -> None:
             if not out.exists():
                 quantize_run(run, method, out)
             rows.append((method, measure(out)))
+        for share in (0.25, 0.5):
+            out = run.with_name(f"{run.name}-pruned{share:g}")
+            if not out.exists():
+                prune_run(run, share, share, out)
+            rows.append((f"pruned {share:g} heads/{share:g} MLP (no fine-tune)", measure(out)))
         for method, r in rows:
             dec = r.get("decode_ms_per_token")
             print(f"| {method} | {r['quality']:.4f} | {r['quality'] - base['quality']:+.4f} | {r['size_mb']:.2f} | "
