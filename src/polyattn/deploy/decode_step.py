@@ -111,11 +111,12 @@ class WindowStep(DecodeStep):
 def _steps() -> dict[type, callable]:
     from ..models.lightnet_lm import LightNetLM
     from ..models.llama_lm import LlamaLM
-    from ..models.perceiver_ar import PerceiverAR
+    from ..models.perceiver_family import LatentPerceiver
     from ..models.perceiver_llp import LLPTransformer
 
+    # LatentPerceiver: Perceiver AR and its Double / Split / Compressed variants, which decode over one window
     return {LightNetLM: lambda m, n: RecurrentStep(m), LlamaLM: BoundedKVStep,
-            PerceiverAR: lambda m, n: WindowStep(m, m.max_seq_len), LLPTransformer: lambda m, n: WindowStep(m, n)}
+            LatentPerceiver: lambda m, n: WindowStep(m, m.max_seq_len), LLPTransformer: lambda m, n: WindowStep(m, n)}
 
 
 def decode_step(model: nn.Module, max_len: int) -> DecodeStep:
