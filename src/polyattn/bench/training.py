@@ -63,9 +63,6 @@ WORKLOADS = [
     Workload("dit_softmax", "dit_nano", {"img_size": 32, "patch_size": 2, "num_classes": 10}, batch=32),
     Workload("dit_lightnet", "dit_nano", {"img_size": 32, "patch_size": 2, "num_classes": 10, "mixer": "lightnet"},
              batch=32),
-    Workload("linear_vision", "linear_vision_nano", VISION, batch=128),
-    Workload("linear_lm", "linear_lm_nano", LM),
-    Workload("linear_mlm", "linear_mlm_nano", LM),
 ]
 QUICK = {"batch": 2, "seq_len": 128}
 
