@@ -196,8 +196,12 @@ def _cmd_generate(args) -> int:
         raise UserError("--kv-cache int8 stores the decoding cache; it has no effect with --no-cache, drop one.")
     cache_transform = None
     if args.kv_cache == "int8":
+        import torch
+
         from .layers.kv_int8 import int8_kv_cache
 
+        with torch.no_grad():  # one token: a model without a softmax KV cache is refused before any output
+            int8_kv_cache(model.forward_cached(torch.zeros(1, 1, dtype=torch.long, device=device))[1])
         cache_transform = int8_kv_cache
     how = "recomputing every step" if args.no_cache else f"cached decoding ({args.kv_cache} KV cache)"
     announce(run_header("generating with", run.config, n_params, None, device, precision=precision,
