@@ -56,7 +56,7 @@ def test_the_conditionings_build_the_blocks_the_paper_compares():
     assert small_dit(conditioning="adaln_zero").final_layer.adaLN_modulation is not None
     lightnet = small_dit("lightnet", "in_context")
     assert lightnet.blocks[0].mixer.layer.num_special == 2  # the condition tokens get LRPE angle 0
-    with pytest.raises(ValueError, match="conditioning must be one of"):
+    with pytest.raises(ValueError, match="Unknown conditioning 'film'; expected one of"):
         small_dit(conditioning="film")
     assert polyattn.create_model("dit_nano", conditioning="in_context").conditioning.value == "in_context"
 

@@ -121,7 +121,7 @@ class LinearAttention(nn.Module):
         o, new_state = linear_attn(phi(q, positions), phi(k, positions), v, causal=self.causal,
                                    initial_state=state, output_final_state=want_state and self.causal, mask=mask,
                                    chunk_size=self.chunk_size, eps=self.eps)
-        o = self.o_proj(o.reshape(B, T, -1))
+        o = self.o_proj(o.reshape(B, T, H * o.shape[-1]))
         if not want_state:
             return o, None
         seen = torch.full((B,), T, device=x.device, dtype=torch.long) if mask is None else mask.long().sum(1)

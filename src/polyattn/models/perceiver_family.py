@@ -208,7 +208,8 @@ class LatentPerceiver(PerceiverFamilyLM):
         """Logits `[B, L, V]` of the latents of the window ending the inputs (absolute `positions [B, T]`)."""
         tokens, mask, positions = self._window(tokens, mask, positions)
         L = min(tokens.shape[1], num_latents)
-        return self.io.logits(self._trunk(tokens, mask, positions, num_latents)[:, -L:])
+        rows = self._trunk(tokens, mask, positions, num_latents)
+        return self.io.logits(rows[:, rows.shape[1] - L:])  # not [:, -L:], which is every row when L = 0
 
     def _num_latents(self, num_latents: int | None) -> int:
         if num_latents is None:
