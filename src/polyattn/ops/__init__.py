@@ -36,6 +36,7 @@ from .lightnet import (
 from .linear_attn import (
     FeatureMap,
     LinearAttnState,
+    elu_feature_map,
     feature_map_fn,
     linear_attn,
     linear_attn_recurrent,
@@ -43,7 +44,6 @@ from .linear_attn import (
 )
 from .linear_cross_attention import (
     LinearContextState,
-    elu_feature_map,
     linear_context_state,
     linear_cross_attn,
     linear_cross_attn_reference,

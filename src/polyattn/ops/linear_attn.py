@@ -68,6 +68,11 @@ def orthogonal_gaussian(num_features: int, dim: int, *, generator: torch.Generat
     return w * norms[:, None]
 
 
+def elu_feature_map(x: torch.Tensor) -> torch.Tensor:
+    """`φ(x) = elu(x) + 1` (arXiv 2006.16236 §3.2): positive, so every normaliser is > 0."""
+    return F.elu(x) + 1
+
+
 def feature_map_fn(kind: FeatureMap, *, projection: torch.Tensor | None = None, max_len: int = 4096
                    ) -> Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]:
     """φ as a function `(x [B, T, H, D], positions [B|1, T] | None) → [B, T, H, F]` in float32."""
@@ -77,7 +82,7 @@ def feature_map_fn(kind: FeatureMap, *, projection: torch.Tensor | None = None, 
     def phi(x: torch.Tensor, positions: torch.Tensor | None) -> torch.Tensor:
         x = x.float()
         if kind is FeatureMap.ELU:
-            return F.elu(x) + 1
+            return elu_feature_map(x)
         if kind is FeatureMap.RELU:
             return F.relu(x)
         if kind is FeatureMap.FAVOR:

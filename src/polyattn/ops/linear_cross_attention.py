@@ -20,14 +20,9 @@ from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 
 from .checks import check_float
-
-
-def elu_feature_map(x: torch.Tensor) -> torch.Tensor:
-    """`φ(x) = elu(x) + 1` (arXiv 2006.16236 §3.2): positive, so every normaliser is > 0."""
-    return F.elu(x) + 1
+from .linear_attn import elu_feature_map
 
 
 class LinearContextState(NamedTuple):
@@ -79,5 +74,5 @@ def linear_cross_attn_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
     return torch.einsum("bhts,bshe->bthe", a, v.double()).to(q.dtype)
 
 
-__all__ = ["LinearContextState", "elu_feature_map", "linear_context_state", "linear_cross_attn",
+__all__ = ["LinearContextState", "linear_context_state", "linear_cross_attn",
            "linear_cross_attn_reference"]
