@@ -1,4 +1,5 @@
-"""Shared benchmark helpers: a self-describing header, median timing after warm-up, memory measures, JSON output."""
+"""Shared benchmark helpers: a self-describing header, median timing after warm-up, memory measures, and the
+results every suite writes (JSON, markdown table, plot)."""
 
 import json
 import os
@@ -108,3 +109,19 @@ def pyplot():
 def write_json(path: Path, obj: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(obj, indent=2))
+
+
+def write_results(out: Path | str, name: str, record: dict, table: str,
+                  plot: Callable[[Path], None] | None = None) -> None:
+    """How every suite ends: prints the markdown `table`, writes `record` to `<name>.json`, the table to
+    `<name>.md` and, where `plot` is given, calls it with the path `<name>.png`, all under `out`; then prints the
+    paths it wrote."""
+    print("\n" + table)
+    out = Path(out)
+    paths = [out / f"{name}.json", out / f"{name}.md"]
+    write_json(paths[0], record)
+    paths[1].write_text(table + "\n")
+    if plot is not None:
+        paths.append(out / f"{name}.png")
+        plot(paths[2])
+    print("wrote " + ", ".join(str(path) for path in paths))

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from ..hardware import PRECISIONS, autocast_for, resolve_device, resolve_precision
-from .common import add_machine_arguments, bench_header, median, pyplot, synchronize, write_json
+from .common import add_machine_arguments, bench_header, median, pyplot, synchronize, write_results
 
 LM = {"vocab_size": 256, "dim": 256, "depth": 4, "num_heads": 4}
 MODELS = {
@@ -107,13 +107,8 @@ def run(args) -> int:
                 print(f"{key} batch {batch} context {context}: {result['step_s'] * 1e3:.2f} ms/token step "
                       f"({batch / result['step_s']:.0f} tokens/s), prefill {result['prefill_s']:.1f} s", flush=True)
     ratios = flatness(points)
-    table = format_table(points, header, ratios)
-    print("\n" + table)
-    out = Path(args.out)
-    write_json(out / "decode.json", {"header": header, "points": points, "ratios": ratios})
-    (out / "decode.md").write_text(table + "\n")
-    plot(points, out / "decode.png", header)
-    print(f"wrote {out / 'decode.json'}, {out / 'decode.md'}, {out / 'decode.png'}")
+    write_results(args.out, "decode", {"header": header, "points": points, "ratios": ratios},
+                  format_table(points, header, ratios), lambda path: plot(points, path, header))
     return 0
 
 

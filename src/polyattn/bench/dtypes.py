@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from ..hardware import native_bf16, resolve_device
-from .common import bench_header, median, time_call, write_json
+from .common import bench_header, median, time_call, write_results
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -119,12 +119,7 @@ def run(args) -> int:
         cells = ", ".join(f"{o} {t * 1e3:.1f} ms" for o, t in times.items())
         print(f"{decision} {shape}: {cells}; polyattn picks {chosen}"
               f"{'' if chosen == fastest else f' (fastest here: {fastest})'}", flush=True)
-    table = format_table(rows, header)
-    print("\n" + table)
-    out = Path(args.out)
-    write_json(out / "dtypes.json", {"header": header, "rows": rows})
-    (out / "dtypes.md").write_text(table + "\n")
-    print(f"wrote {out / 'dtypes.json'}, {out / 'dtypes.md'}")
+    write_results(args.out, "dtypes", {"header": header, "rows": rows}, format_table(rows, header))
     return 0
 
 

@@ -33,7 +33,7 @@ from .common import (
     pyplot,
     synchronize,
     time_call,
-    write_json,
+    write_results,
 )
 
 MIXERS = ["sdpa", "sdpa_causal", "lightnet", "lightnet_causal", "scan1", "scan2", "scan4"]
@@ -157,14 +157,9 @@ def run(args) -> int:
                     print(f"  {dtype_name:8s} {mode:7s} {name:15s} {rec['grid']:>9s} {T:6d} tok "
                           f"{rec['seconds'] * 1e3:10.1f} ms", flush=True)
     ratios = compute_ratios(points)
-    table = format_table(points, args)
-    print(table)
-    for line in ratios["lines"]:
-        print(line)
-    write_json(out / "mixers.json", {"header": header, "points": points, "ratios": ratios["values"]})
-    (out / "mixers.md").write_text(table + "\n\n" + "\n".join(ratios["lines"]) + "\n")
-    plot(points, out / "mixers.png", header)
-    print(f"wrote {out / 'mixers.json'}, {out / 'mixers.md'}, {out / 'mixers.png'}")
+    write_results(out, "mixers", {"header": header, "points": points, "ratios": ratios["values"]},
+                  format_table(points, args) + "\n\n" + "\n".join(ratios["lines"]),
+                  lambda path: plot(points, path, header))
     return 0
 
 

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from ..hardware import PRECISIONS, Precision, resolve_device
-from .common import add_machine_arguments, bench_header, median, pyplot, synchronize, write_json
+from .common import add_machine_arguments, bench_header, median, pyplot, synchronize, write_results
 from .training import WORKLOADS, Workload, quick, requested_precisions, synthetic_step, training_step
 
 
@@ -156,14 +156,8 @@ def run(args) -> int:
             row = measure_pair(pair, workloads[pair.workload], precision, args, device)
             rows.append(row)
             print(f"{pair.name} [{precision.name}]: {format_result(row)}", flush=True)
-    table = format_table(rows, header)
-    print("\n" + table)
-    out = Path(args.out)
-    write_json(out / "peers.json", {"header": header, "rows": rows, "skipped": skipped})
-    (out / "peers.md").write_text(table + "\n")
-    if rows:
-        plot(rows, out / "peers.png", header)
-    print(f"wrote {out / 'peers.json'}, {out / 'peers.md'}" + (f", {out / 'peers.png'}" if rows else ""))
+    write_results(args.out, "peers", {"header": header, "rows": rows, "skipped": skipped}, format_table(rows, header),
+                  (lambda path: plot(rows, path, header)) if rows else None)  # no plot when every peer was skipped
     return 0
 
 

@@ -25,7 +25,7 @@ from .common import (
     pyplot,
     synchronize,
     time_call,
-    write_json,
+    write_results,
 )
 
 VISION = {"img_size": 32, "patch_size": 4, "num_classes": 10}
@@ -105,13 +105,8 @@ def run(args) -> int:
                 print(f"{name} depth {depth} {'reversible' if reversible else 'standard'}: "
                       f"{result['memory_bytes'] / 2**20:.1f} MiB, {result['step_s'] * 1e3:.0f} ms/step", flush=True)
                 del model
-    table = format_table(points, header)
-    print("\n" + table)
-    out = Path(args.out)
-    write_json(out / "reversible.json", {"header": header, "points": points})
-    (out / "reversible.md").write_text(table + "\n")
-    plot(points, out / "reversible.png", header)
-    print(f"wrote {out / 'reversible.json'}, {out / 'reversible.md'}, {out / 'reversible.png'}")
+    write_results(args.out, "reversible", {"header": header, "points": points}, format_table(points, header),
+                  lambda path: plot(points, path, header))
     return 0
 
 

@@ -24,7 +24,7 @@ from torch import nn
 
 from ..hardware import PRECISIONS, Precision, autocast_for, native_bf16, resolve_device, resolve_precision
 from ..ops.losses import cross_entropy
-from .common import add_machine_arguments, bench_header, median, pyplot, synchronize, time_call, write_json
+from .common import add_machine_arguments, bench_header, median, pyplot, synchronize, time_call, write_results
 
 VISION = {"img_size": 32, "patch_size": 4, "in_chans": 3, "num_classes": 10}
 LM = {"vocab_size": 256, "dim": 256, "depth": 4, "num_heads": 4}
@@ -257,13 +257,8 @@ def run(args) -> int:
             row = measure(w, p, args, device, peaks[p.name]["flops_per_s"])
             rows.append(row)
             print(format_row(row), flush=True)
-    table = format_table(rows, header)
-    print("\n" + table)
-    out = Path(args.out)
-    write_json(out / "train.json", {"header": header, "rows": rows})
-    (out / "train.md").write_text(table + "\n")
-    plot(rows, out / "train.png", header)
-    print(f"wrote {out / 'train.json'}, {out / 'train.md'}, {out / 'train.png'}")
+    write_results(args.out, "train", {"header": header, "rows": rows}, format_table(rows, header),
+                  lambda path: plot(rows, path, header))
     return 0
 
 
