@@ -11,13 +11,20 @@ from pathlib import Path
 
 import torch
 
-from ..hardware import environment
+from ..hardware import environment, resolve_device
 
 
 def add_machine_arguments(parser, *, threads_help: str = "torch intra-op threads (default: torch's)") -> None:
     """`--device` and `--threads` of the suites that measure on one device."""
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
     parser.add_argument("--threads", type=int, default=None, help=threads_help)
+
+
+def use_machine(args) -> torch.device:
+    """Applies `--threads` (when given) and resolves `--device`: the device a suite measures on."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    return resolve_device(args.device)
 
 
 def git_revision() -> str:
@@ -104,6 +111,15 @@ def pyplot():
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def save_figure(fig, path: Path, title: str) -> None:
+    """A suite's figure under its `title` (small, above the axes), laid out, written as a PNG and closed."""
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    pyplot().close(fig)
 
 
 def write_json(path: Path, obj: dict) -> None:

@@ -23,8 +23,8 @@ from pathlib import Path
 
 import torch
 
-from ..hardware import native_bf16, resolve_device
-from .common import bench_header, median, time_call, write_results
+from ..hardware import native_bf16
+from .common import bench_header, median, time_call, use_machine, write_results
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -103,9 +103,7 @@ def cases(quick: bool, device: torch.device):
 
 
 def run(args) -> int:
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = resolve_device(args.device)
+    device = use_machine(args)
     repeats = 1 if args.quick else args.repeats
     header = bench_header(device, native_bf16=native_bf16(device), repeats=repeats)
     rows = []

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ..hardware import native_bf16, resolve_device
+from ..hardware import native_bf16
 from ..ops.decay_scan import multi_scan_decay_attn
 from ..ops.lightnet import lightnet_attn
 from .common import (
@@ -31,8 +31,10 @@ from .common import (
     bench_header,
     median,
     pyplot,
+    save_figure,
     synchronize,
     time_call,
+    use_machine,
     write_results,
 )
 
@@ -120,9 +122,7 @@ def measure(name: str, side: int, dtype: torch.dtype, backward: bool, args, devi
 def run(args) -> int:
     if args.quick:
         args.sides, args.repeats = [16, 32], 1
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
-    device = resolve_device(args.device)
+    device = use_machine(args)
     if args.dtypes is None:
         args.dtypes = ["float32", "bfloat16"] if native_bf16(device) else ["float32"]
     out: Path = args.out
@@ -240,11 +240,9 @@ def plot(points: list[dict], path: Path, header: dict) -> None:
         ax.legend(fontsize=8)
     for ax in list(axes.flat)[len(panels):]:
         ax.axis("off")
-    fig.suptitle(f"token mixers, D={header['width']} ({header['heads']} heads), batch {header['batch']}, "
-                 f"{header['device_name']}, torch {header['torch']}, {header['git']}", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    title = (f"token mixers, D={header['width']} ({header['heads']} heads), batch {header['batch']}, "
+             f"{header['device_name']}, torch {header['torch']}, {header['git']}")
+    save_figure(fig, path, title)
 
 
 def main(argv: list[str] | None = None) -> int:
