@@ -54,21 +54,27 @@ def left_padded_prompts() -> tuple[torch.Tensor, torch.Tensor]:
 @pytest.mark.parametrize("name", CAUSAL)
 def test_generate_with_the_models_own_cache_gives_polyattns_greedy_tokens(name):
     """40 new tokens (past the Perceivers' 32-token window, so their caches slide), a left-padded batch: cached and
-    uncached `generate` give `polyattn`'s own greedy output token for token."""
+    uncached `generate` give `polyattn`'s own greedy output token for token, from the same logits bit for bit."""
     model, wrapper = wrapped(name)
     ids, mask = left_padded_prompts()
-    expected = model.generate(ids, 40, attention_mask=mask)
-    out = wrapper.generate(ids, attention_mask=mask.long(), max_new_tokens=40, do_sample=False,
-                           return_dict_in_generate=True)
-    assert torch.equal(out.sequences, expected)
-    assert isinstance(out.cache, hf.PolyattnCache) and out.cache.seen == 6 + 40 - 1
+    greedy = dict(do_sample=False, return_dict_in_generate=True, output_logits=True)
+    for use_cache in (False, True):
+        expected, logits = model.generate(ids, 40, attention_mask=mask, use_cache=use_cache, return_logits=True)
+        out = wrapper.generate(ids, attention_mask=mask.long(), max_new_tokens=40, use_cache=use_cache, **greedy)
+        assert torch.equal(out.sequences, expected) and torch.equal(torch.stack(out.logits, 1), logits)
+        assert len(set(expected[:, 6:].flatten().tolist())) > 3  # a test model that does not repeat one token
+    assert isinstance(out.cache, hf.PolyattnCache) and out.cache.seen == 6 + 40 - 1  # the cached run's
     assert type(out.cache.state).__name__ == {"llama_lm_nano": "tuple", "lightnet_lm_nano": "LightNetLMCache",
                                               "perceiver_ar_nano": "PerceiverARCache", "llp_nano": "LLPCache"}.get(
                                                   name, "WindowCache")
-    uncached = wrapper.generate(ids, attention_mask=mask.long(), max_new_tokens=40, do_sample=False, use_cache=False)
-    assert torch.equal(uncached, expected)
-    # one unpadded prompt: generate drops the all-ones mask, as polyattn's own decoding has none
-    assert torch.equal(wrapper.generate(ids[:1], max_new_tokens=10, do_sample=False), model.generate(ids[:1], 10))
+    # one unpadded prompt: generate drops the all-ones mask, as polyattn's own decoding has none; and generation
+    # continued from the returned cache, which is fed only the one column it has not seen
+    first = wrapper.generate(ids[:1], max_new_tokens=10, **greedy)
+    assert torch.equal(first.sequences, model.generate(ids[:1], 10))
+    more = wrapper.generate(first.sequences, cache=first.cache, max_new_tokens=5, **greedy)
+    assert more.cache.seen == 6 + 15 - 1
+    expected, logits = model.generate(ids[:1], 15, return_logits=True)
+    assert torch.equal(more.sequences, expected) and torch.equal(torch.stack(more.logits, 1), logits[:, 10:])
 
 
 def test_a_cache_passed_back_continues_the_sequence():
@@ -188,7 +194,7 @@ def lm_run(request, tmp_path_factory):
     return out / "lm"
 
 
-def test_hf_command_converts_a_run_that_generates_its_greedy_text(lm_run, tmp_path, capsys):
+def test_hf_command_converts_a_run_that_generates_its_greedy_text(lm_run, tmp_path, capsys, monkeypatch):
     from polyattn.registry import model_task
     from polyattn.train.loop import load_run
 
@@ -215,9 +221,21 @@ def test_hf_command_converts_a_run_that_generates_its_greedy_text(lm_run, tmp_pa
             assert tokenizer.decode(ids[0]) == expected
     assert main(["hf", str(lm_run), str(out)]) == 2
     assert "already exists and is not an empty folder" in capsys.readouterr().err
+    assert main(["hf", str(lm_run), str(tmp_path / "bf16"), "--precision", "bf16", "--no-ema"]) == 0
+    reloaded = (AutoModelForMaskedLM if model_task(run.config.model.name) == "masked_lm" else AutoModelForCausalLM
+                ).from_pretrained(tmp_path / "bf16")
+    assert {p.dtype for p in reloaded.parameters()} == {torch.bfloat16}
+    # a folder that fails its check never takes OUT's name, and no staging folder is left behind
+    def failing_check(*args):
+        raise RuntimeError("the check failed")
+
+    monkeypatch.setattr("polyattn.hf.convert._check", failing_check)
+    with pytest.raises(RuntimeError, match="the check failed"):
+        hf.convert_run(lm_run, tmp_path / "failed")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bf16", "hf"]
 
 
-def test_hf_command_refuses_what_it_cannot_convert(lm_run, tmp_path, capsys, monkeypatch):
+def test_hf_command_refuses_what_it_cannot_convert(tmp_path, capsys, monkeypatch):
     from polyattn.train.config import build_config, save_yaml
 
     assert main(["hf", str(tmp_path / "nothing"), str(tmp_path / "out")]) == 2
@@ -232,5 +250,5 @@ def test_hf_command_refuses_what_it_cannot_convert(lm_run, tmp_path, capsys, mon
     monkeypatch.setitem(sys.modules, "transformers", None)
     for module in [m for m in sys.modules if m.startswith("polyattn.hf")]:
         monkeypatch.delitem(sys.modules, module)
-    assert main(["hf", str(lm_run), str(tmp_path / "out")]) == 2
+    assert main(["hf", str(classifier), str(tmp_path / "out")]) == 2
     assert "install it with pip install 'polyattn[hf]'" in capsys.readouterr().err

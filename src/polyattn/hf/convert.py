@@ -2,12 +2,15 @@
 
 OUT holds `config.json` (a `PolyattnConfig`: the model name, its constructor arguments, the source run),
 `model.safetensors`, `generation_config.json` (causal LMs), and the tokenizer files (`tokenizer.json`,
-`tokenizer_config.json`) that `AutoTokenizer` reads. The folder is reloaded before the command returns, and the
-reloaded model must give the converted model's logits exactly on a sample of the run's tokenizer output.
+`tokenizer_config.json`) that `AutoTokenizer` reads. The folder is written beside OUT and reloaded before it takes
+OUT's name: the reloaded tokenizer must give the run tokenizer's ids, and the reloaded model the converted model's
+logits bit for bit, on a sample text.
 """
 
 from __future__ import annotations
 
+import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -33,7 +36,7 @@ def convert_run(run_dir: Path | str, out: Path | str, *, ema: bool | None = None
         precision (str): the saved weights' dtype (`DTYPES`).
         device: where the reload check runs.
     """
-    from transformers import AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer, GenerationConfig
+    from transformers import GenerationConfig
 
     from .. import __version__
     from ..train.loop import load_run, load_run_config
@@ -61,28 +64,41 @@ def convert_run(run_dir: Path | str, out: Path | str, *, ema: bool | None = None
     wrapper = wrapper.to(DTYPES[precision]).eval()
     tokenizer = hf_tokenizer(run.tokenizer, mask_token_id=wrapper.model.mask_token_id if task == "masked_lm" else None)
 
-    out.mkdir(parents=True, exist_ok=True)
-    wrapper.save_pretrained(out)
     if task == "causal_lm":
-        # like `polyattn generate`: exactly max_new_tokens, no stop token (a BPE model's <|endoftext|> is a
-        # document separator it may well continue past)
-        GenerationConfig(pad_token_id=tokenizer.pad_token_id).save_pretrained(out)
-    tokenizer.save_pretrained(out)
+        # as polyattn's generate: exactly max_new_tokens, no stop token (a BPE model's <|endoftext|> separates
+        # documents, and the model may well continue past it)
+        wrapper.generation_config = GenerationConfig(pad_token_id=tokenizer.pad_token_id)
 
+    # written beside OUT and moved into place once checked, so a folder named OUT is always a checked one
+    staging = out.with_name(f".{out.name}.partial-{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)  # what an interrupted conversion by this process id left
+    staging.mkdir(parents=True)
+    try:
+        wrapper.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        _check(staging, wrapper, run.tokenizer, task, device)
+        os.replace(staging, out)  # onto a missing or empty folder
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return out
+
+
+def _check(folder: Path, wrapper, tokenizer, task: str, device) -> None:
+    """The reloaded folder gives the run tokenizer's ids and the wrapper's logits, bit for bit."""
+    from transformers import AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer
+
+    ids = tokenizer.encode(CHECK_TEXT).tolist()
+    if AutoTokenizer.from_pretrained(folder)(CHECK_TEXT)["input_ids"] != ids:
+        raise RuntimeError("the saved tokenizer encodes text differently from the run's; please report this bug")
     auto = AutoModelForCausalLM if task == "causal_lm" else AutoModelForMaskedLM
-    reloaded = auto.from_pretrained(out).to(device).eval()
-    ids = run.tokenizer.encode(CHECK_TEXT).tolist()
-    if AutoTokenizer.from_pretrained(out)(CHECK_TEXT)["input_ids"] != ids:
-        raise UserError(f"{out}: the saved tokenizer encodes text differently from the run's; this is a bug, "
-                        f"please report it.")
+    reloaded = auto.from_pretrained(folder).to(device).eval()
     ids = torch.tensor([ids], device=device)
     logits = (lambda m: m(ids, use_cache=False).logits) if task == "causal_lm" else (lambda m: m(ids).logits)
     with torch.no_grad():
         expected, got = logits(wrapper.to(device)), logits(reloaded)
     if not torch.equal(expected, got):
-        raise UserError(f"{out}: the reloaded model's logits differ from the run's (max |Δ| "
-                        f"{(expected - got).abs().max():.3g}); this is a bug, please report it.")
-    return out
+        raise RuntimeError(f"the reloaded model's logits differ from the run's (max |Δ| "
+                           f"{(expected - got).abs().max():.3g}); please report this bug")
 
 
 __all__ = ["CHECK_TEXT", "DTYPES", "convert_run"]

@@ -261,7 +261,7 @@ def from_polyattn(model: torch.nn.Module, model_name: str, model_args: dict[str,
     config = PolyattnConfig(model_name=model_name, model_args=args, **config_kwargs)
     wrapper = WRAPPERS[task](config)
     wrapper.model.load_state_dict(model.state_dict())
-    return wrapper.to(next(model.parameters()).device)
+    return wrapper.to(next(model.parameters()))  # the model's device and dtype
 
 
 __all__ = ["MODEL_TYPE", "WRAPPERS", "PolyattnCache", "PolyattnConfig", "PolyattnForCausalLM", "PolyattnForMaskedLM",
