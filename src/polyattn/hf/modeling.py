@@ -118,7 +118,6 @@ class PolyattnPreTrainedModel(PreTrainedModel):
     main_input_name = "input_ids"
     task: str
     """The polyattn task (`polyattn.registry.TASKS`) whose models the class wraps."""
-    auto_class_name: str
 
     def __init__(self, config: PolyattnConfig):
         super().__init__(config)
