@@ -19,6 +19,7 @@ from ..ops.checks import check_features, check_mask
 from ..ops.linear_attn import FeatureMap, LinearAttnState, feature_map_fn, linear_attn, orthogonal_gaussian
 from ..ops.sequence import real_counts, real_positions
 from .init import init_linear
+from .mixer_hooks import call_op
 
 
 class LinearAttnCache(NamedTuple):
@@ -118,9 +119,9 @@ class LinearAttention(nn.Module):
             positions = real_positions(mask, T, start=start, batch_size=B, device=x.device)
         phi = feature_map_fn(self.feature_map, projection=self.projection, max_len=self.max_len)
         state = None if cache is None else LinearAttnState(cache.S, cache.z)
-        o, new_state = linear_attn(phi(q, positions), phi(k, positions), v, causal=self.causal,
-                                   initial_state=state, output_final_state=want_state and self.causal, mask=mask,
-                                   chunk_size=self.chunk_size, eps=self.eps)
+        o, new_state = call_op(self, linear_attn, phi(q, positions), phi(k, positions), v, causal=self.causal,
+                               initial_state=state, output_final_state=want_state and self.causal, mask=mask,
+                               chunk_size=self.chunk_size, eps=self.eps)
         o = self.o_proj(o.reshape(B, T, H * o.shape[-1]))
         if not want_state:
             return o, None
