@@ -292,8 +292,11 @@ def _cmd_quantize(args) -> int:
 def _cmd_prune(args) -> int:
     from .deploy.prune import prune_run
 
-    out = prune_run(Path(args.run_dir), args.heads, args.mlp, out=args.out)
-    print(f"wrote {out}: attention heads and MLP channels pruned ({args.heads:g}, {args.mlp:g} per layer)")
+    pruned, *tuned = prune_run(Path(args.run_dir), args.heads, args.mlp, out=args.out,
+                               finetune_steps=args.finetune_steps)
+    print(f"wrote {pruned}: attention heads and MLP channels pruned ({args.heads:g}, {args.mlp:g} per layer)")
+    for out in tuned:
+        print(f"wrote {out}: the pruned model fine-tuned for {args.finetune_steps} steps with the run's recipe")
     return 0
 
 
@@ -329,6 +332,8 @@ def _add_deploy_commands(sub) -> None:
     p.add_argument("--heads", type=float, default=0.25, help="share of heads removed per layer (default: 0.25)")
     p.add_argument("--mlp", type=float, default=0.25, help="share of MLP channels removed per layer (default: 0.25)")
     p.add_argument("--out", help="the new run directory (default: RUN_DIR-pruned beside the run)")
+    p.add_argument("--finetune-steps", type=int, default=0, metavar="N", help="then train the pruned model N steps "
+                   "with the run's own recipe, into OUT-ftN beside it (default: 0, no fine-tune)")
     p.set_defaults(func=_cmd_prune)
 
 

@@ -236,6 +236,15 @@ def _train_distributed(config: RunConfig, device: torch.device, resume_dir: Path
     model, model_args = build_model(config, job.inferred_model_args)
     # The stored config holds every constructor argument, so the run directory rebuilds the model alone.
     config.model.args = model_args
+    if config.deploy:  # a pruned run being fine-tuned: its smaller shapes, as load_run builds them
+        if any(r.get("transform") == "quantize" for r in config.deploy):
+            raise UserError("A quantized run cannot be trained (its weights are integer buffers, not parameters); "
+                            "fine-tune the float run, then quantize it.")
+        from ..deploy.record import rebuild
+
+        model = rebuild(model, config.deploy)
+    if cfg.init_weights is not None:  # a fine-tune; a resumed run then loads its checkpoint over them
+        load_weights(model, Path(cfg.init_weights), model_name=config.model.name)
     model.to(device)
     n_params = sum(p.numel() for p in model.parameters())
     total_steps = cfg.steps or cfg.epochs * job.steps_per_epoch
