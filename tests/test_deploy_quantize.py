@@ -152,3 +152,14 @@ def test_int8_kv_cache_keeps_greedy_decoding_close_and_the_cache_small():
     assert sum(c.nbytes() for c in small) < floats / 3
     with pytest.raises(UserError, match="softmax KV cache"):
         int8_kv_cache(small_lm("lightnet_lm_nano").forward_cached(prompt)[1])
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_a_quantized_model_counts_the_weights_it_stands_for(method):
+    """Its integer weights are buffers, not parameters; `parameter_count` counts the float layers they replace."""
+    model = small_lm("llama_lm_nano")
+    before = polyattn.parameter_count(model)
+    quantized = copy.deepcopy(model)
+    quantize_model(quantized, method)
+    assert sum(p.numel() for p in quantized.parameters()) < before  # what the header used to show
+    assert polyattn.parameter_count(quantized) == before

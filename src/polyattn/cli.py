@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from .errors import Interrupted, UserError
-from .registry import TASKS
+from .registry import TASKS, parameter_count
 
 EPILOG_TRAIN = """\
 examples:
@@ -191,7 +191,7 @@ def _cmd_generate(args) -> int:
     model, tokenizer = run.model, run.tokenizer
     precision = inference_precision(args.precision, device, run.config)
     autocast = autocast_for(precision, device)
-    n_params = sum(p.numel() for p in model.parameters())
+    n_params = parameter_count(model)
     if args.kv_cache == "int8" and args.no_cache:
         raise UserError("--kv-cache int8 stores the decoding cache; it has no effect with --no-cache, drop one.")
     cache_transform = None
@@ -239,7 +239,7 @@ def _cmd_sample(args) -> int:
     run = load_run(run_dir, ema=False if args.no_ema else None, device=device)
     model, config = run.model, run.config
     precision = inference_precision(args.precision, device, config)
-    n_params = sum(p.numel() for p in model.parameters())
+    n_params = parameter_count(model)
 
     def say_what(out: Path) -> None:
         announce(run_header("sampling", config, n_params, None, device, precision=precision, weights=run.weights,

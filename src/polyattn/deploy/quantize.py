@@ -63,6 +63,10 @@ class QuantizedLinear(nn.Module):
     def dequantize(self) -> torch.Tensor:
         raise NotImplementedError
 
+    def quantized_parameters(self) -> int:
+        """The float layer's parameter count this layer stands for (`polyattn.registry.parameter_count`)."""
+        return self.in_features * self.out_features + (0 if self.bias is None else self.out_features)
+
     def _float(self, x: torch.Tensor) -> torch.Tensor:
         bias = None if self.bias is None else self.bias.to(x.dtype)
         return F.linear(x, self.dequantize().to(x.dtype), bias)
