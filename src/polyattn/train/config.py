@@ -117,7 +117,7 @@ class TrainConfig(Section):
     unrepeatable step for step."""
     init_weights: str | None = checked(None, pattern=r".+", meaning="a weights file path", fixed=True)
     """Start from these weights (a safetensors file of this model, e.g. a run's model.safetensors) instead of the
-    initialisation: a fine-tune. `polyattn prune --finetune-steps` sets it to the pruned run's weights."""
+    initialisation: a fine-tune (the prune command's --finetune-steps sets it to the pruned run's weights)."""
     ema_decay: float | None = checked(None, gt=0, lt=1, fixed=True)
     """Keep an exponential moving average of the weights with this decay (e.g. 0.999; warmed up over the first
     updates); evaluation, `polyattn eval` and sampling then use the averaged weights (saved as ema.safetensors)."""
