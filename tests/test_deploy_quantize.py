@@ -163,3 +163,14 @@ def test_a_quantized_model_counts_the_weights_it_stands_for(method):
     quantize_model(quantized, method)
     assert sum(p.numel() for p in quantized.parameters()) < before  # what the header used to show
     assert polyattn.parameter_count(quantized) == before
+
+
+def test_int8_weight_only_takes_widths_the_pack_kernel_cannot():
+    """torch's int8 pack kernel crashes the process for input widths off a multiple of 16 (LightNet's GLU is 344
+    wide, with 16+ rows); those layers take the dequantized path, in bfloat16 as in float32."""
+    torch.manual_seed(0)
+    q = Int8WeightOnlyLinear.from_float(nn.Linear(344, 128))
+    x = torch.randn(32, 344)
+    with torch.no_grad():
+        reference = torch.nn.functional.linear(x, q.dequantize(), q.bias)
+        assert relative_error(reference, q(x.bfloat16())) < 0.01

@@ -39,8 +39,10 @@ Which code removes what (`PRUNABLE`, the one place that knows the modules' struc
   (`LightNetAttention.lrpe_head_index`). RoPE needs nothing: it rotates every head alike, within its head dim,
   which pruning keeps. MD-TPE acts on the residual width, which stays, so it is untouched.
 
-Not pruned: cross-attention layers, `MultiScanAttention` (the multi-scan baseline) and the Perceivers' tied K=V
-attention; the residual width (embeddings, norms, TPE).
+Not pruned: attention whose keys come from a context of another width (a cross-attention of the model's own width
+is pruned like self-attention: its heads are as independent, but the Perceivers' pruned runs are not tested),
+`MultiScanAttention` (the multi-scan baseline), the Perceivers' tied K=V attention; the residual width
+(embeddings, norms, TPE).
 """
 
 from __future__ import annotations
