@@ -1,9 +1,10 @@
 """Measures the README "Deploy" tables: each quantization method against the float run, per run directory.
 
-    PYTHONPATH=src python scripts/deploy_tables.py RUN_DIR [RUN_DIR ...]
+    PYTHONPATH=src python scripts/deploy_tables.py [--finetune-steps N] [--skip-quantize] RUN_DIR [RUN_DIR ...]
 
-For every run: `polyattn quantize` with each method into RUN_DIR-METHOD and `polyattn prune` at two shares (kept
-if present), then the quality of
+For every run: `polyattn quantize` with each method into RUN_DIR-METHOD (unless --skip-quantize) and `polyattn
+prune` at two shares, with `--finetune-steps N` also fine-tuned (RUN_DIR-pruned<share>-ftN; kept if present),
+then the quality of
 `evaluate_run` (top-1 or validation loss), the size of model.safetensors, the median time of one forward over a
 fixed evaluation batch and, for causal LMs, of one greedy decoding step (64-token prompt, 64 new tokens), all in
 the precision `auto` resolves to here; for LLaMA-style runs also the int8 KV cache: greedy agreement with the
@@ -25,7 +26,7 @@ import torch
 from polyattn.deploy.prune import prune_run
 from polyattn.deploy.quantize import METHODS, quantize_run
 from polyattn.hardware import autocast_for, resolve_device
-from polyattn.registry import model_task
+from polyattn.registry import model_task, parameter_count
 from polyattn.train.loop import evaluate_run, inference_precision, load_run
 
 
@@ -48,9 +49,10 @@ def measure(run_dir: Path) -> dict:
     precision = inference_precision("auto", device, config)
     autocast = autocast_for(precision, device)
     with redirect_stdout(io.StringIO()):
-        metrics = evaluate_run(run_dir, device_name="cpu")
+        metrics = evaluate_run(run_dir, device_name="cpu",  # LMs: the first 20,000 validation tokens
+                               overrides=None if task == "classification" else ["data.eval_tokens=20000"])
     quality = metrics.get("top1", metrics.get("loss"))
-    row = {"quality": quality, "size_mb": Path(run.source).stat().st_size / 2**20,
+    row = {"quality": quality, "size_mb": Path(run.source).stat().st_size / 2**20, "params": parameter_count(model),
            "precision": precision.name}
     g = torch.Generator().manual_seed(0)
     if task == "classification":
@@ -84,28 +86,41 @@ def kv_int8(run_dir: Path) -> dict:
             "int8_kib": sum(c.nbytes() for c in int8_kv_cache(cache)) / 1024}
 
 
-def main(runs: list[str]) -> None:
+def main(argv: list[str]) -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("runs", nargs="+")
+    parser.add_argument("--finetune-steps", type=int, default=0)
+    parser.add_argument("--skip-quantize", action="store_true")
+    args = parser.parse_args(argv)
+    runs, finetune = args.runs, args.finetune_steps
     torch.set_num_threads(1)
     print(f"CPU threads {torch.get_num_threads()}, torch {torch.__version__}")
     for run in map(Path, runs):
         base = measure(run)
         print(f"\n{run.name}: float {base}")
-        print("| method | quality | Δ | size (MiB) | forward (ms) | speed-up | decode (ms/token) | speed-up |")
-        print("|---|---|---|---|---|---|---|---|")
+        print("| method | quality | Δ | parameters | size (MiB) | forward (ms) | speed-up | decode (ms/token) "
+              "| speed-up |")
+        print("|---|---|---|---|---|---|---|---|---|")
         rows = [("float", base)]
-        for method in METHODS:
+        for method in () if args.skip_quantize else METHODS:
             out = run.with_name(f"{run.name}-{method}")
             if not out.exists():
                 quantize_run(run, method, out)
             rows.append((method, measure(out)))
         for share in (0.25, 0.5):
             out = run.with_name(f"{run.name}-pruned{share:g}")
+            tuned = out.with_name(f"{out.name}-ft{finetune}")
             if not out.exists():
-                prune_run(run, share, share, out)
-            rows.append((f"pruned {share:g} heads/{share:g} MLP (no fine-tune)", measure(out)))
+                prune_run(run, share, share, out, finetune_steps=finetune)
+            rows.append((f"pruned {share:g} heads/{share:g} MLP, no fine-tune", measure(out)))
+            if finetune:
+                rows.append((f"pruned {share:g} heads/{share:g} MLP, {finetune} fine-tune steps", measure(tuned)))
         for method, r in rows:
             dec = r.get("decode_ms_per_token")
-            print(f"| {method} | {r['quality']:.4f} | {r['quality'] - base['quality']:+.4f} | {r['size_mb']:.2f} | "
+            print(f"| {method} | {r['quality']:.4f} | {r['quality'] - base['quality']:+.4f} | "
+                  f"{r['params'] / 1e6:.3f}M | {r['size_mb']:.2f} | "
                   f"{r['forward_ms']:.1f} | {base['forward_ms'] / r['forward_ms']:.2f}x | "
                   + (f"{dec:.2f} | {base['decode_ms_per_token'] / dec:.2f}x |" if dec else "– | – |"))
         if "llama" in load_run(run).config.model.name:

@@ -136,3 +136,25 @@ def test_int8_kv_cache_keeps_greedy_decoding_close_and_the_cache_small():
     assert sum(c.nbytes() for c in small) < floats / 3
     with pytest.raises(UserError, match="softmax KV cache"):
         int8_kv_cache(small_lm("lightnet_lm_nano").forward_cached(prompt)[1])
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_a_quantized_model_counts_the_weights_it_stands_for(method):
+    """Its integer weights are buffers, not parameters; `parameter_count` counts the float layers they replace."""
+    model = small_lm("llama_lm_nano")
+    before = polyattn.parameter_count(model)
+    quantized = copy.deepcopy(model)
+    quantize_model(quantized, method)
+    assert sum(p.numel() for p in quantized.parameters()) < before  # what the header used to show
+    assert polyattn.parameter_count(quantized) == before
+
+
+def test_int8_weight_only_takes_widths_the_pack_kernel_cannot():
+    """torch's int8 pack kernel crashes the process for input widths off a multiple of 16 (LightNet's GLU is 344
+    wide, with 16+ rows); those layers take the dequantized path, in bfloat16 as in float32."""
+    torch.manual_seed(0)
+    q = Int8WeightOnlyLinear.from_float(nn.Linear(344, 128))
+    x = torch.randn(32, 344)
+    with torch.no_grad():
+        reference = torch.nn.functional.linear(x, q.dequantize(), q.bias)
+        assert relative_error(reference, q(x.bfloat16())) < 0.01

@@ -131,10 +131,12 @@ HOW: dict[str, Train | Run | Error | Help | Covered | Skip] = {
     "polyattn bench reversible [--depths N ...]": SYNOPSIS,
     "polyattn export RUN_DIR --format onnx|pt2": SYNOPSIS,
     "polyattn quantize RUN_DIR --method METHOD": SYNOPSIS,
-    "polyattn prune RUN_DIR --heads H --mlp M": SYNOPSIS,
     "polyattn hf RUN_DIR OUT": SYNOPSIS,
     "polyattn prune runs/lm --heads 0.25 --mlp 0.25":
         Covered("tests/test_deploy_prune.py::test_pruned_run_directory_loads_with_its_new_shapes"),
+    "polyattn prune runs/lm --heads 0.25 --mlp 0.25 --finetune-steps 200":
+        Covered("tests/test_deploy_prune.py::test_pruned_lightnet_fine_tunes_with_its_recipe_and_runs_everywhere"),
+    "polyattn prune RUN_DIR --heads H --mlp M [--finetune-steps N]": SYNOPSIS,
     # Deploy
     "polyattn export runs/lm --format onnx": Covered("tests/test_deploy_export.py::test_onnx_forward_matches_eager"),
     "polyattn export runs/lm --format pt2":

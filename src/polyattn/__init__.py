@@ -5,7 +5,14 @@ sample and measure them. `import polyattn` stays light: heavy optional parts loa
 """
 
 from .errors import UserError
-from .registry import count_parameters, create_model, list_models, register_model, resolve_model_args
+from .registry import (
+    count_parameters,
+    create_model,
+    list_models,
+    parameter_count,
+    register_model,
+    resolve_model_args,
+)
 
 __version__ = "0.1.0"
 
@@ -27,6 +34,7 @@ __all__ = [
     "create_model",
     "list_models",
     "load_run",
+    "parameter_count",
     "register_model",
     "resolve_model_args",
 ]

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from .errors import Interrupted, UserError
-from .registry import TASKS
+from .registry import TASKS, parameter_count
 
 EPILOG_TRAIN = """\
 examples:
@@ -191,7 +191,7 @@ def _cmd_generate(args) -> int:
     model, tokenizer = run.model, run.tokenizer
     precision = inference_precision(args.precision, device, run.config)
     autocast = autocast_for(precision, device)
-    n_params = sum(p.numel() for p in model.parameters())
+    n_params = parameter_count(model)
     if args.kv_cache == "int8" and args.no_cache:
         raise UserError("--kv-cache int8 stores the decoding cache; it has no effect with --no-cache, drop one.")
     cache_transform = None
@@ -239,7 +239,7 @@ def _cmd_sample(args) -> int:
     run = load_run(run_dir, ema=False if args.no_ema else None, device=device)
     model, config = run.model, run.config
     precision = inference_precision(args.precision, device, config)
-    n_params = sum(p.numel() for p in model.parameters())
+    n_params = parameter_count(model)
 
     def say_what(out: Path) -> None:
         announce(run_header("sampling", config, n_params, None, device, precision=precision, weights=run.weights,
@@ -292,8 +292,11 @@ def _cmd_quantize(args) -> int:
 def _cmd_prune(args) -> int:
     from .deploy.prune import prune_run
 
-    out = prune_run(Path(args.run_dir), args.heads, args.mlp, out=args.out)
-    print(f"wrote {out}: attention heads and MLP channels pruned ({args.heads:g}, {args.mlp:g} per layer)")
+    pruned, *tuned = prune_run(Path(args.run_dir), args.heads, args.mlp, out=args.out,
+                               finetune_steps=args.finetune_steps)
+    print(f"wrote {pruned}: attention heads and MLP channels pruned ({args.heads:g}, {args.mlp:g} per layer)")
+    for out in tuned:
+        print(f"wrote {out}: the pruned model fine-tuned for {args.finetune_steps} steps with the run's recipe")
     return 0
 
 
@@ -329,6 +332,8 @@ def _add_deploy_commands(sub) -> None:
     p.add_argument("--heads", type=float, default=0.25, help="share of heads removed per layer (default: 0.25)")
     p.add_argument("--mlp", type=float, default=0.25, help="share of MLP channels removed per layer (default: 0.25)")
     p.add_argument("--out", help="the new run directory (default: RUN_DIR-pruned beside the run)")
+    p.add_argument("--finetune-steps", type=int, default=0, metavar="N", help="then train the pruned model N steps "
+                   "with the run's own recipe, into OUT-ftN beside it (default: 0, no fine-tune)")
     p.set_defaults(func=_cmd_prune)
 
 

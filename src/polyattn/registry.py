@@ -111,10 +111,19 @@ def model_task(name: str) -> str:
     return get_entry(name).task
 
 
+def parameter_count(model) -> int:
+    """The weights a model has, as its user counts them: its parameters, plus the weights that a quantized layer
+    holds as integer buffers (not parameters), counted as the float layer's `in · out (+ out)` it stands for
+    (modules that hold such weights say how many with `quantized_parameters()`), so a quantized run reports the
+    size of the model it came from."""
+    return (sum(p.numel() for p in model.parameters())
+            + sum(m.quantized_parameters() for m in model.modules() if hasattr(m, "quantized_parameters")))
+
+
 def count_parameters(name: str, **overrides) -> int:
     """Parameter count of a variant, built on the meta device so nothing is allocated."""
     import torch
 
     with torch.device("meta"):
         model = create_model(name, **overrides)
-    return sum(p.numel() for p in model.parameters())
+    return parameter_count(model)

@@ -31,7 +31,7 @@ import torch
 from ..errors import UserError
 from ..files import atomic_write_text
 from ..hardware import autocast_for, resolve_device
-from ..registry import model_task
+from ..registry import model_task, parameter_count
 from ..train.loop import announce, inference_precision, load_run, load_run_config, run_header
 from ..train.run_log import format_table
 from .attention_maps import attention_rank, patch_grid_map, record_attention_maps, token_layout
@@ -77,7 +77,7 @@ def inspect_run(run_dir: Path, *, n_images: int = 4, rank_images: int = 30, spli
     title = f"{config.model.name} on {config.data.source} ({split})"
 
     job = build_job(config, device=device, splits=(split,), run_dir=run_dir)
-    announce(run_header("inspecting", config, sum(p.numel() for p in model.parameters()), job, device,
+    announce(run_header("inspecting", config, parameter_count(model), job, device,
                         precision=resolved, weights=run.weights, extra=f"split {split}, into {out}"), resolved)
     metrics = job.evaluate(model, split, autocast=autocast_for(resolved, device), reliability=True,
                            progress=True)

@@ -9,7 +9,8 @@ method's grouping divides; embeddings, convolutions, norms and every op stay as 
   torchao's `Int8DynamicActivationInt8WeightConfig` because that one is 2-10x slower in CPU eager mode here
   (measured, README "Deploy"; open reports ao#3157, ao#4365: it is meant to be paired with torch.compile).
 - `int8-weight-only`: int8 weights (one scale per output channel), activations in their own dtype. On CPU in
-  bfloat16 the product is `torch._weight_int8pack_mm` (the kernel torchao's `Int8WeightOnlyConfig` calls); in
+  bfloat16 the product is `torch._weight_int8pack_mm` (the kernel torchao's `Int8WeightOnlyConfig` calls; input
+  widths that are a multiple of `INT8_PACK_MULTIPLE` only, it crashes on others); in
   float32 that kernel is slower than dequantizing once per call and using the float matmul, so that is done.
 - `int4-weight-only` (layers with input widths divisible by 32, output widths by 16; others stay float): 4-bit
   weights in groups of 32 input channels with a float scale and zero per group
@@ -39,6 +40,10 @@ from ..errors import UserError
 
 METHODS = ("int8-dynamic", "int8-weight-only", "int4-weight-only")
 INT4_GROUP = 32
+INT8_PACK_MULTIPLE = 16
+"""`torch._weight_int8pack_mm` (torch 2.13, CPU) crashes the process (a general protection fault) for input widths
+that are not a multiple of 16 once there are 16 rows or more (measured: 340 and 344 crash, 320, 336 and 352 run;
+LightNet's GLU is 344 wide); such layers take the dequantized path."""
 
 
 def _per_channel_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -81,6 +86,10 @@ class QuantizedLinear(nn.Module):
 
     def dequantize(self) -> torch.Tensor:
         raise NotImplementedError
+
+    def quantized_parameters(self) -> int:
+        """The float layer's parameter count this layer stands for (`polyattn.registry.parameter_count`)."""
+        return self.in_features * self.out_features + (0 if self.bias is None else self.out_features)
 
     def _float(self, x: torch.Tensor) -> torch.Tensor:
         bias = None if self.bias is None else self.bias.to(x.dtype)
@@ -133,7 +142,7 @@ class Int8WeightOnlyLinear(PerChannelInt8Linear):
     """int8 weights, activations in their own dtype (`int8-weight-only`, module docstring)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.device.type == "cpu" and x.dtype == torch.bfloat16:
+        if x.device.type == "cpu" and x.dtype == torch.bfloat16 and self.in_features % INT8_PACK_MULTIPLE == 0:
             out = torch._weight_int8pack_mm(x.reshape(-1, self.in_features), self.weight_int8,
                                             self.weight_scale.to(torch.bfloat16))
             out = out.reshape(*x.shape[:-1], self.out_features)
@@ -279,6 +288,7 @@ def write_transformed_run(run_dir: Path, config, model: nn.Module, record: dict,
     save_weights(model, out / WEIGHTS, model_name=config.model.name)
     return out
 
-__all__ = ["INT4_GROUP", "METHODS", "DynamicInt8Linear", "Int4WeightOnlyLinear", "Int8WeightOnlyLinear",
-           "PerChannelInt8Linear", "QuantizedLinear", "empty_quantized", "quantizable_linears", "quantize_model",
+__all__ = ["INT4_GROUP", "INT8_PACK_MULTIPLE", "METHODS", "DynamicInt8Linear", "Int4WeightOnlyLinear",
+           "Int8WeightOnlyLinear", "PerChannelInt8Linear", "QuantizedLinear", "empty_quantized", "quantizable_linears",
+           "quantize_model",
            "quantize_run", "write_transformed_run"]

@@ -23,9 +23,8 @@ def rebuild(model: nn.Module, records: list[dict[str, Any]]) -> nn.Module:
         kind = record.get("transform")
         if kind == "quantize":
             empty_quantized(model, record["method"], list(record["modules"]))
-        elif kind == "prune":  # the kept units' shapes; which of the old units they were does not matter here
-            apply_plan(model, {k: {n: list(range(len(v))) for n, v in mods.items()}
-                               for k, mods in record["plan"].items()})
+        elif kind == "prune":  # the kept units (which ones matters for LightNet's per-head LRPE frequencies)
+            apply_plan(model, record["plan"])
         else:
             raise UserError(f"Unknown transform {kind!r} in the run's deploy record; it was written by another "
                             f"polyattn version.")

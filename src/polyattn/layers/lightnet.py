@@ -180,6 +180,9 @@ class LightNetAttention(nn.Module):
         self.chunk_size = chunk_size
         self.kernel_backend = kernel_backend
         self.lrpe_base, self.lrpe_shared_heads = lrpe_base, lrpe_shared_heads
+        # Which heads of the LRPE spectrum of `lrpe_num_heads` heads these are: all of them, unless structured
+        # pruning (`polyattn.deploy.prune`) kept a subset, whose heads keep the frequencies they were trained with.
+        self.lrpe_num_heads, self.lrpe_head_index = num_heads, tuple(range(num_heads))
         self.q_proj = nn.Linear(hidden_size, hidden_size, bias=False)
         self.k_proj = nn.Linear(hidden_size, hidden_size, bias=False)
         self.v_proj = nn.Linear(hidden_size, hidden_size, bias=False)
@@ -199,7 +202,8 @@ class LightNetAttention(nn.Module):
 
     def _theta(self, num_axes: int, device) -> torch.Tensor:
         dim = self.head_dim if self.lrpe is Lrpe.COSINE else self.head_dim // 2
-        return lrpe_theta(dim, self.num_heads, num_axes, self.lrpe_base, self.lrpe_shared_heads).to(device)
+        theta = lrpe_theta(dim, self.lrpe_num_heads, num_axes, self.lrpe_base, self.lrpe_shared_heads)
+        return theta[list(self.lrpe_head_index)].to(device)  # [H, e]
 
     def _positions(self, B, T, mask, offset, grid_shape, device) -> torch.Tensor:
         """LRPE coordinates `[B|1, T, k]`."""
@@ -238,7 +242,7 @@ class LightNetAttention(nn.Module):
         check_mask("LightNetAttention", key_padding_mask, *x.shape[:2], "key_padding_mask")
         if not (cache is None or self.causal):
             raise ValueError("a decoding state needs a causal layer")
-        B, T, D = x.shape
+        B, T = x.shape[:2]
         H, d = self.num_heads, self.head_dim
         mask = None if key_padding_mask is None else key_padding_mask.bool()
         grid_shape = self.grid_shape if grid_shape is None else grid_shape
@@ -264,7 +268,7 @@ class LightNetAttention(nn.Module):
                                initial_state=state, output_final_state=want_state, mask=mask,
                                chunk_size=self.chunk_size, normalizer_init=self.normalizer_init.value,
                                key_features=feats, backend=self.kernel_backend)
-        o = o.reshape(B, T, D)
+        o = o.reshape(B, T, H * d)  # H · d = D unless heads were pruned
         gate = torch.sigmoid(self.g_proj(x))
         o = self.g_norm(o * gate) if self.gate_position is GatePosition.PRE else self.g_norm(o) * gate
         o = self.o_proj(o)

@@ -115,6 +115,9 @@ class TrainConfig(Section):
     done / epochs' steps, time used / budget), so they keep their shape and end on time; set `epochs` to the
     length the budget stands for (warmup keeps its share warmup_epochs / epochs). Stopping on time makes runs
     unrepeatable step for step."""
+    init_weights: str | None = checked(None, pattern=r".+", meaning="a weights file path", fixed=True)
+    """Start from these weights (a safetensors file of this model, e.g. a run's model.safetensors) instead of the
+    initialisation: a fine-tune (the prune command's --finetune-steps sets it to the pruned run's weights)."""
     ema_decay: float | None = checked(None, gt=0, lt=1, fixed=True)
     """Keep an exponential moving average of the weights with this decay (e.g. 0.999; warmed up over the first
     updates); evaluation, `polyattn eval` and sampling then use the averaged weights (saved as ema.safetensors)."""

@@ -30,7 +30,7 @@ from ..errors import Interrupted, UserError
 from ..files import atomic_write_text, write_error
 from ..hardware import Precision, autocast_for, device_name, environment, resolve_device, resolve_precision
 from ..progress import note, progress_bar
-from ..registry import get_entry
+from ..registry import get_entry, parameter_count
 from ..settings import fixed_on_resume
 from .checkpoint import (
     CONFIG,
@@ -236,8 +236,17 @@ def _train_distributed(config: RunConfig, device: torch.device, resume_dir: Path
     model, model_args = build_model(config, job.inferred_model_args)
     # The stored config holds every constructor argument, so the run directory rebuilds the model alone.
     config.model.args = model_args
+    if config.deploy:  # a pruned run being fine-tuned: its smaller shapes, as load_run builds them
+        if any(r.get("transform") == "quantize" for r in config.deploy):
+            raise UserError("A quantized run cannot be trained (its weights are integer buffers, not parameters); "
+                            "fine-tune the float run, then quantize it.")
+        from ..deploy.record import rebuild
+
+        model = rebuild(model, config.deploy)
+    if cfg.init_weights is not None:  # a fine-tune; a resumed run then loads its checkpoint over them
+        load_weights(model, Path(cfg.init_weights), model_name=config.model.name)
     model.to(device)
-    n_params = sum(p.numel() for p in model.parameters())
+    n_params = parameter_count(model)
     total_steps = cfg.steps or cfg.epochs * job.steps_per_epoch
     check_model = getattr(job, "check_model", None)
     if check_model is not None:
@@ -757,7 +766,7 @@ def evaluate_run(run_dir: Path, *, data_source: str | None = None, split: str = 
     if data_source is not None:
         config.data.source = data_source
     job = build_job(config, device=device, splits=(split,), run_dir=Path(run_dir))
-    n_params = sum(p.numel() for p in model.parameters())
+    n_params = parameter_count(model)
     announce(run_header("evaluating", config, n_params, job, device, precision=resolved, weights=run.weights,
                         extra=f"split {split}, weights {run.source}"), resolved)
     metrics = job.evaluate(model, split, autocast=autocast_for(resolved, device))
