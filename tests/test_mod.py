@@ -63,6 +63,17 @@ def test_top_k_computes_the_capacity_and_trains_router_and_predictor(tokens):
         assert router.predictor[0].weight.grad.abs().sum() > 0
 
 
+def test_routing_runs_under_bfloat16_autocast(tokens):
+    model = mod_model(0.25)
+    predictor_bias(model, 0.0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits, routings = model.train()(tokens, return_routing=True)
+        (logits.float().mean() + sum(r.predictor_loss for r in routings)).backward()
+        with torch.no_grad():
+            _, cache = model.eval().forward_cached(tokens[:, :6])
+            model.forward_cached(tokens[:, 6:7], cache)
+
+
 def test_inference_routing_is_causal(tokens):
     model = mod_model(0.5).eval()
     predictor_bias(model, 0.0)  # roughly half the tokens chosen, varying by row

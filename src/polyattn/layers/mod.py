@@ -107,7 +107,7 @@ class MixtureOfDepths(nn.Module):
         gather = idx[..., None].expand(-1, -1, D)
         xs = x.gather(1, gather)  # (B, k, D); the causal mask over their order is causal over their positions
         f, _ = self._residual(block, xs, rope=rope_at(positions[idx]))
-        out = x.scatter_add(1, gather, r.gather(1, idx)[..., None].to(f.dtype) * f)
+        out = x.scatter_add(1, gather, (r.gather(1, idx)[..., None] * f).to(x.dtype))  # autocast: f may be bf16
         pred = self.predictor(x.detach()).squeeze(-1).float()  # stop-gradient: the LM loss does not see it
         bce = F.binary_cross_entropy_with_logits(pred, selected.float(), reduction="sum")
         return out, None, Routing(selected, bce)
@@ -135,7 +135,7 @@ class MixtureOfDepths(nn.Module):
             f, sub_new = self._residual(block, xs, rope=rope_at(positions[sub_idx]), key_padding_mask=sub_valid,
                                         cache=sub_cache, use_cache=use_cache or cache is not None)
             r = self.router(xs).squeeze(-1)  # (b, kmax)
-            update = torch.where(sub_valid[..., None], r[..., None].to(f.dtype) * f, torch.zeros_like(f))
+            update = torch.where(sub_valid[..., None], r[..., None] * f, torch.zeros_like(f)).to(x.dtype)
             out = x.clone()
             out[rows] = x[rows].scatter_add(1, gather, update)
             if sub_new is not None:
