@@ -106,6 +106,11 @@ def test_cached_decoding_equals_full_forward_in_inference_mode(tokens, bias):
 
 
 def test_bad_settings_are_refused(tokens):
+    from polyattn.deploy.decode_step import BoundedKVStep
+    from polyattn.errors import UserError
+
+    with pytest.raises(UserError, match="Mixture-of-Depths model's routed blocks"):
+        BoundedKVStep(mod_model(0.5), 8)
     with pytest.raises(ValueError, match=r"in \(0, 1\]"):
         mod_model(0.0)
     with pytest.raises(ValueError, match="needs reversible=False"):
