@@ -1,8 +1,8 @@
 """`polyattn bench adaptive`: quality against compute of the adaptive models, with the wall time it takes.
 
 Vision (`--vision RUN_DIR ...`: runs of an early-exit classifier, `model.early_exit=true`,
-`polyattn.layers.early_exit`): for each threshold of `--thresholds` the first `--images` images of the test split
-are classified with the per-input exit; a row has the top-1 accuracy, the mean number of blocks an input ran
+`polyattn.layers.early_exit`): for each threshold of `--thresholds`, `--images` images evenly spaced over the test
+split are classified with the per-input exit; a row has the top-1 accuracy, the mean number of blocks an input ran
 (the share of the blocks' FLOPs spent; the exits' norm and shared head, one linear map, are not counted) and the
 wall time of the evaluation's forward passes (median of `--repeats`), against threshold 1.0, the full model.
 
@@ -69,8 +69,11 @@ def vision_rows(run_dir: Path, thresholds: list[float], n_images: int, repeats: 
     job = build_job(config, device=device, splits=("test",), run_dir=run_dir)
     data = job.datasets["test"]
     n = min(n_images, len(data.images))
+    # evenly spaced over the split, which may be stored class by class: every class is in a smaller subset
+    index = torch.linspace(0, len(data.images) - 1, n).round().long()
+    images, labels = data.images[index], data.labels[index]
     bs = job.eval_batch_size
-    batches = [(job.eval_transform(data.images[i:min(i + bs, n)]), data.labels[i:min(i + bs, n)])
+    batches = [(job.eval_transform(images[i:i + bs]), labels[i:i + bs])
                for i in range(0, n, bs)]  # normalised once, outside the timed evaluations
     depth = len(model.blocks)
     rows = []
