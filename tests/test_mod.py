@@ -115,7 +115,11 @@ def test_bad_settings_are_refused(tokens):
         mod_model(0.0)
     with pytest.raises(ValueError, match="needs reversible=False"):
         mod_model(0.5, reversible=True)
-    with pytest.raises(ValueError, match="no attention_mask"):
-        mod_model(0.5)(tokens, attention_mask=torch.ones_like(tokens))
+    padded = torch.ones_like(tokens)
+    padded[0, 0] = 0
+    with pytest.raises(ValueError, match="takes no padding"):
+        mod_model(0.5)(tokens, attention_mask=padded)
+    model = mod_model(0.5).eval()  # a mask with every token real is no padding
+    torch.testing.assert_close(model(tokens, attention_mask=torch.ones_like(tokens)), model(tokens))
     with pytest.raises(ValueError, match="build it with mod_capacity"):
         LlamaLM(vocab_size=V, dim=D, depth=2, num_heads=2)(tokens, return_routing=True)

@@ -162,9 +162,11 @@ class RopeTransformer(nn.Module):
         and with `with_routing` the `Routing` of each routed block (a Mixture-of-Depths model)."""
         B, T = tokens.shape
         if self.mod is not None:
+            if attention_mask is not None and bool(attention_mask.bool().all()):
+                attention_mask = None  # every token real: no padding (what transformers' generate passes)
             if attention_mask is not None or cu_seqlens is not None:
                 raise ValueError("a Mixture-of-Depths model (mod_capacity) routes whole rows of real tokens; it "
-                                 "takes no attention_mask or cu_seqlens")
+                                 "takes no padding (attention_mask) or cu_seqlens")
             positions = torch.arange(T, device=tokens.device)
             x, _, routings = self._routed_blocks(self.io.embed_tokens(tokens), positions, causal=not self.training)
             logits = self.io.logits(x)
@@ -251,9 +253,9 @@ class LlamaLM(CausalLMMixin, RopeTransformer):
             raise ValueError(f"the cache has {len(cache)} layers, the model {self.depth}")
         T = tokens.shape[1]
         if self.mod is not None:  # decoding routes by the causal predictor; block 0 (never routed) counts positions
-            if mask is not None:
+            if mask is not None and not bool(mask.all()):
                 raise ValueError("a Mixture-of-Depths model (mod_capacity) decodes rows of real tokens only; it "
-                                 "takes no attention_mask")
+                                 "takes no padding (attention_mask)")
             positions = _positions(None if cache is None else cache[0], None, T, tokens.device)
             x, new_cache, _ = self._routed_blocks(self.io.embed_tokens(tokens), positions, causal=True,
                                                   caches=cache, use_cache=True)
