@@ -17,6 +17,8 @@ from polyattn.errors import UserError
 from polyattn.layers import mixer_hooks
 from polyattn.layers.attention import Attention
 from polyattn.layers.lightnet import LightNetAttention
+from polyattn.layers.linear_attention import LinearAttention
+from polyattn.ops.linear_attn import feature_map_fn
 from polyattn.registry import create_model
 from polyattn.train.config import build_config, save_yaml
 from polyattn.train.loop import train
@@ -74,6 +76,25 @@ def test_lightnet_map_is_query_times_keys_soft_maxed_over_tokens():
     assert not torch.allclose(maps.sum(-1), torch.ones(2, 2, 9))  # not row-normalised
     with_lrpe = LightNetAttention(32, 2, causal=False, lrpe="cosine", grid_shape=(3, 3)).eval()
     assert attention_maps(with_lrpe, x)[""].shape == (2, 2, 9, 9)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_linear_attention_map_is_the_normalised_feature_kernel(causal):
+    torch.manual_seed(0)
+    layer = LinearAttention(32, 2, causal=causal, feature_map="elu").eval()
+    x = torch.randn(2, 7, 32)
+    maps = attention_maps(layer, x)[""]  # (B, H, T, S)
+    phi = feature_map_fn(layer.feature_map)
+    q = phi(layer.q_proj(x).view(2, 7, 2, 16) * 16**-0.25, None)
+    k = phi(layer.k_proj(x).view(2, 7, 2, 16) * 16**-0.25, None)
+    kernel = torch.einsum("bthf,bshf->bhts", q, k)
+    if causal:
+        kernel = kernel.tril()
+    expected = kernel / (kernel.sum(-1, keepdim=True) + layer.eps)
+    assert torch.allclose(maps, expected, atol=1e-5)
+    assert torch.allclose(maps.sum(-1), torch.ones(2, 2, 7), atol=1e-4)  # elu+1 is positive: rows sum to 1
+    if causal:
+        assert (maps.triu(1) == 0).all()
 
 
 class OwnMixer(nn.Module):
@@ -152,6 +173,7 @@ def test_without_an_observer_the_hook_computes_nothing_extra():
     ("illama_nano", {"mask_mode": "causal"}, 16),
     ("lightnet_vision_nano", {}, None),
     ("multiscan_vision_nano", {}, None),
+    ("linear_vision_nano", {}, None),
 ])
 def test_maps_of_every_vision_family(name, kwargs, query):
     torch.manual_seed(0)

@@ -20,6 +20,9 @@ norm, projection).
   `A[t, s] = scale · Σ_c q_t[c] · softmax_s(k[:, c mod d])[s] · f_s[c]`, which can be negative.
 - Multi-scan (`polyattn.layers.lightnet.MultiScanAttention`): `A[t, s]` is the sum over the scan directions of
   the decayed weight with which `v_s` reaches `o_t`.
+- Kernelized linear attention (`polyattn.layers.linear_attention.LinearAttention`):
+  `A[t, s] = φ(q_t)·φ(k_s) / (Σ_s' φ(q_t)·φ(k_s') + eps)` over the keys the query sees; rows sum to 1 (less eps)
+  for the positive feature maps (elu+1, ReLU, FAVOR+, Hedgehog), while cosFormer's re-weighting can be negative.
 """
 
 from __future__ import annotations
@@ -35,10 +38,11 @@ from torch import nn
 from ..errors import UserError
 from ..layers.attention import Attention
 from ..layers.lightnet import LightNetAttention, MultiScanAttention
+from ..layers.linear_attention import LinearAttention
 from ..layers.mixer_hooks import MixerCall, observe_mixer_ops
 
 # the mixers `polyattn inspect` reads; any other layer that reports its op through `call_op` is read as well
-MIXER_TYPES: tuple[type[nn.Module], ...] = (Attention, LightNetAttention, MultiScanAttention)
+MIXER_TYPES: tuple[type[nn.Module], ...] = (Attention, LightNetAttention, MultiScanAttention, LinearAttention)
 
 
 def _one_hot_values(v: torch.Tensor) -> torch.Tensor:
@@ -64,12 +68,12 @@ def record_attention_maps(model: nn.Module) -> Iterator[dict[str, torch.Tensor]]
 
     The maps come from the mixers' hook point (`polyattn.layers.mixer_hooks`): every layer of `model` that calls
     its op through `call_op` is read, however it imported the op. Raises a `UserError` when the model has no
-    token mixer this module can read (softmax attention, LightNet attention, multi-scan), and at the end of the
+    token mixer this module can read (softmax, LightNet, multi-scan or linear attention), and at the end of the
     block when one of those ran without reporting its op (it would be missing from the maps without a word).
     """
     if not any(isinstance(m, MIXER_TYPES) for m in model.modules()):
-        raise UserError(f"{type(model).__name__} has no softmax, LightNet or multi-scan attention layer, so it "
-                        f"has no attention maps to read.")
+        raise UserError(f"{type(model).__name__} has no softmax, LightNet, multi-scan or linear attention layer, "
+                        f"so it has no attention maps to read.")
     names = {id(m): name for name, m in model.named_modules()}
     maps: dict[str, torch.Tensor] = {}
     ran: list[str] = []  # the known mixers whose forward ran
