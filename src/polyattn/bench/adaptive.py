@@ -16,14 +16,21 @@ tokens it computed) and the wall time of the evaluation (median of `--repeats`).
 from __future__ import annotations
 
 import argparse
-import time
 from pathlib import Path
 
 import torch
 
 from ..errors import UserError
-from ..hardware import resolve_device
-from .common import add_machine_arguments, bench_header, median, pyplot, synchronize, write_json
+from .common import (
+    add_machine_arguments,
+    bench_header,
+    median,
+    pyplot,
+    save_figure,
+    time_call,
+    use_machine,
+    write_results,
+)
 
 THRESHOLDS = [0.0, 0.2, 0.3, 0.4, 0.5, 0.6, 0.8, 1.0]  # top softmax probabilities; 10 classes start at 0.1
 
@@ -43,16 +50,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _timed(fn, device: torch.device, repeats: int):
-    """`(the last result of fn(), median seconds of `repeats` calls)` after one warm-up call."""
+    """`(fn()'s result, the median seconds of `repeats` further calls)`: the first call is the warm-up, and the
+    evaluations are deterministic, so its result is every call's."""
     result = fn()
-    times = []
-    for _ in range(repeats):
-        synchronize(device)
-        t0 = time.perf_counter()
-        result = fn()
-        synchronize(device)
-        times.append(time.perf_counter() - t0)
-    return result, median(times)
+    return result, median(time_call(fn, device, repeats))
 
 
 def vision_rows(run_dir: Path, thresholds: list[float], n_images: int, repeats: int,
@@ -130,19 +131,12 @@ def run(args) -> int:
     if not args.vision and not args.lm:
         raise UserError("Nothing to measure: pass --vision RUN_DIR (an early-exit classifier run) and/or --lm "
                         "RUN_DIR ... (causal LM runs with and without model.mod_capacity).")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = resolve_device(args.device)
+    device = use_machine(args)
     header = bench_header(device, repeats=args.repeats, images=args.images, tokens=args.tokens)
     vision = [row for d in args.vision for row in vision_rows(d, args.thresholds, args.images, args.repeats, device)]
     lm = [lm_row(d, args.tokens, args.repeats, device) for d in args.lm]
-    table = format_tables(vision, lm, header)
-    print("\n" + table)
-    out = Path(args.out)
-    write_json(out / "adaptive.json", {"header": header, "vision": vision, "lm": lm})
-    (out / "adaptive.md").write_text(table + "\n")
-    plot(vision, lm, out / "adaptive.png", header)
-    print(f"wrote {out / 'adaptive.json'}, {out / 'adaptive.md'}, {out / 'adaptive.png'}")
+    write_results(args.out, "adaptive", {"header": header, "vision": vision, "lm": lm},
+                  format_tables(vision, lm, header), lambda path: plot(vision, lm, path, header))
     return 0
 
 
@@ -192,12 +186,8 @@ def plot(vision: list[dict], lm: list[dict], path: Path, header: dict) -> None:
         ax.set_ylabel("top-1 accuracy" if kind == "vision" else "validation loss (nats)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    fig.suptitle(f"adaptive computation, {header['device_name']}, torch {header['torch']}, {header['git']}",
-                 fontsize=9)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path, f"adaptive computation, {header['device_name']}, torch {header['torch']}, "
+                           f"{header['git']}")
 
 
 __all__ = ["THRESHOLDS", "add_arguments", "format_tables", "lm_row", "run", "vision_rows"]
