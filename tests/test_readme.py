@@ -94,6 +94,8 @@ class Skip:
 
 
 SYNOPSIS = Help()
+ADAPTIVE_BENCH = ("polyattn bench adaptive --vision runs/vit_early_exit --lm runs/lm_mod_0.125 runs/lm_mod_0.5 "
+                  "runs/lm_plain --images 5000 --tokens 32768 --repeats 2 --threads 1")
 HOW: dict[str, Train | Run | Error | Help | Covered | Skip] = {
     # Quickstart and Development
     "make train": Run(replace={"make train": "polyattn train"}),  # after the setup, make train is polyattn train
@@ -129,6 +131,7 @@ HOW: dict[str, Train | Run | Error | Help | Covered | Skip] = {
                                      "ways"),
     "polyattn bench compare SUITE [--table]": SYNOPSIS,
     "polyattn bench reversible [--depths N ...]": SYNOPSIS,
+    "polyattn bench adaptive [--vision RUN ...]": SYNOPSIS,
     "polyattn export RUN_DIR --format onnx|pt2": SYNOPSIS,
     "polyattn quantize RUN_DIR --method METHOD": SYNOPSIS,
     "polyattn hf RUN_DIR OUT": SYNOPSIS,
@@ -204,6 +207,15 @@ HOW: dict[str, Train | Run | Error | Help | Covered | Skip] = {
     "polyattn bench decode": Covered("tests/test_bench_perf.py::test_bench_decode_reports_latency_against_context"),
     "polyattn bench reversible --depths 4 8 16 --batch 8 --repeats 2 --threads 1":
         Covered("tests/test_bench_perf.py::test_bench_reversible_memory_is_flat_in_depth"),
+    "polyattn train vit_reversible_cifar10": Train(),
+    # adaptive computation
+    "polyattn train vit_early_exit_cifar10": Train(),
+    "polyattn eval runs/vit_early_exit model.exit_threshold=0.9":
+        Run(replace={"runs/vit_early_exit": "{ee}"},
+            first=("polyattn train vit_early_exit_cifar10", ["train.run_name=ee"])),
+    "polyattn train llama_mod_shakespeare": Train(),
+    "polyattn train llama_mod_shakespeare model.mod_capacity=0.5": Train(),
+    ADAPTIVE_BENCH: Covered("tests/test_bench_adaptive.py::test_bench_adaptive_measures_both_curves"),
     "make gpu-check": Skip("needs a CUDA device; scripts/gpu_check.sh refuses without one"),
     "polyattn bench compare": SYNOPSIS,
     "polyattn bench compare SUITE": SYNOPSIS,
@@ -257,7 +269,8 @@ def places(tmp_path_factory):
                      ["dit_digits", *common, *SHRINK_IMAGES, *SHRINK_TASK["diffusion"], "model.depth=1",
                       "train.run_name=dit"]):
             assert main(["train", *argv]) == 0, argv
-    return {"cls": root / "cls", "lm": root / "lm", "dit": root / "dit", "s2": root / "s2", "folder": folder,
+    return {"cls": root / "cls", "lm": root / "lm", "dit": root / "dit", "s2": root / "s2", "ee": root / "ee",
+            "folder": folder,
             "archive": archive, "results": results, "root": root}
 
 

@@ -37,8 +37,10 @@ class ModelEntry:
         """The keyword inputs of the model's forward beyond its data (what an input schedule may feed, such as
         iLLaMA's `soft_mask_a`)."""
         sig = inspect.signature(self.cls.forward)
-        return [k for k, p in sig.parameters.items() if p.kind is inspect.Parameter.KEYWORD_ONLY
-                or (p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD and p.default is not inspect.Parameter.empty)]
+        # a boolean keyword is a switch of what forward returns (an early-exit model's `all_exits`), not a value
+        return [k for k, p in sig.parameters.items() if not isinstance(p.default, bool) and (
+                p.kind is inspect.Parameter.KEYWORD_ONLY
+                or (p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD and p.default is not inspect.Parameter.empty))]
 
 
 _MODELS: dict[str, ModelEntry] = {}

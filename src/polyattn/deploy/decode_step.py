@@ -69,6 +69,10 @@ class BoundedKVStep(DecodeStep):
         super().__init__(model)
         if max_len < 1:
             raise UserError(f"The bounded KV cache needs at least one slot, got max_len={max_len}.")
+        if getattr(model, "mod_capacity", None) is not None:  # one slot mask for all layers cannot hold theirs
+            raise UserError("A Mixture-of-Depths model's routed blocks cache only the tokens they computed, so its "
+                            "layers' caches differ in length and the bounded KV step cannot hold them; export a "
+                            "model trained without model.mod_capacity, or decode it with `polyattn generate`.")
         self.max_len = max_len
         self.depth = len(self._empty_cache(1, "cpu"))
         self.state_names = (*(f"{kv}_{i}" for i in range(self.depth) for kv in ("k", "v")), "slot_mask")

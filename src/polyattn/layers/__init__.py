@@ -10,6 +10,13 @@ from .attention import Attention, KVCache, parse_mask_mode
 from .block import TransformerBlock
 from .cross_attention import CrossAttentionBlock, LinearCrossAttention
 from .drop import DropPath, drop_path
+from .early_exit import (
+    EarlyExitOutput,
+    check_exit_threshold,
+    exit_confidence,
+    run_blocks_all_exits,
+    run_blocks_early_exit,
+)
 from .init import init_linear
 from .kv_int8 import Int8KVCache, int8_kv_cache
 from .lightnet import (
@@ -27,6 +34,7 @@ from .linear_attention import LinearAttention, LinearAttnCache
 from .mixer import MixerKind, TokenMixer, build_mixer, mixer_class, mixer_options
 from .mixer_hooks import MixerCall, call_op, observe_mixer_ops
 from .mlp import GatedMlp, Mlp, llama_hidden_size
+from .mod import MixtureOfDepths, Routing, check_capacity
 from .norm import GroupRMSNorm, RMSNorm
 from .patch_embed import PatchEmbed, to_2tuple
 from .pos_embed import LearnedPosEmbed, resample_abs_pos_embed, sincos_pos_embed
@@ -45,6 +53,7 @@ __all__ = [
     "Attention",
     "CrossAttentionBlock",
     "DropPath",
+    "EarlyExitOutput",
     "GatePosition",
     "GatedMlp",
     "GroupRMSNorm",
@@ -62,6 +71,7 @@ __all__ = [
     "MixerCall",
     "MixerInit",
     "MixerKind",
+    "MixtureOfDepths",
     "Mlp",
     "MultiScanAttention",
     "NormalizerInit",
@@ -71,6 +81,7 @@ __all__ = [
     "Rotary",
     "RotaryEmbedding",
     "RotaryEmbeddingND",
+    "Routing",
     "TiedKVAttention",
     "TokenIO",
     "TokenMixer",
@@ -79,7 +90,10 @@ __all__ = [
     "axial_frequencies",
     "build_mixer",
     "call_op",
+    "check_capacity",
+    "check_exit_threshold",
     "drop_path",
+    "exit_confidence",
     "init_linear",
     "int8_kv_cache",
     "llama_hidden_size",
@@ -90,7 +104,9 @@ __all__ = [
     "resample_abs_pos_embed",
     "reversible_blocks",
     "run_blocks",
+    "run_blocks_all_exits",
     "run_blocks_cached",
+    "run_blocks_early_exit",
     "sincos_pos_embed",
     "to_2tuple",
 ]

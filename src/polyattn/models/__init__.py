@@ -19,6 +19,7 @@ from . import (
     vit,
 )
 from .bert import BertMLM
+from .classifier import EarlyExitMixin
 from .dit import DiT, DiTBlock
 from .generation import CausalLMMixin, generate, stream_generate
 from .illama import ILLaMA
@@ -38,6 +39,7 @@ __all__ = [
     "DiT",
     "DiTBlock",
     "DoubleAttentionPerceiver",
+    "EarlyExitMixin",
     "ILLaMA",
     "LLPTransformer",
     "LightNetLM",

@@ -29,11 +29,10 @@ from ..layers.mlp import GatedMlp, llama_hidden_size
 from ..layers.norm import RMSNorm
 from ..layers.patch_embed import PatchEmbed
 from ..layers.pos_embed import resample_abs_pos_embed
-from ..layers.reversible import run_blocks
 from ..layers.rope import Rotary, RotaryEmbedding
 from ..ops.attention import MaskMode
 from ..registry import register_model
-from .classifier import LinearHeadMixin
+from .classifier import EarlyExitMixin, LinearHeadMixin
 
 
 class IllamaPosEmbed(str, Enum):
@@ -59,7 +58,7 @@ class ClsPosition(str, Enum):
     FIRST = "first"  # ViT's
 
 
-class ILLaMA(LinearHeadMixin, nn.Module):
+class ILLaMA(EarlyExitMixin, LinearHeadMixin, nn.Module):
     """iLLaMA image classifier (arXiv 2404.06773) with timm's contract.
 
     Token layout: `[patches (raster order), cls]` for `cls_position="last"` (the paper's post-sequence class
@@ -94,6 +93,10 @@ class ILLaMA(LinearHeadMixin, nn.Module):
         drop_path_rate (float): stochastic depth of the last block; rises linearly from 0. Default: 0.0.
         reversible (bool): run the blocks as a reversible stack (`polyattn.layers.reversible`: two coupled residual
             streams, activations recomputed in backward, training memory flat in depth). Default: False.
+        early_exit (bool): an exit after every block (`EarlyExitMixin`: the shared head, an RMSNorm per exit),
+            trained with the deep-supervision loss of all exits. Default: False.
+        exit_threshold (float): in eval mode an input leaves at the first exit whose top softmax probability
+            exceeds this (1.0 = never: the full model). Default: 1.0.
     """
 
     GLOBAL_POOLS = ("token",)
@@ -116,6 +119,8 @@ class ILLaMA(LinearHeadMixin, nn.Module):
         drop_rate: float = 0.0,
         drop_path_rate: float = 0.0,
         reversible: bool = False,
+        early_exit: bool = False,
+        exit_threshold: float = 1.0,
     ):
         super().__init__()
         self.reversible = reversible
@@ -157,6 +162,7 @@ class ILLaMA(LinearHeadMixin, nn.Module):
         self.norm = norm_layer(embed_dim)
         self.head_drop = nn.Dropout(drop_rate)
         self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+        self._init_early_exit(early_exit, exit_threshold, norm_layer, embed_dim, reversible=reversible)
 
         if self.pos_embed is not None:
             nn.init.trunc_normal_(self.pos_embed, std=0.02)
@@ -196,6 +202,13 @@ class ILLaMA(LinearHeadMixin, nn.Module):
             x = x + pos.to(x.dtype)
         return self.pos_drop(x)
 
+    def _tokens(self, x: torch.Tensor, soft_mask_a: float | torch.Tensor = 0.0) -> tuple[torch.Tensor, dict]:
+        """Images → the tokens the blocks read `[B, N + 1, D]` and the blocks' keyword arguments (RoPE, `a`)."""
+        grid = self.patch_embed.grid_for(tuple(x.shape[-2:]))
+        x = self._pos_embed(self.patch_embed(x), grid)  # (B, N + 1, D)
+        rope = self.rotary(x.shape[1], x.device) if self.rope is not None else None
+        return x, dict(rope=rope, soft_mask_a=soft_mask_a)
+
     def forward_features(self, x: torch.Tensor, soft_mask_a: float | torch.Tensor = 0.0) -> torch.Tensor:
         """Images `[B, C, H, W]` → normalised tokens `[B, N + 1, D]` (class token last, or first).
 
@@ -204,20 +217,18 @@ class ILLaMA(LinearHeadMixin, nn.Module):
             soft_mask_a (float | Tensor): the soft-mask value `a` for the `illama_soft` and `soft_causal` modes
                 (1 = bidirectional, 0 = the final mask); ignored by the others. Default: 0.0.
         """
-        grid = self.patch_embed.grid_for(tuple(x.shape[-2:]))
-        x = self._pos_embed(self.patch_embed(x), grid)  # (B, N + 1, D)
-        rope = self.rotary(x.shape[1], x.device) if self.rope is not None else None
-        x = run_blocks(self.blocks, x, reversible=self.reversible, rope=rope, soft_mask_a=soft_mask_a)
-        return self.norm(x)
+        return self._features(*self._tokens(x, soft_mask_a=soft_mask_a))
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         """Tokens `[B, N + 1, D]` → class-token features `[B, D]` (`pre_logits`) or logits `[B, num_classes]`."""
         x = self.head_drop(x[:, -1] if self._cls_last else x[:, 0])
         return x if pre_logits else self.head(x)
 
-    def forward(self, x: torch.Tensor, soft_mask_a: float | torch.Tensor = 0.0) -> torch.Tensor:
-        """Images `[B, C, H, W]` → logits `[B, num_classes]`; evaluation uses the default `a = 0`."""
-        return self.forward_head(self.forward_features(x, soft_mask_a=soft_mask_a))
+    def forward(self, x: torch.Tensor, soft_mask_a: float | torch.Tensor = 0.0, *,
+                all_exits: bool = False) -> torch.Tensor:
+        """Images `[B, C, H, W]` → logits `[B, num_classes]`; evaluation uses the default `a = 0`. With
+        `all_exits` (an `early_exit` model) every exit's logits, `[depth, B, num_classes]`."""
+        return self._forward(x, all_exits, soft_mask_a=soft_mask_a)
 
     # --- weights from another resolution or from the reference code --------------------------------------------
 

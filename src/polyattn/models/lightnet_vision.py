@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from enum import Enum
+from functools import partial
 from typing import Any, Literal
 
 import torch
@@ -31,9 +32,8 @@ from ..layers.lightnet import LightNetAttention, LightNetBlock, Lrpe, MdTpe, Mix
 from ..layers.mixer import MixerKind, build_mixer, mixer_class, refuse_changed
 from ..layers.norm import RMSNorm
 from ..layers.patch_embed import PatchEmbed
-from ..layers.reversible import run_blocks
 from ..registry import register_model
-from .classifier import LinearHeadMixin
+from .classifier import EarlyExitMixin, LinearHeadMixin
 
 
 class TpeDirection(str, Enum):
@@ -43,7 +43,7 @@ class TpeDirection(str, Enum):
     CAUSAL = "causal"  # the author's one-sided scans (an arbitrary top-left bias on images)
 
 
-class TokenMixerViT(LinearHeadMixin, nn.Module):
+class TokenMixerViT(EarlyExitMixin, LinearHeadMixin, nn.Module):
     """Isotropic classifier around an injectable token mixer: patches → [MD-TPE] → blocks → RMSNorm → mean → head.
 
     The shared body of `LightNetViT` and `MultiScanViT`; those two fix the mixer class and expose its options as
@@ -65,6 +65,10 @@ class TokenMixerViT(LinearHeadMixin, nn.Module):
         drop_path_rate (float): stochastic depth, rising linearly from 0 (first block) to this (last block).
         reversible (bool): run the blocks as a reversible stack (`polyattn.layers.reversible`: two coupled residual
             streams, activations recomputed in backward, training memory flat in depth). Default: False.
+        early_exit (bool): an exit after every block (`EarlyExitMixin`: the shared head, an RMSNorm per exit),
+            trained with the deep-supervision loss of all exits. Default: False.
+        exit_threshold (float): in eval mode an input leaves at the first exit whose top softmax probability
+            exceeds this (1.0 = never: the full model). Default: 1.0.
     """
 
     GLOBAL_POOLS = ("avg",)
@@ -88,6 +92,8 @@ class TokenMixerViT(LinearHeadMixin, nn.Module):
         drop_rate: float = 0.0,
         drop_path_rate: float = 0.0,
         reversible: bool = False,
+        early_exit: bool = False,
+        exit_threshold: float = 1.0,
     ):
         super().__init__()
         self.reversible = reversible
@@ -114,6 +120,8 @@ class TokenMixerViT(LinearHeadMixin, nn.Module):
         self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
         if num_classes > 0:
             init_linear(self.head)
+        self._init_early_exit(early_exit, exit_threshold, partial(RMSNorm, eps=1e-6), embed_dim,
+                              reversible=reversible)
 
     def no_weight_decay(self) -> set[str]:
         """Names excluded from weight decay: MD-TPE's per-channel scales `q`, `k` (init 1) and decay logits.
@@ -124,22 +132,26 @@ class TokenMixerViT(LinearHeadMixin, nn.Module):
         """
         return {"tpe.q", "tpe.k", "tpe.decay_logit"} if self.tpe is not None else set()
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """Images `[B, C, H, W]` → normalised patch tokens `[B, N, D]` in raster order."""
+    def _tokens(self, x: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        """Images → the patch tokens the blocks read `[B, N, D]` and the blocks' keyword arguments (the grid)."""
         grid = self.patch_embed.grid_for(tuple(x.shape[-2:]))
         x = self.patch_embed(x)  # (B, N, D)
         if self.tpe is not None:
             x, _ = self.tpe(x, grid_shape=grid)
-        x = run_blocks(self.blocks, x, reversible=self.reversible, grid_shape=grid)
-        return self.norm(x)
+        return x, dict(grid_shape=grid)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Images `[B, C, H, W]` → normalised patch tokens `[B, N, D]` in raster order."""
+        return self._features(*self._tokens(x))
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         """Tokens `[B, N, D]` → mean-pooled features `[B, D]` (`pre_logits`) or logits `[B, num_classes]`."""
         x = self.head_drop(x.mean(1))
         return x if pre_logits else self.head(x)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
+    def forward(self, x: torch.Tensor, *, all_exits: bool = False) -> torch.Tensor:
+        """Images → logits `[B, C]`; with `all_exits` (an `early_exit` model) every exit's, `[depth, B, C]`."""
+        return self._forward(x, all_exits)
 
 
 class LightNetViT(TokenMixerViT):
@@ -157,7 +169,8 @@ class LightNetViT(TokenMixerViT):
 
     Args:
         img_size, patch_size, in_chans, num_classes, embed_dim, depth, num_heads, mlp_hidden_dim, use_tpe,
-            tpe_direction, tpe_residual, drop_rate, drop_path_rate, reversible: see `TokenMixerViT`.
+            tpe_direction, tpe_residual, drop_rate, drop_path_rate, reversible, early_exit, exit_threshold: see
+            `TokenMixerViT`.
         lrpe (str, Optional): "cosine" (d → 2d, the default), "rotary" or None (no relative positions).
         scale (float, Optional): output scale of the attention core; 1.0 (the author's) or None for d^-0.5.
         init (str): "default" (trunc-normal 0.02) or "author" (Xavier gain 0.01, zero output projections).
@@ -186,6 +199,8 @@ class LightNetViT(TokenMixerViT):
         drop_path_rate: float = 0.0,
         mixer: MixerKind | str | type[nn.Module] = "lightnet",
         reversible: bool = False,
+        early_exit: bool = False,
+        exit_threshold: float = 1.0,
     ):
         mixer = mixer if isinstance(mixer, type) else parse_enum(MixerKind, mixer, "mixer")
         if mixer_class(mixer) is LightNetAttention:
@@ -200,7 +215,8 @@ class LightNetViT(TokenMixerViT):
             img_size=img_size, patch_size=patch_size, in_chans=in_chans, num_classes=num_classes,
             embed_dim=embed_dim, depth=depth, num_heads=num_heads, mlp_hidden_dim=mlp_hidden_dim, use_tpe=use_tpe,
             tpe_direction=tpe_direction, tpe_residual=tpe_residual, drop_rate=drop_rate,
-            drop_path_rate=drop_path_rate, reversible=reversible,
+            drop_path_rate=drop_path_rate, reversible=reversible, early_exit=early_exit,
+            exit_threshold=exit_threshold,
         )
 
 
@@ -217,7 +233,8 @@ class MultiScanViT(TokenMixerViT):
 
     Args:
         img_size, patch_size, in_chans, num_classes, embed_dim, depth, num_heads, mlp_hidden_dim, use_tpe,
-            tpe_direction, tpe_residual, drop_rate, drop_path_rate, reversible: see `TokenMixerViT`.
+            tpe_direction, tpe_residual, drop_rate, drop_path_rate, reversible, early_exit, exit_threshold: see
+            `TokenMixerViT`.
         directions (int): 1, 2 or 4 scan orders. Default: 4.
         divide (bool): average the directions instead of summing (Vim's "div2"). Default: False.
         per_direction_decay (bool): a separate decay projection per direction. Default: False (shared).
@@ -246,6 +263,8 @@ class MultiScanViT(TokenMixerViT):
         drop_rate: float = 0.0,
         drop_path_rate: float = 0.0,
         reversible: bool = False,
+        early_exit: bool = False,
+        exit_threshold: float = 1.0,
     ):
         if directions not in (1, 2, 4):
             raise ValueError(f"directions must be 1, 2 or 4, got {directions!r}")
@@ -256,7 +275,8 @@ class MultiScanViT(TokenMixerViT):
             img_size=img_size, patch_size=patch_size, in_chans=in_chans, num_classes=num_classes,
             embed_dim=embed_dim, depth=depth, num_heads=num_heads, mlp_hidden_dim=mlp_hidden_dim, use_tpe=use_tpe,
             tpe_direction=tpe_direction, tpe_residual=tpe_residual, drop_rate=drop_rate,
-            drop_path_rate=drop_path_rate, reversible=reversible,
+            drop_path_rate=drop_path_rate, reversible=reversible, early_exit=early_exit,
+            exit_threshold=exit_threshold,
         )
 
 

@@ -33,6 +33,7 @@ causal or not by a constructor value.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -40,6 +41,7 @@ from torch import nn
 from ..layers.attention import Attention, KVCache
 from ..layers.block import TransformerBlock
 from ..layers.mlp import GatedMlp, llama_hidden_size
+from ..layers.mod import MixtureOfDepths, Routing, check_capacity
 from ..layers.norm import RMSNorm
 from ..layers.reversible import run_blocks, run_blocks_cached
 from ..layers.rope import RotaryEmbedding
@@ -82,9 +84,17 @@ class RopeTransformer(nn.Module):
     def __init__(self, vocab_size: int, dim: int, depth: int, num_heads: int, num_kv_heads: int | None,
                  mlp_hidden_dim: int | None, rope_base: float, norm_eps: float, tie_embeddings: bool, dropout: float,
                  *, causal: bool, s2_group_size: int | None = None, s2_at_inference: bool = False,
-                 reversible: bool = False):
+                 reversible: bool = False, mod_capacity: float | None = None):
         super().__init__()
         self.reversible = reversible
+        if mod_capacity is not None:
+            mod_capacity = check_capacity(mod_capacity)
+            for clash, why in ((not causal, "a causal model (its inference routing is the causal predictor)"),
+                               (reversible, "reversible=False (a routed block changes only its chosen tokens)"),
+                               (s2_group_size is not None, "no s2_group_size (its groups assume every token)")):
+                if clash:
+                    raise ValueError(f"mod_capacity (Mixture-of-Depths) needs {why}; set mod_capacity=None")
+        self.mod_capacity = mod_capacity
         if dim % num_heads:
             raise ValueError(f"dim ({dim}) must be divisible by num_heads ({num_heads})")
         if s2_group_size is not None and s2_group_size < 2:
@@ -103,6 +113,9 @@ class RopeTransformer(nn.Module):
                                             proj_drop=dropout),
                              GatedMlp(dim, hidden, drop=dropout), norm)
             for _ in range(depth))
+        # Mixture-of-Depths: a router around every other block (the paper's best), the first block sees every token
+        self.mod = (nn.ModuleDict({str(i): MixtureOfDepths(dim, mod_capacity) for i in range(1, depth, 2)})
+                    if mod_capacity is not None else None)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -124,10 +137,42 @@ class RopeTransformer(nn.Module):
                                      causal=self.causal)
         return mask if mask.ndim == 4 else mask[None]  # (B | 1, H, T, S)
 
+    def _routed_blocks(self, x: torch.Tensor, positions: torch.Tensor, *, causal: bool,
+                       caches: Sequence[KVCache | None] | None = None,
+                       use_cache: bool = False) -> tuple[torch.Tensor, list, list[Routing]]:
+        """The block loop of a Mixture-of-Depths model (`mod_capacity`): `(x, new caches, Routing of each routed
+        block)`; `causal` routes by the predictor (inference, decoding), else by the top-k of each sequence."""
+        rope = self.rope(positions)
+        new_caches, routings = [], []
+        for i, block in enumerate(self.blocks):
+            cache = None if caches is None else caches[i]
+            if str(i) in self.mod:
+                x, cache, routing = self.mod[str(i)](block, x, positions, self.rope, causal=causal, cache=cache,
+                                                     use_cache=use_cache)
+                routings.append(routing)
+            else:
+                x, cache = block(x, rope=rope, cache=cache, use_cache=use_cache)
+            new_caches.append(cache)
+        return x, new_caches, routings
+
     def _logits(self, tokens: torch.Tensor, attention_mask: torch.Tensor | None,
-                cu_seqlens: torch.Tensor | None) -> torch.Tensor:
-        """Logits `[B, T, V]` of `tokens [B, T]` with a padding mask or packed documents (see `LlamaLM.forward`)."""
+                cu_seqlens: torch.Tensor | None, *,
+                with_routing: bool = False) -> torch.Tensor | tuple[torch.Tensor, list[Routing]]:
+        """Logits `[B, T, V]` of `tokens [B, T]` with a padding mask or packed documents (see `LlamaLM.forward`),
+        and with `with_routing` the `Routing` of each routed block (a Mixture-of-Depths model)."""
         B, T = tokens.shape
+        if self.mod is not None:
+            if attention_mask is not None and bool(attention_mask.bool().all()):
+                attention_mask = None  # every token real: no padding (what transformers' generate passes)
+            if attention_mask is not None or cu_seqlens is not None:
+                raise ValueError("a Mixture-of-Depths model (mod_capacity) routes whole rows of real tokens; it "
+                                 "takes no padding (attention_mask) or cu_seqlens")
+            positions = torch.arange(T, device=tokens.device)
+            x, _, routings = self._routed_blocks(self.io.embed_tokens(tokens), positions, causal=not self.training)
+            logits = self.io.logits(x)
+            return (logits, routings) if with_routing else logits
+        if with_routing:
+            raise ValueError("this model routes no tokens; build it with mod_capacity to get its routing")
         attn_mask, key_padding_mask = None, None
         if cu_seqlens is not None:
             if B != 1 or attention_mask is not None:
@@ -168,15 +213,32 @@ class LlamaLM(CausalLMMixin, RopeTransformer):
             Default: False.
         reversible (bool): run the blocks as a reversible stack (`polyattn.layers.reversible`: two coupled
             residual streams, activations recomputed in backward, training memory flat in depth). Default: False.
+        mod_capacity (float, Optional): Mixture-of-Depths (arXiv 2404.02258, `polyattn.layers.mod`): every other
+            block computes only this share of each sequence's tokens (the top-k of a router in training, the
+            causal predictor's choice in eval mode and decoding; 0.125 in the paper). None = every block computes
+            every token. Default: None.
     """
 
     def __init__(self, vocab_size: int = 256, dim: int = 128, depth: int = 4, num_heads: int = 4,
                  num_kv_heads: int | None = None, mlp_hidden_dim: int | None = None, rope_base: float = 10000.0,
                  norm_eps: float = 1e-6, tie_embeddings: bool = False, dropout: float = 0.0,
-                 s2_group_size: int | None = None, s2_at_inference: bool = False, reversible: bool = False):
+                 s2_group_size: int | None = None, s2_at_inference: bool = False, reversible: bool = False,
+                 mod_capacity: float | None = None):
         super().__init__(vocab_size, dim, depth, num_heads, num_kv_heads, mlp_hidden_dim, rope_base, norm_eps,
                          tie_embeddings, dropout, causal=True, s2_group_size=s2_group_size,
-                         s2_at_inference=s2_at_inference, reversible=reversible)
+                         s2_at_inference=s2_at_inference, reversible=reversible, mod_capacity=mod_capacity)
+
+    def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None, *,
+                attention_mask: torch.Tensor | None = None, cu_seqlens: torch.Tensor | None = None,
+                return_routing: bool = False):
+        """As `CausalLMMixin.forward`; with `return_routing` (a Mixture-of-Depths model, no `targets`)
+        `(logits, [Routing of each routed block])`: the tokens each computed and, in training, its predictor's
+        loss (which the causal-LM task adds to the model's)."""
+        if not return_routing:
+            return super().forward(tokens, targets, attention_mask=attention_mask, cu_seqlens=cu_seqlens)
+        if targets is not None:
+            raise ValueError("return_routing gives (logits, routing); compute the loss from the logits")
+        return self._logits(tokens, attention_mask, cu_seqlens, with_routing=True)
 
 
     def forward_cached(self, tokens: torch.Tensor, cache: LlamaCache | None = None, *,
@@ -190,6 +252,14 @@ class LlamaLM(CausalLMMixin, RopeTransformer):
         if cache is not None and len(cache) != self.depth:
             raise ValueError(f"the cache has {len(cache)} layers, the model {self.depth}")
         T = tokens.shape[1]
+        if self.mod is not None:  # decoding routes by the causal predictor; block 0 (never routed) counts positions
+            if mask is not None and not bool(mask.all()):
+                raise ValueError("a Mixture-of-Depths model (mod_capacity) decodes rows of real tokens only; it "
+                                 "takes no padding (attention_mask)")
+            positions = _positions(None if cache is None else cache[0], None, T, tokens.device)
+            x, new_cache, _ = self._routed_blocks(self.io.embed_tokens(tokens), positions, causal=True,
+                                                  caches=cache, use_cache=True)
+            return self.io.logits(x), tuple(new_cache)
         attn_mask = None
         if self.s2_active():  # every layer has seen the same tokens: one mask over (cache + new) keys
             first = None if cache is None else cache[0]

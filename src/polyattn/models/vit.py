@@ -21,9 +21,8 @@ from ..layers.init import init_linear
 from ..layers.mlp import Mlp
 from ..layers.patch_embed import PatchEmbed
 from ..layers.pos_embed import resample_abs_pos_embed, sincos_pos_embed
-from ..layers.reversible import run_blocks
 from ..registry import register_model
-from .classifier import LinearHeadMixin
+from .classifier import EarlyExitMixin, LinearHeadMixin
 
 
 class VitPosEmbed(str, Enum):
@@ -33,12 +32,14 @@ class VitPosEmbed(str, Enum):
     SINCOS = "sincos"  # a fixed 2-D sin-cos table (MAE, MoCo v3)
 
 
-class VisionTransformer(LinearHeadMixin, nn.Module):
+class VisionTransformer(EarlyExitMixin, LinearHeadMixin, nn.Module):
     """Isotropic ViT classifier with timm's contract (`forward_features`, `forward_head`, `reset_classifier`).
 
     Images of another size than `img_size` are accepted as long as the patch size divides them: the
     position table is resampled (bicubic) to the new grid, in forward and when loading weights. `reversible=True`
-    runs the blocks as a reversible stack (`polyattn.layers.reversible`).
+    runs the blocks as a reversible stack (`polyattn.layers.reversible`). `early_exit=True` adds an exit after
+    every block (`EarlyExitMixin`: one shared head, a LayerNorm per exit) and `exit_threshold` the confidence at
+    which an input leaves in eval mode (1.0 = never: the full model).
     """
 
     GLOBAL_POOLS = ("token", "avg")
@@ -59,6 +60,8 @@ class VisionTransformer(LinearHeadMixin, nn.Module):
         drop_rate: float = 0.0,
         drop_path_rate: float = 0.0,
         reversible: bool = False,
+        early_exit: bool = False,
+        exit_threshold: float = 1.0,
     ):
         super().__init__()
         self.reversible = reversible
@@ -96,6 +99,7 @@ class VisionTransformer(LinearHeadMixin, nn.Module):
         self.norm = norm_layer(embed_dim)
         self.head_drop = nn.Dropout(drop_rate)
         self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+        self._init_early_exit(early_exit, exit_threshold, norm_layer, embed_dim, reversible=reversible)
         nn.init.trunc_normal_(self.cls_token, std=0.02)
         self.apply(init_linear)
 
@@ -109,20 +113,23 @@ class VisionTransformer(LinearHeadMixin, nn.Module):
         x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)  # (B, 1 + N, D)
         return self.pos_drop(x + pos.to(x.dtype))
 
+    def _tokens(self, x: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        """Images → the tokens the blocks read `[B, 1 + N, D]` and the blocks' keyword arguments (none)."""
+        grid = self.patch_embed.grid_for(tuple(x.shape[-2:]))
+        return self._pos_embed(self.patch_embed(x), grid), {}
+
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Images `[B, C, H, W]` → normalised tokens `[B, 1 + N, D]` (class token first)."""
-        grid = self.patch_embed.grid_for(tuple(x.shape[-2:]))
-        x = self._pos_embed(self.patch_embed(x), grid)
-        x = run_blocks(self.blocks, x, reversible=self.reversible)
-        return self.norm(x)
+        return self._features(*self._tokens(x))
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         x = x[:, 0] if self.global_pool == "token" else x[:, self.num_prefix_tokens:].mean(1)
         x = self.head_drop(x)
         return x if pre_logits else self.head(x)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
+    def forward(self, x: torch.Tensor, *, all_exits: bool = False) -> torch.Tensor:
+        """Images → logits `[B, C]`; with `all_exits` (an `early_exit` model) every exit's, `[depth, B, C]`."""
+        return self._forward(x, all_exits)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # Weights trained at another resolution: resample the position table to this model's grid.

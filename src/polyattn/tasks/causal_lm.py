@@ -256,11 +256,16 @@ class TextStreamJob:
 
     def loss(self, model: nn.Module, batch, inputs: dict[str, Any]) -> tuple[torch.Tensor, int]:
         """Summed cross-entropy over a micro-batch's scored targets and their number: a model may score only a
-        window's last positions (Perceiver AR's latents), so the targets it scores are the last ones."""
+        window's last positions (Perceiver AR's latents), so the targets it scores are the last ones. A
+        Mixture-of-Depths model (`mod_capacity`) adds its predictors' summed loss (`polyattn.layers.mod`)."""
         x, y, y_host = batch
-        logits = model(x, **inputs)
+        routed = getattr(getattr(model, "module", model), "mod_capacity", None) is not None  # `module`: under DDP
+        logits, routings = model(x, return_routing=True, **inputs) if routed else (model(x, **inputs), [])
         scored = int((scored_targets(logits, y_host) != IGNORE_INDEX).sum())
-        return cross_entropy(logits, scored_targets(logits, y), reduction="sum"), scored
+        loss = cross_entropy(logits, scored_targets(logits, y), reduction="sum")
+        if routings:  # Mixture-of-Depths: its causal predictors learn beside it (their mean over routed blocks)
+            loss = loss + sum(r.predictor_loss for r in routings) / len(routings)
+        return loss, scored
 
     def state_dict(self) -> dict[str, Any]:
         return {}  # batches are a pure function of (seed, epoch, step): nothing to save

@@ -117,6 +117,15 @@ class ClassificationTask:
             targets = targets.long()
         return cross_entropy(logits, targets, reduction=reduction, label_smoothing=self.label_smoothing)
 
+    def exits_loss(self, exit_logits: torch.Tensor, targets: torch.Tensor, *,
+                   reduction: Literal["mean", "sum"] = "mean") -> torch.Tensor:
+        """The deep-supervision loss of an early-exit model's exits `[E, B, C]` (first block's first): PABEE's
+        weighted mean `Σ_i i·L_i / Σ_i i` of the exits' losses `L_i` (`loss`), so deeper exits weigh more
+        (Zhou et al., arXiv 2006.04152, eq. 3; `polyattn.layers.early_exit`)."""
+        weights = torch.arange(1, exit_logits.shape[0] + 1, dtype=torch.float32, device=exit_logits.device)
+        losses = torch.stack([self.loss(z, targets, reduction=reduction) for z in exit_logits])
+        return (weights * losses).sum() / weights.sum()
+
     @torch.no_grad()
     def evaluate(self, model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], *,
                  autocast_dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
@@ -124,6 +133,8 @@ class ClassificationTask:
         """{"loss", "top1", "top{k}", "ece", "count"} over all the batches (every sample weighs the same; in a
         distributed run, the batches of every process: each passes its share, see `polyattn.distributed.shard`), and
         with `reliability` also "reliability": the `ReliabilityBins` behind the ECE (for a reliability diagram).
+        An early-exit model (`early_exit`) exits each input at its `exit_threshold` and adds "blocks", the mean
+        number of blocks an input ran.
 
         "loss" is the plain cross-entropy (negative log-likelihood, no label smoothing), so it can be compared
         across runs trained with different smoothing. k is 5, or the number of classes when fewer (no
@@ -136,14 +147,19 @@ class ClassificationTask:
         model.eval()
         amp = (torch.autocast(device_type=device.type, dtype=autocast_dtype) if autocast_dtype is not None
                else contextlib.nullcontext())
-        loss_sum, count = 0.0, 0
+        loss_sum, count, blocks_run = 0.0, 0, 0
+        early_exit = getattr(model, "early_exit", False)
         correct = dict.fromkeys(self.topk, 0)
         confidences, top1_ok = [], []
         try:
             for images, targets in batches:
                 images, targets = images.to(device), targets.to(device)
                 with amp:
-                    logits = model(images)
+                    if early_exit:  # each input leaves at its first confident exit: count the blocks it ran
+                        out = model.forward_early_exit(images)
+                        logits, blocks_run = out.logits, blocks_run + int(out.exit_block.sum())
+                    else:
+                        logits = model(images)
                 logits = logits.float()
                 if logits.shape[-1] != self.num_classes:
                     raise UserError(f"The model gives {logits.shape[-1]} logits per sample but the task has "
@@ -159,7 +175,7 @@ class ClassificationTask:
         finally:
             model.train(was_training)
         # in a distributed run each process saw its share of the batches: the sums and the confidences of all
-        loss_sum, count, *hits = all_sum([loss_sum, count, *(correct[k] for k in self.topk)])
+        loss_sum, count, blocks_run, *hits = all_sum([loss_sum, count, blocks_run, *(correct[k] for k in self.topk)])
         count, correct = int(count), {k: int(n) for k, n in zip(self.topk, hits)}
         confidences = [c for share in all_gather(confidences) for c in share]
         top1_ok = [c for share in all_gather(top1_ok) for c in share]
@@ -170,6 +186,8 @@ class ClassificationTask:
         confidences, top1_ok = torch.cat(confidences), torch.cat(top1_ok)
         metrics["ece"] = expected_calibration_error(confidences, top1_ok, self.ece_bins)
         metrics["count"] = count
+        if early_exit:
+            metrics["blocks"] = blocks_run / count  # the mean number of blocks an input ran (its exit's depth)
         if reliability:
             metrics["reliability"] = reliability_bins(confidences, top1_ok, self.ece_bins)
         return metrics

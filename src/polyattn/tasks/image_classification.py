@@ -46,8 +46,11 @@ class ImageClassificationJob(ImageJob):
         return to_device(x, y, device=self.device)
 
     def loss(self, model: nn.Module, batch, inputs: dict[str, Any]) -> tuple[torch.Tensor, int]:
-        """Summed cross-entropy of a micro-batch and its number of images."""
+        """Summed cross-entropy of a micro-batch and its number of images; for an early-exit model (`early_exit`)
+        the deep-supervision loss of all its exits (`ClassificationTask.exits_loss`)."""
         x, y = batch
+        if getattr(getattr(model, "module", model), "early_exit", False):  # `module`: under DDP
+            return self.task.exits_loss(model(x, all_exits=True, **inputs), y, reduction="sum"), len(y)
         return self.task.loss(model(x, **inputs), y, reduction="sum"), len(y)
 
     def evaluate(self, model: nn.Module, split: str, *, autocast, reliability: bool = False,
