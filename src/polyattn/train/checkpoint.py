@@ -115,15 +115,26 @@ def load_checkpoint_weights(model: nn.Module, path: Path, *, model_name: str) ->
     if not CheckpointDir.is_distributed(path):
         load_weights(model, Path(path) / WEIGHTS, model_name=model_name)
         return
-    import torch.distributed.checkpoint as dcp
-
     state = {"model": model.state_dict()}
     try:
-        dcp.load(state, checkpoint_id=str(path), no_dist=True)
+        _dcp_load(state, path)
     except Exception as err:
         raise UserError(f"Checkpoint {path} does not fit model '{model_name}' or is unreadable ({err}); use the "
                         f"run directory it came from, or delete it to use an earlier checkpoint.") from err
     model.load_state_dict(state["model"])
+
+
+def _dcp_load(state: dict[str, Any], path: Path) -> None:
+    """`torch.distributed.checkpoint.load` of `state` in place from the checkpoint folder `path`: by every process
+    of the group, each reading its shards, or by this process alone when there is no group (which DCP would warn
+    about: here it is the intent)."""
+    import warnings
+
+    import torch.distributed.checkpoint as dcp
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+        dcp.load(state, checkpoint_id=str(path))
 
 
 class CheckpointDir:
@@ -241,13 +252,12 @@ class CheckpointDir:
 
         state = self.load_state(path)
         if self.is_distributed(path):
-            import torch.distributed.checkpoint as dcp
             from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
             model_state, optimizer_state = get_state_dict(model, optimizer)
             loaded = {"model": model_state, "optimizer": optimizer_state}
             try:
-                dcp.load(loaded, checkpoint_id=str(path))
+                _dcp_load(loaded, path)
             except Exception as err:
                 raise UserError(f"Checkpoint {path} does not fit this run's model and optimizer ({err}); resume "
                                 f"it with the model it was trained with, or delete it to use an earlier one.") from err

@@ -30,9 +30,10 @@ def repeated_blocks(model: nn.Module) -> list[nn.Module]:
     checkpointing and FSDP.
 
     A model may say which they are with a `forward_blocks()` method, and a block may name the methods besides
-    `forward` through which its model calls it (`entry_methods`, e.g. DiT's conditioning encoder). Otherwise they are the members of its
-    outermost nn.ModuleLists, except in a reversible stack (`model.reversible`, `polyattn.layers.reversible`),
-    whose blocks are entered through their branches and already recompute their activations: there are none.
+    `forward` through which its model calls it (`entry_methods`, e.g. DiT's conditioning encoder). Otherwise they
+    are the members of its outermost nn.ModuleLists, except in a reversible stack (`model.reversible`,
+    `polyattn.layers.reversible`), whose blocks are entered through their branches and already recompute their
+    activations: there are none.
     """
     own = getattr(model, "forward_blocks", None)
     if own is not None:
