@@ -193,25 +193,24 @@ class CheckpointDir:
 
         main = distributed.is_main()
         final = self.root / f"step-{step:08d}"
-        plan: tuple[str, str]
+        plan: tuple[str, str, int]
         if not main:
-            plan = ("", "")
+            plan = ("", "", 0)
         elif final.exists() and self.check(final) is None:
-            plan = ("done", str(final))  # this step is already checkpointed
+            plan = ("done", str(final), 0)  # this step is already checkpointed
         else:
             try:
                 if final.exists():
                     shutil.rmtree(final)  # a damaged copy (from before a resume): replace it
                 self.root.mkdir(parents=True, exist_ok=True)
-                plan = ("write", tempfile.mkdtemp(prefix=f".step-{step:08d}.", dir=self.root))
+                plan = ("write", tempfile.mkdtemp(prefix=f".step-{step:08d}.", dir=self.root), 0)
             except OSError as err:
-                plan = ("error", str(err))
+                plan = ("error", err.strerror or str(err), err.errno or 0)
         plan = distributed.broadcast(plan)  # every process writes into rank 0's temporary folder
         if plan[0] == "done":
             return final
         if plan[0] == "error":
-            raise UserError(f"Cannot write the checkpoint {final}: {plan[1]}; free space or fix the permissions "
-                            f"of {self.root}.")
+            raise write_error(final, OSError(plan[2], plan[1]))
         tmp = Path(plan[1])
         rank_rng = [_from_bytes(b) for b in distributed.all_gather(_to_bytes(training_state["rng"]))]
         model_state, optimizer_state = get_state_dict(model, optimizer)
@@ -225,6 +224,10 @@ class CheckpointDir:
                 manifest = {p.name: _digest(p) for p in sorted(tmp.iterdir())}
                 atomic_write_text(tmp / MANIFEST, json.dumps(manifest, indent=1) + "\n")
                 os.replace(tmp, final)
+        except OSError as err:  # the others stop on the missing barrier, within train.collective_timeout_s
+            if main:
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise write_error(final, err) from err
         except BaseException:
             if main:
                 shutil.rmtree(tmp, ignore_errors=True)
