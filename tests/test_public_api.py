@@ -14,7 +14,7 @@ from polyattn.train.config import config_keys, field_docs, keys_markdown
 
 ROOT = Path(__file__).resolve().parents[1]
 PUBLIC = ("polyattn.layers", "polyattn.ops", "polyattn.models", "polyattn.train", "polyattn.data",
-          "polyattn.analysis", "polyattn.deploy")
+          "polyattn.analysis", "polyattn.deploy", "polyattn.hf")
 
 
 @pytest.mark.parametrize("name", PUBLIC)
@@ -38,7 +38,7 @@ def test_the_names_a_tester_reached_for_import():
 
 def test_import_polyattn_stays_light():
     code = ("import sys, polyattn; heavy = [m for m in ('torch', 'matplotlib', 'PIL', 'kornia', 'tokenizers', "
-            "'tensorboard', 'sklearn') if m in sys.modules]; print(heavy); assert not heavy, heavy")
+            "'tensorboard', 'sklearn', 'transformers') if m in sys.modules]; print(heavy); assert not heavy, heavy")
     subprocess.run([sys.executable, "-c", code], check=True, env={"PYTHONPATH": str(ROOT / "src")})
 
 

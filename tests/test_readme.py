@@ -135,6 +135,7 @@ HOW: dict[str, Train | Run | Error | Help | Covered | Skip] = {
     "polyattn export RUN_DIR --format onnx|pt2": SYNOPSIS,
     "polyattn quantize RUN_DIR --method METHOD": SYNOPSIS,
     "polyattn prune RUN_DIR --heads H --mlp M": SYNOPSIS,
+    "polyattn hf RUN_DIR OUT": SYNOPSIS,
     "polyattn prune runs/lm --heads 0.25 --mlp 0.25":
         Covered("tests/test_deploy_prune.py::test_pruned_run_directory_loads_with_its_new_shapes"),
     # Deploy
@@ -149,6 +150,7 @@ HOW: dict[str, Train | Run | Error | Help | Covered | Skip] = {
         Covered("tests/test_deploy_quantize.py::test_quantized_run_directory_loads_and_runs"),
     'polyattn generate runs/lm --prompt "ROMEO:" --kv-cache int8':
         Run("--max-new-tokens 4", replace={"runs/lm": "{lm}"}),
+    "polyattn hf runs/lm runs/lm-hf": Run(replace={"runs/lm-hf": "{tmp}/lm-hf", "runs/lm": "{lm}"}),
     "polyattn train default train.lrr=1e-3": Error("Unknown key 'train.lrr' in the command line. Did you mean "
                                                    "'train.lr'?"),
     # images
@@ -322,7 +324,7 @@ def test_readme_command_runs(command, places, tmp_path, monkeypatch, capsys):
         words = [w for w in shlex.split(command.replace('"', "")) if re.fullmatch(r"[a-z][a-z-]*", w)]
         sub = [w for w in words[1:] if w in ("models", "config", "train", "eval", "generate", "inspect", "sample",
                                             "bench", "mixers", "compare", "train", "peers", "decode",
-                                            "dtypes")]
+                                            "dtypes", "hf")]
         with pytest.raises(SystemExit) as exit_info:
             main([*sub, "--help"])
         assert exit_info.value.code == 0

@@ -332,21 +332,36 @@ def _add_deploy_commands(sub) -> None:
     p.set_defaults(func=_cmd_prune)
 
 
+def _cmd_hf(args) -> int:
+    from .hardware import resolve_device
+    from .hf.convert import convert_run  # polyattn.hf says which extra to install when transformers is missing
+
+    out = convert_run(Path(args.run_dir), Path(args.out), ema=False if args.no_ema else None,
+                      precision=args.precision, device=resolve_device(args.device))
+    print(f"wrote {out}: a Hugging Face model folder (checked: reloaded, same logits); `import polyattn.hf`, then "
+          f"transformers' Auto classes load it")
+    return 0
+
+
 def _cmd_bench(args) -> int:
     return args.bench_run(args)
 
 
-def _run_options() -> argparse.ArgumentParser:
-    """The parent parser of the commands that run a trained model (eval, generate, sample, inspect): the run
-    directory, where and in what precision it runs, and which of its weights."""
+RUN_PRECISION_HELP = ("auto (default): the precision the run trained in, or float32 where this device does not "
+                      "compute that natively")
+
+
+def _run_options(*, device_help: str = "", precision_help: str = RUN_PRECISION_HELP) -> argparse.ArgumentParser:
+    """The parent parser of the commands that read a trained model (eval, generate, sample, inspect, hf): the run
+    directory, where and in what precision it runs (a command may say what the two mean for it), and which of its
+    weights."""
     from .hardware import PRECISIONS
 
     p = argparse.ArgumentParser(add_help=False)
     p.add_argument("run_dir", metavar="RUN_DIR")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto = cuda when available)")
-    p.add_argument("--precision", default="auto", choices=PRECISIONS,
-                   help="auto (default): the precision the run trained in, or float32 where this device does not "
-                        "compute that natively")
+    p.add_argument("--device", default="auto", help=f"auto, cpu, cuda or cuda:N (default: auto = cuda when "
+                                                    f"available){device_help}")
+    p.add_argument("--precision", default="auto", choices=PRECISIONS, help=precision_help)
     p.add_argument("--no-ema", action="store_true",
                    help="use the raw weights of a run that also kept averaged ones (train.ema_decay)")
     return p
@@ -459,6 +474,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_inspect)
 
     _add_deploy_commands(sub)
+
+    p = sub.add_parser("hf", help="convert a language-model run into a Hugging Face model folder",
+                       description="Write a causal or masked LM run as a transformers model folder (config.json, "
+                                   "model.safetensors, the tokenizer), reloaded and checked before the command "
+                                   "returns; `import polyattn.hf` registers the classes with the Auto classes "
+                                   "(the hf extra: pip install 'polyattn[hf]').",
+                       parents=[_run_options(device_help="; where the reloaded folder is checked",
+                                             precision_help="dtype of the saved weights: auto (default) and fp32 = "
+                                                            "float32, the run's own weights; bf16, fp16")])
+    p.add_argument("out", metavar="OUT", help="the model folder to write (new or empty)")
+    p.set_defaults(func=_cmd_hf)
 
     p = sub.add_parser("bench", help="run a benchmark suite", description="Benchmarks that print tables and write "
                        "plots and JSON. They measure; they never assert times.")
