@@ -1,3 +1,4 @@
+import hashlib
 import os
 from pathlib import Path
 
@@ -19,6 +20,36 @@ def cache_dir(tmp_path, monkeypatch):
     path = tmp_path / "cache"
     monkeypatch.setenv("POLYATTN_CACHE", str(path))
     return path
+
+
+TINY_LM = ["model=llama_lm_nano", "model.dim=64", "model.depth=1", "model.num_heads=4", "data.seq_len=16",
+           "train.batch_size=4", "data.eval_batch_size=8", "data.eval_tokens=200", "train.progress=false",
+           "train.precision=fp32", "train.max_steps=2"]
+"""The overrides of `tiny_lm_run`: a one-block LLaMA LM on the embedded Shakespeare, two optimizer steps."""
+
+
+def _tree_digest(root: Path) -> str:
+    digest = hashlib.sha256()
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        digest.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()
+
+
+@pytest.fixture(scope="session")
+def tiny_lm_run(tmp_path_factory):
+    """A trained run directory (TINY_LM) that the deploy tests export, quantize and prune into directories of
+    their own. Trained once per session; a test that changes anything inside it fails at teardown, since every
+    later test would then read another run."""
+    from polyattn.train.config import build_config
+    from polyattn.train.loop import train
+
+    out = tmp_path_factory.mktemp("runs")
+    train(build_config("llama_lm_shakespeare", [*TINY_LM, f"train.out_dir={out}", "train.run_name=lm"]),
+          evaluate=False)
+    run = out / "lm"
+    before = _tree_digest(run)
+    yield run
+    assert _tree_digest(run) == before, f"a test changed the shared run directory {run}; write beside it"
 
 
 def shared_data(name: str) -> Path:

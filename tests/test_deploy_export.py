@@ -116,32 +116,16 @@ def test_bounded_cache_state_keeps_its_size():
     assert int(state[-1].sum()) == 5  # five real slots, three still empty
 
 
-TINY_LM = ["model=llama_lm_nano", "model.dim=32", "model.depth=1", "model.num_heads=2", "data.seq_len=16",
-           "train.batch_size=4", "data.eval_batch_size=8", "data.eval_tokens=200", "train.progress=false",
-           "train.precision=fp32", "train.max_steps=2"]
-
-
-@pytest.fixture(scope="module")
-def lm_run(tmp_path_factory):
-    from polyattn.train.config import build_config
-    from polyattn.train.loop import train
-
-    out = tmp_path_factory.mktemp("runs")
-    train(build_config("llama_lm_shakespeare", [*TINY_LM, f"train.out_dir={out}", "train.run_name=lm"]),
-          evaluate=False)
-    return out / "lm"
-
-
-def test_export_command_writes_a_checked_graph(lm_run, tmp_path, capsys):
-    assert main(["export", str(lm_run), "--format", "pt2", "--out", str(tmp_path)]) == 0
+def test_export_command_writes_a_checked_graph(tiny_lm_run, tmp_path, capsys):
+    assert main(["export", str(tiny_lm_run), "--format", "pt2", "--out", str(tmp_path)]) == 0
     assert (tmp_path / "model.pt2").is_file() and (tmp_path / "model.pt2.json").is_file()
-    assert main(["export", str(lm_run), "--decode-step", "--max-len", "32", "--out", str(tmp_path)]) == 0
+    assert main(["export", str(tiny_lm_run), "--decode-step", "--max-len", "32", "--out", str(tmp_path)]) == 0
     assert (tmp_path / "decode_step.onnx").is_file()
     assert "checked against the eager model" in capsys.readouterr().out
 
 
-def test_export_refuses_what_it_cannot_export(lm_run, tmp_path, capsys):
-    assert main(["export", str(lm_run), "--max-len", "8", "--out", str(tmp_path)]) == 2
+def test_export_refuses_what_it_cannot_export(tiny_lm_run, tmp_path, capsys):
+    assert main(["export", str(tiny_lm_run), "--max-len", "8", "--out", str(tmp_path)]) == 2
     assert "use it with --decode-step" in capsys.readouterr().err
 
 

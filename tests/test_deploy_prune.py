@@ -72,22 +72,12 @@ def test_bad_share_is_one_sentence():
         prune_plan(model, 1.0, 0.0)
 
 
-TINY_LM = ["model=llama_lm_nano", "model.dim=64", "model.depth=1", "model.num_heads=4", "data.seq_len=16",
-           "train.batch_size=4", "data.eval_batch_size=8", "data.eval_tokens=200", "train.progress=false",
-           "train.precision=fp32", "train.max_steps=2"]
-
-
-def test_pruned_run_directory_loads_with_its_new_shapes(tmp_path, capsys):
-    from polyattn.train.config import build_config
-    from polyattn.train.loop import train
-
-    train(build_config("llama_lm_shakespeare", [*TINY_LM, f"train.out_dir={tmp_path}", "train.run_name=lm"]),
-          evaluate=False)
+def test_pruned_run_directory_loads_with_its_new_shapes(tiny_lm_run, tmp_path, capsys):
     out = tmp_path / "pruned"
-    assert main(["prune", str(tmp_path / "lm"), "--heads", "0.5", "--mlp", "0.5", "--out", str(out)]) == 0
+    assert main(["prune", str(tiny_lm_run), "--heads", "0.5", "--mlp", "0.5", "--out", str(out)]) == 0
     run = load_run(out)
     assert run.model.blocks[0].attn.num_heads == 2
-    assert (out / "model.safetensors").stat().st_size < (tmp_path / "lm" / "model.safetensors").stat().st_size
+    assert (out / "model.safetensors").stat().st_size < (tiny_lm_run / "model.safetensors").stat().st_size
     assert main(["eval", str(out), "--precision", "fp32"]) == 0
     assert main(["quantize", str(out), "--method", "int8-dynamic", "--out", str(tmp_path / "pq")]) == 0
     assert load_run(tmp_path / "pq").model.blocks[0].attn.q_proj.out_features == 32

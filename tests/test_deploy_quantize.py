@@ -92,43 +92,27 @@ def test_int4_skips_widths_its_groups_do_not_divide():
     assert quantizable_linears(model, "int8-dynamic") == ["0", "1", "2"]
 
 
-TINY_LM = ["model=llama_lm_nano", "model.dim=64", "model.depth=1", "model.num_heads=2", "data.seq_len=16",
-           "train.batch_size=4", "data.eval_batch_size=8", "data.eval_tokens=200", "train.progress=false",
-           "train.precision=fp32", "train.max_steps=3"]
-
-
-@pytest.fixture(scope="module")
-def lm_run(tmp_path_factory):
-    from polyattn.train.config import build_config
-    from polyattn.train.loop import train
-
-    out = tmp_path_factory.mktemp("runs")
-    train(build_config("llama_lm_shakespeare", [*TINY_LM, f"train.out_dir={out}", "train.run_name=lm"]),
-          evaluate=False)
-    return out / "lm"
-
-
 @pytest.mark.parametrize("method", METHODS)
-def test_quantized_run_directory_loads_and_runs(lm_run, tmp_path, method, capsys):
+def test_quantized_run_directory_loads_and_runs(tiny_lm_run, tmp_path, method, capsys):
     out = tmp_path / method
-    assert main(["quantize", str(lm_run), "--method", method, "--out", str(out)]) == 0
+    assert main(["quantize", str(tiny_lm_run), "--method", method, "--out", str(out)]) == 0
     run = load_run(out)
     assert run.config.deploy[0]["method"] == method
-    assert run.config.deploy[0]["source_run"] == str(lm_run.resolve())
+    assert run.config.deploy[0]["source_run"] == str(tiny_lm_run.resolve())
     # the stored model is the one quantized in memory, and smaller on disk
-    expected = load_run(lm_run).model
+    expected = load_run(tiny_lm_run).model
     quantize_model(expected, method)
     tokens = torch.randint(0, 256, (2, 12))
     with torch.no_grad():
         torch.testing.assert_close(run.model(tokens), expected(tokens))
-    assert (out / "model.safetensors").stat().st_size < (lm_run / "model.safetensors").stat().st_size
+    assert (out / "model.safetensors").stat().st_size < (tiny_lm_run / "model.safetensors").stat().st_size
     assert main(["eval", str(out), "--precision", "fp32"]) == 0
     assert main(["generate", str(out), "--prompt", "To be", "--max-new-tokens", "5", "--temperature", "0"]) == 0
     assert "loss" in capsys.readouterr().out
 
 
-def test_quantize_refuses_an_existing_output_and_an_unknown_method(lm_run, tmp_path, capsys):
-    assert main(["quantize", str(lm_run), "--method", "int8-dynamic", "--out", str(tmp_path)]) == 2
+def test_quantize_refuses_an_existing_output_and_an_unknown_method(tiny_lm_run, tmp_path, capsys):
+    assert main(["quantize", str(tiny_lm_run), "--method", "int8-dynamic", "--out", str(tmp_path)]) == 2
     assert "already exists" in capsys.readouterr().err
     with pytest.raises(UserError, match="Unknown quantization method"):
         quantize_model(nn.Linear(4, 4), "int2")

@@ -16,6 +16,7 @@ from polyattn.ops.attention import attention, attention_ref
 from polyattn.ops.decay_scan import decay_attn, decay_attn_reference
 from polyattn.ops.lightnet import lightnet_attn, lightnet_reference
 from polyattn.registry import create_model, model_task
+from polyattn.testing import decode_in_steps
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
@@ -91,11 +92,7 @@ def test_causal_lms_are_causal_and_cached_decoding_equals_the_full_forward(devic
         y = x.clone()
         y[:, -1] = (y[:, -1] + 1) % 61
         torch.testing.assert_close(model(y)[:, :-1], full[:, :-1], atol=1e-5, rtol=0)
-        logits, cache = model.forward_cached(x[:, :-4])
-        steps = [logits]
-        for t in range(x.shape[1] - 4, x.shape[1]):
-            logits, cache = model.forward_cached(x[:, t:t + 1], cache)
-            steps.append(logits)
+        steps = [logits for logits, _ in decode_in_steps(model, x, x.shape[1] - 4)]
         torch.testing.assert_close(torch.cat(steps, 1), full, atol=5e-5, rtol=1e-4)
 
 

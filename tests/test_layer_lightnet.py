@@ -29,7 +29,7 @@ def test_prefill_then_decode_equals_full_forward(lrpe):
     o, cache = layer(h, use_cache=True)
     outs = [o]
     for t in range(20, 45):
-        h, tstate = tpe(x[:, t:t + 1], state=tstate, use_cache=True)
+        h, tstate = tpe(x[:, t:t + 1], cache=tstate, use_cache=True)
         o, cache = layer(h, cache=cache, use_cache=True)
         outs.append(o)
     assert isinstance(cache, LightNetCache) and cache.offset.tolist() == [45, 45]
@@ -47,11 +47,11 @@ def test_left_padded_prefill_and_decode_equals_unpadded():
     for b, n in enumerate(lens):
         xp[b, 30 - n:] = x[b, :n]
         mask[b, 30 - n:] = True
-    h, tstate = tpe(xp, attention_mask=mask, use_cache=True)
+    h, tstate = tpe(xp, key_padding_mask=mask, use_cache=True)
     o, cache = layer(h, key_padding_mask=mask, use_cache=True)
     assert cache.offset.tolist() == lens
     nxt = torch.randn(2, 1, D)
-    h2, _ = tpe(nxt, state=tstate)
+    h2, _ = tpe(nxt, cache=tstate)
     o2, _ = layer(h2, cache=cache)
     for b, n in enumerate(lens):
         xr = torch.cat([x[b:b + 1, :n], nxt[b:b + 1]], 1)
@@ -68,7 +68,7 @@ def test_right_padding_noncausal_and_fully_padded_row():
     mask = torch.zeros(2, 24, dtype=torch.bool)
     mask[0, :15] = True
     xp = x.masked_fill(~mask[..., None], 7.0)
-    o, _ = layer(tpe(xp, attention_mask=mask)[0], key_padding_mask=mask)
+    o, _ = layer(tpe(xp, key_padding_mask=mask)[0], key_padding_mask=mask)
     ref, _ = layer(tpe(x[:1, :15])[0])
     assert_close("right padded", ref[0], o[0, :15], atol=1e-5)
     assert (o[0, 15:] == 0).all() and (o[1] == 0).all()

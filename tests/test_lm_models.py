@@ -7,6 +7,7 @@ import polyattn
 from polyattn.data.text import pack_documents, pad_documents
 from polyattn.models.generation import sample_next
 from polyattn.ops.losses import cross_entropy
+from polyattn.testing import decode_in_steps
 
 
 def _one_per_class(names):
@@ -75,11 +76,7 @@ def test_token_by_token_decoding_equals_the_full_forward(name):
     model = tiny_lm(name)
     x = tokens(2, 13)
     full = model(x)
-    logits, cache = model.forward_cached(x[:, :3])
-    steps = [logits]
-    for t in range(3, 13):
-        logits, cache = model.forward_cached(x[:, t:t + 1], cache)
-        steps.append(logits)
+    steps = [logits for logits, _ in decode_in_steps(model, x, 3)]
     torch.testing.assert_close(torch.cat(steps, 1), full, atol=2e-5, rtol=1e-4)
 
 

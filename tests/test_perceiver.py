@@ -30,6 +30,7 @@ from polyattn.models.perceiver_variants import (
 from polyattn.ops.attention import attention, causal_mask, causal_mask_at, double_mask, llp_mask, split_mask
 from polyattn.registry import count_parameters
 from polyattn.tasks.causal_lm import evaluate_lm
+from polyattn.testing import decode_in_steps
 from polyattn.train.config import build_config
 from polyattn.train.loop import train
 
@@ -242,10 +243,8 @@ def test_llp_block_aligned_cache_equals_the_full_forward_for_long_sequences_and_
     model = llp()
     x = tokens(2, 60)  # 15 segments
     full = model(x)
-    logits, cache = model.forward_cached(x[:, :5])
-    steps = [logits]
-    for t in range(5, 60):
-        logits, cache = model.forward_cached(x[:, t:t + 1], cache)
+    steps = []
+    for logits, cache in decode_in_steps(model, x, 5):
         steps.append(logits)
         assert cache.layers[0].k.shape[1] <= 2 * SEGMENT_LEN  # the previous and the current segment only
     torch.testing.assert_close(torch.cat(steps, 1), full, atol=2e-5, rtol=1e-4)

@@ -1,4 +1,7 @@
-"""Tolerance checks shared by the tests: fast forms against references, low precision against float32."""
+"""Checks shared by the tests: tolerances (fast forms against references, low precision against float32) and
+cached decoding step by step."""
+
+from collections.abc import Iterator
 
 import torch
 
@@ -22,3 +25,13 @@ def assert_close(name: str, ref: torch.Tensor, x: torch.Tensor, ratio: float = 1
         return
     rel = relative_rmse(ref, x)
     assert rel <= ratio, f"{name}: max abs error {err:.3g}, relative RMSE {rel:.3g} > {ratio:g}"
+
+
+def decode_in_steps(model: torch.nn.Module, tokens: torch.Tensor, prefix: int) -> Iterator[tuple[torch.Tensor, object]]:
+    """Cached decoding as a sampler runs it: `model.forward_cached` over `tokens[:, :prefix]`, then over each later
+    token alone with the cache so far; yields every call's `(logits, cache)`, the prefill's first."""
+    logits, cache = model.forward_cached(tokens[:, :prefix])
+    yield logits, cache
+    for t in range(prefix, tokens.shape[1]):
+        logits, cache = model.forward_cached(tokens[:, t:t + 1], cache)
+        yield logits, cache

@@ -1,4 +1,5 @@
-"""Shared benchmark helpers: a self-describing header, median timing after warm-up, memory measures, JSON output."""
+"""Shared benchmark helpers: a self-describing header, median timing after warm-up, memory measures, and the
+results every suite writes (JSON, markdown table, plot)."""
 
 import json
 import os
@@ -10,13 +11,20 @@ from pathlib import Path
 
 import torch
 
-from ..hardware import environment
+from ..hardware import environment, resolve_device
 
 
 def add_machine_arguments(parser, *, threads_help: str = "torch intra-op threads (default: torch's)") -> None:
     """`--device` and `--threads` of the suites that measure on one device."""
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
     parser.add_argument("--threads", type=int, default=None, help=threads_help)
+
+
+def use_machine(args) -> torch.device:
+    """Applies `--threads` (when given) and resolves `--device`: the device a suite measures on."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    return resolve_device(args.device)
 
 
 def git_revision() -> str:
@@ -105,6 +113,31 @@ def pyplot():
     return plt
 
 
+def save_figure(fig, path: Path, title: str) -> None:
+    """A suite's figure under its `title` (small, above the axes), laid out, written as a PNG and closed."""
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    pyplot().close(fig)
+
+
 def write_json(path: Path, obj: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(obj, indent=2))
+
+
+def write_results(out: Path | str, name: str, record: dict, table: str,
+                  plot: Callable[[Path], None] | None = None) -> None:
+    """How every suite ends: prints the markdown `table`, writes `record` to `<name>.json`, the table to
+    `<name>.md` and, where `plot` is given, calls it with the path `<name>.png`, all under `out`; then prints the
+    paths it wrote."""
+    print("\n" + table)
+    out = Path(out)
+    paths = [out / f"{name}.json", out / f"{name}.md"]
+    write_json(paths[0], record)
+    paths[1].write_text(table + "\n")
+    if plot is not None:
+        paths.append(out / f"{name}.png")
+        plot(paths[2])
+    print("wrote " + ", ".join(str(path) for path in paths))

@@ -21,8 +21,17 @@ from pathlib import Path
 
 import torch
 
-from ..hardware import PRECISIONS, autocast_for, resolve_device, resolve_precision
-from .common import add_machine_arguments, bench_header, median, pyplot, synchronize, write_json
+from ..hardware import PRECISIONS, autocast_for, resolve_precision
+from .common import (
+    add_machine_arguments,
+    bench_header,
+    median,
+    pyplot,
+    save_figure,
+    synchronize,
+    use_machine,
+    write_results,
+)
 
 LM = {"vocab_size": 256, "dim": 256, "depth": 4, "num_heads": 4}
 MODELS = {
@@ -75,9 +84,7 @@ def decode_latency(model: torch.nn.Module, vocab_size: int, batch: int, context:
 def run(args) -> int:
     from ..registry import create_model
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = resolve_device(args.device)
+    device = use_machine(args)
     precision = resolve_precision(args.precision, device)
     if args.quick:
         args.contexts, args.batches, args.steps = [32, 64], [1], 2
@@ -107,13 +114,8 @@ def run(args) -> int:
                 print(f"{key} batch {batch} context {context}: {result['step_s'] * 1e3:.2f} ms/token step "
                       f"({batch / result['step_s']:.0f} tokens/s), prefill {result['prefill_s']:.1f} s", flush=True)
     ratios = flatness(points)
-    table = format_table(points, header, ratios)
-    print("\n" + table)
-    out = Path(args.out)
-    write_json(out / "decode.json", {"header": header, "points": points, "ratios": ratios})
-    (out / "decode.md").write_text(table + "\n")
-    plot(points, out / "decode.png", header)
-    print(f"wrote {out / 'decode.json'}, {out / 'decode.md'}, {out / 'decode.png'}")
+    write_results(args.out, "decode", {"header": header, "points": points, "ratios": ratios},
+                  format_table(points, header, ratios), lambda path: plot(points, path, header))
     return 0
 
 
@@ -169,11 +171,9 @@ def plot(points: list[dict], path: Path, header: dict) -> None:
         ax.set_ylabel("ms per decoding step")
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8)
-    fig.suptitle(f"decoding latency: {header['device_name']}, {header['threads']} threads, {header['precision']}, "
-                 f"{header['git']}", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    title = (f"decoding latency: {header['device_name']}, {header['threads']} threads, {header['precision']}, "
+             f"{header['git']}")
+    save_figure(fig, path, title)
 
 
 __all__ = ["MODELS", "add_arguments", "decode_latency", "run"]

@@ -23,8 +23,8 @@ from pathlib import Path
 
 import torch
 
-from ..hardware import native_bf16, resolve_device
-from .common import bench_header, median, time_call, write_json
+from ..hardware import native_bf16
+from .common import bench_header, median, time_call, use_machine, write_results
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -103,9 +103,7 @@ def cases(quick: bool, device: torch.device):
 
 
 def run(args) -> int:
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = resolve_device(args.device)
+    device = use_machine(args)
     repeats = 1 if args.quick else args.repeats
     header = bench_header(device, native_bf16=native_bf16(device), repeats=repeats)
     rows = []
@@ -119,12 +117,7 @@ def run(args) -> int:
         cells = ", ".join(f"{o} {t * 1e3:.1f} ms" for o, t in times.items())
         print(f"{decision} {shape}: {cells}; polyattn picks {chosen}"
               f"{'' if chosen == fastest else f' (fastest here: {fastest})'}", flush=True)
-    table = format_table(rows, header)
-    print("\n" + table)
-    out = Path(args.out)
-    write_json(out / "dtypes.json", {"header": header, "rows": rows})
-    (out / "dtypes.md").write_text(table + "\n")
-    print(f"wrote {out / 'dtypes.json'}, {out / 'dtypes.md'}")
+    write_results(args.out, "dtypes", {"header": header, "rows": rows}, format_table(rows, header))
     return 0
 
 

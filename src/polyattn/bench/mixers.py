@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ..hardware import native_bf16, resolve_device
+from ..hardware import native_bf16
 from ..ops.decay_scan import multi_scan_decay_attn
 from ..ops.lightnet import lightnet_attn
 from .common import (
@@ -31,9 +31,11 @@ from .common import (
     bench_header,
     median,
     pyplot,
+    save_figure,
     synchronize,
     time_call,
-    write_json,
+    use_machine,
+    write_results,
 )
 
 MIXERS = ["sdpa", "sdpa_causal", "lightnet", "lightnet_causal", "scan1", "scan2", "scan4"]
@@ -120,9 +122,7 @@ def measure(name: str, side: int, dtype: torch.dtype, backward: bool, args, devi
 def run(args) -> int:
     if args.quick:
         args.sides, args.repeats = [16, 32], 1
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
-    device = resolve_device(args.device)
+    device = use_machine(args)
     if args.dtypes is None:
         args.dtypes = ["float32", "bfloat16"] if native_bf16(device) else ["float32"]
     out: Path = args.out
@@ -157,14 +157,9 @@ def run(args) -> int:
                     print(f"  {dtype_name:8s} {mode:7s} {name:15s} {rec['grid']:>9s} {T:6d} tok "
                           f"{rec['seconds'] * 1e3:10.1f} ms", flush=True)
     ratios = compute_ratios(points)
-    table = format_table(points, args)
-    print(table)
-    for line in ratios["lines"]:
-        print(line)
-    write_json(out / "mixers.json", {"header": header, "points": points, "ratios": ratios["values"]})
-    (out / "mixers.md").write_text(table + "\n\n" + "\n".join(ratios["lines"]) + "\n")
-    plot(points, out / "mixers.png", header)
-    print(f"wrote {out / 'mixers.json'}, {out / 'mixers.md'}, {out / 'mixers.png'}")
+    write_results(out, "mixers", {"header": header, "points": points, "ratios": ratios["values"]},
+                  format_table(points, args) + "\n\n" + "\n".join(ratios["lines"]),
+                  lambda path: plot(points, path, header))
     return 0
 
 
@@ -245,11 +240,9 @@ def plot(points: list[dict], path: Path, header: dict) -> None:
         ax.legend(fontsize=8)
     for ax in list(axes.flat)[len(panels):]:
         ax.axis("off")
-    fig.suptitle(f"token mixers, D={header['width']} ({header['heads']} heads), batch {header['batch']}, "
-                 f"{header['device_name']}, torch {header['torch']}, {header['git']}", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    title = (f"token mixers, D={header['width']} ({header['heads']} heads), batch {header['batch']}, "
+             f"{header['device_name']}, torch {header['torch']}, {header['git']}")
+    save_figure(fig, path, title)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -28,8 +28,17 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..hardware import PRECISIONS, Precision, resolve_device
-from .common import add_machine_arguments, bench_header, median, pyplot, synchronize, write_json
+from ..hardware import PRECISIONS, Precision
+from .common import (
+    add_machine_arguments,
+    bench_header,
+    median,
+    pyplot,
+    save_figure,
+    synchronize,
+    use_machine,
+    write_results,
+)
 from .training import WORKLOADS, Workload, quick, requested_precisions, synthetic_step, training_step
 
 
@@ -137,9 +146,7 @@ def measure_pair(pair: Pair, workload: Workload, precision: Precision, args, dev
 
 
 def run(args) -> int:
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = resolve_device(args.device)
+    device = use_machine(args)
     precisions = requested_precisions(args.precisions, device)
     if args.quick:
         args.repeats, args.warmup = 1, 1
@@ -156,14 +163,8 @@ def run(args) -> int:
             row = measure_pair(pair, workloads[pair.workload], precision, args, device)
             rows.append(row)
             print(f"{pair.name} [{precision.name}]: {format_result(row)}", flush=True)
-    table = format_table(rows, header)
-    print("\n" + table)
-    out = Path(args.out)
-    write_json(out / "peers.json", {"header": header, "rows": rows, "skipped": skipped})
-    (out / "peers.md").write_text(table + "\n")
-    if rows:
-        plot(rows, out / "peers.png", header)
-    print(f"wrote {out / 'peers.json'}, {out / 'peers.md'}" + (f", {out / 'peers.png'}" if rows else ""))
+    write_results(args.out, "peers", {"header": header, "rows": rows, "skipped": skipped}, format_table(rows, header),
+                  (lambda path: plot(rows, path, header)) if rows else None)  # no plot when every peer was skipped
     return 0
 
 
@@ -204,11 +205,7 @@ def plot(rows: list[dict], path: Path, header: dict) -> None:
     ax.set_ylabel("polyattn step time / peer step time")
     ax.legend(fontsize=8)
     ax.grid(True, axis="y", alpha=0.3)
-    fig.suptitle(f"polyattn vs peers: {header['device_name']}, {header['threads']} threads, {header['git']}",
-                 fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path, f"polyattn vs peers: {header['device_name']}, {header['threads']} threads, {header['git']}")
 
 
 __all__ = ["PAIRS", "add_arguments", "measure_pair", "run"]

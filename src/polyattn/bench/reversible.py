@@ -16,16 +16,17 @@ from pathlib import Path
 
 import torch
 
-from ..hardware import resolve_device
 from .common import (
     SavedTensorBytes,
     add_machine_arguments,
     bench_header,
     median,
     pyplot,
+    save_figure,
     synchronize,
     time_call,
-    write_json,
+    use_machine,
+    write_results,
 )
 
 VISION = {"img_size": 32, "patch_size": 4, "num_classes": 10}
@@ -85,9 +86,7 @@ def training_step_memory(model: torch.nn.Module, loss, device: torch.device, rep
 def run(args) -> int:
     from ..registry import create_model
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = resolve_device(args.device)
+    device = use_machine(args)
     if args.quick:
         args.depths, args.batch, args.repeats = [2, 4], 2, 1
     memory = "peak allocated (CUDA)" if device.type == "cuda" else "bytes saved for backward (CPU)"
@@ -105,13 +104,8 @@ def run(args) -> int:
                 print(f"{name} depth {depth} {'reversible' if reversible else 'standard'}: "
                       f"{result['memory_bytes'] / 2**20:.1f} MiB, {result['step_s'] * 1e3:.0f} ms/step", flush=True)
                 del model
-    table = format_table(points, header)
-    print("\n" + table)
-    out = Path(args.out)
-    write_json(out / "reversible.json", {"header": header, "points": points})
-    (out / "reversible.md").write_text(table + "\n")
-    plot(points, out / "reversible.png", header)
-    print(f"wrote {out / 'reversible.json'}, {out / 'reversible.md'}, {out / 'reversible.png'}")
+    write_results(args.out, "reversible", {"header": header, "points": points}, format_table(points, header),
+                  lambda path: plot(points, path, header))
     return 0
 
 
@@ -146,12 +140,9 @@ def plot(points: list[dict], path: Path, header: dict) -> None:
         ax.set_xlabel("depth (blocks)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    fig.suptitle(f"reversible blocks, batch {header['batch']}, {header['device_name']}, torch {header['torch']}, "
-                 f"{header['git']}", fontsize=9)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    title = (f"reversible blocks, batch {header['batch']}, {header['device_name']}, torch {header['torch']}, "
+             f"{header['git']}")
+    save_figure(fig, path, title)
 
 
 __all__ = ["MODELS", "add_arguments", "loss_closure", "run", "training_step_memory"]

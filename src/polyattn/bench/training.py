@@ -22,9 +22,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..hardware import PRECISIONS, Precision, autocast_for, native_bf16, resolve_device, resolve_precision
+from ..hardware import PRECISIONS, Precision, autocast_for, native_bf16, resolve_precision
 from ..ops.losses import cross_entropy
-from .common import add_machine_arguments, bench_header, median, pyplot, synchronize, time_call, write_json
+from .common import (
+    add_machine_arguments,
+    bench_header,
+    median,
+    pyplot,
+    save_figure,
+    synchronize,
+    time_call,
+    use_machine,
+    write_results,
+)
 
 VISION = {"img_size": 32, "patch_size": 4, "in_chans": 3, "num_classes": 10}
 LM = {"vocab_size": 256, "dim": 256, "depth": 4, "num_heads": 4}
@@ -236,9 +246,7 @@ def measure(workload: Workload, precision: Precision, args, device: torch.device
 
 
 def run(args) -> int:
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = resolve_device(args.device)
+    device = use_machine(args)
     precisions = requested_precisions(args.precisions, device)
     workloads = [w for w in WORKLOADS if w.name in args.models]
     if args.quick:
@@ -257,13 +265,8 @@ def run(args) -> int:
             row = measure(w, p, args, device, peaks[p.name]["flops_per_s"])
             rows.append(row)
             print(format_row(row), flush=True)
-    table = format_table(rows, header)
-    print("\n" + table)
-    out = Path(args.out)
-    write_json(out / "train.json", {"header": header, "rows": rows})
-    (out / "train.md").write_text(table + "\n")
-    plot(rows, out / "train.png", header)
-    print(f"wrote {out / 'train.json'}, {out / 'train.md'}, {out / 'train.png'}")
+    write_results(args.out, "train", {"header": header, "rows": rows}, format_table(rows, header),
+                  lambda path: plot(rows, path, header))
     return 0
 
 
@@ -310,11 +313,9 @@ def plot(rows: list[dict], path: Path, header: dict) -> None:
         ax.grid(True, axis="y", alpha=0.3)
         ax.legend(fontsize=8)
     ax_tok.set_yscale("log")
-    fig.suptitle(f"training step: {header['device_name']}, {header['threads']} threads, torch {header['torch']}, "
-                 f"{header['git']}", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    title = (f"training step: {header['device_name']}, {header['threads']} threads, torch {header['torch']}, "
+             f"{header['git']}")
+    save_figure(fig, path, title)
 
 
 __all__ = ["WORKLOADS", "Workload", "add_arguments", "matmul_peak", "run", "synthetic_step", "training_step"]

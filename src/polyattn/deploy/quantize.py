@@ -48,12 +48,31 @@ def _per_channel_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 class QuantizedLinear(nn.Module):
-    """Base of the quantized linear layers: the float layer's shape, its float32 bias, `weight` dequantized."""
+    """Base of the quantized linear layers: the float layer's shape, its float32 bias, `weight` dequantized.
+
+    A method says how it stores a weight (`quantize_weight`, `dequantize`) and, where its kernel wants the weight
+    prepacked, how it packs it (`repack`, called after the stored tensors are set or loaded)."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.register_buffer("bias", torch.zeros(out_features) if bias else None)
+
+    @classmethod
+    def from_float(cls, linear: nn.Linear) -> QuantizedLinear:
+        q = cls(linear.in_features, linear.out_features, linear.bias is not None)
+        q.quantize_weight(linear.weight.detach())
+        if linear.bias is not None:
+            q.bias = linear.bias.detach().float().clone()
+        q.repack()
+        return q
+
+    def quantize_weight(self, w: torch.Tensor) -> None:
+        """Sets the stored tensors from the float weight `w [out, in]`."""
+        raise NotImplementedError
+
+    def repack(self) -> None:
+        """Packs the stored weight for the method's kernel; nothing to do for a kernel that reads it as stored."""
 
     @property
     def weight(self) -> torch.Tensor:
@@ -71,35 +90,36 @@ class QuantizedLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
 
 
-class DynamicInt8Linear(QuantizedLinear):
-    """int8 weights and per-call int8 activations (`int8-dynamic`, module docstring)."""
+class PerChannelInt8Linear(QuantizedLinear):
+    """The storage both int8 methods share: `weight_int8 [out, in]` and one float32 scale per output channel."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True):
         super().__init__(in_features, out_features, bias)
         self.register_buffer("weight_int8", torch.zeros(out_features, in_features, dtype=torch.int8))
         self.register_buffer("weight_scale", torch.ones(out_features))
+
+    def quantize_weight(self, w: torch.Tensor) -> None:
+        self.weight_int8, self.weight_scale = _per_channel_int8(w)
+
+    def dequantize(self) -> torch.Tensor:
+        return self.weight_int8.float() * self.weight_scale[:, None]
+
+
+class DynamicInt8Linear(PerChannelInt8Linear):
+    """int8 weights and per-call int8 activations (`int8-dynamic`, module docstring)."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True):
+        super().__init__(in_features, out_features, bias)
         self._packed = None
         # the fbgemm kernel takes its weight prepacked; pack again whenever the stored tensors change
         self.register_load_state_dict_post_hook(lambda module, _: module.repack())
         self.repack()
-
-    @classmethod
-    def from_float(cls, linear: nn.Linear) -> DynamicInt8Linear:
-        q = cls(linear.in_features, linear.out_features, linear.bias is not None)
-        q.weight_int8, q.weight_scale = _per_channel_int8(linear.weight.detach())
-        if linear.bias is not None:
-            q.bias = linear.bias.detach().float().clone()
-        q.repack()
-        return q
 
     def repack(self) -> None:
         qweight = torch._make_per_channel_quantized_tensor(
             self.weight_int8.cpu(), self.weight_scale.double().cpu(),
             torch.zeros(self.out_features, dtype=torch.long), 0)
         self._packed = torch.ops.quantized.linear_prepack(qweight, None if self.bias is None else self.bias.cpu())
-
-    def dequantize(self) -> torch.Tensor:
-        return self.weight_int8.float() * self.weight_scale[:, None]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.device.type != "cpu":
@@ -109,24 +129,8 @@ class DynamicInt8Linear(QuantizedLinear):
         return out.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
 
 
-class Int8WeightOnlyLinear(QuantizedLinear):
+class Int8WeightOnlyLinear(PerChannelInt8Linear):
     """int8 weights, activations in their own dtype (`int8-weight-only`, module docstring)."""
-
-    def __init__(self, in_features: int, out_features: int, bias: bool = True):
-        super().__init__(in_features, out_features, bias)
-        self.register_buffer("weight_int8", torch.zeros(out_features, in_features, dtype=torch.int8))
-        self.register_buffer("weight_scale", torch.ones(out_features))
-
-    @classmethod
-    def from_float(cls, linear: nn.Linear) -> Int8WeightOnlyLinear:
-        q = cls(linear.in_features, linear.out_features, linear.bias is not None)
-        q.weight_int8, q.weight_scale = _per_channel_int8(linear.weight.detach())
-        if linear.bias is not None:
-            q.bias = linear.bias.detach().float().clone()
-        return q
-
-    def dequantize(self) -> torch.Tensor:
-        return self.weight_int8.float() * self.weight_scale[:, None]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.device.type == "cpu" and x.dtype == torch.bfloat16:
@@ -154,19 +158,13 @@ class Int4WeightOnlyLinear(QuantizedLinear):
         self._packed = None
         self.register_load_state_dict_post_hook(lambda module, _: module.repack())
 
-    @classmethod
-    def from_float(cls, linear: nn.Linear) -> Int4WeightOnlyLinear:
-        q = cls(linear.in_features, linear.out_features, linear.bias is not None)
-        w = linear.weight.detach().float().reshape(q.out_features, -1, INT4_GROUP)  # (N, K/G, G)
+    def quantize_weight(self, w: torch.Tensor) -> None:
+        w = w.float().reshape(self.out_features, -1, INT4_GROUP)  # (N, K/G, G)
         lo, hi = w.amin(-1), w.amax(-1)
         scale = ((hi - lo) / 15).clamp_min(1e-12)
         codes = torch.round((w - lo[..., None]) / scale[..., None]).clamp(0, 15).to(torch.uint8).flatten(1)
-        q.weight_int4 = codes[:, 0::2] | (codes[:, 1::2] << 4)
-        q.scales_and_zeros = torch.stack((scale, lo + 8 * scale), -1).transpose(0, 1).contiguous()
-        if linear.bias is not None:
-            q.bias = linear.bias.detach().float().clone()
-        q.repack()
-        return q
+        self.weight_int4 = codes[:, 0::2] | (codes[:, 1::2] << 4)
+        self.scales_and_zeros = torch.stack((scale, lo + 8 * scale), -1).transpose(0, 1).contiguous()
 
     def codes(self) -> torch.Tensor:
         """The 4-bit values `[out, in]` (0..15)."""
@@ -282,5 +280,5 @@ def write_transformed_run(run_dir: Path, config, model: nn.Module, record: dict,
     return out
 
 __all__ = ["INT4_GROUP", "METHODS", "DynamicInt8Linear", "Int4WeightOnlyLinear", "Int8WeightOnlyLinear",
-           "QuantizedLinear", "empty_quantized", "quantizable_linears", "quantize_model", "quantize_run",
-           "write_transformed_run"]
+           "PerChannelInt8Linear", "QuantizedLinear", "empty_quantized", "quantizable_linears", "quantize_model",
+           "quantize_run", "write_transformed_run"]

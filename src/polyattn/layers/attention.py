@@ -17,6 +17,7 @@ from ..errors import UserError, parse_enum
 from ..ops.attention import MaskMode, attention, padding_to_attn_mask
 from ..ops.checks import check_features
 from ..ops.sequence import cat_padding_masks, real_positions
+from .init import init_linear
 from .mixer_hooks import call_op
 from .rope import Rotary
 
@@ -147,9 +148,7 @@ class Attention(nn.Module):
         practice a plain normal.
         """
         for proj in (self.q_proj, self.k_proj, self.v_proj, self.o_proj):
-            nn.init.trunc_normal_(proj.weight, std=0.02)
-            if proj.bias is not None:
-                nn.init.zeros_(proj.bias)
+            init_linear(proj)
 
     def _heads(self, x: torch.Tensor, heads: int) -> torch.Tensor:
         return x.unflatten(-1, (heads, self.head_dim))  # (B, T, heads, head_dim)

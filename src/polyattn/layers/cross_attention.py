@@ -21,6 +21,7 @@ from ..ops.checks import check_features
 from ..ops.linear_cross_attention import LinearContextState, linear_context_state, linear_cross_attn
 from .attention import Attention, KVCache
 from .drop import DropPath
+from .init import init_linear
 from .mlp import Mlp
 
 
@@ -47,9 +48,7 @@ class LinearCrossAttention(nn.Module):
         self.v_proj = nn.Linear(kv_in, dim, bias=qkv_bias)
         self.o_proj = nn.Linear(dim, dim, bias=proj_bias)
         for proj in (self.q_proj, self.k_proj, self.v_proj, self.o_proj):
-            nn.init.trunc_normal_(proj.weight, std=0.02)
-            if proj.bias is not None:
-                nn.init.zeros_(proj.bias)
+            init_linear(proj)
 
     def encode_context(self, context: torch.Tensor, *, key_padding_mask: torch.Tensor | None = None
                        ) -> LinearContextState:

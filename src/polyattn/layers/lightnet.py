@@ -32,9 +32,10 @@ from ..ops.lrpe import (
     md_lrpe_angles,
     pair_angles_to_channels,
 )
-from ..ops.sequence import grid_positions, real_positions
+from ..ops.sequence import grid_positions, real_counts, real_positions
 from ..ops.tpe import tpe_axis_scan, tpe_scan
 from .drop import DropPath
+from .init import init_linear
 from .mixer_hooks import call_op
 from .mlp import GatedMlp
 from .norm import GroupRMSNorm, RMSNorm
@@ -269,9 +270,8 @@ class LightNetAttention(nn.Module):
         o = self.o_proj(o)
         new_cache = None
         if want_state:
-            seen = torch.full((B,), T, device=x.device, dtype=torch.long) if mask is None else mask.long().sum(1)
-            prev = torch.zeros_like(seen) if offset is None else offset
-            new_cache = LightNetCache(new_state.S, new_state.z, prev + seen)
+            seen = real_counts(mask, T, batch_size=B, device=x.device) + (0 if offset is None else offset)
+            new_cache = LightNetCache(new_state.S, new_state.z, seen)
         return o, new_cache
 
     def state_size(self) -> int:
@@ -309,21 +309,21 @@ class MdTpe(nn.Module):
         self.norms = nn.ModuleList(GroupRMSNorm(dim, num_heads, eps=norm_eps) for _ in range(num_axes))
         self.o_projs = nn.ModuleList(nn.Linear(dim, dim, bias=False) for _ in range(num_axes))
         for m in self.o_projs:
-            nn.init.trunc_normal_(m.weight, std=0.02)
+            init_linear(m)
 
     def forward(
         self,
         x: torch.Tensor,
         grid_shape: Sequence[int] | None = None,
-        attention_mask: torch.Tensor | None = None,
-        state: torch.Tensor | None = None,
+        key_padding_mask: torch.Tensor | None = None,
+        cache: torch.Tensor | None = None,
         use_cache: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """`x [B, l + N, D]` → `(y [B, l + N, D], state)`.
+        """`x [B, l + N, D]` → `(y [B, l + N, D], cache)`, with the names of the token-mixer call form.
 
-        `grid_shape` defaults to `(N,)` (1-D). `attention_mask [B, T]`: padded inputs are zeroed (left padding
-        causal / right padding two-sided are exact) and padded outputs pass through. `state [B, H, D/H]` float32
-        is the causal 1-D scan state for decoding (returned when `use_cache`).
+        `grid_shape` defaults to `(N,)` (1-D). `key_padding_mask [B, T]` (True = real): padded inputs are zeroed
+        (left padding causal / right padding two-sided are exact) and padded outputs pass through. `cache
+        [B, H, D/H]` float32 is the causal 1-D scan state for decoding (returned when `use_cache`).
         """
         B, T, D = x.shape
         H = self.num_heads
@@ -332,18 +332,18 @@ class MdTpe(nn.Module):
         grid_shape = (T - ls,) if grid_shape is None else tuple(grid_shape)
         if not (len(grid_shape) == self.num_axes):
             raise ValueError(f"grid {grid_shape} has not {self.num_axes} axes")
-        m = None if attention_mask is None else attention_mask.bool()[:, ls:, None]
+        m = None if key_padding_mask is None else key_padding_mask.bool()[:, ls:, None]
         xin = tokens if m is None else tokens.masked_fill(~m, 0)
         xh = xin.reshape(B, T - ls, H, D // H)
         log_decay = F.logsigmoid(self.decay_logit.float())  # [A, H]
         coeff = (self.q * self.k).view(self.num_axes, H, D // H).sum(-1)  # c_{a,h} = q_{a,h} · k_{a,h}
         direction = "causal" if self.causal else "bidirectional"
-        out, new_state = 0, None
+        out, new_cache = 0, None
         for a in range(self.num_axes):
             if self.num_axes == 1 and self.causal:
-                u, new_state = tpe_scan(xh, log_decay[a], direction="causal", initial_state=state)
+                u, new_cache = tpe_scan(xh, log_decay[a], direction="causal", initial_state=cache)
             else:
-                if not (state is None and not use_cache):
+                if not (cache is None and not use_cache):
                     raise ValueError("a decoding state exists for the 1-D causal TPE only")
                 u = tpe_axis_scan(xh, grid_shape, a, log_decay[a], direction=direction)
             o = (u * coeff[a][:, None].to(u.dtype)).reshape(B, T - ls, D)
@@ -354,7 +354,7 @@ class MdTpe(nn.Module):
         if m is not None and not self.residual:
             y = torch.where(m, y, tokens)
         y = torch.cat([x[:, :ls], y], dim=1)
-        return y, (new_state if use_cache else None)
+        return y, (new_cache if use_cache else None)
 
 
 class MultiScanAttention(nn.Module):

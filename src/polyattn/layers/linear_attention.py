@@ -17,6 +17,8 @@ from torch import nn
 from ..errors import UserError, parse_enum
 from ..ops.checks import check_features, check_mask
 from ..ops.linear_attn import FeatureMap, LinearAttnState, feature_map_fn, linear_attn, orthogonal_gaussian
+from ..ops.sequence import real_counts, real_positions
+from .init import init_linear
 
 
 class LinearAttnCache(NamedTuple):
@@ -70,7 +72,7 @@ class LinearAttention(nn.Module):
         self.v_proj = nn.Linear(dim, dim, bias=False)
         self.o_proj = nn.Linear(dim, dim, bias=False)
         for proj in (self.q_proj, self.k_proj, self.v_proj, self.o_proj):
-            nn.init.trunc_normal_(proj.weight, std=0.02)
+            init_linear(proj)
         if self.feature_map is FeatureMap.FAVOR:
             # a buffer, saved with the weights: a checkpoint decodes with the features it was trained with
             self.register_buffer("projection", orthogonal_gaussian(m, d))
@@ -110,12 +112,10 @@ class LinearAttention(nn.Module):
         q = self.q_proj(x).view(B, T, H, d) * d**-0.25  # the softmax kernel's 1/√d, split between q and k
         k = self.k_proj(x).view(B, T, H, d) * d**-0.25
         v = self.v_proj(x).view(B, T, H, d)
-        offset = None if cache is None else cache.offset
+        start = 0 if cache is None else cache.offset  # real tokens before this call, per row
         positions = None
         if self.feature_map is FeatureMap.COSFORMER:  # positions count real tokens, continuing the cache's
-            positions = torch.arange(T, device=x.device).expand(B, T) if mask is None else \
-                (mask.long().cumsum(1) - 1).clamp_min(0)
-            positions = positions if offset is None else positions + offset[:, None]
+            positions = real_positions(mask, T, start=start, batch_size=B, device=x.device)
         phi = feature_map_fn(self.feature_map, projection=self.projection, max_len=self.max_len)
         state = None if cache is None else LinearAttnState(cache.S, cache.z)
         o, new_state = linear_attn(phi(q, positions), phi(k, positions), v, causal=self.causal,
@@ -124,9 +124,8 @@ class LinearAttention(nn.Module):
         o = self.o_proj(o.reshape(B, T, H * o.shape[-1]))
         if not want_state:
             return o, None
-        seen = torch.full((B,), T, device=x.device, dtype=torch.long) if mask is None else mask.long().sum(1)
-        prev = torch.zeros_like(seen) if offset is None else offset
-        return o, LinearAttnCache(new_state.S, new_state.z, prev + seen)
+        seen = real_counts(mask, T, batch_size=B, device=x.device) + start
+        return o, LinearAttnCache(new_state.S, new_state.z, seen)
 
     def num_features(self) -> int:
         """F, the width of φ: d (elu, relu), m (favor), 2d (cosformer), 2m (hedgehog)."""

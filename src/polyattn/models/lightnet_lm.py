@@ -131,7 +131,7 @@ class LightNetText(nn.Module):
     def _run(self, tokens: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         x = self.io.embed_tokens(tokens)  # (B, T, D)
         if self.tpe is not None:
-            x, _ = self.tpe(x, attention_mask=mask)
+            x, _ = self.tpe(x, key_padding_mask=mask)
         x = run_blocks(self.blocks, x, reversible=self.reversible, key_padding_mask=mask)
         return self.io.logits(x)
 
@@ -187,7 +187,7 @@ class LightNetLM(CausalLMMixin, LightNetText):
         x = self.io.embed_tokens(tokens)
         tpe_state = None
         if self.tpe is not None:
-            x, tpe_state = self.tpe(x, attention_mask=mask, state=None if cache is None else cache.tpe,
+            x, tpe_state = self.tpe(x, key_padding_mask=mask, cache=None if cache is None else cache.tpe,
                                     use_cache=True)
         layer_kwargs = [dict(key_padding_mask=mask, cache=None if cache is None else cache.layers[i], use_cache=True)
                         for i in range(self.depth)]
