@@ -1,5 +1,5 @@
-"""Distributed training with torchrun on this CPU (gloo): the result does not depend on the number of processes,
-a killed process stops the others within a bounded time, and checkpoints resume across world sizes.
+"""Distributed training with torchrun on this CPU (gloo): the result does not depend on the number of processes
+(DDP or FSDP), a killed process stops the others within a bounded time, and checkpoints resume across world sizes.
 
 Each test launches `polyattn train --nproc N` (torchrun) as a subprocess, with a tiny model and a few steps.
 Tolerance: 1 and 2 processes differ only in the order of floating-point sums (the gradient all-reduce, the sharded
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -41,9 +42,9 @@ def _polyattn(*args: str, nproc: int = 1, wait: bool = True):
     return out
 
 
-def _losses(run: Path) -> list[float]:
+def _losses(run: Path, key: str = "loss") -> list[float]:
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    return [r["loss"] for r in records if r["kind"] == "train"]
+    return [r[key] for r in records if r["kind"] == "train"]
 
 
 def _test_metrics(run: Path) -> dict:
@@ -57,7 +58,8 @@ def _close(a: list[float], b: list[float]) -> bool:
 @pytest.mark.parametrize("recipe, settings", [
     ("default", [*IMAGES, "train.accumulation_steps=2"]),
     ("bert_shakespeare", TEXT),  # each step's count (its masked tokens) varies
-], ids=["classification", "masked_lm"])
+    ("default", [*IMAGES, "model.depth=2", "model.reversible=true"]),  # blocks entered through their branches
+], ids=["classification", "masked_lm", "reversible"])
 def test_one_and_two_processes_give_the_same_run(recipe, settings, tmp_path):
     args = [recipe, *settings, *COMMON, "train.max_steps=4", f"train.out_dir={tmp_path}"]
     _polyattn(*args, "train.run_name=one")
@@ -129,3 +131,54 @@ def test_a_killed_process_stops_the_others_and_checkpoints_resume_across_world_s
     _polyattn("--resume", str(run), "train.max_steps=8", nproc=2)
     assert _close(_losses(run), reference)
     assert _close(list(_test_metrics(run).values()), list(_test_metrics(tmp_path / "ref").values()))
+
+
+def _stopped_at(run: Path, step: int) -> None:
+    """Leaves `run` as a run that stopped after its checkpoint of `step` (as a killed one does): its final files
+    and any later checkpoint go."""
+    for name in ("summary.json", "model.safetensors"):
+        (run / name).unlink()
+    for later in (p for p in (run / "checkpoints").glob("step-*") if p.name > f"step-{step:08d}"):
+        shutil.rmtree(later)
+    assert (run / "checkpoints" / f"step-{step:08d}" / "training_state.pt").is_file()
+
+
+def test_fsdp_gives_the_same_run_and_its_checkpoints_reshard_to_any_number_of_processes(tmp_path):
+    """FSDP (each of the 2 blocks and the root sharded over 2 processes, with activation checkpointing and 2
+    micro-batches) trains as one process does; its DCP checkpoint, written by 2 processes, resumes on 1, and a
+    one-process checkpoint resumes sharded on 2, each continuing the uninterrupted run's loss curve."""
+    import torch
+
+    from polyattn.train.checkpoint import CheckpointDir, load_checkpoint_weights
+    from polyattn.train.loop import load_run
+
+    args = ["default", *IMAGES, "model.depth=2", "train.accumulation_steps=2", *COMMON, "train.fsdp=true",
+            "train.checkpoint_every=4", f"train.out_dir={tmp_path}"]
+    out = _polyattn(*args, "train.run_name=ref", "train.max_steps=8")
+    assert "alone, this process trains it whole" in out  # train.fsdp on one process: a note, the plain run
+    reference, grad_norms = _losses(tmp_path / "ref"), _losses(tmp_path / "ref", "grad_norm")
+
+    # written sharded by 2 processes (one DCP shard file each), resumed by 1
+    sharded = tmp_path / "sharded"
+    _polyattn(*args, "train.run_name=sharded", "train.max_steps=4", "train.activation_checkpointing=true", nproc=2)
+    assert _close(_losses(sharded), reference[:4])
+    assert _close(_losses(sharded, "grad_norm"), grad_norms[:4])  # the norm of the shards' gradients (clipped > 1)
+    checkpoint = sharded / "checkpoints" / "step-00000004"
+    assert {p.name for p in checkpoint.iterdir()} >= {".metadata", "__0_0.distcp", "__1_0.distcp"}
+    final = load_run(sharded).model  # the final weights: one plain file, loaded without torch.distributed
+    resharded = load_run(sharded).model
+    load_checkpoint_weights(resharded, checkpoint, model_name="vit_nano")  # the 2 shards, read by one process
+    for (name, a), b in zip(final.state_dict().items(), resharded.state_dict().values()):
+        assert torch.equal(a, b), name  # the same step's weights, bit for bit
+    _stopped_at(sharded, 4)
+    assert CheckpointDir(sharded).latest() == checkpoint
+    _polyattn("--resume", str(sharded), "train.max_steps=8")
+    assert _close(_losses(sharded), reference)
+
+    # written by 1 process (the reference's checkpoint of step 4), resumed sharded by 2
+    whole = tmp_path / "whole"
+    shutil.copytree(tmp_path / "ref", whole)
+    _stopped_at(whole, 4)
+    _polyattn("--resume", str(whole), "train.max_steps=8", nproc=2)
+    assert _close(_losses(whole), reference)
+    assert _close(list(_test_metrics(whole).values()), list(_test_metrics(tmp_path / "ref").values()))

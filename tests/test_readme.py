@@ -116,6 +116,9 @@ HOW: dict[str, Train | Run | Error | Help | Covered | Skip] = {
         "tests/test_distributed.py::test_a_killed_process_stops_the_others_and_checkpoints_resume_across_world_sizes"),
     "polyattn train --nproc 2 default": Covered(
         "tests/test_distributed.py::test_one_and_two_processes_give_the_same_run"),
+    "polyattn train --nproc 2 default train.fsdp=true": Covered(
+        "tests/test_distributed.py::"
+        "test_fsdp_gives_the_same_run_and_its_checkpoints_reshard_to_any_number_of_processes"),
     "polyattn train --nproc 2 --resume runs/<run>": Covered(
         "tests/test_distributed.py::test_a_killed_process_stops_the_others_and_checkpoints_resume_across_world_sizes"),
     "polyattn train --resume RUN_DIR": Covered("tests/test_train.py::test_kill_9_and_resume_reaches_the_same_metrics"),

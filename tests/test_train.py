@@ -306,7 +306,7 @@ def test_training_length_in_steps_need_not_be_whole_epochs(tmp_path, cache_dir):
 
 
 def test_activation_checkpointing_changes_memory_not_results(tmp_path, cache_dir):
-    from polyattn.train.loop import checkpoint_blocks
+    from polyattn.train.sharding import checkpoint_blocks
 
     settings = ("train.max_steps=3", "train.precision=fp32", "model.depth=2", "model.drop_path_rate=0.1")
     plain = train(tiny_config(tmp_path, *settings, "train.run_name=plain"))

@@ -140,6 +140,10 @@ class DiTTokenBlock(nn.Module):
     `x + Mixer(LN(x))`, then (with `cross_attention`) `x + CrossAttn(LN(x), condition tokens)`, then
     `x + MLP(LN(x))`."""
 
+    entry_methods = ("encode_condition",)
+    """What the model calls besides `forward`: the conditioning's keys/values are encoded apart from the block's
+    pass, so a wrapper of the block's calls (FSDP gathering its parameters) must wrap this one too."""
+
     def __init__(self, dim: int, mixer: nn.Module, num_heads: int, mlp_ratio: float = 4.0,
                  cross_attention: bool = False):
         super().__init__()

@@ -127,6 +127,12 @@ class PerceiverAR(LatentPerceiver):
         tie_embeddings (bool): the head reuses the embedding matrix (clean mode). Default: False.
     """
 
+    def forward_blocks(self) -> list[torch.nn.Module]:
+        """None: every layer is run through its parts (the cross-attend layer's keys are encoded apart from its
+        queries, the latent layers continue caches), never by calling the block, so activation checkpointing and
+        FSDP take the model whole (`polyattn.train.sharding.repeated_blocks`)."""
+        return []
+
     def __init__(self, vocab_size: int = 256, dim: int = 128, depth: int = 4, num_heads: int = 4,
                  max_seq_len: int = 1024, num_latents: int = 512, faithful: bool = False,
                  cache_mode: PerceiverCacheMode | str = "exact", cross_attn_dropout: float = 0.0,

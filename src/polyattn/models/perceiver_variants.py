@@ -129,6 +129,11 @@ class CompressedAttentionPerceiver(LatentPerceiver):
         dropout, rope_base, norm_eps, mlp_hidden_dim, tie_embeddings: as `PerceiverAR`.
     """
 
+    def forward_blocks(self) -> list[nn.Module]:
+        """Layers 1…: layer 0 is run through its parts, with the compression between its two sub-layers
+        (`polyattn.train.sharding.repeated_blocks`)."""
+        return list(self.blocks[1:])
+
     def __init__(self, vocab_size: int = 256, dim: int = 128, depth: int = 4, num_heads: int = 4,
                  max_seq_len: int = 1024, num_latents: int = 512, compressed_len: int | None = None,
                  faithful: bool = False, dropout: float | None = None, rope_base: float = 10000.0,

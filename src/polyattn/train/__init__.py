@@ -1,5 +1,6 @@
-"""The training engine: one loop for every model, its configuration, optimizer, schedules, EMA, checkpoints and
-run logs. It knows nothing about particular models; a task supplies a `TrainingJob` (see `polyattn.tasks`).
+"""The training engine: one loop for every model, its configuration, optimizer, schedules, EMA, checkpoints, run
+logs and the model's layout in memory (activation checkpointing, FSDP). It knows nothing about particular models;
+a task supplies a `TrainingJob` (see `polyattn.tasks`).
 
 `train(build_config("default", ["train.epochs=1"]))` trains a recipe from Python; `load_run(RUN_DIR)` gives back
 a trained run's model, config and tokenizer.
@@ -31,6 +32,7 @@ from .loop import (
 from .optim import CosineSchedule, build_optimizer, param_groups
 from .run_log import RunLog, read_metrics, write_plots
 from .schedules import InputSchedule
+from .sharding import checkpoint_blocks, repeated_blocks, shard_model
 
 __all__ = [
     "CheckpointDir",
@@ -48,6 +50,7 @@ __all__ = [
     "build_config",
     "build_model",
     "build_optimizer",
+    "checkpoint_blocks",
     "config_keys",
     "evaluate_run",
     "find_recipe",
@@ -58,7 +61,9 @@ __all__ = [
     "load_weights",
     "param_groups",
     "read_metrics",
+    "repeated_blocks",
     "save_weights",
+    "shard_model",
     "train",
     "write_plots",
 ]

@@ -6,7 +6,10 @@ A run directory holds everything `eval`, `generate`, `sample` and `resume` need:
     config.original.yaml        the first config, kept when a resumed run changed settings
     model.safetensors           final weights (written when training ends)
     checkpoints/step-XXXXXXXX/  model.safetensors + training_state.pt (optimizer, schedule, RNG, position)
-                                + manifest.json (size and SHA-256 of each file, written last)
+                                + manifest.json (size and SHA-256 of each file, written last); a distributed
+                                run's: the model and optimizer as a torch.distributed.checkpoint (DCP) folder
+                                (.metadata + one __R_0.distcp per process) instead of model.safetensors and
+                                the optimizer inside training_state.pt (see `CheckpointDir.save_distributed`)
     checkpoints/latest          name of the newest complete checkpoint (for people; resume reads the folders)
     .lock                       held (fcntl) by the one process training in the directory
     metrics.jsonl               one JSON object per logged event
@@ -47,19 +50,37 @@ TRAINING_STATE = "training_state.pt"
 CONFIG = "config.yaml"
 ORIGINAL_CONFIG = "config.original.yaml"
 MANIFEST = "manifest.json"
+DCP_METADATA = ".metadata"
+"""The file that makes a checkpoint a DCP one (torch.distributed.checkpoint's index of the shards' files)."""
 LOCK = ".lock"
 _STEP_NAME = re.compile(r"step-\d{8}")
 
-def save_weights(model: nn.Module, path: Path, *, model_name: str) -> None:
-    """Saves the state dict as safetensors, with the registered model name in the metadata."""
+def save_weights(model: nn.Module | dict[str, torch.Tensor], path: Path, *, model_name: str) -> None:
+    """Saves the state dict (of `model`, or `model` itself when it is one) as safetensors, with the registered
+    model name in the metadata."""
     from safetensors.torch import save_file
 
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    items = model.items() if isinstance(model, dict) else model.state_dict().items()
+    state = {k: v.detach().contiguous().cpu() for k, v in items}
     atomic_save(path, lambda tmp: save_file(state, tmp, metadata={"format": "pt", "model": model_name}))
 
 
 def load_weights(model: nn.Module, path: Path, *, model_name: str) -> None:
     """Loads safetensors weights into `model`, with one clear error for a missing, corrupted or foreign file."""
+    state = read_weights(model, path, model_name=model_name)
+    from .sharding import is_sharded
+
+    if is_sharded(model):  # each process takes its shards of the full tensors
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True))
+    else:
+        model.load_state_dict(state)
+
+
+def read_weights(model: nn.Module, path: Path, *, model_name: str) -> dict[str, torch.Tensor]:
+    """The safetensors weights at `path`, checked to fit `model` (names and shapes), else one clear error for a
+    missing, corrupted or foreign file."""
     from safetensors import safe_open
 
     path = Path(path)
@@ -85,7 +106,35 @@ def load_weights(model: nn.Module, path: Path, *, model_name: str) -> None:
             raise UserError(f"Weights in {path} do not fit model '{model_name}': '{key}' has shape "
                             f"{list(tensor.shape)} but the config builds {list(expected[key].shape)}; the config "
                             f"(e.g. a width or the number of classes) differs from the one they were trained with.")
-    model.load_state_dict(state)
+    return state
+
+
+def load_checkpoint_weights(model: nn.Module, path: Path, *, model_name: str) -> None:
+    """Loads the model weights of a checkpoint folder into a plain `model`, whichever layout it has (one process's
+    safetensors, or a distributed run's DCP shards, read here by this process alone)."""
+    if not CheckpointDir.is_distributed(path):
+        load_weights(model, Path(path) / WEIGHTS, model_name=model_name)
+        return
+    state = {"model": model.state_dict()}
+    try:
+        _dcp_load(state, path)
+    except Exception as err:
+        raise UserError(f"Checkpoint {path} does not fit model '{model_name}' or is unreadable ({err}); use the "
+                        f"run directory it came from, or delete it to use an earlier checkpoint.") from err
+    model.load_state_dict(state["model"])
+
+
+def _dcp_load(state: dict[str, Any], path: Path) -> None:
+    """`torch.distributed.checkpoint.load` of `state` in place from the checkpoint folder `path`: by every process
+    of the group, each reading its shards, or by this process alone when there is no group (which DCP would warn
+    about: here it is the intent)."""
+    import warnings
+
+    import torch.distributed.checkpoint as dcp
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+        dcp.load(state, checkpoint_id=str(path))
 
 
 class CheckpointDir:
@@ -127,6 +176,102 @@ class CheckpointDir:
         atomic_write_text(self.root / "latest", final.name)
         self._prune(keep_name=final.name)
         return final
+
+    def save_distributed(self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
+                         training_state: dict[str, Any], *, model_name: str,
+                         ema_model: nn.Module | None = None) -> Path:
+        """`save` for a run of several processes, called by every process at the same step: the model and the
+        optimizer go through torch.distributed.checkpoint (each process writes its shards, `__R_0.distcp`, rank
+        0 the `.metadata` index), so a sharded (FSDP) model is never gathered; any number of processes, one
+        included, loads them back (`load_training`), each taking its own shards. Beside them rank 0 writes the
+        rest of the training state, with every process's random state (`rank_rng`), and the manifest; the folder
+        is written under a temporary name and renamed as in `save`."""
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        from .. import distributed
+
+        main = distributed.is_main()
+        final = self.root / f"step-{step:08d}"
+        plan: tuple[str, str, int]
+        if not main:
+            plan = ("", "", 0)
+        elif final.exists() and self.check(final) is None:
+            plan = ("done", str(final), 0)  # this step is already checkpointed
+        else:
+            try:
+                if final.exists():
+                    shutil.rmtree(final)  # a damaged copy (from before a resume): replace it
+                self.root.mkdir(parents=True, exist_ok=True)
+                plan = ("write", tempfile.mkdtemp(prefix=f".step-{step:08d}.", dir=self.root), 0)
+            except OSError as err:
+                plan = ("error", err.strerror or str(err), err.errno or 0)
+        plan = distributed.broadcast(plan)  # every process writes into rank 0's temporary folder
+        if plan[0] == "done":
+            return final
+        if plan[0] == "error":
+            raise write_error(final, OSError(plan[2], plan[1]))
+        tmp = Path(plan[1])
+        rank_rng = [_from_bytes(b) for b in distributed.all_gather(_to_bytes(training_state["rng"]))]
+        model_state, optimizer_state = get_state_dict(model, optimizer)
+        try:
+            dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=str(tmp))
+            if main:
+                if ema_model is not None:
+                    save_weights(ema_model, tmp / EMA_WEIGHTS, model_name=model_name)
+                state = {**training_state, "rank_rng": rank_rng}
+                atomic_save(tmp / TRAINING_STATE, lambda p: torch.save(state, p))
+                manifest = {p.name: _digest(p) for p in sorted(tmp.iterdir())}
+                atomic_write_text(tmp / MANIFEST, json.dumps(manifest, indent=1) + "\n")
+                os.replace(tmp, final)
+        except OSError as err:  # the others stop on the missing barrier, within train.collective_timeout_s
+            if main:
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise write_error(final, err) from err
+        except BaseException:
+            if main:
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        distributed.barrier()  # the checkpoint is complete for every process once rank 0 renamed it
+        if main:
+            atomic_write_text(self.root / "latest", final.name)
+            self._prune(keep_name=final.name)
+        return final
+
+    @staticmethod
+    def is_distributed(path: Path) -> bool:
+        """Whether the checkpoint at `path` holds its model and optimizer as DCP shards (`save_distributed`)."""
+        return (Path(path) / DCP_METADATA).is_file()
+
+    def load_training(self, path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, *,
+                      model_name: str) -> dict[str, Any]:
+        """Loads a checkpoint's model and optimizer into `model` (plain, DDP's module or sharded by FSDP) and
+        `optimizer`, on any number of processes, and returns the rest of its training state.
+
+        A DCP checkpoint is resharded to this run's processes by torch.distributed.checkpoint; a one-process
+        checkpoint's weights are loaded whole (into each shard's part when sharded), as is its optimizer state.
+        """
+        from .sharding import is_sharded, load_full_optimizer_state
+
+        state = self.load_state(path)
+        if self.is_distributed(path):
+            from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+            model_state, optimizer_state = get_state_dict(model, optimizer)
+            loaded = {"model": model_state, "optimizer": optimizer_state}
+            try:
+                _dcp_load(loaded, path)
+            except Exception as err:
+                raise UserError(f"Checkpoint {path} does not fit this run's model and optimizer ({err}); resume "
+                                f"it with the model it was trained with, or delete it to use an earlier one.") from err
+            set_state_dict(model, optimizer, model_state_dict=loaded["model"], optim_state_dict=loaded["optimizer"])
+            return state
+        load_weights(model, path / WEIGHTS, model_name=model_name)
+        if is_sharded(model):
+            load_full_optimizer_state(model, optimizer, state["optimizer"])
+        else:
+            optimizer.load_state_dict(state["optimizer"])
+        return state
 
     def candidates(self) -> list[Path]:
         """Checkpoint directories, newest step first.
@@ -189,6 +334,22 @@ class CheckpointDir:
                 shutil.rmtree(old, ignore_errors=True)
         for stale in self.root.glob(".step-*"):  # temporaries left by a killed run
             shutil.rmtree(stale, ignore_errors=True)
+
+
+def _to_bytes(value: Any) -> bytes:
+    """`value` (tensors, lists, numbers) as bytes, for `distributed.all_gather` (which cannot pickle tensors' storages
+    on every backend)."""
+    import io
+
+    buffer = io.BytesIO()
+    torch.save(value, buffer)
+    return buffer.getvalue()
+
+
+def _from_bytes(data: bytes) -> Any:
+    import io
+
+    return torch.load(io.BytesIO(data), weights_only=True)
 
 
 def _digest(path: Path) -> list:

@@ -94,6 +94,11 @@ class TrainConfig(Section):
     activation_checkpointing: bool = False
     """Recompute each repeated block's activations in the backward pass instead of keeping them (less memory, about
     a third more compute; results unchanged)."""
+    fsdp: bool = False
+    """Distributed runs: shard each repeated block's parameters, gradients and optimizer moments over the
+    processes (FSDP2) instead of replicating them (DDP), so each process holds about 1/N of them; for models
+    whose weights and optimizer state do not fit one device. Results match DDP's up to rounding; a single process
+    ignores it, with a note."""
     device: str = "auto"
     """'auto' (cuda when available), 'cpu', 'cuda' or 'cuda:N'."""
     threads: int | None = checked(None, ge=1)

@@ -40,6 +40,7 @@ from .checkpoint import (
     CheckpointDir,
     RunDirLock,
     claim_new_run_dir,
+    load_checkpoint_weights,
     load_weights,
     remove_temporaries,
     save_weights,
@@ -50,6 +51,16 @@ from .config import RunConfig, apply_overrides, load_yaml, save_yaml
 from .ema import WeightEma
 from .optim import CosineSchedule, build_optimizer
 from .run_log import RunLog, format_table, write_plots
+from .sharding import (
+    check_fsdp,
+    checkpoint_blocks,
+    full,
+    full_state_dict,
+    gathered,
+    local,
+    repeated_blocks,
+    shard_model,
+)
 
 
 class TrainingJob(Protocol):
@@ -251,9 +262,15 @@ def _train_distributed(config: RunConfig, device: torch.device, resume_dir: Path
     check_model = getattr(job, "check_model", None)
     if check_model is not None:
         check_model(model)
-    if cfg.activation_checkpointing and not _repeated_blocks(model):
-        raise UserError(f"train.activation_checkpointing recomputes the repeated blocks of a model (the members of "
-                        f"its nn.ModuleLists), but '{config.model.name}' has none; set it to false.")
+    if cfg.activation_checkpointing and not repeated_blocks(model):
+        raise UserError(f"train.activation_checkpointing recomputes the repeated blocks a model calls (the members "
+                        f"of its nn.ModuleLists), but '{config.model.name}' has none (a reversible stack recomputes "
+                        f"its own); set it to false.")
+    if cfg.fsdp and world > 1:
+        check_fsdp(ema=cfg.ema_decay is not None, precision=precision.name)
+    elif cfg.fsdp and distributed.is_main():  # kept in the config, so the run resumes sharded on several
+        note("note: train.fsdp shards the model over the processes of a distributed run; alone, this process "
+             "trains it whole (launch with --nproc N or torchrun to shard it).")
 
     main = distributed.is_main()
     if resume_dir is not None:
@@ -304,6 +321,12 @@ def _train_in(run_dir: Path, config: RunConfig, job, model: nn.Module, n_params:
 
     ema = WeightEma(model, cfg.ema_decay) if cfg.ema_decay else None
     eval_model = ema.module if ema is not None else model  # the weights that evaluation and sampling use
+    # the layout in memory, before the optimizer sees the parameters (FSDP makes them DTensor shards)
+    if cfg.activation_checkpointing:
+        checkpoint_blocks(model)
+    sharded = cfg.fsdp and world > 1
+    if sharded:
+        shard_model(model, device, bf16=precision.name == "bf16")
     optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay, tuple(cfg.betas))
     schedule = CosineSchedule(cfg.lr, cfg.min_lr, round(cfg.warmup_epochs / cfg.epochs * total_steps), total_steps)
     checkpoints = CheckpointDir(run_dir)
@@ -317,14 +340,15 @@ def _train_in(run_dir: Path, config: RunConfig, job, model: nn.Module, n_params:
                             f"exactly; start a new run.")
         if main:
             print(f"note: {run_dir} has no checkpoint yet; starting it from the beginning.", file=sys.stderr)
+    rank_rng = None
     if resume_from is not None:
         for path in checkpoints.discard_after(resume_from) if main else ():
             print(f"note: removed the damaged checkpoint {path}; training repeats its steps.", file=sys.stderr)
-        load_weights(model, resume_from / WEIGHTS, model_name=config.model.name)
-        state = checkpoints.load_state(resume_from)
-        optimizer.load_state_dict(state["optimizer"])
+        # a checkpoint of any number of processes: resharded by DCP, or one process's whole files
+        state = checkpoints.load_training(resume_from, model, optimizer, model_name=config.model.name)
         job.load_state_dict(state["job"])
-        set_rng_state(state["rng"])
+        rank_rng = state.get("rank_rng")  # a distributed run's: every process's own stream, if it had as many
+        set_rng_state(rank_rng[rank] if rank_rng is not None and len(rank_rng) == world else state["rng"])
         step = state["step"]
         train_time, train_samples = state.get("train_time", 0.0), state.get("train_samples", 0)
         bad_steps = state.get("bad_steps", 0)
@@ -336,7 +360,8 @@ def _train_in(run_dir: Path, config: RunConfig, job, model: nn.Module, n_params:
             ema.n_averaged.fill_(state["ema_updates"])
         if main:
             print(f"resuming {run_dir} at step {step}/{total_steps} from {resume_from.name}", file=sys.stderr)
-    if rank > 0:  # dropout and the like: a stream of this process's own (rank 0 keeps the one process's stream)
+    if rank > 0 and not (resume_from is not None and rank_rng is not None and len(rank_rng) == world):
+        # dropout and the like: a stream of this process's own (rank 0 keeps the one process's stream)
         torch.manual_seed((cfg.seed * 1_000_003 + step * 7919 + rank) % 2**63)
 
     # the first line, once everything that can fail on bad input (data, model, run directory, checkpoint) passed
@@ -346,10 +371,8 @@ def _train_in(run_dir: Path, config: RunConfig, job, model: nn.Module, n_params:
                                   f"{job.samples_per_step} {getattr(job, 'throughput_unit', 'samples')}"
                                   + (", compiled" if cfg.compile else "")
                                   + (f", {world} processes ({_backend()})" if world > 1 else "")), precision)
-    if cfg.activation_checkpointing:
-        checkpoint_blocks(model)
     train_model = ddp_model = model
-    if world > 1:  # gradients averaged over the processes during the last micro-batch's backward
+    if world > 1 and not sharded:  # gradients averaged over the processes during the last micro-batch's backward
         from torch.nn.parallel import DistributedDataParallel
 
         train_model = ddp_model = DistributedDataParallel(
@@ -386,17 +409,22 @@ def _train_in(run_dir: Path, config: RunConfig, job, model: nn.Module, n_params:
         `verified`: the weights produced a finite loss at the next step (the usual case: checkpoints wait for
         that step). Otherwise (the run is stopping) the weights are checked to be finite here, one sync.
         """
-        if not main:  # rank 0 writes the checkpoint: every process holds the same weights and optimizer state
-            return
-        if not verified:
-            tensors = [*model.parameters(), *(ema.module.parameters() if ema is not None else ())]
-            if tensors and not bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all()):
-                print(f"warning: the weights at step {state['step']} are not finite; no checkpoint written.",
-                      file=sys.stderr)
+        if not verified:  # each process checks its shards (FSDP) or its replica, and they agree
+            tensors = [*map(local, model.parameters()), *(ema.module.parameters() if ema is not None else ())]
+            finite = not tensors or bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())
+            if not all(distributed.all_gather(finite)):
+                if main:
+                    print(f"warning: the weights at step {state['step']} are not finite; no checkpoint written.",
+                          file=sys.stderr)
                 return
-        last_saved[0] = checkpoints.save(state["step"], model, {**state, "optimizer": optimizer.state_dict()},
-                                         model_name=config.model.name,
-                                         ema_model=None if ema is None else ema.module)
+        if world > 1:  # every process writes its part of the model and optimizer (DCP), rank 0 the rest
+            last_saved[0] = checkpoints.save_distributed(state["step"], model, optimizer, state,
+                                                         model_name=config.model.name,
+                                                         ema_model=None if ema is None else ema.module)
+        else:
+            last_saved[0] = checkpoints.save(state["step"], model, {**state, "optimizer": optimizer.state_dict()},
+                                             model_name=config.model.name,
+                                             ema_model=None if ema is None else ema.module)
         last_saved[1] = time.monotonic()
 
     budget = cfg.time_budget_s
@@ -427,8 +455,11 @@ def _train_in(run_dir: Path, config: RunConfig, job, model: nn.Module, n_params:
         total, count = torch.zeros((), device=device), 0
         micros = list(zip(*(t.chunk(micro_batches) for t in batch)))
         for i, micro in enumerate(micros):
-            # DDP averages gradients over the processes during the last micro-batch's backward only
-            quiet = ddp_model.no_sync() if world > 1 and i < len(micros) - 1 else contextlib.nullcontext()
+            # DDP (and FSDP) average gradients over the processes during the last micro-batch's backward only
+            quiet = ddp_model.no_sync() if world > 1 and not sharded and i < len(micros) - 1 else \
+                contextlib.nullcontext()
+            if sharded:
+                model.set_requires_gradient_sync(i == len(micros) - 1)
             with quiet:
                 with autocast():
                     loss_sum, n = job.loss(train_model, micro, inputs)
@@ -437,11 +468,13 @@ def _train_in(run_dir: Path, config: RunConfig, job, model: nn.Module, n_params:
         if world > 1:  # the step's loss and count over every process, and whether any must stop
             synced = torch.stack([total, torch.tensor(float(count), device=device),
                                   torch.tensor(float(stop.received is not None), device=device),
-                                  torch.tensor(train_time if main else 0.0, device=device, dtype=torch.float32)])
+                                  torch.tensor(train_time if main else 0.0, device=device, dtype=torch.float32),
+                                  torch.tensor(time.monotonic() - last_saved[1] if main else 0.0, device=device)])
             torch.distributed.all_reduce(synced)
             total, count = synced[0], int(synced[1].item())
             stop_requested[0] = stop_requested[0] or synced[2].item() > 0
             synced_time[0] = float(synced[3].item())
+            synced_since_saved[0] = float(synced[4].item())
         if scaler is not None:
             scaler.unscale_(optimizer)  # the true gradients: their norm, finiteness and clipping
         if count != nominal and count > 0:
@@ -450,7 +483,8 @@ def _train_in(run_dir: Path, config: RunConfig, job, model: nn.Module, n_params:
                     p.grad.mul_(nominal / count)
         return total / max(count, 1)
 
-    stop_requested, synced_time = [False], [0.0]  # agreed by every process at each step (see accumulate)
+    # agreed by every process at each step (see accumulate): a stop request, rank 0's clocks
+    stop_requested, synced_time, synced_since_saved = [False], [0.0], [0.0]
 
     progress = progress_bar(total=total_steps, initial=step, enabled=cfg.progress, unit="step", leave=True,
                             desc="training", bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}]"
@@ -472,9 +506,10 @@ def _train_in(run_dir: Path, config: RunConfig, job, model: nn.Module, n_params:
                 t0 = time.perf_counter()
                 loss = accumulate(job.prepare(batch), inputs)
                 grads = [p.grad for p in params if p.grad is not None]
+                # FSDP: a DTensor, the norm of every process's shards (one all-reduce)
                 grad_norm = nn.utils.get_total_norm(grads) if grads else torch.zeros((), device=loss.device)
                 # the one device sync per step, shared by the checks and logs below
-                loss_value, norm_value = torch.stack([loss.detach().float(), grad_norm.float()]).tolist()
+                loss_value, norm_value = torch.stack([loss.detach().float(), full(grad_norm).float()]).tolist()
                 if math.isfinite(loss_value) and pending is not None:
                     t1 = time.perf_counter()
                     write_checkpoint(pending, verified=True)  # the weights of that boundary gave a finite loss
@@ -532,13 +567,15 @@ def _train_in(run_dir: Path, config: RunConfig, job, model: nn.Module, n_params:
                 epoch_done = step % job.steps_per_epoch == 0
                 if evaluate and epoch_done and ((step // job.steps_per_epoch) % cfg.eval_every == 0
                                                 or step == total_steps):
-                    metrics = job.evaluate(eval_model, job.eval_split, autocast=autocast)
+                    with gathered(eval_model):  # FSDP: the processes evaluate different numbers of batches
+                        metrics = job.evaluate(eval_model, job.eval_split, autocast=autocast)
                     log.log(job.eval_split, step, {**metrics, "epoch": step // job.steps_per_epoch})
                     if main:
                         note(_format_metrics(f"epoch {step // job.steps_per_epoch} {job.eval_split}", metrics))
                 if bad_in_row == 0 and (
                         epoch_done or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0)
-                        or (cfg.checkpoint_every_s and time.monotonic() - last_saved[1] >= cfg.checkpoint_every_s)):
+                        or (cfg.checkpoint_every_s and (synced_since_saved[0] if world > 1 else
+                                                        time.monotonic() - last_saved[1]) >= cfg.checkpoint_every_s)):
                     pending = snapshot()
                 if stop.received is not None or stop_requested[0]:  # every process agrees, at the same step
                     if bad_in_row == 0:
@@ -571,7 +608,8 @@ def _train_in(run_dir: Path, config: RunConfig, job, model: nn.Module, n_params:
 
     if bad_in_row == 0:  # training stopped at its end or on time: keep the state the final weights came from
         write_checkpoint(pending or snapshot(), verified=False)
-    test_metrics = job.evaluate(eval_model, "test", autocast=autocast) if evaluate else {}
+    with gathered(eval_model):
+        test_metrics = job.evaluate(eval_model, "test", autocast=autocast) if evaluate else {}
     if test_metrics:
         log.log("test", step, test_metrics)
     summary = {
@@ -589,9 +627,10 @@ def _train_in(run_dir: Path, config: RunConfig, job, model: nn.Module, n_params:
     }
     if world > 1:
         summary["processes"] = world
+    weights = full_state_dict(model)  # FSDP: gathered to rank 0 (every process takes part), one plain file
     if not main:  # rank 0 writes the run's files and prints its summary
         return summary
-    save_weights(model, run_dir / WEIGHTS, model_name=config.model.name)
+    save_weights(weights, run_dir / WEIGHTS, model_name=config.model.name)
     if ema is not None:
         save_weights(ema.module, run_dir / EMA_WEIGHTS, model_name=config.model.name)
     atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
@@ -605,33 +644,6 @@ def _train_in(run_dir: Path, config: RunConfig, job, model: nn.Module, n_params:
     rows += [(f"{final} {k}", _fmt(v)) for k, v in test_metrics.items()]
     print(format_table(rows, "summary"))
     return summary
-
-
-def _repeated_blocks(module: nn.Module) -> list[nn.Module]:
-    """The members of the outermost nn.ModuleLists of `module` (a model's repeated blocks)."""
-    blocks = []
-    for child in module.children():
-        if isinstance(child, nn.ModuleList):
-            blocks.extend(child)
-        else:
-            blocks.extend(_repeated_blocks(child))
-    return blocks
-
-
-def checkpoint_blocks(model: nn.Module) -> int:
-    """Activation checkpointing (`train.activation_checkpointing`): each repeated block of `model` keeps only its
-    inputs during the forward pass and recomputes its activations in the backward pass (`torch.utils.checkpoint`,
-    non-reentrant, with the random state of the first pass, so dropout draws the same), trading about one more
-    forward for the memory of every block's activations. Weights and results are unchanged. Returns the number of
-    blocks wrapped."""
-    import functools
-
-    from torch.utils.checkpoint import checkpoint
-
-    blocks = _repeated_blocks(model)
-    for block in blocks:
-        block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)
-    return len(blocks)
 
 
 class _NoLog:
@@ -735,7 +747,10 @@ def load_run(run_dir: Path | str, *, ema: bool | None = None, device: torch.devi
         from ..deploy.record import rebuild
 
         model = rebuild(model, config.deploy)
-    load_weights(model, weights, model_name=config.model.name)
+    if kind == "raw" and folder != run_dir:  # a checkpoint: one process's file, or a distributed run's shards
+        load_checkpoint_weights(model, folder, model_name=config.model.name)
+    else:
+        load_weights(model, weights, model_name=config.model.name)
     tokenizer = None
     if model_task(config.model.name) in ("causal_lm", "masked_lm"):
         from ..data.tokenizers import load_run_tokenizer
