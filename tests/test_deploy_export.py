@@ -42,7 +42,7 @@ def small(name: str) -> torch.nn.Module:
 # one model per family; the decisive ones for shape handling (LightNet's chunked scan, Perceiver's windows)
 FAMILIES = ["vit_nano", "illama_nano", "lightnet_vision_nano", "multiscan_vision_nano", "dit_nano", "bert_nano",
             "lightnet_mlm_nano", "llama_lm_nano", "lightnet_lm_nano", "perceiver_ar_nano", "perceiver_compressed_nano",
-            "llp_nano"]
+            "perceiver_double_nano", "perceiver_split_nano", "llp_nano"]
 
 
 @pytest.mark.slow
@@ -79,10 +79,12 @@ def test_lightnet_lm_falls_back_to_a_fixed_length(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["llama_lm_nano", "lightnet_lm_nano", "perceiver_ar_nano", "llp_nano"])
+@pytest.mark.parametrize("name", ["llama_lm_nano", "lightnet_lm_nano", "perceiver_ar_nano", "perceiver_double_nano",
+                                  "perceiver_split_nano", "llp_nano"])
 def test_onnx_decode_step_generates_polyattn_greedy_tokens(name, tmp_path):
     """50 tokens decoded by onnxruntime from the exported step (state in, state out) are polyattn's own greedy
-    output: LightNet's fixed-size recurrent state, the bounded KV cache, Perceiver AR's sliding window."""
+    output: LightNet's fixed-size recurrent state, the bounded KV cache, Perceiver AR's sliding window (and that of
+    its Double and Split variants, whose window of 32 slides past the prompt, so context rows come and go)."""
     model = small(name)
     spec = step_spec(model, 64)
     export_spec(spec, "onnx", tmp_path / "step.onnx")

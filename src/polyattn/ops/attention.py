@@ -122,6 +122,13 @@ def _pairs(q_pos: torch.Tensor, k_pos: torch.Tensor) -> tuple[torch.Tensor, torc
     return q_pos[..., :, None], k_pos[..., None, :]
 
 
+def _choose(condition: torch.Tensor, if_true: torch.Tensor, if_false: torch.Tensor) -> torch.Tensor:
+    """`torch.where(condition, if_true, if_false)` for bool masks, written as logic: onnxruntime has no `Where`
+    kernel for bool values (NOT_IMPLEMENTED when the session runs), so a mask built with `torch.where` exports to
+    ONNX but does not run there. The result is the same bool tensor."""
+    return (condition & if_true) | (~condition & if_false)
+
+
 def _per_row(value: int | torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """An int, or a per-row tensor `[...]`, broadcastable against `[..., Tq, Tk]`."""
     return torch.as_tensor(value, device=like.device)[..., None, None]
@@ -140,7 +147,7 @@ def double_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, context_len: int | tor
     see `u ≤ t`. `context_len` is `h`, an int or one per row `[...]`."""
     t, u = _pairs(q_pos, k_pos)
     h = _per_row(context_len, t)
-    return torch.where(t < h, u < h, u <= t)
+    return _choose(t < h, u < h, u <= t)
 
 
 def split_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, context_len: int | torch.Tensor,
@@ -150,7 +157,7 @@ def split_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, context_len: int | torc
     t, u = _pairs(q_pos, k_pos)
     h = _per_row(context_len, t)
     segment = lambda p: torch.div(p * num_segments, h.clamp_min(1), rounding_mode="floor")
-    return torch.where(t < h, (u < h) & (segment(u) == segment(t)), u <= t)
+    return _choose(t < h, (u < h) & (segment(u) == segment(t)), u <= t)
 
 
 def llp_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, segment_len: int) -> torch.Tensor:
