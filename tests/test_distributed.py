@@ -97,7 +97,7 @@ def _descends(pid: int, ancestor: int) -> bool:
 def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 240) -> None:
     deadline = time.time() + timeout
     while not path.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
+        time.sleep(0.01)  # the checkpoint lives until two later ones replace it, a few steps on an idle machine
     assert path.exists(), proc.communicate()[0][-3000:] if proc.poll() is not None else f"{path} never appeared"
 
 
@@ -122,12 +122,12 @@ def test_a_killed_process_stops_the_others_and_checkpoints_resume_across_world_s
     _polyattn("--resume", str(run), "train.max_steps=8")
     assert _close(_losses(run), reference)
 
-    # written by 1 process (stopped by SIGTERM), resumed by 2
+    # written by 1 process, resumed by 2: a one-process run stopped after its checkpoint of step 4. Made by
+    # truncating a finished run, since a signal could come too late for a run this fast (SIGTERM's own handling is
+    # tested in test_reliability); checkpoint_every=2 keeps the last two, so step 4 stays when it stops at 4
     run = tmp_path / "stopped"
-    proc = _polyattn(*args, "train.run_name=stopped", wait=False)
-    _wait_for(run / "checkpoints" / "step-00000004", proc)
-    proc.send_signal(signal.SIGTERM)
-    assert proc.wait(timeout=120) == 143
+    _polyattn(*args, "train.run_name=stopped", "train.max_steps=4")
+    _stopped_at(run, 4)
     _polyattn("--resume", str(run), "train.max_steps=8", nproc=2)
     assert _close(_losses(run), reference)
     assert _close(list(_test_metrics(run).values()), list(_test_metrics(tmp_path / "ref").values()))
