@@ -4,7 +4,15 @@ directory (`quantize`); structured pruning of attention heads and MLP channels, 
 (`prune`). The optional packages (onnx, onnxscript, onnxruntime, torch-pruning) are imported on first use.
 """
 
-from .decode_step import BoundedKVStep, DecodeStep, RecurrentStep, WindowStep, decode_step, greedy_decode
+from .decode_step import (
+    BoundedKVStep,
+    DecodeStep,
+    LatentWindowStep,
+    RecurrentStep,
+    WindowStep,
+    decode_step,
+    greedy_decode,
+)
 from .export import FORMATS, export_run, load_exported
 from .prune import apply_plan, finetune_pruned, prune_model, prune_plan, prune_run
 from .quantize import (
@@ -18,6 +26,6 @@ from .quantize import (
 from .record import rebuild
 
 __all__ = ["FORMATS", "METHODS", "BoundedKVStep", "DecodeStep", "DynamicInt8Linear", "Int4WeightOnlyLinear",
-           "Int8WeightOnlyLinear", "RecurrentStep", "WindowStep", "apply_plan", "decode_step", "export_run",
-           "finetune_pruned", "greedy_decode", "load_exported", "prune_model", "prune_plan", "prune_run",
-           "quantize_model", "quantize_run", "rebuild"]
+           "Int8WeightOnlyLinear", "LatentWindowStep", "RecurrentStep", "WindowStep", "apply_plan", "decode_step",
+           "export_run", "finetune_pruned", "greedy_decode", "load_exported", "prune_model", "prune_plan",
+           "prune_run", "quantize_model", "quantize_run", "rebuild"]

@@ -10,8 +10,14 @@ that packs its cache into a flat tuple of tensors and back:
   `[B, max_len]` mask of the slots holding real tokens. Each step appends the new key and value and drops the
   oldest slot, so the empty slots form a left padding, which the model already decodes exactly (RoPE positions
   count real tokens). A sequence may not outgrow `max_len`; the step attends over all `max_len` slots.
-- `WindowStep` (Perceiver AR family, LLP): the last `window` tokens and their mask; each step shifts the new token
-  in and runs `forward` over the window (the model's own uncached reference, read through its last n tokens).
+- `WindowStep` (LLP): the last `window` tokens and their mask; each step shifts the new token in and runs
+  `forward` over the window (the model's own uncached reference, read through its last n tokens).
+- `LatentWindowStep` (Perceiver AR and its Double / Split / Compressed variants): the model's own `WindowCache`
+  as four tensors, the window's tokens, mask and absolute positions and the count of real tokens seen, continued
+  by the family's window recomputation (`LatentPerceiver.forward_cached`). The positions must be absolute, not
+  counted from the window's start: Compressed attention's compressed rows carry no rotation, so its logits
+  depend on where the window sits in the sequence, and a window-relative step departs from `generate` once the
+  sequence outgrows the window.
 
 `STEPS` maps the model classes to their step: the one place that knows which cache each family has. The empty
 state is not built from knowledge of the cache's internals: it is the model's own cache after a call on one
@@ -112,6 +118,33 @@ class WindowStep(DecodeStep):
         return logits[:, -1], window, window_mask
 
 
+class LatentWindowStep(DecodeStep):
+    """A Perceiver AR family model's `WindowCache` of `window` slots (module docstring): tokens, mask, absolute
+    positions `[B, window]` and the real tokens seen `[B]`."""
+
+    state_names = ("window", "window_mask", "window_positions", "seen")
+
+    def __init__(self, model: nn.Module):
+        super().__init__(model)
+        self.window = model.max_seq_len
+
+    def initial_state(self, batch: int) -> tuple[torch.Tensor, ...]:
+        device = next(self.model.parameters()).device
+        empty = lambda dtype: torch.zeros(batch, self.window, dtype=dtype, device=device)
+        return (empty(torch.long), empty(torch.bool), empty(torch.long),
+                torch.zeros(batch, dtype=torch.long, device=device))
+
+    def forward(self, token: torch.Tensor, window: torch.Tensor, window_mask: torch.Tensor,
+                window_positions: torch.Tensor, seen: torch.Tensor):
+        from ..models.perceiver_family import LatentPerceiver, WindowCache
+
+        # the family's recomputation of the window, not Perceiver AR's own latent-KV cache (it grows): the
+        # window's padding slots (mask False) sit left of the real tokens, so the window keeps its size
+        cache = WindowCache(window, window_mask, window_positions, seen)
+        logits, cache = LatentPerceiver.forward_cached(self.model, token, cache)
+        return logits[:, -1], cache.tokens, cache.mask, cache.positions, cache.seen
+
+
 def _steps() -> dict[type, callable]:
     from ..models.lightnet_lm import LightNetLM
     from ..models.llama_lm import LlamaLM
@@ -120,7 +153,7 @@ def _steps() -> dict[type, callable]:
 
     # LatentPerceiver: Perceiver AR and its Double / Split / Compressed variants, which decode over one window
     return {LightNetLM: lambda m, n: RecurrentStep(m), LlamaLM: BoundedKVStep,
-            LatentPerceiver: lambda m, n: WindowStep(m, m.max_seq_len), LLPTransformer: lambda m, n: WindowStep(m, n)}
+            LatentPerceiver: lambda m, n: LatentWindowStep(m), LLPTransformer: lambda m, n: WindowStep(m, n)}
 
 
 def decode_step(model: nn.Module, max_len: int) -> DecodeStep:
@@ -148,4 +181,5 @@ def greedy_decode(step, state, prompt: torch.Tensor, max_new_tokens: int) -> tor
     return torch.cat(out, 1)
 
 
-__all__ = ["BoundedKVStep", "DecodeStep", "RecurrentStep", "WindowStep", "decode_step", "greedy_decode"]
+__all__ = ["BoundedKVStep", "DecodeStep", "LatentWindowStep", "RecurrentStep", "WindowStep", "decode_step",
+           "greedy_decode"]

@@ -12,8 +12,10 @@ and masked LMs `tokens [B, T] → logits`, DiT one denoiser call `(x [B, C, H, W
 
 Dynamic shapes: the batch is always dynamic, the sequence length too where the graph allows it. Whether it does
 is not assumed per family: the graph is exported with a dynamic sequence, checked at a second length, and
-exported again with a fixed one when that check fails (LightNet's chunked scan splits the sequence into chunks
-with Python integers, so its graph fixes T). `export.json` records which dimensions are dynamic and the measured
+exported again with a fixed one when that check fails or the exporter fixed the length itself (LightNet's
+chunked scan and kernelized linear attention's chunk loop split the sequence into chunks with Python integers, so
+their graphs fix T; the fixed axis is read from the exported program's inputs, before onnxruntime is fed another
+length, which it would not refuse). `export.json` records which dimensions are dynamic and the measured
 error of every check.
 
 Check: on the example inputs and on a second batch size (and length), the exported graph must match the eager
@@ -169,12 +171,42 @@ def load_exported(path: Path):
     return lambda *inputs: _flat(module(*inputs))
 
 
+class SpecializedDimension(Exception):
+    """The exporter fixed a dimension that was asked to be dynamic (`_check_dynamic`)."""
+
+
+def _check_dynamic(program: torch.export.ExportedProgram, spec: ExportSpec, names: set[str]) -> None:
+    """Raises `SpecializedDimension` when `program` fixed one of the dimensions `names` of its inputs.
+
+    `Dim.AUTO` lets torch.export specialize a dimension silently when the model's code reads it as a Python
+    integer (a `range(0, T, chunk)` loop unrolls into slices with fixed bounds). The program's input then has that
+    size, but the ONNX file may still declare the axis symbolic, and onnxruntime, fed another length, does not
+    refuse it: the unrolled slices come out empty and it dies of SIGFPE inside `session.run`. So a specialized
+    axis is caught here, from the program's own input shapes, before anything runs at another shape."""
+    placeholders = [n for n in program.graph.nodes if n.op == "placeholder"]
+    user = [n for n, s in zip(placeholders, program.graph_signature.input_specs)
+            if s.kind == torch.export.graph_signature.InputKind.USER_INPUT]
+    for node, input_name, axes in zip(user, spec.input_names, spec.dynamic):
+        shape = node.meta["val"].shape
+        for axis, name in axes.items():
+            size = shape[axis]
+            if name not in names:
+                continue
+            # torch.export writes the fixed size in the shape; the ONNX exporter keeps a symbol of one value
+            span = program.range_constraints.get(size.node.expr) if isinstance(size, torch.SymInt) else None
+            if not isinstance(size, torch.SymInt) or (span is not None and span.lower == span.upper):
+                raise SpecializedDimension(f"the exporter fixed the {name} axis of {input_name} at "
+                                           f"{spec.inputs[spec.input_names.index(input_name)].shape[axis]} "
+                                           f"(the model's code reads it as a Python integer)")
+
+
 def _export_once(spec: ExportSpec, fmt: str, path: Path, names: set[str]):
     """Writes the graph to `path`; returns a callable of the program in memory (pt2), or None (onnx: the check
-    runs the file through onnxruntime)."""
+    runs the file through onnxruntime). Raises `SpecializedDimension` instead when a dynamic axis was fixed."""
     shapes = _dynamic_shapes(spec, names)
     if fmt == "pt2":
         program = torch.export.export(spec.module, spec.inputs, dynamic_shapes=shapes, strict=False)
+        _check_dynamic(program, spec, names)
         torch.export.save(program, str(path))
         module = program.module()
         return lambda *inputs: _flat(module(*inputs))
@@ -182,6 +214,7 @@ def _export_once(spec: ExportSpec, fmt: str, path: Path, names: set[str]):
     program = torch.onnx.export(spec.module, spec.inputs, dynamic_shapes=shapes, dynamo=True,
                                 input_names=list(spec.input_names), output_names=list(spec.output_names),
                                 verbose=False)
+    _check_dynamic(program.exported_program, spec, names)
     program.save(str(path))
     return None
 
