@@ -15,30 +15,27 @@ are indications, not benchmarks.
 from __future__ import annotations
 
 import io
-import statistics
 import sys
-import time
 from contextlib import redirect_stdout
 from pathlib import Path
 
 import torch
 
+from polyattn.bench.common import median, time_call
 from polyattn.deploy.prune import prune_run
 from polyattn.deploy.quantize import METHODS, quantize_run
 from polyattn.hardware import autocast_for, resolve_device
 from polyattn.registry import model_task, parameter_count
 from polyattn.train.loop import evaluate_run, inference_precision, load_run
 
+CPU = torch.device("cpu")
+
 
 def median_ms(fn, repeats=7):
+    """Median milliseconds of `repeats` calls of `fn` without autograd, after one warm-up call."""
     with torch.no_grad():
         fn()
-        times = []
-        for _ in range(repeats):
-            t = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t)
-    return statistics.median(times) * 1e3
+        return median(time_call(fn, CPU, repeats)) * 1e3
 
 
 def measure(run_dir: Path) -> dict:

@@ -12,25 +12,19 @@ float32 activations (whether they take them, and how fast), and the float32 path
 
 from __future__ import annotations
 
-import statistics
-import time
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from polyattn.bench.common import median, time_call
 from polyattn.deploy.quantize import INT4_GROUP, Int4WeightOnlyLinear, Int8WeightOnlyLinear
 from polyattn.hardware import cpu_isa, native_bf16
 
 
 def median_ms(fn, repeats: int = 5) -> float:
+    """Median milliseconds of `repeats` calls of `fn`, after one warm-up call."""
     fn()
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times) * 1e3
+    return median(time_call(fn, torch.device("cpu"), repeats)) * 1e3
 
 
 def main() -> None:
