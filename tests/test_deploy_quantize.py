@@ -16,6 +16,7 @@ from polyattn.deploy.quantize import (
     Int8WeightOnlyLinear,
     quantizable_linears,
     quantize_model,
+    quantize_run,
 )
 from polyattn.errors import UserError
 from polyattn.train.loop import load_run
@@ -116,6 +117,18 @@ def test_quantize_refuses_an_existing_output_and_an_unknown_method(tiny_lm_run, 
     assert "already exists" in capsys.readouterr().err
     with pytest.raises(UserError, match="Unknown quantization method"):
         quantize_model(nn.Linear(4, 4), "int2")
+
+
+def test_a_write_that_fails_leaves_no_run_directory(tiny_lm_run, tmp_path, monkeypatch):
+    import polyattn.train.checkpoint as checkpoint
+
+    def full_disk(*args, **kwargs):
+        raise UserError("No space left on device")
+
+    monkeypatch.setattr(checkpoint, "save_weights", full_disk)
+    with pytest.raises(UserError, match="No space left"):
+        quantize_run(tiny_lm_run, "int8-dynamic", tmp_path / "q")
+    assert list(tmp_path.iterdir()) == []  # neither a half-written run directory nor its staging folder
 
 
 def test_int8_kv_cache_keeps_greedy_decoding_close_and_the_cache_small():

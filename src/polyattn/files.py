@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import errno
 import os
+import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import IO
 
@@ -91,4 +93,21 @@ def atomic_write_text(path: Path | str, text: str) -> None:
         raise write_error(path, err) from err
 
 
-__all__ = ["WRITE_ERRNOS", "atomic_save", "atomic_write", "atomic_write_text", "default_cache_dir", "write_error"]
+@contextmanager
+def staged_dir(out: Path | str) -> Iterator[Path]:
+    """A new folder to write a whole directory into, beside `out` (missing or empty), moved onto `out` when the
+    block ends without an error and removed otherwise: a folder named `out` is always complete, whatever stopped
+    the writer."""
+    out = Path(out)
+    staging = out.with_name(f".{out.name}.partial-{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)  # what an interrupted writer with this process id left
+    staging.mkdir(parents=True)
+    try:
+        yield staging
+        os.replace(staging, out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+__all__ = ["WRITE_ERRNOS", "atomic_save", "atomic_write", "atomic_write_text", "default_cache_dir", "staged_dir",
+           "write_error"]

@@ -273,19 +273,20 @@ def quantize_run(run_dir: Path | str, method: str, out: Path | str | None = None
 def write_transformed_run(run_dir: Path, config, model: nn.Module, record: dict, out: Path) -> Path:
     """The run directory `out` of a transformed model: the source run's own records (tokenizer, class names,
     metrics), its config with `record` appended to `deploy`, and the model's weights."""
+    from ..files import staged_dir
     from ..train.checkpoint import CONFIG, EMA_WEIGHTS, WEIGHTS, save_weights
     from ..train.config import save_yaml
 
     if out.exists():
         raise UserError(f"{out} already exists; pass --out with a new directory or remove it.")
-    out.mkdir(parents=True)
-    for item in Path(run_dir).iterdir():
-        if item.is_file() and item.name not in (WEIGHTS, EMA_WEIGHTS, CONFIG) and not item.name.startswith("."):
-            shutil.copy2(item, out / item.name)
     config.deploy = [*(config.deploy or []), record]
     config.train.run_name = out.name
-    save_yaml(config.to_dict(), out / CONFIG)
-    save_weights(model, out / WEIGHTS, model_name=config.model.name)
+    with staged_dir(out) as staging:  # a folder named `out` is always a whole run directory
+        for item in Path(run_dir).iterdir():
+            if item.is_file() and item.name not in (WEIGHTS, EMA_WEIGHTS, CONFIG) and not item.name.startswith("."):
+                shutil.copy2(item, staging / item.name)
+        save_yaml(config.to_dict(), staging / CONFIG)
+        save_weights(model, staging / WEIGHTS, model_name=config.model.name)
     return out
 
 __all__ = ["INT4_GROUP", "INT8_PACK_MULTIPLE", "METHODS", "DynamicInt8Linear", "Int4WeightOnlyLinear",

@@ -9,13 +9,12 @@ logits bit for bit, on a sample text.
 
 from __future__ import annotations
 
-import os
-import shutil
 from pathlib import Path
 
 import torch
 
 from ..errors import UserError
+from ..files import staged_dir
 from ..registry import model_task
 from .modeling import WRAPPERS, PolyattnConfig
 from .tokenizer import hf_tokenizer
@@ -69,17 +68,10 @@ def convert_run(run_dir: Path | str, out: Path | str, *, ema: bool | None = None
         # documents, and the model may well continue past it)
         wrapper.generation_config = GenerationConfig(pad_token_id=tokenizer.pad_token_id)
 
-    # written beside OUT and moved into place once checked, so a folder named OUT is always a checked one
-    staging = out.with_name(f".{out.name}.partial-{os.getpid()}")
-    shutil.rmtree(staging, ignore_errors=True)  # what an interrupted conversion by this process id left
-    staging.mkdir(parents=True)
-    try:
+    with staged_dir(out) as staging:  # a folder named OUT is always a checked one
         wrapper.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
         _check(staging, wrapper, run.tokenizer, task, device)
-        os.replace(staging, out)  # onto a missing or empty folder
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return out
 
 
