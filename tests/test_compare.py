@@ -7,6 +7,7 @@ import pytest
 from polyattn.bench.compare import (
     Row,
     Suite,
+    best_here,
     calibrate,
     fill_markdown_block,
     load_suite,
@@ -48,12 +49,28 @@ def test_rows_train_for_their_calibrated_budget_and_the_table_reads_the_saved_re
     assert len(again["measurements"]) == 2 and again["best"] == max(m["value"] for m in again["measurements"])
 
 
+def test_a_calibration_from_another_machine_is_never_used(tmp_path, cache_dir):
+    suite, results = tiny_suite(), tmp_path / "results"
+    row = suite.rows[0]
+    elsewhere = {"device_name": "another CPU (AVX2)", "threads": 2, "value": 1.0e6}
+    results.mkdir()
+    (results / "calibration.json").write_text(json.dumps(
+        {row.name: {"unit": "samples", "per_step": 64, "best": 1.0e6, "measurements": [elsewhere]}}))
+    assert best_here(json.loads((results / "calibration.json").read_text())[row.name]) is None
+    result = run_row(suite, row, results, tmp_path / "runs")  # recalibrates here instead of using 1e6 samples/s
+    entry = json.loads((results / "calibration.json").read_text())[row.name]
+    assert len(entry["measurements"]) == 2 and entry["best"] == entry["measurements"][1]["value"] < 1.0e6
+    assert result["calibrated_throughput"] == entry["best"]
+    assert result["steps"] == max(1, int(0.5 * entry["best"] / 64))
+
+
 def test_lookup_and_suite_files():
     assert lookup({"a": {"b": 2}}, "a.b") == 2 and lookup({"a": {}}, "a.b") is None
-    suite = load_suite("vision")
-    assert suite.budget_s == 600 and len({r.name for r in suite.rows}) == len(suite.rows)
-    for row in suite.rows:  # every row is a valid configuration
-        row_config(suite, row)
+    for name in ("vision", "vision_mixers", "lm", "lm_mixers"):
+        suite = load_suite(name)
+        assert suite.budget_s == 600 and len({r.name for r in suite.rows}) == len(suite.rows)
+        for row in suite.rows:  # every row is a valid configuration
+            row_config(suite, row)
     with pytest.raises(UserError, match="no comparison suite 'nope'"):
         load_suite("nope")
 

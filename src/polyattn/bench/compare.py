@@ -3,7 +3,8 @@
 A suite (`configs/compare/<suite>.yaml`) names a base recipe, the budget in seconds and the rows: a model and the
 overrides that make it that row. Each row is trained for the number of optimizer steps it completes in the budget
 on this machine: a short calibration run measures the row's training throughput first (`calibration.json` keeps
-every measurement and the best one is used, so a calibration taken while the machine was busy can be redone), and
+every measurement and the best one taken on this CPU is used, so a calibration taken while the machine was busy can
+be redone, and one taken on another CPU is never used: the row is calibrated again), and
 the run then trains for `budget × samples/s / batch size` steps with its schedule spanning exactly those steps.
 Results are therefore repeatable and unaffected by other work on the machine while the run trains.
 
@@ -92,9 +93,22 @@ def _throughput_key(summary: dict[str, Any]) -> str:
     return next(k for k in summary if k.startswith("train_") and k.endswith("_per_s"))
 
 
+def _same_machine(measurement: dict[str, Any], here: dict[str, Any]) -> bool:
+    return all(measurement.get(key) == here[key] for key in ("device_name", "threads"))
+
+
+def best_here(entry: dict[str, Any]) -> float | None:
+    """The best throughput of a row's calibration entry measured on this machine (same CPU or GPU name, ISA
+    level and thread count), or None: a step budget is only fair when it was measured where the row trains."""
+    here = bench_header(torch.device("cpu"))
+    values = [m["value"] for m in entry.get("measurements", []) if _same_machine(m, here)]
+    return max(values) if values else None
+
+
 def calibrate(suite: Suite, row: Row, results: Path) -> dict[str, Any]:
     """Measures the row's training throughput and records it; returns the row's calibration record: `unit`
-    (samples or tokens), `per_step` (units per optimizer step), `best` (units/s) and every measurement."""
+    (samples or tokens), `per_step` (units per optimizer step), `best` (units/s on this machine) and every
+    measurement (on any machine)."""
     from ..train.loop import train
 
     path = results / CALIBRATION
@@ -115,7 +129,7 @@ def calibrate(suite: Suite, row: Row, results: Path) -> dict[str, Any]:
     entry = record.setdefault(row.name, {"unit": key[6:-6], "measurements": []})
     entry["per_step"] = round(per_step)
     entry["measurements"].append({**bench_header(torch.device("cpu")), "value": value})
-    entry["best"] = max(m["value"] for m in entry["measurements"])
+    entry["best"] = best_here(entry)
     results.mkdir(parents=True, exist_ok=True)
     atomic_write_text(path, json.dumps(record, indent=2) + "\n")
     print(f"calibration {suite.name}/{row.name}: {value:.1f} {entry['unit']}/s (best {entry['best']:.1f})")
@@ -130,8 +144,10 @@ def run_row(suite: Suite, row: Row, results: Path, runs: Path, *, extra_measures
 
     calibration = results / CALIBRATION
     record = json.loads(calibration.read_text()) if calibration.is_file() else {}
-    entry = record[row.name] if row.name in record else calibrate(suite, row, results)
-    throughput = entry["best"]
+    entry = record.get(row.name)
+    if entry is None or best_here(entry) is None:
+        entry = calibrate(suite, row, results)
+    throughput = best_here(entry)
     steps = max(1, math.floor(suite.budget_s * throughput / entry["per_step"]))
     run_dir = runs / suite.name / row.name
     if run_dir.exists():
