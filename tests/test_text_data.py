@@ -17,6 +17,7 @@ from polyattn.data.text import (
     pad_documents,
     random_windows,
     resolve_text_source,
+    scored_range,
     shift_targets,
     split_stream,
     token_file_for_source,
@@ -144,6 +145,59 @@ def test_eval_windows_score_every_target_once(n, max_tokens, stride):
 def test_eval_windows_refuse_a_bad_stride():
     with pytest.raises(UserError, match=r"eval_stride must be between 1 and data\.seq_len"):
         next(eval_windows(np.arange(20), seq_len=8, batch_size=2, stride=9))
+
+
+def scored_targets_and_context(tokens, seq_len, **kwargs):
+    """The absolute indices of the targets the windows score (target i predicts tokens[i + 1]) and the fewest
+    tokens any of them sees before it inside its window."""
+    scored, least = [], None
+    for x, y in eval_windows(tokens, seq_len=seq_len, batch_size=3, **kwargs):
+        for row_x, row_y in zip(x, y, strict=True):
+            keep = (row_y != -100).nonzero().flatten()
+            assert torch.equal(row_y[keep], row_x[keep] + 1)
+            scored += (row_y[keep] - 1).tolist()
+            least = int(keep.min()) if least is None else min(least, int(keep.min()))
+    return scored, least
+
+
+def test_eval_start_scores_the_same_targets_at_every_window_length():
+    # lm_long's rule at a small scale: windows of 8, 32 and 128 advanced by half their length, scoring from 64 on
+    tokens = np.arange(1000, dtype=np.uint16)
+    sets = {}
+    for seq_len in (8, 32, 128):
+        scored, least = scored_targets_and_context(tokens, seq_len, max_tokens=600, stride=seq_len // 2, start=64)
+        assert len(scored) == len(set(scored))  # each target once
+        assert least >= seq_len // 2  # at least half a window of context
+        sets[seq_len] = scored
+    assert sets[8] == sets[32] == sets[128] == list(range(64, 664))
+    # without eval_start the first scored target moves with the window: the rule this setting fixes
+    assert scored_targets_and_context(tokens, 8, max_tokens=600, stride=4)[0][0] == 4
+    assert scored_targets_and_context(tokens, 128, max_tokens=600, stride=64)[0][0] == 64
+    assert scored_range(1000, 128, 600, stride=64, start=64) == (64, 664)
+    assert scored_range(1000, 128, None, stride=64) == (64, 999)  # the default: seq_len − stride, to the end
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(start=63), r"data\.eval_start = 63 leaves less context than seq_len − eval_stride = 64 tokens"),
+    (dict(start=999), r"data\.eval_start = 999 is past the last target of the evaluated split \(999 targets\)"),
+    (dict(start=500, max_tokens=600), r"data\.eval_start \+ data\.eval_tokens = 500 \+ 600 runs past the 999 "
+                                      r"targets.*at most 499"),
+])
+def test_bad_eval_start_is_one_sentence(kwargs, message):
+    with pytest.raises(UserError, match=message):
+        next(eval_windows(np.arange(1000), seq_len=128, batch_size=2, stride=64, **kwargs))
+
+
+def test_eval_start_is_checked_with_the_config_and_before_training(cache_dir):
+    from polyattn.tasks import build_job
+    from polyattn.train.config import build_config
+
+    shrink = ["data.source=shakespeare", "data.seq_len=64", "data.eval_stride=32"]
+    with pytest.raises(UserError, match=r"data\.eval_start = 16 leaves less context"):
+        build_config("llama_lm_shakespeare", [*shrink, "data.eval_start=16"])
+    config = build_config("llama_lm_shakespeare", [*shrink, "data.eval_start=10000000"])
+    with pytest.raises(UserError, match=r"data\.eval_start = 10000000 is past the last target"):
+        build_job(config, device=torch.device("cpu"), splits=("train", "test"))
 
 
 def test_padding_packing_and_shifted_targets():

@@ -93,12 +93,21 @@ class TextDataConfig(DataConfig):
     """Causal LM evaluation: windows of seq_len advance by this many tokens and score their last eval_stride
     targets, so every scored target has at least seq_len − eval_stride tokens of context (the first ones of the
     split are not scored); None = seq_len, consecutive windows. Perceiver models need it ≤ their latents."""
+    eval_start: int | None = checked(None, ge=0)
+    """Causal LM evaluation: index of the first scored target in the evaluated split (it needs at least
+    seq_len − eval_stride tokens before it), so windows of different lengths score the same targets; with
+    eval_tokens, start + tokens must fit the split. None = seq_len − eval_stride."""
 
     def validate(self, section: str = "data") -> None:
         super().validate(section)
         if self.eval_stride is not None and self.eval_stride > self.seq_len:
             raise UserError(f"data.eval_stride ({self.eval_stride}) must be at most data.seq_len ({self.seq_len}); "
                             f"windows cannot advance by more than their length.")
+        context = self.seq_len - (self.eval_stride or self.seq_len)
+        if self.eval_start is not None and self.eval_start < context:
+            raise UserError(f"data.eval_start = {self.eval_start} leaves less context than seq_len − eval_stride = "
+                            f"{context} tokens before the first scored target; set data.eval_start to at least "
+                            f"{context} or raise data.eval_stride.")
 
 
 __all__ = ["DataConfig", "ImageDataConfig", "TextDataConfig"]

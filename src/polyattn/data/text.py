@@ -348,34 +348,60 @@ def random_windows(tokens: np.ndarray, batch_size: int, seq_len: int, *, seed: i
     return w[:, :-1], w[:, 1:]
 
 
+def scored_range(n: int, seq_len: int, max_tokens: int | None = None, *, stride: int | None = None,
+                 start: int | None = None) -> tuple[int, int]:
+    """`(first, end)`: the targets `first ≤ i < end` that `eval_windows` scores in a stream of `n` tokens (target
+    `i` predicts `tokens[i + 1]`), or one clear error when there are none or the settings leave too little context.
+
+    `start` (data.eval_start) pins the first scored target, so windows of any length score the same targets;
+    None starts at `seq_len − stride`, the first target a window of `seq_len` tokens can score with
+    `seq_len − stride` tokens before it. With `start`, `max_tokens` must fit the stream after it."""
+    stride = seq_len if stride is None else stride
+    if not 0 < stride <= seq_len:
+        raise UserError(f"data.eval_stride must be between 1 and data.seq_len ({seq_len}), got {stride}.")
+    context = seq_len - stride
+    if start is not None and start < context:
+        raise UserError(f"data.eval_start = {start} leaves less context than seq_len − eval_stride = {context} "
+                        f"tokens before the first scored target; set data.eval_start to at least {context} or "
+                        f"raise data.eval_stride.")
+    first = context if start is None else start
+    end = n - 1
+    if start is not None and start >= end:
+        raise UserError(f"data.eval_start = {start} is past the last target of the evaluated split ({end} "
+                        f"targets); set data.eval_start below {end}.")
+    if start is not None and max_tokens is not None and start + max_tokens > end:
+        raise UserError(f"data.eval_start + data.eval_tokens = {start} + {max_tokens} runs past the {end} targets "
+                        f"of the evaluated split; lower data.eval_tokens to at most {end - start}.")
+    if max_tokens is not None:
+        end = min(end, first + max_tokens)
+    if end <= first:
+        raise UserError(f"The evaluated split holds {n} tokens, too few to score any after "
+                        f"seq_len − eval_stride = {first} tokens of context; lower data.seq_len or raise "
+                        f"data.eval_stride.")
+    return first, end
+
+
 def eval_windows(tokens: np.ndarray, seq_len: int, batch_size: int, max_tokens: int | None = None, *,
-                 stride: int | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+                 stride: int | None = None, start: int | None = None
+                 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Windows `([b, l], [b, l])` over the stream that score each target once; unscored targets are
     `IGNORE_INDEX`.
 
     Windows of `seq_len` tokens advance by `stride` (default `seq_len`: consecutive windows) and score their
-    last `stride` targets, the first window all of its own from position `seq_len − stride` on. Every scored
-    target therefore sees at least `seq_len − stride` tokens before it, and the first `seq_len − stride`
-    targets of the stream are not scored, whichever model reads the windows: so a model that only predicts a
-    window's last positions (Perceiver AR's latents) and one that predicts all of them are scored on the same
-    targets with the same context. At most `max_tokens` targets are scored. The last window ends at the end of
-    the stream (it is full length when the stream allows, and re-reads tokens it does not score)."""
+    last `stride` targets, the first window all of its own from the first scored target on: position
+    `seq_len − stride` by default, or `start` (data.eval_start, at least `seq_len − stride`). Every scored
+    target therefore sees at least `seq_len − stride` tokens before it, and the targets before the first are not
+    scored, whichever model reads the windows: so a model that only predicts a window's last positions (Perceiver
+    AR's latents) and one that predicts all of them are scored on the same targets with the same context, and
+    with one `start` windows of different lengths score the same targets too. At most `max_tokens` targets are
+    scored (see `scored_range`). The last window ends at the end of the scored range (it is full length when the
+    stream allows, and re-reads tokens it does not score)."""
     stride = seq_len if stride is None else stride
-    if not 0 < stride <= seq_len:
-        raise UserError(f"data.eval_stride must be between 1 and data.seq_len ({seq_len}), got {stride}.")
-    first = seq_len - stride  # index of the first scored target (target i predicts tokens[i + 1])
-    end = len(tokens) - 1
-    if max_tokens is not None:
-        end = min(end, first + max_tokens)
-    if end <= first:
-        raise UserError(f"The evaluated split holds {len(tokens)} tokens, too few to score any after "
-                        f"seq_len − eval_stride = {first} tokens of context; lower data.seq_len or raise "
-                        f"data.eval_stride.")
-    windows = []  # (window start, first scored target) with the window's targets tokens[start + 1 : start + l + 1]
+    first, end = scored_range(len(tokens), seq_len, max_tokens, stride=stride, start=start)
+    windows = []  # (window start a, first scored target) with the window's targets tokens[a + 1 : a + l + 1]
     scored_to = first
     while scored_to < end:
-        start = max(0, min(scored_to + stride, end) - seq_len)
-        windows.append((start, scored_to))
+        windows.append((max(0, min(scored_to + stride, end) - seq_len), scored_to))
         scored_to = min(scored_to + stride, end)
     length = min(seq_len, end)
     for i in range(0, len(windows), batch_size):
@@ -427,4 +453,4 @@ def shift_targets(tokens: torch.Tensor, mask: torch.Tensor | None = None) -> tor
 
 __all__ = ["EMBEDDED", "IGNORE_INDEX", "TextSource", "TokenFile", "build_token_file", "eval_windows",
            "load_token_file", "pack_documents", "pad_documents", "random_windows", "resolve_text_source",
-           "shift_targets", "split_stream", "token_file_for_source", "window_starts"]
+           "scored_range", "shift_targets", "split_stream", "token_file_for_source", "window_starts"]

@@ -38,6 +38,7 @@ from ..data.text import (
     load_token_file,
     random_windows,
     resolve_text_source,
+    scored_range,
     split_stream,
     token_file_for_source,
 )
@@ -82,24 +83,23 @@ def target_bytes(tokenizer: Tokenizer, targets: np.ndarray) -> int:
 @torch.no_grad()
 def evaluate_lm(model: nn.Module, tokens: np.ndarray, tokenizer: Tokenizer, *, seq_len: int, batch_size: int,
                 device: torch.device, autocast=None, max_tokens: int | None = None,
-                stride: int | None = None, progress: bool = False) -> dict[str, float]:
+                stride: int | None = None, start: int | None = None, progress: bool = False) -> dict[str, float]:
     """Loss, perplexity and bits per byte of `model` on the token stream `tokens` (module docstring).
 
-    The targets `tokens[1:]` are scored once each (the first `max_tokens` of them), from the windows of
-    `polyattn.data.text.eval_windows`: consecutive windows of `seq_len` tokens by default, or windows advanced by
-    `stride` that give every scored target at least `seq_len − stride` tokens of context. The model is put in
-    eval mode and restored. `progress` shows a bar over the scored targets.
+    The targets `tokens[1:]` are scored once each (the first `max_tokens` of them, from target `start` on when
+    given), from the windows of `polyattn.data.text.eval_windows`: consecutive windows of `seq_len` tokens by
+    default, or windows advanced by `stride` that give every scored target at least `seq_len − stride` tokens of
+    context. The model is put in eval mode and restored. `progress` shows a bar over the scored targets.
     """
     if len(tokens) < 2:
         raise UserError("The evaluated split holds fewer than 2 tokens; use a larger corpus or data.val_fraction.")
     was_training = model.training
     model.eval()
     total, count, scored = 0.0, 0, []
-    context = seq_len - (stride or seq_len)  # targets before this are not scored (see eval_windows)
-    to_score = min(len(tokens) - 1, context + max_tokens if max_tokens else len(tokens)) - context
-    bar = progress_bar(total=max(to_score, 0), desc="evaluating", unit="tok", unit_scale=True, enabled=progress)
+    first, end = scored_range(len(tokens), seq_len, max_tokens, stride=stride, start=start)
+    bar = progress_bar(total=end - first, desc="evaluating", unit="tok", unit_scale=True, enabled=progress)
     try:
-        for x, y in shard(eval_windows(tokens, seq_len, batch_size, max_tokens, stride=stride)):  # our share
+        for x, y in shard(eval_windows(tokens, seq_len, batch_size, max_tokens, stride=stride, start=start)):
             x, y = x.to(device), y.to(device)
             with autocast() if autocast is not None else contextlib.nullcontext():
                 logits = model(x)
@@ -177,6 +177,7 @@ class TextStreamJob:
             raise UserError(f"data.seq_len must be a positive number of tokens, got {d.seq_len!r}.")
         self.device, self.seq_len, self.seed = device, d.seq_len, t.seed
         self.eval_batch_size, self.eval_tokens, self.eval_stride = d.eval_batch_size, d.eval_tokens, d.eval_stride
+        self.eval_start = d.eval_start
         self.tokenizer = self._tokenizer(d, run_dir)
         self.source = d.source
         stream = token_file_for_source(d.source, self.tokenizer)
@@ -281,6 +282,13 @@ class CausalLMJob(TextStreamJob):
     `(train.seed, epoch, step)`; evaluation: `evaluate_lm` over consecutive windows. Arguments as `TextStreamJob`.
     """
 
+    def __init__(self, config, device: torch.device, splits: tuple[str, ...] = ("train", "test"),
+                 run_dir: Path | None = None):
+        super().__init__(config, device, splits, run_dir)
+        if self.eval_start is not None:  # checked now, not at the first evaluation after an epoch of training
+            scored_range(len(self.splits["val"]), self.seq_len, self.eval_tokens, stride=self.eval_stride,
+                         start=self.eval_start)
+
     def batches(self, epoch: int, start_step: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         self._check_start_step(start_step)
         tokens = self.splits["train"]
@@ -316,7 +324,8 @@ class CausalLMJob(TextStreamJob):
         self._check_vocab(model)
         return evaluate_lm(model, self.splits[split], self.tokenizer, seq_len=self.seq_len,
                            batch_size=self.eval_batch_size, device=self.device, autocast=autocast,
-                           max_tokens=self.eval_tokens, stride=self.eval_stride, progress=self.progress)
+                           max_tokens=self.eval_tokens, stride=self.eval_stride, start=self.eval_start,
+                           progress=self.progress)
 
 
 def encode_prompt(tokenizer: Tokenizer, prompt: str) -> list[int]:
