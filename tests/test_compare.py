@@ -3,7 +3,9 @@
 import json
 
 import pytest
+import torch
 
+from polyattn.bench.common import bench_header
 from polyattn.bench.compare import (
     Row,
     Suite,
@@ -127,3 +129,83 @@ def test_rescore_reevaluates_a_finished_row_with_the_suites_current_settings(tmp
     assert saved["config"]["data"]["test_fraction"] == 0.1
     rescore(suite, suite.rows[1], results)  # a row without a result is left alone
     assert not (results / "b.json").exists()
+
+
+def fake_result(results, name, loss, rate):
+    results.mkdir(parents=True, exist_ok=True)
+    (results / f"{name}.json").write_text(json.dumps({"summary": {"test": {"loss": loss}},
+                                                      "calibrated_throughput": rate, "steps": 10}))
+
+
+def test_rows_with_group_and_x_draw_curves_and_plain_suites_do_not(tmp_path):
+    from polyattn.bench.compare import curves_plot, table
+
+    columns = [["val loss", "summary.test.loss", ".3f"], ["tok/s", "calibrated_throughput", ".0f"]]
+    rows = [Row(f"{g}_{x}", f"{g} at {x}", group=g, x=x) for g in ("soft", "linear") for x in (1024, 4096, 16384)]
+    suite = Suite(name="long", title="Long", recipe="llama_lm_shakespeare", budget_s=1, overrides=[], rows=rows,
+                  columns=columns, x_label="window (tokens)")
+    results = tmp_path / "long"
+    for i, row in enumerate(rows[:-1]):  # the last row has not run: its line has two points
+        fake_result(results, row.name, 2.0 - 0.1 * i, 1000.0 / (i + 1))
+    path = curves_plot(suite, results)
+    assert path == results / "curves.png" and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    plain = Suite(name="plain", title="Plain", recipe="default", budget_s=1, overrides=[],
+                  rows=[Row(r.name, r.label) for r in rows], columns=columns)
+    before = table(plain, results)
+    assert curves_plot(plain, tmp_path / "plain") is None and not (tmp_path / "plain").exists()
+    assert table(plain, results) == before and "| soft at 1024 | 2.000 | 1000 |" in before
+
+
+@pytest.mark.parametrize("rows, message", [
+    ([Row("a", "a", group="m")], "row 'a' has only one of group and x"),
+    ([Row("a", "a", group="m", x=0)], "row 'a': x must be a positive number"),
+    ([Row("a", "a"), Row("a", "b")], "row 'a': the name is used twice"),
+    ([Row("b", "b", evaluates="a"), Row("a", "a")], "row 'b' evaluates 'a', which is not a row trained earlier"),
+])
+def test_bad_rows_are_one_sentence(rows, message):
+    from polyattn.bench.compare import check_rows
+
+    with pytest.raises(UserError, match=message):
+        check_rows("s", rows)
+
+
+TINY_LM = ["data.source=shakespeare", "model.dim=32", "model.depth=1", "model.num_heads=2", "train.batch_size=2",
+           "data.eval_batch_size=4", "data.eval_stride=16", "data.eval_start=32", "data.eval_tokens=256",
+           "train.log_every=1", "train.eval_every=1000"]
+
+
+def test_one_command_trains_a_row_and_scores_its_weights_a_second_way(tmp_path, cache_dir, monkeypatch):
+    from polyattn.bench import compare
+
+    rows = [Row("llama_32", "LLaMA, 32", ["data.seq_len=32"], group="LLaMA", x=32),
+            Row("s2_32", "S², 32", ["data.seq_len=32", "model.s2_group_size=8"], group="S² full", x=32),
+            Row("s2_32_grouped", "S², 32, grouped", ["model.s2_at_inference=true"], group="S² grouped", x=32,
+                evaluates="s2_32")]
+    suite = Suite(name="tinylong", title="Tiny long", recipe="llama_lm_shakespeare", budget_s=0.3, overrides=TINY_LM,
+                  rows=rows, columns=[["val loss", "summary.test.loss", ".3f"], ["tok/s", "calibrated_throughput",
+                                                                                  ".0f"]],
+                  calibration_steps=2, x_label="window (tokens)")
+    monkeypatch.setattr(compare, "load_suite", lambda name: suite)
+    results = tmp_path / "results"
+    (results / "tinylong").mkdir(parents=True)  # calibrated here already (640 tokens/s: 3 steps of 64 tokens)
+    here = {**bench_header(torch.device("cpu")), "value": 640.0}
+    (results / "tinylong" / "calibration.json").write_text(json.dumps(
+        {name: {"unit": "tokens", "per_step": 64, "measurements": [here]} for name in ("llama_32", "s2_32")}))
+    assert main(["bench", "compare", "tinylong", "--results", str(results), "--runs", str(tmp_path / "runs")]) == 0
+    trained = json.loads((results / "tinylong" / "s2_32.json").read_text())
+    grouped = json.loads((results / "tinylong" / "s2_32_grouped.json").read_text())
+    assert grouped["evaluates"] == "s2_32" and grouped["eval_overrides"] == ["model.s2_at_inference=true"]
+    assert grouped["steps"] == trained["steps"] and grouped["run_dir"] == trained["run_dir"]
+    assert grouped["steps"] == 3 and grouped["config"]["model"]["s2_at_inference"] is True
+    # the same weights and the same 256 targets, scored with the grouped mask instead of full attention
+    assert grouped["summary"]["test"]["tokens"] == trained["summary"]["test"]["tokens"] == 256
+    assert grouped["summary"]["test"]["loss"] != trained["summary"]["test"]["loss"]
+    assert (results / "tinylong" / "curves.png").is_file()
+    # --rescore scores the second way again; a row whose trained row has no result is left alone
+    (results / "tinylong" / "s2_32_grouped.json").unlink()
+    assert main(["bench", "compare", "tinylong", "--rescore", "--results", str(results), "--runs",
+                 str(tmp_path / "runs")]) == 0
+    assert json.loads((results / "tinylong" / "s2_32_grouped.json").read_text())["summary"]["test"] == \
+        grouped["summary"]["test"]
+    with pytest.raises(UserError, match="row 'llama_32', which has no result yet; train it first"):
+        compare.evaluate_row(suite, Row("x", "x", [], evaluates="llama_32"), tmp_path / "empty")

@@ -1,4 +1,5 @@
-"""PNG figures of `polyattn inspect`: reliability diagram, attention maps over the patch grid, ranks per layer.
+"""PNG figures of `polyattn inspect`: reliability diagram, attention maps over the patch grid, ranks per layer;
+and the lines of a comparison suite whose rows vary a length (`polyattn bench compare`'s `curves.png`).
 
 matplotlib (the `log` extra) is imported on first use, with the Agg backend (no display needed). Every figure
 is written atomically.
@@ -6,7 +7,7 @@ is written atomically.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -101,4 +102,28 @@ def rank_figure(ranks: Sequence[int], num_tokens: int, path: Path, *, title: str
     ax.set_ylabel(f"rank at {threshold:.0%} of Σσ")
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=7)
+    _save(fig, path)
+
+
+def line_panels(lines: Mapping[str, Sequence[Sequence[tuple[float, float]]]], path: Path, *, x_label: str,
+                y_labels: Sequence[str], title: str) -> None:
+    """One panel per y label, side by side, sharing a log-2 x axis: every entry of `lines` is one labelled line
+    with a list of `(x, y)` points per panel (points are drawn sorted by x; a line without points in a panel is
+    left out of it, keeping its colour in the others)."""
+    plt = pyplot()
+    fig, axes = plt.subplots(1, len(y_labels), figsize=(5.2 * len(y_labels) + 2.2, 4.2), squeeze=False)
+    for i, (label, panels) in enumerate(lines.items()):
+        for ax, points in zip(axes[0], panels, strict=False):
+            if points:
+                xs, ys = zip(*sorted(points), strict=True)
+                ax.plot(xs, ys, marker="o", color=f"C{i % 10}", label=label)
+    for ax, y_label in zip(axes[0], y_labels, strict=True):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel(x_label)
+        ax.set_ylabel(y_label)
+        ax.grid(alpha=0.3)
+    handles = {h.get_label(): h for ax in axes[0] for h in ax.get_lines()}
+    fig.legend(list(handles.values()), list(handles), fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
     _save(fig, path)

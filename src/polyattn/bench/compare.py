@@ -11,6 +11,11 @@ Results are therefore repeatable and unaffected by other work on the machine whi
 Each finished row is written at once to `<results>/<suite>/<row>.json` (its summary, config, calibration and
 machine); `--table` rebuilds the Markdown table from those files alone.
 
+A row with `evaluates: ROW` trains nothing: it scores the weights of the earlier row ROW with its own overrides
+as evaluation-time settings (e.g. `model.s2_at_inference=true`), so one suite reports one training evaluated two
+ways. Rows that vary a length carry `group:` (the model) and `x:` (its window or token count); the suite then
+also draws `curves.png`, the table's first column and the training throughput against x, one line per group.
+
     polyattn bench compare vision                     train every row that has no result yet
     polyattn bench compare vision --rows vit lightnet train these rows (again, with --force)
     polyattn bench compare vision --calibrate         only (re)measure throughput, keeping the best per row
@@ -47,6 +52,12 @@ class Row:
     name: str
     label: str
     overrides: list[str] = field(default_factory=list)
+    group: str | None = None
+    """The model this row is one point of, in a suite whose rows vary a length (`curves.png`: one line each)."""
+    x: float | None = None
+    """Where the row lies on that length axis (its window length or token count)."""
+    evaluates: str | None = None
+    """The earlier row whose trained weights this row scores, its `overrides` being evaluation-time settings."""
 
 
 @dataclass
@@ -65,6 +76,11 @@ class Suite:
     speed, see polyattn.bench.generation_speed) or "sample_quality" (diffusion samples measured by a classifier,
     see polyattn.bench.sample_quality), with `measure_args`."""
     measure_args: dict[str, Any] = field(default_factory=dict)
+    x_label: str = "x"
+    """The axis of the rows' `x` in `curves.png` (e.g. "window (tokens)")."""
+
+    def row(self, name: str) -> Row:
+        return next(r for r in self.rows if r.name == name)
 
 
 def suite_path(name: str) -> Path:
@@ -78,15 +94,38 @@ def suite_path(name: str) -> Path:
 
 def load_suite(name: str) -> Suite:
     raw = load_yaml(suite_path(name))
-    rows = [Row(r["name"], r.get("label", r["name"]), list(r.get("overrides", []))) for r in raw["rows"]]
+    rows = [Row(r["name"], r.get("label", r["name"]), list(r.get("overrides", [])), r.get("group"), r.get("x"),
+                r.get("evaluates")) for r in raw["rows"]]
+    check_rows(name, rows)
     return Suite(name=name, title=raw["title"], recipe=raw["recipe"], budget_s=float(raw["budget_s"]),
                  overrides=list(raw.get("overrides", [])), rows=rows, columns=raw["columns"],
                  calibration_steps=int(raw.get("calibration_steps", 30)), measure=raw.get("measure"),
-                 measure_args=dict(raw.get("measure_args", {})))
+                 measure_args=dict(raw.get("measure_args", {})), x_label=str(raw.get("x_label", "x")))
+
+
+def check_rows(suite: str, rows: list[Row]) -> None:
+    """One sentence for a suite file whose rows cannot be run or plotted: a repeated name, `group` without `x`
+    (or the reverse), an `x` that is not a positive number, an `evaluates` that names no earlier trained row."""
+    seen: dict[str, Row] = {}
+    for row in rows:
+        where = f"Suite '{suite}', row '{row.name}'"
+        if row.name in seen:
+            raise UserError(f"{where}: the name is used twice; give every row its own name.")
+        if (row.group is None) != (row.x is None):
+            raise UserError(f"{where} has only one of group and x; give both (the model and its length) or neither.")
+        if row.x is not None and (isinstance(row.x, bool) or not isinstance(row.x, (int, float)) or row.x <= 0):
+            raise UserError(f"{where}: x must be a positive number (a window length or token count), got {row.x!r}.")
+        source = seen.get(row.evaluates) if row.evaluates is not None else None
+        if row.evaluates is not None and (source is None or source.evaluates is not None):
+            raise UserError(f"{where} evaluates '{row.evaluates}', which is not a row trained earlier in the suite; "
+                            f"name a training row above it.")
+        seen[row.name] = row
 
 
 def row_config(suite: Suite, row: Row, *extra: str):
-    return build_config(suite.recipe, [*suite.overrides, *row.overrides, "train.progress=false", *extra])
+    """The run config of a row; a row that `evaluates` another is that row's config with its own overrides."""
+    trained = [] if row.evaluates is None else suite.row(row.evaluates).overrides
+    return build_config(suite.recipe, [*suite.overrides, *trained, *row.overrides, "train.progress=false", *extra])
 
 
 def _throughput_key(summary: dict[str, Any]) -> str:
@@ -179,30 +218,53 @@ def remeasure(suite: Suite, row: Row, results: Path) -> None:
     print(f"{suite.name}/{row.name}: measures retaken")
 
 
-def rescore(suite: Suite, row: Row, results: Path) -> None:
-    """Re-evaluates a finished row from its saved weights with the suite's current data and task settings (e.g. an
-    evaluation stride added after the row trained) and replaces its test metrics; the training is untouched."""
+def _evaluate_weights(suite: Suite, row: Row, run_dir: Path) -> tuple[dict[str, Any], Any]:
+    """The test metrics of the weights in `run_dir` under the row's current data and task settings (and, for a
+    row that `evaluates` another, its evaluation-time model overrides), and that current config."""
     from ..hardware import autocast_for
     from ..tasks import build_job
     from ..train.loop import load_run_model, run_precision
 
+    device = torch.device("cpu")
+    model, config = load_run_model(run_dir, device=device, overrides=row.overrides if row.evaluates else None)
+    current = row_config(suite, row)
+    config.data, config.task = current.data, current.task
+    job = build_job(config, device=device, splits=("test",), run_dir=run_dir)
+    autocast = autocast_for(run_precision(config, device), device)
+    return job.evaluate(model, "test", autocast=autocast), current
+
+
+def rescore(suite: Suite, row: Row, results: Path) -> None:
+    """Re-evaluates a finished row from its saved weights with the suite's current data and task settings (e.g. an
+    evaluation stride added after the row trained) and replaces its test metrics; the training is untouched."""
     path = results / f"{row.name}.json"
     if not path.is_file():
         return
     result = json.loads(path.read_text())
-    run_dir = Path(result["run_dir"])
-    device = torch.device("cpu")
-    model, config = load_run_model(run_dir, device=device)
-    current = row_config(suite, row)
-    config.data, config.task = current.data, current.task
-    job = build_job(config, device=device, splits=("test",), run_dir=run_dir)
     before = result["summary"].get("test")
-    autocast = autocast_for(run_precision(config, device), device)
-    result["summary"]["test"] = job.evaluate(model, "test", autocast=autocast)
+    result["summary"]["test"], current = _evaluate_weights(suite, row, Path(result["run_dir"]))
     result["config"]["data"], result["config"]["task"] = current.to_dict()["data"], current.to_dict()["task"]
-    result["rescored"] = {**bench_header(device), "test_before": before}
+    result["rescored"] = {**bench_header(torch.device("cpu")), "test_before": before}
     atomic_write_text(path, json.dumps(result, indent=2) + "\n")
     print(f"{suite.name}/{row.name}: rescored, test {before} -> {result['summary']['test']}")
+
+
+def evaluate_row(suite: Suite, row: Row, results: Path) -> dict[str, Any]:
+    """Scores the weights of the row that `row` evaluates with `row`'s overrides and saves the result: the trained
+    row's training record (steps, throughput) with these test metrics, marked with what it evaluates."""
+    source_path = results / f"{row.evaluates}.json"
+    if not source_path.is_file():
+        raise UserError(f"Row '{row.name}' scores the weights of row '{row.evaluates}', which has no result yet; "
+                        f"train it first: polyattn bench compare {suite.name} --rows {row.evaluates}.")
+    source = json.loads(source_path.read_text())
+    test, current = _evaluate_weights(suite, row, Path(source["run_dir"]))
+    result = {**source, "row": row.name, "label": row.label, "evaluates": row.evaluates,
+              "eval_overrides": list(row.overrides), "summary": {**source["summary"], "test": test},
+              "config": current.to_dict(), "evaluated": bench_header(torch.device("cpu"))}
+    results.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(results / f"{row.name}.json", json.dumps(result, indent=2) + "\n")
+    print(f"{suite.name}/{row.name}: the weights of {row.evaluates} scored with {' '.join(row.overrides)}: {test}")
+    return result
 
 
 def lookup(result: dict[str, Any], dotted: str) -> Any:
@@ -270,6 +332,44 @@ def table_plot(suite: Suite, results: Path) -> Path | None:
     return results / "table.png"
 
 
+def curves_plot(suite: Suite, results: Path) -> Path | None:
+    """`curves.png` of a suite whose rows carry `group` and `x`: the table's first column (its quality measure)
+    and the training throughput against x, one line per group, log-x; None when the suite has no groups, no
+    finished grouped row, or matplotlib is missing. A row that `evaluates` another has its training's throughput,
+    so it is drawn in the quality panel only."""
+    grouped = [r for r in suite.rows if r.group is not None]
+    if not grouped:
+        return None
+    try:
+        from ..analysis.plots import line_panels
+    except UserError:
+        return None
+    quality = suite.columns[0]
+    speed = next((c for c in suite.columns if c[1] == "calibrated_throughput"), None)
+    scaled = lambda value, column: value * column[3] if len(column) > 3 else value
+    lines: dict[str, list[list[tuple[float, float]]]] = {}
+    for row in grouped:
+        path = results / f"{row.name}.json"
+        panels = lines.setdefault(row.group, [[], []])
+        if not path.is_file():
+            continue
+        result = json.loads(path.read_text())
+        y = lookup(result, quality[1])
+        if isinstance(y, (int, float)):
+            panels[0].append((row.x, scaled(y, quality)))
+        rate = None if speed is None or row.evaluates else lookup(result, speed[1])
+        if isinstance(rate, (int, float)):
+            panels[1].append((row.x, scaled(rate, speed)))
+    if not any(points for panels in lines.values() for points in panels):
+        return None
+    try:
+        line_panels(lines, results / "curves.png", x_label=suite.x_label,
+                    y_labels=[quality[0], speed[0] if speed else "throughput"], title=suite.title)
+    except UserError:  # matplotlib missing: the table is still written
+        return None
+    return results / "curves.png"
+
+
 def fill_markdown_block(path: Path, suite: str, text: str) -> None:
     """Replaces what lies between the `<!-- table:SUITE -->` and `<!-- /table:SUITE -->` lines of a Markdown file."""
     if not path.is_file():
@@ -319,7 +419,12 @@ def run(args) -> int:
     if not args.table:
         rows = [r for r in suite.rows if args.rows is None or r.name in args.rows]
         for row in rows:
-            if args.calibrate:
+            if row.evaluates is not None:  # scores another row's weights: nothing to calibrate or measure
+                trained = (results / f"{row.evaluates}.json").is_file()
+                due = args.force or not (results / f"{row.name}.json").is_file()
+                if (args.rescore and trained) or (due and not (args.calibrate or args.remeasure or args.rescore)):
+                    evaluate_row(suite, row, results)
+            elif args.calibrate:
                 calibrate(suite, row, results)
             elif args.remeasure:
                 remeasure(suite, row, results)
@@ -331,6 +436,7 @@ def run(args) -> int:
     if not args.calibrate:
         atomic_write_text(results / "table.md", text)
         table_plot(suite, results)
+        curves_plot(suite, results)
         if args.readme:
             fill_markdown_block(args.readme, suite.name, text)
     print(text)
