@@ -68,7 +68,7 @@ def test_a_calibration_from_another_machine_is_never_used(tmp_path, cache_dir):
 
 def test_lookup_and_suite_files():
     assert lookup({"a": {"b": 2}}, "a.b") == 2 and lookup({"a": {}}, "a.b") is None
-    for name in ("vision", "vision_mixers", "lm", "lm_mixers"):
+    for name in ("vision", "vision_mixers", "lm", "lm_mixers", "lm_long", "vision_fine"):
         suite = load_suite(name)
         assert suite.budget_s == 600 and len({r.name for r in suite.rows}) == len(suite.rows)
         for row in suite.rows:  # every row is a valid configuration
@@ -209,3 +209,25 @@ def test_one_command_trains_a_row_and_scores_its_weights_a_second_way(tmp_path, 
         grouped["summary"]["test"]
     with pytest.raises(UserError, match="row 'llama_32', which has no result yet; train it first"):
         compare.evaluate_row(suite, Row("x", "x", [], evaluates="llama_32"), tmp_path / "empty")
+
+
+def test_every_lm_long_row_scores_the_same_validation_bytes_with_half_a_window_of_context():
+    from pathlib import Path
+
+    from polyattn.data.text import scored_range, split_stream
+
+    text = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
+    if not text.is_file():
+        pytest.skip("needs ../shared/data/tinyshakespeare.txt")
+    n_val = split_stream(text.stat().st_size, 0.1)[1]  # byte-level: one token per byte
+    n_val = n_val.stop - n_val.start
+    suite = load_suite("lm_long")
+    ranges, windows = set(), set()
+    for row in suite.rows:
+        data = row_config(suite, row).data
+        ranges.add(scored_range(n_val, data.seq_len, data.eval_tokens, stride=data.eval_stride,
+                                start=data.eval_start))
+        assert data.seq_len - data.eval_stride >= data.seq_len // 2  # at least half a window before every target
+        assert row_config(suite, row).train.batch_size * data.seq_len == 16384  # the same tokens per step
+        windows.add(data.seq_len)
+    assert ranges == {(15872, 15872 + 90112)} and windows == {1024, 4096, 16384}

@@ -229,6 +229,12 @@ HOW: dict[str, Train | Run | Error | Help | Covered | Skip] = {
     "polyattn bench compare diffusion": Covered("tests/test_compare.py::test_rows_train_for_their_calibrated_budget_"
                                                 "and_the_table_reads_the_saved_results"),
     "polyattn bench compare vision --table": Run("--results {results}"),
+    "polyattn bench compare lm_long": Covered("tests/test_compare.py::test_one_command_trains_a_row_and_scores_its_"
+                                              "weights_a_second_way"),
+    "polyattn bench compare lm_long --table": Run("--results {results}"),
+    "polyattn bench compare vision_fine": Covered("tests/test_compare.py::test_rows_train_for_their_calibrated_budget_"
+                                                  "and_the_table_reads_the_saved_results"),
+    "polyattn bench compare vision_fine --table": Run("--results {results}"),
 }
 
 SHRINK = ["train.max_steps=1", "train.progress=false", "train.log_every=1", "train.ema_decay=null"]

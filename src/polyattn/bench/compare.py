@@ -388,7 +388,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rows", nargs="+", help="only these rows (default: every row without a result)")
     parser.add_argument("--force", action="store_true", help="retrain rows that already have a result")
     parser.add_argument("--calibrate", action="store_true", help="only measure throughput (keeps the best)")
-    parser.add_argument("--table", action="store_true", help="only print the table from the saved results")
+    parser.add_argument("--table", action="store_true", help="only rebuild the table (and its plots, curves.png "
+                        "for rows with group and x) from the saved results")
     parser.add_argument("--remeasure", action="store_true", help="only retake the suite's extra measures (e.g. "
                         "decoding speed) of finished rows, e.g. once the machine is idle, and update their results")
     parser.add_argument("--rescore", action="store_true", help="only re-evaluate finished rows from their saved "
