@@ -207,6 +207,11 @@ def test_one_command_trains_a_row_and_scores_its_weights_a_second_way(tmp_path, 
                  str(tmp_path / "runs")]) == 0
     assert json.loads((results / "tinylong" / "s2_32_grouped.json").read_text())["summary"]["test"] == \
         grouped["summary"]["test"]
+    # retraining the trained row re-scores the row that evaluates it, in the same command
+    (results / "tinylong" / "s2_32_grouped.json").unlink()
+    assert main(["bench", "compare", "tinylong", "--rows", "s2_32", "--force", "--results", str(results), "--runs",
+                 str(tmp_path / "runs")]) == 0
+    assert (results / "tinylong" / "s2_32_grouped.json").is_file()
     with pytest.raises(UserError, match="row 'llama_32', which has no result yet; train it first"):
         compare.evaluate_row(suite, Row("x", "x", [], evaluates="llama_32"), tmp_path / "empty")
 

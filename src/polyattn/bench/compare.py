@@ -258,6 +258,7 @@ def evaluate_row(suite: Suite, row: Row, results: Path) -> dict[str, Any]:
                         f"train it first: polyattn bench compare {suite.name} --rows {row.evaluates}.")
     source = json.loads(source_path.read_text())
     test, current = _evaluate_weights(suite, row, Path(source["run_dir"]))
+    source.pop("rescored", None)  # that record is of the trained row's own score, not of this one
     result = {**source, "row": row.name, "label": row.label, "evaluates": row.evaluates,
               "eval_overrides": list(row.overrides), "summary": {**source["summary"], "test": test},
               "config": current.to_dict(), "evaluated": bench_header(torch.device("cpu"))}
@@ -418,11 +419,13 @@ def run(args) -> int:
         raise UserError(f"Suite '{suite.name}' has no row {', '.join(unknown)}; its rows are: "
                         f"{', '.join(r.name for r in suite.rows)}.")
     if not args.table:
-        rows = [r for r in suite.rows if args.rows is None or r.name in args.rows]
+        # a row that scores another row's weights comes along with it, so it is re-scored when that row retrains
+        rows = [r for r in suite.rows if args.rows is None or r.name in args.rows or r.evaluates in args.rows]
+        trained_now = set()
         for row in rows:
             if row.evaluates is not None:  # scores another row's weights: nothing to calibrate or measure
                 trained = (results / f"{row.evaluates}.json").is_file()
-                due = args.force or not (results / f"{row.name}.json").is_file()
+                due = args.force or row.evaluates in trained_now or not (results / f"{row.name}.json").is_file()
                 if (args.rescore and trained) or (due and not (args.calibrate or args.remeasure or args.rescore)):
                     evaluate_row(suite, row, results)
             elif args.calibrate:
@@ -433,6 +436,7 @@ def run(args) -> int:
                 rescore(suite, row, results)
             elif args.force or not (results / f"{row.name}.json").is_file():
                 run_row(suite, row, results, args.runs, extra_measures=_extra_measures(suite), threads=args.threads)
+                trained_now.add(row.name)
     text = table(suite, results)
     if not args.calibrate:
         atomic_write_text(results / "table.md", text)
