@@ -30,7 +30,7 @@ from .lightnet import (
     MultiScanAttention,
     NormalizerInit,
 )
-from .linear_attention import LinearAttention, LinearAttnCache
+from .linear_attention import LinearAttention, LinearAttnCache, random_feature_layers, redraw_random_features
 from .mixer import MixerKind, TokenMixer, build_mixer, mixer_class, mixer_options
 from .mixer_hooks import MixerCall, call_op, observe_mixer_ops
 from .mlp import GatedMlp, Mlp, llama_hidden_size
@@ -101,6 +101,8 @@ __all__ = [
     "mixer_options",
     "observe_mixer_ops",
     "parse_mask_mode",
+    "random_feature_layers",
+    "redraw_random_features",
     "resample_abs_pos_embed",
     "reversible_blocks",
     "run_blocks",

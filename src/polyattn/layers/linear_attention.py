@@ -31,6 +31,22 @@ class LinearAttnCache(NamedTuple):
     offset: torch.Tensor
 
 
+def random_feature_layers(model: nn.Module) -> list[LinearAttention]:
+    """The layers of `model` whose feature map has random features (Performer's FAVOR+), in module order."""
+    return [m for m in model.modules() if isinstance(m, LinearAttention) and m.feature_map is FeatureMap.FAVOR]
+
+
+def redraw_random_features(model: nn.Module, seed: int) -> int:
+    """Draws new random features for every Performer layer of `model` from one generator seeded with `seed`, so
+    processes of a distributed run, and a model and its averaged copy, given the same seed draw the same features.
+    Returns the number of layers redrawn."""
+    generator = torch.Generator().manual_seed(seed)
+    layers = random_feature_layers(model)
+    for layer in layers:
+        layer.redraw_features(generator)
+    return len(layers)
+
+
 class LinearAttention(nn.Module):
     """Multi-head kernelized linear attention.
 

@@ -120,6 +120,10 @@ class TrainConfig(Section):
     done / epochs' steps, time used / budget), so they keep their shape and end on time; set `epochs` to the
     length the budget stands for (warmup keeps its share warmup_epochs / epochs). Stopping on time makes runs
     unrepeatable step for step."""
+    feature_redraw_every: int | None = checked(None, ge=1, fixed=True)
+    """Draw new random features for Performer attention (`model.mixer=performer`) every this many optimizer steps
+    (arXiv 2009.14794 §4.3; its common PyTorch port redraws every 1,000); null keeps the features drawn at
+    initialisation. The draws are seeded by train.seed and the step, so runs and resumes repeat exactly."""
     init_weights: str | None = checked(None, pattern=r".+", meaning="a weights file path", fixed=True)
     """Start from these weights (a safetensors file of this model, e.g. a run's model.safetensors) instead of the
     initialisation: a fine-tune (the prune command's --finetune-steps sets it to the pruned run's weights)."""

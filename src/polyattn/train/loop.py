@@ -29,6 +29,7 @@ from .. import distributed
 from ..errors import Interrupted, UserError
 from ..files import atomic_write_text, write_error
 from ..hardware import Precision, autocast_for, device_name, environment, resolve_device, resolve_precision
+from ..layers.linear_attention import random_feature_layers, redraw_random_features
 from ..progress import note, progress_bar
 from ..registry import get_entry, parameter_count
 from ..settings import fixed_on_resume
@@ -266,6 +267,9 @@ def _train_distributed(config: RunConfig, device: torch.device, resume_dir: Path
         raise UserError(f"train.activation_checkpointing recomputes the repeated blocks a model calls (the members "
                         f"of its nn.ModuleLists), but '{config.model.name}' has none (a reversible stack recomputes "
                         f"its own); set it to false.")
+    if cfg.feature_redraw_every is not None and not random_feature_layers(model):
+        raise UserError(f"train.feature_redraw_every redraws the random features of Performer attention, but "
+                        f"'{config.model.name}' has none (only model.mixer=performer has); set it to null.")
     if cfg.fsdp and world > 1:
         check_fsdp(ema=cfg.ema_decay is not None, precision=precision.name)
     elif cfg.fsdp and distributed.is_main():  # kept in the config, so the run resumes sharded on several
@@ -541,6 +545,11 @@ def _train_in(run_dir: Path, config: RunConfig, job, model: nn.Module, n_params:
                 train_time += time.perf_counter() - t0
                 train_samples += job.samples_per_step
                 step += 1
+                if cfg.feature_redraw_every and step % cfg.feature_redraw_every == 0:
+                    redraw_seed = cfg.seed * 1_000_003 + step  # the same draw on every process and on resume
+                    redraw_random_features(model, redraw_seed)
+                    if ema is not None:  # the averaged copy keeps its buffers; it must use the same features
+                        redraw_random_features(ema.module, redraw_seed)
                 if bad_in_row >= cfg.max_bad_steps:
                     good = last_saved[0] or next(iter(checkpoints.candidates()), None)
                     where = f"the last good checkpoint is {good}" if good else "no checkpoint was written before it"
