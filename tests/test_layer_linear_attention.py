@@ -84,6 +84,6 @@ def test_feature_redraw_is_refused_for_a_model_without_random_features(tmp_path)
     config = build_config("llama_lm_shakespeare", ["model=linear_lm_nano", "model.dim=32", "model.depth=1",
                                                    "data.seq_len=16", "train.max_steps=1", "train.progress=false",
                                                    "train.feature_redraw_every=2", f"train.out_dir={tmp_path}"])
-    with pytest.raises(UserError, match="has none \\(only model.mixer=performer has\\); set it to null"):
+    with pytest.raises(UserError, match=r"has none \(only model.mixer=performer has\); set it to null"):
         train(config, evaluate=False)
     assert not any(tmp_path.iterdir())  # refused before the run directory exists

@@ -475,6 +475,77 @@ def test_faithful_ecp_quirks_unused_kv_norm_and_a_segment_zero_output_projection
     assert not torch.allclose(baseline(x), ref)
 
 
+def test_faithful_kv_norm_normalises_the_rotated_keys_and_values():
+    """The authors rotate K=V, then apply the per-head LayerNorm; the two do not commute (mean subtraction and the
+    per-channel affine), so the order is part of the function."""
+    torch.manual_seed(0)
+    tied = TiedKVAttention(D, HEADS)
+    with torch.no_grad():
+        tied.kv_norm.weight.uniform_(0.5, 1.5)
+        tied.kv_norm.bias.uniform_(-0.5, 0.5)
+    x, rot = torch.randn(2, 6, D), perceiver("ar").rope(torch.arange(6))
+    kv = tied.kv_proj(x).unflatten(-1, (HEADS, D // HEADS))
+    torch.testing.assert_close(tied.encode_context(x, rope=rot).k, tied.kv_norm(rot.apply(kv)))
+    assert not torch.allclose(tied.encode_context(x, rope=rot).k, rot.apply(tied.kv_norm(kv)), atol=1e-3)
+
+
+def authors_double_or_split_latents(model, x: torch.Tensor, num_segments: int | None) -> torch.Tensor:
+    """The latents' logits of a faithful Double (`num_segments=None`) or Split model over one full window, written
+    from the structure of the authors' layers (not from the library's masks): queries and tied K=V from the
+    pre-norm rows, RoPE where the layer has it, then the per-head LayerNorm; the latent rows attend to every row
+    under a causal triangle over the latent columns, the context rows (split: each segment of them) only to
+    themselves, unmasked; the two outputs concatenated, projected, added to the residual of every row; the
+    feed-forward on every row."""
+    n, N = model.max_seq_len, model.num_latents
+    h, H = n - N, model.blocks[0].attn.num_heads
+    segments = num_segments or 1
+    z = model.io.embed_tokens(x)
+    for i, block in enumerate(model.blocks):
+        attn, y = block.attn, block.norm1(z)
+        q = attn.q_proj(y).unflatten(-1, (H, -1)).transpose(1, 2)  # (B, H, n, dh)
+        kv = attn.kv_proj(y).unflatten(-1, (H, -1))
+        if model.rope_in_layer[i]:
+            rot = model.rope(torch.arange(n))
+            q, kv = rot.apply(q.transpose(1, 2)).transpose(1, 2), rot.apply(kv)
+        kv = attn.kv_norm(kv).transpose(1, 2)  # (B, H, n, dh)
+        scale = q.shape[-1] ** -0.5
+        scores = q[:, :, h:] @ kv.transpose(-1, -2) * scale  # (B, H, N, n)
+        scores[..., h:] = scores[..., h:].masked_fill(torch.ones(N, N, dtype=torch.bool).triu(1), float("-inf"))
+        latent_out = scores.softmax(-1) @ kv
+        m = h // segments
+        q_ctx, kv_ctx = q[:, :, :h].unflatten(2, (segments, m)), kv[:, :, :h].unflatten(2, (segments, m))
+        context_out = ((q_ctx @ kv_ctx.transpose(-1, -2) * scale).softmax(-1) @ kv_ctx).flatten(2, 3)
+        out = torch.cat((context_out, latent_out), 2).transpose(1, 2).flatten(2)  # (B, n, D)
+        z = z + attn.o_proj(out)
+        z = z + block.mlp(block.norm2(z))
+    return model.io.logits(z[:, h:])
+
+
+@pytest.mark.parametrize("variant", ["double", "split"])
+def test_faithful_double_and_split_equal_the_authors_layers(variant):
+    """Masks, RoPE placement (every layer in Double, layer 0 in Split), the K=V norm after RoPE, and the context rows'
+    own path (pre-norm, residual, feed-forward in every layer), against `authors_double_or_split_latents`."""
+    model = perceiver(variant, True, max_seq_len=13, **({"num_segments": 2} if variant == "split" else {}))
+    with torch.no_grad():  # norms away from their initial values, so that their placement shows
+        for block in model.blocks:
+            for norm in (block.norm1, block.norm2, block.attn.kv_norm):
+                norm.weight.uniform_(0.5, 1.5)
+                norm.bias.uniform_(-0.5, 0.5)
+    x = tokens(2, 13)
+    expected = authors_double_or_split_latents(model, x, 2 if variant == "split" else None)
+    torch.testing.assert_close(model(x), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_faithful_feed_forward_drops_its_hidden_activations_only():
+    """The authors' feed-forward is Linear, GELU, Dropout, Linear: no dropout on its output."""
+    mlp = perceiver("double", True, dropout=0.5).train().blocks[0].mlp
+    x = torch.randn(2, 6, D)
+    torch.manual_seed(3)
+    out = mlp(x)
+    torch.manual_seed(3)
+    torch.testing.assert_close(out, mlp.fc2(F.dropout(mlp.act(mlp.fc1(x)), 0.5)))
+
+
 def test_faithful_compressed_builds_a_projection_per_layer_and_uses_the_first():
     model = perceiver("compressed", True)
     assert len(model.compress) == DEPTH and len(perceiver("compressed").compress) == 1

@@ -226,6 +226,10 @@ HOW: dict[str, Train | Run | Error | Help | Covered | Skip] = {
                                              "the_table_reads_the_saved_results"),
     "polyattn bench compare lm": Covered("tests/test_compare.py::test_rows_train_for_their_calibrated_budget_and_"
                                          "the_table_reads_the_saved_results"),
+    "polyattn bench compare vision_mixers": Covered("tests/test_compare.py::test_rows_train_for_their_calibrated_"
+                                                   "budget_and_the_table_reads_the_saved_results"),
+    "polyattn bench compare lm_mixers": Covered("tests/test_compare.py::test_rows_train_for_their_calibrated_"
+                                               "budget_and_the_table_reads_the_saved_results"),
     "polyattn bench compare diffusion": Covered("tests/test_compare.py::test_rows_train_for_their_calibrated_budget_"
                                                 "and_the_table_reads_the_saved_results"),
     "polyattn bench compare vision --table": Run("--results {results}"),

@@ -13,18 +13,24 @@ def llama_hidden_size(dim: int, multiple_of: int = 256, ffn_dim_multiplier: floa
 
 
 class Mlp(nn.Module):
-    """Two-layer MLP `fc2(act(fc1(x)))` (ViT/DeiT)."""
+    """Two-layer MLP `fc2(act(fc1(x)))` (ViT/DeiT), with dropout `drop` on the hidden activations and on the output.
+
+    `output_drop=False` leaves the output undropped (the feed-forward of the arXiv 2412.06106 authors' code, whose
+    only dropout sits after the activation).
+    """
 
     def __init__(self, dim: int, hidden_dim: int, act_layer: type[nn.Module] = nn.GELU, bias: bool = True,
-                 drop: float = 0.0):
+                 drop: float = 0.0, output_drop: bool = True):
         super().__init__()
         self.fc1 = nn.Linear(dim, hidden_dim, bias=bias)
         self.act = act_layer()
         self.fc2 = nn.Linear(hidden_dim, dim, bias=bias)
         self.drop = nn.Dropout(drop)
+        self.output_drop = output_drop
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
+        y = self.fc2(self.drop(self.act(self.fc1(x))))
+        return self.drop(y) if self.output_drop else y
 
 
 class GatedMlp(nn.Module):

@@ -1,9 +1,9 @@
 """Tied K=V attention: the attention of the authors' code for arXiv 2412.06106 (MetaMain/ECPTransformer), the
 faithful mode of the Perceiver family (spec `perceiver_ar_and_llp.md` §2.9).
 
-One projection serves as keys and values (`to_kv`), normalised per head by a LayerNorm, and RoPE rotates q and
-K=V, so the values carry absolute positions. The call signature is `Attention`'s, so `TransformerBlock` takes
-either.
+One projection serves as keys and values (`to_kv`); RoPE rotates q and K=V, so the values carry absolute positions,
+and a per-head LayerNorm then normalises the rotated K=V (the authors' order: rotate, then normalise). The call
+signature is `Attention`'s, so `TransformerBlock` takes either.
 """
 
 from __future__ import annotations
@@ -19,11 +19,14 @@ from .rope import Rotary
 class TiedKVAttention(nn.Module):
     """The attention of the authors' code for arXiv 2412.06106 (faithful mode, §2.9).
 
-    One bias-free projection `kv_proj` (the code's `to_kv = Linear(D, D)`) serves as keys *and* values; a per-head
-    LayerNorm over the head channels normalises it (`apply_kv_norm=False` keeps the norm's parameters but skips it,
-    as in `ECPAttentionTransformer.py`); RoPE, when passed, rotates the queries and K=V, so the values are rotated
-    too. `o_proj` has a bias; with `first_segment_out`, the rows flagged by `first_rows` (ECP's segment 0) use their
-    own output projection `o_proj_first` (the code's `to_out_0`).
+    One bias-free projection `kv_proj` (the code's `to_kv = Linear(D, D)`) serves as keys *and* values; RoPE, when
+    passed, rotates the queries and K=V, so the values are rotated too; then a per-head LayerNorm over the head
+    channels normalises the rotated K=V (`apply_kv_norm=False` keeps the norm's parameters but skips it, as in
+    `ECPAttentionTransformer.py`). The order is the authors' in every file of their code: the norm sees rotated
+    vectors, so its mean subtraction and per-channel affine do not commute with the rotation, and the scores are not
+    a function of relative positions alone (in the clean `Attention` they are). `o_proj` has a bias; with
+    `first_segment_out`, the rows flagged by `first_rows` (ECP's segment 0) use their own output projection
+    `o_proj_first` (the code's `to_out_0`).
 
     The call signature is `Attention`'s (self-attention when `context` is None, otherwise keys/values from a context
     tensor or from `encode_context`), so `TransformerBlock` and the models use either. No KV cache: the faithful
@@ -47,10 +50,10 @@ class TiedKVAttention(nn.Module):
                        rope: Rotary | None = None) -> KVCache:
         """K = V of `context [B, S, D]` as a `KVCache` (keys and values are the same tensor)."""
         kv = self.kv_proj(context).unflatten(-1, (self.num_heads, self.head_dim))  # (B, S, H, Dh)
+        if rope is not None:  # before the norm, as the authors' code does (LayerNorm does not commute with it)
+            kv = rope.apply(kv)
         if self.apply_kv_norm:
             kv = self.kv_norm(kv)
-        if rope is not None:
-            kv = rope.apply(kv)
         return KVCache(kv, kv, key_padding_mask, context.shape[1])
 
     def forward(self, x: torch.Tensor, *, context: torch.Tensor | KVCache | None = None, rope: Rotary | None = None,

@@ -4,8 +4,9 @@ LLP/ECP (arXiv 2412.06106). Specification: `reference/perceiver_ar_and_llp.md`.
 - `family_block`, `family_token_io`, `init_family_weights`: the block, token I/O and initialisation of every
   member, in the clean mode (the library's LLaMA block: RMSNorm, bias-free separate q/k/v, SwiGLU, RoPE on q and k,
   no dropout) or the faithful one (the authors' code, MetaMain/ECPTransformer: LayerNorm, `TiedKVAttention`,
-  GELU ×4 feed-forward with biases, dropout 0.05, a head with a bias). With every position a latent or one segment,
-  the clean models *are* `llama_lm`, weight for weight.
+  GELU ×4 feed-forward with biases, dropout 0.05 on the attention weights and the feed-forward's hidden
+  activations, a head with a bias). With every position a latent or one segment, the clean models *are*
+  `llama_lm`, weight for weight.
 - `PerceiverFamilyLM`: the members' common body (embedding, RoPE, the stack of blocks, where RoPE sits, init).
 - `LatentPerceiver`: what the four latent models share (`PerceiverAR` in `perceiver_ar.py`, the row-stacking
   variants in `perceiver_variants.py`): a window of at most `n = max_seq_len` tokens whose last `N = num_latents`
@@ -44,8 +45,8 @@ def family_block(dim: int, num_heads: int, *, faithful: bool, dropout: float, ml
     if faithful:
         attn = TiedKVAttention(dim, num_heads, apply_kv_norm=apply_kv_norm, first_segment_out=first_segment_out,
                                attn_drop=dropout)
-        return TransformerBlock(dim, attn, Mlp(dim, 4 * dim, act_layer=nn.GELU, bias=True, drop=dropout),
-                                nn.LayerNorm)
+        mlp = Mlp(dim, 4 * dim, act_layer=nn.GELU, bias=True, drop=dropout, output_drop=False)
+        return TransformerBlock(dim, attn, mlp, nn.LayerNorm)
     attn = Attention(dim, num_heads, proj_bias=False, attn_drop=dropout, proj_drop=dropout)
     hidden = mlp_hidden_dim or llama_hidden_size(dim, multiple_of=64)
     return TransformerBlock(dim, attn, GatedMlp(dim, hidden, drop=dropout), partial(RMSNorm, eps=norm_eps))
