@@ -39,7 +39,7 @@ import torch
 
 from ..errors import UserError
 from ..files import atomic_write_text
-from ..hardware import PRECISIONS
+from ..hardware import PRECISIONS, environment
 from ..train.config import RECIPE_DIRS, build_config, load_yaml
 from ..train.run_log import read_metrics
 from .common import bench_header, median
@@ -132,15 +132,12 @@ def _throughput_key(summary: dict[str, Any]) -> str:
     return next(k for k in summary if k.startswith("train_") and k.endswith("_per_s"))
 
 
-def _same_machine(measurement: dict[str, Any], here: dict[str, Any]) -> bool:
-    return all(measurement.get(key) == here[key] for key in ("device_name", "threads"))
-
-
 def best_here(entry: dict[str, Any]) -> float | None:
     """The best throughput of a row's calibration entry measured on this machine (same CPU or GPU name, ISA
     level and thread count), or None: a step budget is only fair when it was measured where the row trains."""
-    here = bench_header(torch.device("cpu"))
-    values = [m["value"] for m in entry.get("measurements", []) if _same_machine(m, here)]
+    here = environment(torch.device("cpu"))
+    values = [m["value"] for m in entry.get("measurements", [])
+              if all(m.get(key) == here[key] for key in ("device_name", "threads"))]
     return max(values) if values else None
 
 
@@ -183,10 +180,12 @@ def run_row(suite: Suite, row: Row, results: Path, runs: Path, *, extra_measures
 
     calibration = results / CALIBRATION
     record = json.loads(calibration.read_text()) if calibration.is_file() else {}
-    entry = record.get(row.name)
-    if entry is None or best_here(entry) is None:
+    throughput = None if row.name not in record else best_here(record[row.name])
+    if throughput is None:
         entry = calibrate(suite, row, results)
-    throughput = best_here(entry)
+        throughput = entry["best"]
+    else:
+        entry = record[row.name]
     steps = max(1, math.floor(suite.budget_s * throughput / entry["per_step"]))
     run_dir = runs / suite.name / row.name
     if run_dir.exists():
@@ -299,6 +298,11 @@ def table(suite: Suite, results: Path) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _scaled(value: float, column: list) -> float:
+    """A result's value as its table column shows it (the column's optional fourth entry is a scale)."""
+    return value * column[3] if len(column) > 3 else value
+
+
 def table_plot(suite: Suite, results: Path) -> Path | None:
     """`table.png` beside `table.md`: each finished row as a labelled point of the table's first column (its
     quality measure) against its training throughput; None when matplotlib is missing or no row has both."""
@@ -318,7 +322,7 @@ def table_plot(suite: Suite, results: Path) -> Path | None:
         result = json.loads(path.read_text())
         y, x = lookup(result, quality[1]), lookup(result, speed[1])
         if isinstance(x, (int, float)) and isinstance(y, (int, float)):
-            points.append((row.label, x, y * quality[3] if len(quality) > 3 else y))
+            points.append((row.label, x, _scaled(y, quality)))
     if not points:
         return None
     fig, ax = plt.subplots(figsize=(7.5, 4.8))
@@ -338,16 +342,13 @@ def curves_plot(suite: Suite, results: Path) -> Path | None:
     and the training throughput against x, one line per group, log-x; None when the suite has no groups, no
     finished grouped row, or matplotlib is missing. A row that `evaluates` another has its training's throughput,
     so it is drawn in the quality panel only."""
+    from ..analysis.plots import line_panels
+
     grouped = [r for r in suite.rows if r.group is not None]
     if not grouped:
         return None
-    try:
-        from ..analysis.plots import line_panels
-    except UserError:
-        return None
     quality = suite.columns[0]
     speed = next((c for c in suite.columns if c[1] == "calibrated_throughput"), None)
-    scaled = lambda value, column: value * column[3] if len(column) > 3 else value
     lines: dict[str, list[list[tuple[float, float]]]] = {}
     for row in grouped:
         path = results / f"{row.name}.json"
@@ -357,10 +358,10 @@ def curves_plot(suite: Suite, results: Path) -> Path | None:
         result = json.loads(path.read_text())
         y = lookup(result, quality[1])
         if isinstance(y, (int, float)):
-            panels[0].append((row.x, scaled(y, quality)))
+            panels[0].append((row.x, _scaled(y, quality)))
         rate = None if speed is None or row.evaluates else lookup(result, speed[1])
         if isinstance(rate, (int, float)):
-            panels[1].append((row.x, scaled(rate, speed)))
+            panels[1].append((row.x, _scaled(rate, speed)))
     if not any(points for panels in lines.values() for points in panels):
         return None
     try:

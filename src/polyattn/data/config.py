@@ -103,11 +103,16 @@ class TextDataConfig(DataConfig):
         if self.eval_stride is not None and self.eval_stride > self.seq_len:
             raise UserError(f"data.eval_stride ({self.eval_stride}) must be at most data.seq_len ({self.seq_len}); "
                             f"windows cannot advance by more than their length.")
-        context = self.seq_len - (self.eval_stride or self.seq_len)
-        if self.eval_start is not None and self.eval_start < context:
-            raise UserError(f"data.eval_start = {self.eval_start} leaves less context than seq_len − eval_stride = "
-                            f"{context} tokens before the first scored target; set data.eval_start to at least "
-                            f"{context} or raise data.eval_stride.")
+        check_eval_start(self.eval_start, self.seq_len - (self.eval_stride or self.seq_len))
 
 
-__all__ = ["DataConfig", "ImageDataConfig", "TextDataConfig"]
+def check_eval_start(start: int | None, context: int) -> None:
+    """One sentence when data.eval_start leaves its first target fewer than `context` (seq_len − eval_stride)
+    tokens before it; checked with the config and again where an evaluation picks its targets."""
+    if start is not None and start < context:
+        raise UserError(f"data.eval_start = {start} leaves less context than seq_len − eval_stride = {context} "
+                        f"tokens before the first scored target; set data.eval_start to at least {context} or "
+                        f"raise data.eval_stride.")
+
+
+__all__ = ["DataConfig", "ImageDataConfig", "TextDataConfig", "check_eval_start"]

@@ -52,6 +52,7 @@ import torch
 from ..errors import UserError
 from ..files import atomic_write, default_cache_dir
 from ..ops.losses import IGNORE_INDEX
+from .config import check_eval_start
 from .images import CappedReader
 from .tokenizers import BpeTokenizer, ByteTokenizer, Tokenizer
 
@@ -360,10 +361,7 @@ def scored_range(n: int, seq_len: int, max_tokens: int | None = None, *, stride:
     if not 0 < stride <= seq_len:
         raise UserError(f"data.eval_stride must be between 1 and data.seq_len ({seq_len}), got {stride}.")
     context = seq_len - stride
-    if start is not None and start < context:
-        raise UserError(f"data.eval_start = {start} leaves less context than seq_len − eval_stride = {context} "
-                        f"tokens before the first scored target; set data.eval_start to at least {context} or "
-                        f"raise data.eval_stride.")
+    check_eval_start(start, context)
     first = context if start is None else start
     end = n - 1
     if start is not None and start >= end:
