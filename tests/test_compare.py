@@ -21,6 +21,7 @@ from polyattn.bench.compare import (
 )
 from polyattn.cli import main
 from polyattn.errors import UserError
+from polyattn.train.loop import build_model
 
 TINY = ["model.embed_dim=32", "model.depth=1", "model.num_heads=2", "model.patch_size=4", "data.image_size=8",
         "data.crop_padding=1", "train.batch_size=64", "train.log_every=5"]
@@ -66,6 +67,42 @@ def test_a_calibration_from_another_machine_is_never_used(tmp_path, cache_dir):
     assert result["steps"] == max(1, int(0.5 * entry["best"] / 64))
 
 
+def test_a_suite_of_steps_trains_every_row_for_them_without_calibration(tmp_path, cache_dir):
+    suite, results = tiny_suite(), tmp_path / "results"
+    suite.budget_s, suite.steps = None, 3
+    suite.columns = [["top-1 (%)", "summary.test.top1", ".1f", 100], ["img/s", "summary.train_samples_per_s", ".0f"]]
+    for row in suite.rows:
+        result = run_row(suite, row, results, tmp_path / "runs")
+        assert result["steps"] == result["summary"]["steps"] == 3 and result["calibrated_throughput"] is None
+        assert [step for step, _ in result["train_loss"]] == [3]  # log_every=5: the last step is logged
+    assert not (results / "calibration.json").exists()
+    with pytest.raises(UserError, match=r"trains every row for 3 steps.*nothing to calibrate"):
+        calibrate(suite, suite.rows[0], results)
+    from polyattn.bench.compare import loss_plot, speed_column, table_plot
+
+    assert speed_column(suite) == suite.columns[1]
+    pytest.importorskip("matplotlib")
+    assert table_plot(suite, results) == results / "table.png" and (results / "table.png").is_file()
+    assert loss_plot(suite, results) == results / "train_loss.png" and (results / "train_loss.png").is_file()
+
+
+@pytest.mark.parametrize("keys, message", [
+    ({}, "exactly one of budget_s"),
+    ({"budget_s": 60, "steps": 10}, "exactly one of budget_s"),
+    ({"steps": 0}, "steps must be a positive whole number"),
+    ({"steps": 2.5}, "steps must be a positive whole number"),
+])
+def test_a_suite_needs_one_budget(tmp_path, monkeypatch, keys, message):
+    from polyattn.bench import compare
+
+    (tmp_path / "compare").mkdir()
+    (tmp_path / "compare" / "s.yaml").write_text(json.dumps(
+        {"title": "S", "recipe": "default", "rows": [{"name": "a"}], "columns": [], **keys}))
+    monkeypatch.setattr(compare, "RECIPE_DIRS", [tmp_path])
+    with pytest.raises(UserError, match=message):
+        load_suite("s")
+
+
 def test_lookup_and_suite_files():
     assert lookup({"a": {"b": 2}}, "a.b") == 2 and lookup({"a": {}}, "a.b") is None
     for name in ("vision", "vision_mixers", "lm", "lm_mixers", "lm_long", "vision_fine"):
@@ -73,6 +110,10 @@ def test_lookup_and_suite_files():
         assert suite.budget_s == 600 and len({r.name for r in suite.rows}) == len(suite.rows)
         for row in suite.rows:  # every row is a valid configuration
             row_config(suite, row)
+    gap = load_suite("lm_gap")
+    assert gap.steps == 300 and gap.budget_s is None
+    for row in gap.rows:  # every knob row builds its model
+        build_model(row_config(gap, row), {})
     with pytest.raises(UserError, match="no comparison suite 'nope'"):
         load_suite("nope")
 

@@ -25,7 +25,9 @@ def _one_per_class(names):
 OPTIONS = {"llama_lm_nano+s2": ("llama_lm_nano", dict(s2_group_size=6, s2_at_inference=True)),
            # every kernelized linear attention as the token mixer of the LightNet LM body (issue #17 §2)
            **{f"lightnet_lm_nano+{k}": ("lightnet_lm_nano", dict(mixer=k))
-              for k in ("linear_elu", "linear_relu", "performer", "cosformer", "hedgehog")}}
+              for k in ("linear_elu", "linear_relu", "performer", "cosformer", "hedgehog")},
+           # LightNet's output gate after the per-head norm, at full rank (issue #18's knob sweep)
+           "lightnet_lm_nano+gate": ("lightnet_lm_nano", dict(gate_position="post", gate_low_rank_dim=32))}
 LMS = _one_per_class(polyattn.list_models("causal_lm")) + sorted(OPTIONS)
 V = 61  # a vocabulary size that is not a power of two
 

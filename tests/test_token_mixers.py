@@ -171,3 +171,15 @@ def test_arguments_of_the_layer_that_cannot_apply_are_refused():
         LightNetAttention(D, H, causal=False, kernel_backend="fla")
     with pytest.raises(UserError, match="not a token mixer"):
         mixer_class(torch.nn.Linear)
+
+
+def test_the_lightnet_lm_passes_its_gate_options_to_lna_and_refuses_them_for_another_mixer():
+    from polyattn.models.lightnet_lm import LightNetLM
+
+    model = LightNetLM(vocab_size=11, dim=D, depth=1, num_heads=H, gate_low_rank_dim=3, gate_position="post")
+    attn = model.blocks[0].attn
+    assert attn.gate_position == "post" and attn.g_proj[0].out_features == 3
+    assert LightNetLM(vocab_size=11, dim=D, depth=1, num_heads=H).blocks[0].attn.g_proj[0].out_features == D // H
+    with pytest.raises(UserError, match="gate_low_rank_dim and gate_position belong to the LightNet mixer"):
+        LightNetLM(vocab_size=11, dim=D, depth=1, num_heads=H, mixer="linear_elu", gate_low_rank_dim=3,
+                   gate_position="post")

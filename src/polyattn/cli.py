@@ -504,7 +504,8 @@ BENCH_SUITES = {"mixers": "time and peak memory of token mixers against sequence
                 "peers": "polyattn's training step against x-transformers and perceiver-ar-pytorch at the same shapes",
                 "dtypes": "the ops' internal dtype choices (bfloat16 or float32 products), measured both ways here",
                 "decode": "per-token decoding latency against context length: KV cache, LightNet state, PerceiverAR",
-                "compare": "train a comparison suite's models with one recipe and one time budget; rebuild its table",
+                "compare": "train a comparison suite's models with one recipe and one time budget (or one step "
+                           "count); rebuild its table",
                 "reversible": "training memory against depth and step time, standard against reversible blocks",
                 "adaptive": "early exit and Mixture-of-Depths: quality against blocks per input, with wall time"}
 

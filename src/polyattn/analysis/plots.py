@@ -106,19 +106,21 @@ def rank_figure(ranks: Sequence[int], num_tokens: int, path: Path, *, title: str
 
 
 def line_panels(lines: Mapping[str, Sequence[Sequence[tuple[float, float]]]], path: Path, *, x_label: str,
-                y_labels: Sequence[str], title: str) -> None:
-    """One panel per y label, side by side, sharing a log-2 x axis: every entry of `lines` is one labelled line
-    with a list of `(x, y)` points per panel (points are drawn sorted by x; a line without points in a panel is
-    left out of it, keeping its colour in the others)."""
+                y_labels: Sequence[str], title: str, log_x: bool = True, markers: bool = True) -> None:
+    """One panel per y label, side by side, sharing an x axis (log-2 unless `log_x` is False): every entry of
+    `lines` is one labelled line with a list of `(x, y)` points per panel (points are drawn sorted by x, with a
+    marker each unless `markers` is False; a line without points in a panel is left out of it, keeping its colour
+    in the others)."""
     plt = pyplot()
     fig, axes = plt.subplots(1, len(y_labels), figsize=(5.2 * len(y_labels) + 2.2, 4.2), squeeze=False)
     for i, (label, panels) in enumerate(lines.items()):
         for ax, points in zip(axes[0], panels, strict=False):
             if points:
                 xs, ys = zip(*sorted(points), strict=True)
-                ax.plot(xs, ys, marker="o", color=f"C{i % 10}", label=label)
+                ax.plot(xs, ys, marker="o" if markers else None, color=f"C{i % 10}", label=label)
     for ax, y_label in zip(axes[0], y_labels, strict=True):
-        ax.set_xscale("log", base=2)
+        if log_x:
+            ax.set_xscale("log", base=2)
         ax.set_xlabel(x_label)
         ax.set_ylabel(y_label)
         ax.grid(alpha=0.3)

@@ -65,7 +65,8 @@ class Suite:
     name: str
     title: str
     recipe: str
-    budget_s: float
+    budget_s: float | None
+    """The wall-clock budget of every row, turned into a step count by calibration; None in a suite of `steps`."""
     overrides: list[str]
     rows: list[Row]
     columns: list[list[str]]
@@ -78,6 +79,9 @@ class Suite:
     measure_args: dict[str, Any] = field(default_factory=dict)
     x_label: str = "x"
     """The axis of the rows' `x` in `curves.png` (e.g. "window (tokens)")."""
+    steps: int | None = None
+    """A step-for-step suite: every row trains exactly this many optimizer steps, whatever its speed (no
+    calibration; its throughput is the one its run measured); `budget_s` is then None."""
 
     def row(self, name: str) -> Row:
         return next(r for r in self.rows if r.name == name)
@@ -97,10 +101,17 @@ def load_suite(name: str) -> Suite:
     rows = [Row(r["name"], r.get("label", r["name"]), list(r.get("overrides", [])), r.get("group"), r.get("x"),
                 r.get("evaluates")) for r in raw["rows"]]
     check_rows(name, rows)
-    return Suite(name=name, title=raw["title"], recipe=raw["recipe"], budget_s=float(raw["budget_s"]),
+    if ("budget_s" in raw) == ("steps" in raw):
+        raise UserError(f"Suite '{name}' needs exactly one of budget_s (a wall-clock budget per row) and steps (the "
+                        f"same number of optimizer steps for every row).")
+    steps = raw.get("steps")
+    if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
+        raise UserError(f"Suite '{name}': steps must be a positive whole number of optimizer steps, got {steps!r}.")
+    return Suite(name=name, title=raw["title"], recipe=raw["recipe"],
+                 budget_s=None if steps is not None else float(raw["budget_s"]),
                  overrides=list(raw.get("overrides", [])), rows=rows, columns=raw["columns"],
                  calibration_steps=int(raw.get("calibration_steps", 30)), measure=raw.get("measure"),
-                 measure_args=dict(raw.get("measure_args", {})), x_label=str(raw.get("x_label", "x")))
+                 measure_args=dict(raw.get("measure_args", {})), x_label=str(raw.get("x_label", "x")), steps=steps)
 
 
 def check_rows(suite: str, rows: list[Row]) -> None:
@@ -147,6 +158,9 @@ def calibrate(suite: Suite, row: Row, results: Path) -> dict[str, Any]:
     measurement (on any machine)."""
     from ..train.loop import train
 
+    if suite.steps is not None:
+        raise UserError(f"Suite '{suite.name}' trains every row for {suite.steps} steps, not for a time budget; it "
+                        f"has nothing to calibrate.")
     path = results / CALIBRATION
     record = json.loads(path.read_text()) if path.is_file() else {}
     warmup = 5  # first steps pay one-off costs (allocator growth, first calls); they are not timed
@@ -178,31 +192,44 @@ def run_row(suite: Suite, row: Row, results: Path, runs: Path, *, extra_measures
     training run only (two rows can then train side by side); the budget is the calibrated one either way."""
     from ..train.loop import train
 
-    calibration = results / CALIBRATION
-    record = json.loads(calibration.read_text()) if calibration.is_file() else {}
-    throughput = None if row.name not in record else best_here(record[row.name])
-    if throughput is None:
-        entry = calibrate(suite, row, results)
-        throughput = entry["best"]
+    if suite.steps is not None:
+        steps, throughput = suite.steps, None
+        budget = f"the suite's {steps} steps"
     else:
-        entry = record[row.name]
-    steps = max(1, math.floor(suite.budget_s * throughput / entry["per_step"]))
+        calibration = results / CALIBRATION
+        record = json.loads(calibration.read_text()) if calibration.is_file() else {}
+        throughput = None if row.name not in record else best_here(record[row.name])
+        if throughput is None:
+            entry = calibrate(suite, row, results)
+            throughput = entry["best"]
+        else:
+            entry = record[row.name]
+        steps = max(1, math.floor(suite.budget_s * throughput / entry["per_step"]))
+        budget = f"{steps} steps ({suite.budget_s:.0f} s at {throughput:.1f}/s)"
     run_dir = runs / suite.name / row.name
     if run_dir.exists():
         shutil.rmtree(run_dir)  # a row is retrained from scratch: an interrupted earlier attempt is discarded
     config = row_config(suite, row, f"train.steps={steps}", f"train.out_dir={runs / suite.name}",
                         f"train.run_name={row.name}", *([f"train.threads={threads}"] if threads else []))
-    print(f"{suite.name}/{row.name}: {steps} steps ({suite.budget_s:.0f} s at {throughput:.1f}/s)")
+    print(f"{suite.name}/{row.name}: {budget}")
     summary = train(config)
     result = {"suite": suite.name, "row": row.name, "label": row.label, "recipe": suite.recipe,
               "overrides": [*suite.overrides, *row.overrides], "budget_s": suite.budget_s,
               "calibrated_throughput": throughput, "steps": steps, "summary": summary,
-              "config": config.to_dict(), "run_dir": str(run_dir), **bench_header(torch.device("cpu"))}
+              "train_loss": train_loss_curve(run_dir), "config": config.to_dict(), "run_dir": str(run_dir),
+              **bench_header(torch.device("cpu"))}
     if extra_measures is not None:
         result.update(extra_measures(run_dir))
     results.mkdir(parents=True, exist_ok=True)
     atomic_write_text(results / f"{row.name}.json", json.dumps(result, indent=2) + "\n")
     return result
+
+
+def train_loss_curve(run_dir: Path) -> list[list[float]]:
+    """`[step, training loss]` of every logged training window of a run (kept in its result, so the suite's
+    `steps.png` can be drawn without the run directory)."""
+    return [[r["step"], round(r["loss"], 5)] for r in read_metrics(run_dir)
+            if r["kind"] == "train" and isinstance(r.get("loss"), (int, float)) and math.isfinite(r["loss"])]
 
 
 def remeasure(suite: Suite, row: Row, results: Path) -> None:
@@ -303,6 +330,13 @@ def _scaled(value: float, column: list) -> float:
     return value * column[3] if len(column) > 3 else value
 
 
+def speed_column(suite: Suite) -> list | None:
+    """The table column holding the rows' training throughput: the calibrated one of a suite with a time budget,
+    the one its runs measured (`summary.train_..._per_s`) in a suite of `steps`; None when the table has neither."""
+    return next((c for c in suite.columns if c[1] == "calibrated_throughput"
+                 or (c[1].startswith("summary.train_") and c[1].endswith("_per_s"))), None)
+
+
 def table_plot(suite: Suite, results: Path) -> Path | None:
     """`table.png` beside `table.md`: each finished row as a labelled point of the table's first column (its
     quality measure) against its training throughput; None when matplotlib is missing or no row has both."""
@@ -313,7 +347,7 @@ def table_plot(suite: Suite, results: Path) -> Path | None:
     except UserError:
         return None
     quality = suite.columns[0]
-    speed = next((c for c in suite.columns if c[1] == "calibrated_throughput"), None)
+    speed = speed_column(suite)
     points = []
     for row in suite.rows:
         path = results / f"{row.name}.json"
@@ -348,7 +382,7 @@ def curves_plot(suite: Suite, results: Path) -> Path | None:
     if not grouped:
         return None
     quality = suite.columns[0]
-    speed = next((c for c in suite.columns if c[1] == "calibrated_throughput"), None)
+    speed = speed_column(suite)
     lines: dict[str, list[list[tuple[float, float]]]] = {}
     for row in grouped:
         path = results / f"{row.name}.json"
@@ -370,6 +404,27 @@ def curves_plot(suite: Suite, results: Path) -> Path | None:
     except UserError:  # matplotlib missing: the table is still written
         return None
     return results / "curves.png"
+
+
+def loss_plot(suite: Suite, results: Path) -> Path | None:
+    """`train_loss.png`: every finished row's training loss against the optimizer step (the step-for-step view:
+    learning speed apart from throughput); None when no result holds a loss curve or matplotlib is missing."""
+    from ..analysis.plots import line_panels
+
+    lines = {}
+    for row in suite.rows:
+        path = results / f"{row.name}.json"
+        curve = json.loads(path.read_text()).get("train_loss") if path.is_file() and row.evaluates is None else None
+        if curve:
+            lines[row.label] = [[(step, loss) for step, loss in curve]]
+    if not lines:
+        return None
+    try:
+        line_panels(lines, results / "train_loss.png", x_label="optimizer step", y_labels=["training loss"],
+                    title=suite.title, log_x=False, markers=False)
+    except UserError:  # matplotlib missing: the table is still written
+        return None
+    return results / "train_loss.png"
 
 
 def fill_markdown_block(path: Path, suite: str, text: str) -> None:
@@ -443,6 +498,7 @@ def run(args) -> int:
         atomic_write_text(results / "table.md", text)
         table_plot(suite, results)
         curves_plot(suite, results)
+        loss_plot(suite, results)
         if args.readme:
             fill_markdown_block(args.readme, suite.name, text)
     print(text)

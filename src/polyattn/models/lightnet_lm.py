@@ -43,6 +43,7 @@ from torch import nn
 
 from ..errors import parse_enum
 from ..layers.lightnet import (
+    GatePosition,
     LightNetAttention,
     LightNetBlock,
     LightNetCache,
@@ -86,21 +87,25 @@ class LightNetText(nn.Module):
                  lrpe: Lrpe | str | None, tpe: bool, tpe_residual: bool, scale: float | None,
                  normalizer_init: NormalizerInit | str, chunk_size: int, norm_eps: float, tie_embeddings: bool,
                  init: MixerInit | str, *, causal: bool, kernel_backend: str = "torch",
-                 mixer: MixerKind | str | type[nn.Module] = MixerKind.LIGHTNET, reversible: bool = False):
+                 mixer: MixerKind | str | type[nn.Module] = MixerKind.LIGHTNET, reversible: bool = False,
+                 gate_low_rank_dim: int | None = None, gate_position: GatePosition | str = GatePosition.PRE):
         super().__init__()
         self.reversible = reversible
         mixer = mixer if isinstance(mixer, type) else parse_enum(MixerKind, mixer, "mixer")
         cls = mixer_class(mixer)
         if cls is LightNetAttention:
             options = dict(lrpe=lrpe, scale=scale, normalizer_init=normalizer_init, chunk_size=chunk_size, init=init,
-                           kernel_backend=kernel_backend)
+                           kernel_backend=kernel_backend, gate_low_rank_dim=gate_low_rank_dim,
+                           gate_position=gate_position)
         else:
             name = type(self).__name__
             refuse_changed(name, mixer, "LightNet", lrpe=(parse_lrpe(lrpe), Lrpe.COSINE), scale=(scale, 1.0),
                            normalizer_init=(parse_enum(NormalizerInit, normalizer_init, "normalizer_init"),
                                             NormalizerInit.EMPTY),
                            init=(parse_enum(MixerInit, init, "init"), MixerInit.DEFAULT),
-                           kernel_backend=(kernel_backend, "torch"))
+                           kernel_backend=(kernel_backend, "torch"), gate_low_rank_dim=(gate_low_rank_dim, None),
+                           gate_position=(parse_enum(GatePosition, gate_position, "gate_position"),
+                                          GatePosition.PRE))
             takes_chunks = "chunk_size" in mixer_options(cls)
             if not takes_chunks:
                 refuse_changed(name, mixer, "chunked", chunk_size=(chunk_size, 64))
@@ -154,6 +159,9 @@ class LightNetLM(CausalLMMixin, LightNetText):
         norm_eps (float): RMSNorm epsilon. Default: 1e-6.
         tie_embeddings (bool): output head shares the embedding matrix. Default: False.
         init (str): "default" (trunc-normal 0.02) or "author" (Xavier gain 0.01, zero `o_proj`) for the mixers.
+        gate_low_rank_dim (int, Optional): rank of LNA's low-rank output gate; None = the head dim (the author's
+            later code; the earlier used H). Default: None.
+        gate_position (str): "pre" (`norm(o ⊙ σ(u))`, the author's) or "post" (`norm(o) ⊙ σ(u)`). Default: "pre".
         kernel_backend (str): kernel of the causal chunked core: "torch" (default, the reference) or "fla"
             (flash-linear-attention's GLA kernel, CUDA only; see polyattn.ops.gla_backends).
         mixer (MixerKind | str | type): the token mixer; "lightnet" (default) or another causal one, e.g. a
@@ -168,10 +176,12 @@ class LightNetLM(CausalLMMixin, LightNetText):
                  normalizer_init: NormalizerInit | str = "empty",
                  chunk_size: int = 64, norm_eps: float = 1e-6, tie_embeddings: bool = False,
                  init: MixerInit | str = "default", kernel_backend: str = "torch",
-                 mixer: MixerKind | str | type[nn.Module] = "lightnet", reversible: bool = False):
+                 mixer: MixerKind | str | type[nn.Module] = "lightnet", reversible: bool = False,
+                 gate_low_rank_dim: int | None = None, gate_position: GatePosition | str = "pre"):
         super().__init__(vocab_size, dim, depth, num_heads, mlp_hidden_dim, lrpe, tpe, tpe_residual, scale,
                          normalizer_init, chunk_size, norm_eps, tie_embeddings, init, causal=True,
-                         kernel_backend=kernel_backend, mixer=mixer, reversible=reversible)
+                         kernel_backend=kernel_backend, mixer=mixer, reversible=reversible,
+                         gate_low_rank_dim=gate_low_rank_dim, gate_position=gate_position)
 
 
     def forward_cached(self, tokens: torch.Tensor, cache: LightNetLMCache | None = None, *,
