@@ -16,6 +16,7 @@ from polyattn.bench.compare import (
     lookup,
     rescore,
     row_config,
+    row_device,
     run_row,
     table,
 )
@@ -56,6 +57,7 @@ def test_a_calibration_from_another_machine_is_never_used(tmp_path, cache_dir):
     suite, results = tiny_suite(), tmp_path / "results"
     row = suite.rows[0]
     elsewhere = {"device_name": "another CPU (AVX2)", "threads": 2, "value": 1.0e6}
+    assert row_device(suite, row) == torch.device("cpu")  # the recipe's auto on a machine without CUDA
     results.mkdir()
     (results / "calibration.json").write_text(json.dumps(
         {row.name: {"unit": "samples", "per_step": 64, "best": 1.0e6, "measurements": [elsewhere]}}))

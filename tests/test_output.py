@@ -81,3 +81,18 @@ def test_comparison_suites_plot_their_table(tmp_path):
         (tmp_path / f"{name}.json").write_text(json.dumps({"summary": {"test": {"top1": top1}},
                                                            "calibrated_throughput": speed}))
     assert table_plot(suite, tmp_path) == tmp_path / "table.png" and (tmp_path / "table.png").stat().st_size > 1000
+
+
+def test_a_benchmark_without_matplotlib_still_writes_its_table_and_json(tmp_path, capsys):
+    from polyattn.bench.common import write_results
+    from polyattn.errors import UserError
+
+    def no_matplotlib(path):
+        raise UserError("Drawing figures needs matplotlib, which is not installed; install it with pip install "
+                        "'polyattn[log]'.")
+
+    write_results(tmp_path, "suite", {"a": 1}, "| a |", no_matplotlib)
+    out = capsys.readouterr().out
+    assert json.loads((tmp_path / "suite.json").read_text()) == {"a": 1}
+    assert (tmp_path / "suite.md").read_text() == "| a |\n" and not (tmp_path / "suite.png").exists()
+    assert "no plot: Drawing figures needs matplotlib" in out and "suite.png" not in out

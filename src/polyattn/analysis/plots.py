@@ -1,5 +1,6 @@
 """PNG figures of `polyattn inspect`: reliability diagram, attention maps over the patch grid, ranks per layer;
-and the lines of a comparison suite whose rows vary a length (`polyattn bench compare`'s `curves.png`).
+and the lines of a comparison suite whose rows vary a length (`polyattn bench compare`'s `curves.png`). `pyplot`
+is how every figure of polyattn (the benchmarks' too) gets matplotlib.
 
 matplotlib (the `log` extra) is imported on first use, with the Agg backend (no display needed). Every figure
 is written atomically.
@@ -24,7 +25,7 @@ def pyplot():
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError as err:
-        raise UserError("Inspecting a run draws figures with matplotlib; install it with pip install "
+        raise UserError("Drawing figures needs matplotlib, which is not installed; install it with pip install "
                         "'polyattn[log]'.") from err
     return plt
 

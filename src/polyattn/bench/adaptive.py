@@ -20,12 +20,12 @@ from pathlib import Path
 
 import torch
 
+from ..analysis.plots import pyplot
 from ..errors import UserError
 from .common import (
     add_machine_arguments,
     bench_header,
     median,
-    pyplot,
     save_figure,
     time_call,
     use_machine,

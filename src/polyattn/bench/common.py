@@ -11,6 +11,8 @@ from pathlib import Path
 
 import torch
 
+from ..errors import UserError
+from ..files import atomic_write_text
 from ..hardware import environment, resolve_device
 
 
@@ -103,28 +105,18 @@ class SavedTensorBytes:
         self._seen.clear()  # keeps only the count: no reference to freed storages' addresses beyond this call
 
 
-def pyplot():
-    """matplotlib.pyplot on the Agg backend (matplotlib is an optional extra, imported when a plot is drawn)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def save_figure(fig, path: Path, title: str) -> None:
     """A suite's figure under its `title` (small, above the axes), laid out, written as a PNG and closed."""
+    from ..analysis.plots import _save
+
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    pyplot().close(fig)
+    _save(fig, path)
 
 
 def write_json(path: Path, obj: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(obj, indent=2))
+    atomic_write_text(path, json.dumps(obj, indent=2))
 
 
 def write_results(out: Path | str, name: str, record: dict, table: str,
@@ -136,8 +128,11 @@ def write_results(out: Path | str, name: str, record: dict, table: str,
     out = Path(out)
     paths = [out / f"{name}.json", out / f"{name}.md"]
     write_json(paths[0], record)
-    paths[1].write_text(table + "\n")
+    atomic_write_text(paths[1], table + "\n")
     if plot is not None:
-        paths.append(out / f"{name}.png")
-        plot(paths[2])
+        try:
+            plot(out / f"{name}.png")
+            paths.append(out / f"{name}.png")
+        except UserError as err:  # matplotlib missing: the table and the JSON are what the suite measured
+            print(f"no plot: {err}")
     print("wrote " + ", ".join(str(path) for path in paths))

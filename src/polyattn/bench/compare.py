@@ -39,7 +39,7 @@ import torch
 
 from ..errors import UserError
 from ..files import atomic_write_text
-from ..hardware import PRECISIONS, environment
+from ..hardware import PRECISIONS, environment, resolve_device
 from ..train.config import RECIPE_DIRS, build_config, load_yaml
 from ..train.run_log import read_metrics
 from .common import bench_header, median
@@ -143,10 +143,17 @@ def _throughput_key(summary: dict[str, Any]) -> str:
     return next(k for k in summary if k.startswith("train_") and k.endswith("_per_s"))
 
 
-def best_here(entry: dict[str, Any]) -> float | None:
-    """The best throughput of a row's calibration entry measured on this machine (same CPU or GPU name, ISA
-    level and thread count), or None: a step budget is only fair when it was measured where the row trains."""
-    here = environment(torch.device("cpu"))
+def row_device(suite: Suite, row: Row) -> torch.device:
+    """The device the row trains on (its config's `train.device`, e.g. from `--device`), whose name and thread
+    count its calibration and result record."""
+    return resolve_device(row_config(suite, row).train.device)
+
+
+def best_here(entry: dict[str, Any], device: torch.device | None = None) -> float | None:
+    """The best throughput of a row's calibration entry measured on this machine's `device` (same CPU or GPU name,
+    ISA level and thread count; the CPU when `device` is None), or None: a step budget is only fair when it was
+    measured where the row trains."""
+    here = environment(device or torch.device("cpu"))
     values = [m["value"] for m in entry.get("measurements", [])
               if all(m.get(key) == here[key] for key in ("device_name", "threads"))]
     return max(values) if values else None
@@ -178,8 +185,9 @@ def calibrate(suite: Suite, row: Row, results: Path) -> dict[str, Any]:
     value = per_step / median(step_times)
     entry = record.setdefault(row.name, {"unit": key[6:-6], "measurements": []})
     entry["per_step"] = round(per_step)
-    entry["measurements"].append({**bench_header(torch.device("cpu")), "value": value})
-    entry["best"] = best_here(entry)
+    device = row_device(suite, row)
+    entry["measurements"].append({**bench_header(device), "value": value})
+    entry["best"] = best_here(entry, device)
     results.mkdir(parents=True, exist_ok=True)
     atomic_write_text(path, json.dumps(record, indent=2) + "\n")
     print(f"calibration {suite.name}/{row.name}: {value:.1f} {entry['unit']}/s (best {entry['best']:.1f})")
@@ -198,7 +206,7 @@ def run_row(suite: Suite, row: Row, results: Path, runs: Path, *, extra_measures
     else:
         calibration = results / CALIBRATION
         record = json.loads(calibration.read_text()) if calibration.is_file() else {}
-        throughput = None if row.name not in record else best_here(record[row.name])
+        throughput = None if row.name not in record else best_here(record[row.name], row_device(suite, row))
         if throughput is None:
             entry = calibrate(suite, row, results)
             throughput = entry["best"]
@@ -217,7 +225,7 @@ def run_row(suite: Suite, row: Row, results: Path, runs: Path, *, extra_measures
               "overrides": [*suite.overrides, *row.overrides], "budget_s": suite.budget_s,
               "calibrated_throughput": throughput, "steps": steps, "summary": summary,
               "train_loss": train_loss_curve(run_dir), "config": config.to_dict(), "run_dir": str(run_dir),
-              **bench_header(torch.device("cpu"))}
+              **bench_header(row_device(suite, row))}
     if extra_measures is not None:
         result.update(extra_measures(run_dir))
     results.mkdir(parents=True, exist_ok=True)

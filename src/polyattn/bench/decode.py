@@ -21,12 +21,12 @@ from pathlib import Path
 
 import torch
 
+from ..analysis.plots import pyplot
 from ..hardware import PRECISIONS, autocast_for, resolve_precision
 from .common import (
     add_machine_arguments,
     bench_header,
     median,
-    pyplot,
     save_figure,
     synchronize,
     use_machine,

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from ..analysis.plots import pyplot
 from ..hardware import native_bf16
 from ..ops.decay_scan import multi_scan_decay_attn
 from ..ops.lightnet import lightnet_attn
@@ -30,7 +31,6 @@ from .common import (
     add_machine_arguments,
     bench_header,
     median,
-    pyplot,
     save_figure,
     synchronize,
     time_call,

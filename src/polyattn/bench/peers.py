@@ -28,12 +28,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..analysis.plots import pyplot
 from ..hardware import PRECISIONS, Precision
 from .common import (
     add_machine_arguments,
     bench_header,
     median,
-    pyplot,
     save_figure,
     synchronize,
     use_machine,

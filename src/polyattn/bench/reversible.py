@@ -16,12 +16,12 @@ from pathlib import Path
 
 import torch
 
+from ..analysis.plots import pyplot
 from .common import (
     SavedTensorBytes,
     add_machine_arguments,
     bench_header,
     median,
-    pyplot,
     save_figure,
     synchronize,
     time_call,

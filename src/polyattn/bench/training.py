@@ -22,13 +22,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..analysis.plots import pyplot
 from ..hardware import PRECISIONS, Precision, autocast_for, native_bf16, resolve_precision
 from ..ops.losses import cross_entropy
 from .common import (
     add_machine_arguments,
     bench_header,
     median,
-    pyplot,
     save_figure,
     synchronize,
     time_call,
