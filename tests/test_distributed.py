@@ -182,3 +182,15 @@ def test_fsdp_gives_the_same_run_and_its_checkpoints_reshard_to_any_number_of_pr
     _polyattn("--resume", str(whole), "train.max_steps=8", nproc=2)
     assert _close(_losses(whole), reference)
     assert _close(list(_test_metrics(whole).values()), list(_test_metrics(tmp_path / "ref").values()))
+
+
+def test_a_bad_key_under_nproc_is_one_sentence_before_any_process_starts(monkeypatch, capsys):
+    from polyattn.cli import main
+
+    launched = []
+    monkeypatch.setattr(subprocess, "call", lambda command, **_: launched.append(command) or 0)
+    assert main(["train", "--nproc", "2", "default", "train.nope=1"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("error:") == 1 and "train.nope" in err and not launched
+    assert main(["train", "--nproc", "2", "default", "train.max_steps=1"]) == 0 and len(launched) == 1
+    assert launched[0][-3:] == ["train", "default", "train.max_steps=1"]

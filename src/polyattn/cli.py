@@ -116,8 +116,6 @@ def _cmd_train(args) -> int:
     if args.list_recipes:
         print("\n".join(list_recipes()))
         return 0
-    if args.nproc is not None:
-        return _launch_torchrun(args.nproc, args.argv)
     if args.resume:
         recipe_like = [a for a in ([args.recipe] if args.recipe else []) if "=" not in a]
         if recipe_like:
@@ -125,12 +123,14 @@ def _cmd_train(args) -> int:
         overrides = ([args.recipe] if args.recipe else []) + args.overrides + _device_overrides(args)
         config = load_run_config(Path(args.resume))
         apply_overrides(config, overrides)
-        train(config, resume_dir=Path(args.resume), force=args.force)
-        return 0
-    recipe, overrides = args.recipe, list(args.overrides)
-    if recipe is not None and "=" in recipe:  # `polyattn train key=value` with the default recipe
-        recipe, overrides = None, [recipe, *overrides]
-    train(build_config(recipe, overrides + _device_overrides(args)))
+    else:
+        recipe, overrides = args.recipe, list(args.overrides)
+        if recipe is not None and "=" in recipe:  # `polyattn train key=value` with the default recipe
+            recipe, overrides = None, [recipe, *overrides]
+        config = build_config(recipe, overrides + _device_overrides(args))
+    if args.nproc is not None:  # the config was checked here, so a bad key is one sentence, not one per process
+        return _launch_torchrun(args.nproc, args.argv)
+    train(config, resume_dir=Path(args.resume) if args.resume else None, force=args.force)
     return 0
 
 
