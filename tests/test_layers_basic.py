@@ -107,3 +107,23 @@ def test_patch_embed_rejects_bad_sizes():
         PatchEmbed(img_size=30, patch_size=8)
     with pytest.raises(UserError, match="Expected images"):
         pe(torch.zeros(1, 1, 32, 32))
+
+
+def test_the_convolutional_stem_reaches_the_patch_grid_through_stride_2_convolutions():
+    pe = PatchEmbed(img_size=32, patch_size=4, in_chans=3, embed_dim=16, stem="conv")
+    convs = [m for m in pe.convs if isinstance(m, torch.nn.Conv2d)]
+    assert [(c.in_channels, c.out_channels, c.stride) for c in convs] == [(3, 8, (2, 2)), (8, 16, (2, 2))]
+    assert sum(isinstance(m, torch.nn.BatchNorm2d) for m in pe.convs) == 2 and pe.proj.kernel_size == (1, 1)
+    x = torch.randn(2, 3, 32, 32)
+    assert pe(x).shape == (2, 64, 16) and pe.grid_size == (8, 8)
+    assert pe.eval()(torch.randn(1, 3, 16, 24)).shape == (1, 4 * 6, 16)  # any size the patch divides
+    # a token sees only its own patch and the pixels around it: a change in one corner leaves far tokens alone
+    y = x.clone()
+    y[:, :, :4, :4] += 1.0
+    moved = (pe(y) - pe(x)).abs().amax(dim=(0, 2)).view(8, 8) > 0
+    assert moved[0, 0] and not moved[2:].any() and not moved[:, 2:].any()
+    for bad in (3, 6, (4, 2), 1):
+        with pytest.raises(UserError, match="power of two"):
+            PatchEmbed(img_size=48, patch_size=bad, stem="conv")
+    with pytest.raises(UserError, match="stem"):
+        PatchEmbed(img_size=32, patch_size=4, stem="convolution")

@@ -9,10 +9,10 @@ from polyattn.registry import get_entry
 CLASSIFIERS = polyattn.list_models("classification")
 
 
-def small_classifier(name: str, num_classes: int = 7):
-    """The variant at a test size: 32 px images, 2 blocks, its own width."""
+def small_classifier(name: str, num_classes: int = 7, **options):
+    """The variant at a test size: 32 px images, 2 blocks, its own width (and `options`)."""
     params = get_entry(name).parameters()
-    overrides = {"img_size": 32, "num_classes": num_classes}
+    overrides = {"img_size": 32, "num_classes": num_classes, **options}
     if "patch_size" in params:
         overrides["patch_size"] = 8
     if "depth" in params:
@@ -20,10 +20,15 @@ def small_classifier(name: str, num_classes: int = 7):
     return polyattn.create_model(name, **overrides)
 
 
-@pytest.mark.parametrize("name", CLASSIFIERS)
-def test_classifier_contract(name):
+# one model per class that takes a patch stem, run with the convolutional one (patch 8: three stride-2 convolutions)
+STEMMED = sorted({get_entry(n).cls: n for n in CLASSIFIERS if "stem" in get_entry(n).parameters()}.values())
+
+
+@pytest.mark.parametrize("name, options", [(n, {}) for n in CLASSIFIERS]
+                         + [(n, {"stem": "conv"}) for n in STEMMED])
+def test_classifier_contract(name, options):
     torch.manual_seed(0)
-    model = small_classifier(name)
+    model = small_classifier(name, **options)
     x = torch.randn(2, 3, 32, 32)
     logits = model(x)
     assert logits.shape == (2, 7) and torch.isfinite(logits).all()
@@ -43,9 +48,10 @@ def test_classifier_contract(name):
     assert sum(p.numel() for p in model.parameters()) > 0
 
 
-@pytest.mark.parametrize("name", CLASSIFIERS)
-def test_classifier_accepts_another_resolution(name):
-    model = small_classifier(name).eval()
+@pytest.mark.parametrize("name, options", [(n, {}) for n in CLASSIFIERS]
+                         + [(n, {"stem": "conv"}) for n in STEMMED])
+def test_classifier_accepts_another_resolution(name, options):
+    model = small_classifier(name, **options).eval()
     assert model(torch.randn(1, 3, 48, 48)).shape == (1, 7)
 
 

@@ -319,3 +319,20 @@ def test_activation_checkpointing_changes_memory_not_results(tmp_path, cache_dir
     x = torch.randn(2, 3, 8, 8, requires_grad=True)
     model(x).sum().backward()
     assert x.grad is not None and all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
+def test_weight_ema_averages_batch_norm_statistics_with_the_parameters():
+    from polyattn.train.ema import WeightEma, ema_decay_at
+
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))
+    ema = WeightEma(model, 0.9)
+    expected = None
+    for i in range(4):
+        model.train()(torch.randn(8, 3, 6, 6) * (i + 1))  # new running statistics
+        ema.update_parameters(model)
+        d = 0.0 if i == 0 else ema_decay_at(0.9, i)
+        current = model[1].running_var.clone()
+        expected = current if expected is None else d * expected + (1 - d) * current
+    torch.testing.assert_close(ema.module[1].running_var, expected)
+    assert ema.module[1].num_batches_tracked.item() == 4
+    assert not torch.equal(ema.module[1].running_var, torch.ones(4))

@@ -36,7 +36,7 @@ from .mixer_hooks import MixerCall, call_op, observe_mixer_ops
 from .mlp import GatedMlp, Mlp, llama_hidden_size
 from .mod import MixtureOfDepths, Routing, check_capacity
 from .norm import GroupRMSNorm, RMSNorm
-from .patch_embed import PatchEmbed, to_2tuple
+from .patch_embed import PatchEmbed, PatchStem, to_2tuple
 from .pos_embed import LearnedPosEmbed, resample_abs_pos_embed, sincos_pos_embed
 from .reversible import ReversibleFunction, reversible_blocks, run_blocks, run_blocks_cached
 from .rope import (
@@ -76,6 +76,7 @@ __all__ = [
     "MultiScanAttention",
     "NormalizerInit",
     "PatchEmbed",
+    "PatchStem",
     "RMSNorm",
     "ReversibleFunction",
     "Rotary",

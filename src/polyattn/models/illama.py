@@ -27,7 +27,7 @@ from ..layers.block import TransformerBlock
 from ..layers.init import init_linear
 from ..layers.mlp import GatedMlp, llama_hidden_size
 from ..layers.norm import RMSNorm
-from ..layers.patch_embed import PatchEmbed
+from ..layers.patch_embed import PatchEmbed, PatchStem
 from ..layers.pos_embed import resample_abs_pos_embed
 from ..layers.rope import Rotary, RotaryEmbedding
 from ..ops.attention import MaskMode
@@ -97,6 +97,9 @@ class ILLaMA(EarlyExitMixin, LinearHeadMixin, nn.Module):
             trained with the deep-supervision loss of all exits. Default: False.
         exit_threshold (float): in eval mode an input leaves at the first exit whose top softmax probability
             exceeds this (1.0 = never: the full model). Default: 1.0.
+        stem (str): "patch" (one strided convolution per patch, ViT's) or "conv" (the convolutional stem of Xiao
+            et al. 2021: 3x3 stride-2 convolutions with BatchNorm and ReLU; `polyattn.layers.PatchEmbed`).
+            Default: "patch".
     """
 
     GLOBAL_POOLS = ("token",)
@@ -121,6 +124,7 @@ class ILLaMA(EarlyExitMixin, LinearHeadMixin, nn.Module):
         reversible: bool = False,
         early_exit: bool = False,
         exit_threshold: float = 1.0,
+        stem: PatchStem | Literal["patch", "conv"] = "patch",
     ):
         super().__init__()
         self.reversible = reversible
@@ -136,7 +140,7 @@ class ILLaMA(EarlyExitMixin, LinearHeadMixin, nn.Module):
         self.head_dim = embed_dim // num_heads
         norm_layer = partial(RMSNorm, eps=1e-6)
 
-        self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim, bias=True)
+        self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim, bias=True, stem=stem)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         if pos_embed.learned:
             self.pos_embed = nn.Parameter(torch.zeros(1, self.patch_embed.num_patches + 1, embed_dim))

@@ -31,7 +31,7 @@ from ..layers.init import init_linear
 from ..layers.lightnet import LightNetAttention, LightNetBlock, Lrpe, MdTpe, MixerInit, parse_lrpe
 from ..layers.mixer import MixerKind, build_mixer, mixer_class, refuse_changed
 from ..layers.norm import RMSNorm
-from ..layers.patch_embed import PatchEmbed
+from ..layers.patch_embed import PatchEmbed, PatchStem
 from ..registry import register_model
 from .classifier import EarlyExitMixin, LinearHeadMixin
 
@@ -69,6 +69,9 @@ class TokenMixerViT(EarlyExitMixin, LinearHeadMixin, nn.Module):
             trained with the deep-supervision loss of all exits. Default: False.
         exit_threshold (float): in eval mode an input leaves at the first exit whose top softmax probability
             exceeds this (1.0 = never: the full model). Default: 1.0.
+        stem (str): "patch" (one strided convolution per patch, ViT's) or "conv" (the convolutional stem of Xiao
+            et al. 2021: 3x3 stride-2 convolutions with BatchNorm and ReLU; `polyattn.layers.PatchEmbed`).
+            Default: "patch".
     """
 
     GLOBAL_POOLS = ("avg",)
@@ -94,6 +97,7 @@ class TokenMixerViT(EarlyExitMixin, LinearHeadMixin, nn.Module):
         reversible: bool = False,
         early_exit: bool = False,
         exit_threshold: float = 1.0,
+        stem: PatchStem | Literal["patch", "conv"] = "patch",
     ):
         super().__init__()
         self.reversible = reversible
@@ -103,7 +107,7 @@ class TokenMixerViT(EarlyExitMixin, LinearHeadMixin, nn.Module):
         self.num_features = self.embed_dim = embed_dim
         self.num_prefix_tokens = 0  # mean-pool head: no class token
 
-        self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim)
+        self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim, stem=stem)
         grid = self.patch_embed.grid_size
         causal_tpe = tpe_direction is TpeDirection.CAUSAL
         self.tpe = (MdTpe(embed_dim, num_heads, num_axes=2, causal=causal_tpe, residual=tpe_residual)
@@ -169,8 +173,8 @@ class LightNetViT(TokenMixerViT):
 
     Args:
         img_size, patch_size, in_chans, num_classes, embed_dim, depth, num_heads, mlp_hidden_dim, use_tpe,
-            tpe_direction, tpe_residual, drop_rate, drop_path_rate, reversible, early_exit, exit_threshold: see
-            `TokenMixerViT`.
+            tpe_direction, tpe_residual, drop_rate, drop_path_rate, reversible, early_exit, exit_threshold, stem:
+            see `TokenMixerViT`.
         lrpe (str, Optional): "cosine" (d → 2d, the default), "rotary" or None (no relative positions).
         scale (float, Optional): output scale of the attention core; 1.0 (the author's) or None for d^-0.5.
         init (str): "default" (trunc-normal 0.02) or "author" (Xavier gain 0.01, zero output projections).
@@ -201,6 +205,7 @@ class LightNetViT(TokenMixerViT):
         reversible: bool = False,
         early_exit: bool = False,
         exit_threshold: float = 1.0,
+        stem: PatchStem | Literal["patch", "conv"] = "patch",
     ):
         mixer = mixer if isinstance(mixer, type) else parse_enum(MixerKind, mixer, "mixer")
         if mixer_class(mixer) is LightNetAttention:
@@ -216,7 +221,7 @@ class LightNetViT(TokenMixerViT):
             embed_dim=embed_dim, depth=depth, num_heads=num_heads, mlp_hidden_dim=mlp_hidden_dim, use_tpe=use_tpe,
             tpe_direction=tpe_direction, tpe_residual=tpe_residual, drop_rate=drop_rate,
             drop_path_rate=drop_path_rate, reversible=reversible, early_exit=early_exit,
-            exit_threshold=exit_threshold,
+            exit_threshold=exit_threshold, stem=stem,
         )
 
 
@@ -233,8 +238,8 @@ class MultiScanViT(TokenMixerViT):
 
     Args:
         img_size, patch_size, in_chans, num_classes, embed_dim, depth, num_heads, mlp_hidden_dim, use_tpe,
-            tpe_direction, tpe_residual, drop_rate, drop_path_rate, reversible, early_exit, exit_threshold: see
-            `TokenMixerViT`.
+            tpe_direction, tpe_residual, drop_rate, drop_path_rate, reversible, early_exit, exit_threshold, stem:
+            see `TokenMixerViT`.
         directions (int): 1, 2 or 4 scan orders. Default: 4.
         divide (bool): average the directions instead of summing (Vim's "div2"). Default: False.
         per_direction_decay (bool): a separate decay projection per direction. Default: False (shared).
@@ -265,6 +270,7 @@ class MultiScanViT(TokenMixerViT):
         reversible: bool = False,
         early_exit: bool = False,
         exit_threshold: float = 1.0,
+        stem: PatchStem | Literal["patch", "conv"] = "patch",
     ):
         if directions not in (1, 2, 4):
             raise ValueError(f"directions must be 1, 2 or 4, got {directions!r}")
@@ -276,7 +282,7 @@ class MultiScanViT(TokenMixerViT):
             embed_dim=embed_dim, depth=depth, num_heads=num_heads, mlp_hidden_dim=mlp_hidden_dim, use_tpe=use_tpe,
             tpe_direction=tpe_direction, tpe_residual=tpe_residual, drop_rate=drop_rate,
             drop_path_rate=drop_path_rate, reversible=reversible, early_exit=early_exit,
-            exit_threshold=exit_threshold,
+            exit_threshold=exit_threshold, stem=stem,
         )
 
 

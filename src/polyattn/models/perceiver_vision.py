@@ -17,6 +17,7 @@ the raw pixels: one cross-attention, patch tokens, the library's pre-norm blocks
 from __future__ import annotations
 
 from functools import partial
+from typing import Literal
 
 import torch
 from torch import nn
@@ -26,7 +27,7 @@ from ..layers.block import TransformerBlock
 from ..layers.cross_attention import CrossAttentionBlock, LinearCrossAttention
 from ..layers.init import init_linear
 from ..layers.mlp import Mlp
-from ..layers.patch_embed import PatchEmbed
+from ..layers.patch_embed import PatchEmbed, PatchStem
 from ..layers.pos_embed import sincos_pos_embed
 from ..registry import register_model
 from .classifier import LinearHeadMixin
@@ -50,6 +51,8 @@ class PerceiverVision(LinearHeadMixin, nn.Module):
         mlp_ratio (float): MLP width over `D`. Default: 4.0.
         drop_rate (float): dropout in the MLPs and before the head. Default: 0.0.
         drop_path_rate (float): stochastic depth of the last latent block (linear in depth). Default: 0.0.
+        stem (str): "patch" (one strided convolution per patch) or "conv" (the convolutional stem of Xiao et al.
+            2021; `polyattn.layers.PatchEmbed`). Default: "patch".
     """
 
     GLOBAL_POOLS = ("avg",)
@@ -57,7 +60,8 @@ class PerceiverVision(LinearHeadMixin, nn.Module):
     def __init__(self, img_size: int | tuple[int, int] = 32, patch_size: int | tuple[int, int] = 4,
                  in_chans: int = 3, num_classes: int = 10, embed_dim: int = 128, num_latents: int = 64,
                  depth: int = 6, num_heads: int = 4, cross_heads: int = 1, linear_cross_attention: bool = False,
-                 mlp_ratio: float = 4.0, drop_rate: float = 0.0, drop_path_rate: float = 0.0):
+                 mlp_ratio: float = 4.0, drop_rate: float = 0.0, drop_path_rate: float = 0.0,
+                 stem: PatchStem | Literal["patch", "conv"] = "patch"):
         super().__init__()
         if num_latents < 1:
             raise ValueError(f"num_latents must be at least 1, got {num_latents}")
@@ -66,7 +70,7 @@ class PerceiverVision(LinearHeadMixin, nn.Module):
         self.num_classes, self.global_pool = num_classes, "avg"
         self.num_features = self.embed_dim = embed_dim
         norm_layer = partial(nn.LayerNorm, eps=1e-6)
-        self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim)
+        self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim, stem=stem)
         self.latents = nn.Parameter(torch.zeros(1, num_latents, embed_dim))
         self.cross = CrossAttentionBlock(
             embed_dim, cross_heads, attn_layer=LinearCrossAttention if linear_cross_attention else Attention,

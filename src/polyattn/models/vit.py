@@ -19,7 +19,7 @@ from ..layers.attention import Attention
 from ..layers.block import TransformerBlock
 from ..layers.init import init_linear
 from ..layers.mlp import Mlp
-from ..layers.patch_embed import PatchEmbed
+from ..layers.patch_embed import PatchEmbed, PatchStem
 from ..layers.pos_embed import resample_abs_pos_embed, sincos_pos_embed
 from ..registry import register_model
 from .classifier import EarlyExitMixin, LinearHeadMixin
@@ -39,7 +39,8 @@ class VisionTransformer(EarlyExitMixin, LinearHeadMixin, nn.Module):
     position table is resampled (bicubic) to the new grid, in forward and when loading weights. `reversible=True`
     runs the blocks as a reversible stack (`polyattn.layers.reversible`). `early_exit=True` adds an exit after
     every block (`EarlyExitMixin`: one shared head, a LayerNorm per exit) and `exit_threshold` the confidence at
-    which an input leaves in eval mode (1.0 = never: the full model).
+    which an input leaves in eval mode (1.0 = never: the full model). `stem="conv"` reaches the patch grid through
+    a convolutional stem (Xiao et al. 2021; `polyattn.layers.PatchEmbed`) instead of one strided convolution.
     """
 
     GLOBAL_POOLS = ("token", "avg")
@@ -62,6 +63,7 @@ class VisionTransformer(EarlyExitMixin, LinearHeadMixin, nn.Module):
         reversible: bool = False,
         early_exit: bool = False,
         exit_threshold: float = 1.0,
+        stem: PatchStem | Literal["patch", "conv"] = "patch",
     ):
         super().__init__()
         self.reversible = reversible
@@ -73,7 +75,7 @@ class VisionTransformer(EarlyExitMixin, LinearHeadMixin, nn.Module):
         self.num_prefix_tokens = 1
         norm_layer = partial(nn.LayerNorm, eps=1e-6)
 
-        self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim)
+        self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim, stem=stem)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         num_tokens = self.num_prefix_tokens + self.patch_embed.num_patches
         if pos_embed is VitPosEmbed.LEARNED:

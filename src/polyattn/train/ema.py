@@ -2,8 +2,10 @@
 
 Built on `torch.optim.swa_utils.AveragedModel`. The decay warms up as `min(decay, (1 + n) / (10 + n))` after `n`
 updates, so a short run's average is not dominated by its random initialisation (the rule of TensorFlow's
-`ExponentialMovingAverage` with `num_updates`). Buffers are not averaged: the models here keep only constants
-in buffers (RoPE tables, masks).
+`ExponentialMovingAverage` with `num_updates`). Buffers are copied from the trained model at every update
+(`AveragedModel(use_buffers=False)`), since most hold constants (RoPE tables, masks, Performer's features),
+except the running statistics of BatchNorm (the convolutional patch stem): those are averaged with the same
+weight as the parameters, as timm's EMA does, so they describe the averaged weights' activations.
 """
 
 from __future__ import annotations
@@ -37,6 +39,23 @@ class WeightEma(AveragedModel):
         weight = 1.0 - ema_decay_at(self.decay, int(num_averaged))
         torch._foreach_lerp_(averaged, current, weight)
 
+    @torch.no_grad()
+    def update_parameters(self, model: nn.Module) -> None:
+        """Averages the parameters (and BatchNorm's running statistics) of `model` into the copy."""
+        first = self.num_updates == 0
+        weight = 1.0 - ema_decay_at(self.decay, self.num_updates)
+        norms = _batch_norms(self.module)
+        before = [(m.running_mean.clone(), m.running_var.clone()) for m in norms]
+        super().update_parameters(model)  # copies every buffer from `model`, the statistics included
+        if not first:
+            for m, (mean, var) in zip(norms, before, strict=True):
+                m.running_mean.copy_(mean.lerp_(m.running_mean, weight))
+                m.running_var.copy_(var.lerp_(m.running_var, weight))
+
     @property
     def num_updates(self) -> int:
         return int(self.n_averaged)
+
+
+def _batch_norms(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
+    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
