@@ -136,10 +136,16 @@ def test_pruned_run_directory_loads_with_its_new_shapes(tiny_lm_run, tmp_path, c
 
 def test_pruned_lightnet_fine_tunes_with_its_recipe_and_runs_everywhere(lightnet_run, tmp_path, capsys):
     out = tmp_path / "lightnet-pruned"
+    for bad, message in ((["train.lr=1e-4"], "there is no fine-tune"),
+                         (["--finetune-steps", "2", "model.depth=1"], "pruned model as it is"),
+                         (["--finetune-steps", "2", "train.steps=5"], "set by prune itself")):
+        assert main(["prune", str(lightnet_run), "--out", str(out), *bad]) == 2
+        assert message in capsys.readouterr().err and not out.exists()
     assert main(["prune", str(lightnet_run), "--heads", "0.5", "--mlp", "0.5", "--out", str(out),
-                 "--finetune-steps", "12"]) == 0
+                 "--finetune-steps", "12", "train.lr=5e-4"]) == 0
     tuned = tmp_path / "lightnet-pruned-ft12"
     pruned, finetuned = load_run(out), load_run(tuned)
+    assert finetuned.config.train.lr == 5e-4 and pruned.config.train.lr != 5e-4
     attn = finetuned.model.blocks[0].attn
     assert attn.num_heads == 2 and attn.lrpe_head_index == pruned.model.blocks[0].attn.lrpe_head_index
     assert finetuned.config.train.steps == 12 and finetuned.config.deploy == pruned.config.deploy

@@ -143,6 +143,8 @@ HOW: dict[str, Train | Run | Error | Help | Covered | Skip] = {
     "polyattn prune runs/lm --heads 0.25 --mlp 0.25 --finetune-steps 200":
         Covered("tests/test_deploy_prune.py::test_pruned_lightnet_fine_tunes_with_its_recipe_and_runs_everywhere"),
     "polyattn prune RUN_DIR --heads H --mlp M [--finetune-steps N]": SYNOPSIS,
+    "polyattn prune runs/lm --finetune-steps 200 train.lr=1e-4":
+        Covered("tests/test_deploy_prune.py::test_pruned_lightnet_fine_tunes_with_its_recipe_and_runs_everywhere"),
     # Deploy
     "polyattn export runs/lm --format onnx": Covered("tests/test_deploy_export.py::test_onnx_forward_matches_eager"),
     "polyattn export runs/lm --format pt2":

@@ -293,7 +293,7 @@ def _cmd_prune(args) -> int:
     from .deploy.prune import prune_run
 
     pruned, *tuned = prune_run(Path(args.run_dir), args.heads, args.mlp, out=args.out,
-                               finetune_steps=args.finetune_steps)
+                               finetune_steps=args.finetune_steps, finetune_overrides=args.overrides)
     print(f"wrote {pruned}: attention heads and MLP channels pruned ({args.heads:g}, {args.mlp:g} per layer)")
     for out in tuned:
         print(f"wrote {out}: the pruned model fine-tuned for {args.finetune_steps} steps with the run's recipe")
@@ -334,6 +334,8 @@ def _add_deploy_commands(sub) -> None:
     p.add_argument("--out", help="the new run directory (default: RUN_DIR-pruned beside the run)")
     p.add_argument("--finetune-steps", type=int, default=0, metavar="N", help="then train the pruned model N steps "
                    "with the run's own recipe, into OUT-ftN beside it (default: 0, no fine-tune)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="changes to the fine-tune's recipe (task.*, "
+                   "data.*, train.*), e.g. train.lr=1e-4")
     p.set_defaults(func=_cmd_prune)
 
 

@@ -1,9 +1,11 @@
-"""`polyattn prune RUN_DIR --heads 0.25 --mlp 0.25 [--finetune-steps N]`: structured pruning into a smaller run.
+"""`polyattn prune RUN_DIR --heads 0.25 --mlp 0.25 [--finetune-steps N [key=value ...]]`: structured pruning into a
+smaller run.
 
 Whole attention heads and MLP hidden channels are removed physically (the linear layers get fewer rows and
 columns), so the pruned model is smaller and faster, and its run directory records what was kept (`deploy:` in
 `config.yaml`), from which `load_run` builds the smaller shapes before loading the weights. `--finetune-steps N`
-then trains the pruned model for N steps with the run's own recipe (`finetune_pruned`).
+then trains the pruned model for N steps with the run's own recipe (`finetune_pruned`), changed by any key=value
+given after it (e.g. `train.lr=1e-4`: a fine-tune often wants a lower rate than training from scratch).
 
 Importance score: magnitude, per layer, of what the unit writes into the residual stream. Chosen over a Taylor
 score (|gradient · weight| over a few batches) because it needs no data and no backward pass, so the plan is a
@@ -49,7 +51,7 @@ from __future__ import annotations
 
 import copy
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import NamedTuple
 
@@ -247,9 +249,10 @@ def prune_model(model: nn.Module, plan: dict[str, dict[str, list[int]]],
 
 
 def prune_run(run_dir: Path | str, heads: float, mlp: float, out: Path | str | None = None, *,
-              finetune_steps: int = 0) -> list[Path]:
+              finetune_steps: int = 0, finetune_overrides: Sequence[str] = ()) -> list[Path]:
     """Writes a pruned copy of a run directory (default `RUN_DIR-pruned` beside it) and, with `finetune_steps`,
-    its fine-tune `OUT-ft<N>` beside it (`finetune_pruned`); returns the directories written."""
+    its fine-tune `OUT-ft<N>` beside it (`finetune_pruned`, its recipe changed by `finetune_overrides`, e.g.
+    `train.lr=1e-4`); returns the directories written."""
     from ..registry import model_task
     from ..train.loop import load_run
     from .export import model_spec
@@ -257,6 +260,7 @@ def prune_run(run_dir: Path | str, heads: float, mlp: float, out: Path | str | N
 
     if finetune_steps < 0:
         raise UserError(f"--finetune-steps is a number of optimizer steps, 0 or more; got {finetune_steps}.")
+    check_finetune_overrides(finetune_overrides, finetune_steps)
     run_dir = Path(run_dir)
     run = load_run(run_dir)
     if any(r.get("transform") == "quantize" for r in run.config.deploy or []):
@@ -278,23 +282,49 @@ def prune_run(run_dir: Path | str, heads: float, mlp: float, out: Path | str | N
     config = copy.deepcopy(run.config)
     written = [write_transformed_run(run_dir, run.config, model, record, out)]
     if finetune_steps:
-        written.append(finetune_pruned(out, config, record, tuned, finetune_steps))
+        written.append(finetune_pruned(out, config, record, tuned, finetune_steps, overrides=finetune_overrides))
     return written
 
 
-def finetune_pruned(pruned_dir: Path, config, record: dict, out: Path, steps: int) -> Path:
+FIXED_BY_FINETUNE = ("train.steps", "train.max_steps", "train.time_budget_s", "train.init_weights",
+                     "train.out_dir", "train.run_name")
+"""Keys the fine-tune sets itself: its length is --finetune-steps, its start the pruned weights, its place OUT-ftN."""
+
+
+def check_finetune_overrides(overrides: Sequence[str], steps: int) -> None:
+    """One sentence for fine-tune overrides that cannot apply: without a fine-tune, on the model's shape, or on
+    what the fine-tune sets itself."""
+    if overrides and not steps:
+        raise UserError(f"{' '.join(overrides)} would change the fine-tune's recipe, and there is no fine-tune; "
+                        f"add --finetune-steps N or drop them.")
+    for item in overrides:
+        key = item.partition("=")[0].strip()
+        if key.startswith("model."):
+            raise UserError(f"{key} would change the pruned model's shape or options; the fine-tune trains the "
+                            f"pruned model as it is, so change only task.*, data.* and train.* settings.")
+        if key in FIXED_BY_FINETUNE:
+            raise UserError(f"{key} is set by prune itself (--finetune-steps, the pruned weights, OUT-ftN); "
+                            f"drop it.")
+
+
+def finetune_pruned(pruned_dir: Path, config, record: dict, out: Path, steps: int, *,
+                    overrides: Sequence[str] = ()) -> Path:
     """Trains the pruned run `pruned_dir` for `steps` optimizer steps with the source run's recipe `config`,
     into the new run `out`.
 
     The recipe is the run's `config.yaml` as it is (task, data, batch size, optimizer, precision, EMA, the
     learning-rate schedule with its warm-up share), except its length, `train.steps = steps` (the schedule spans
-    the fine-tune), and its start, `train.init_weights` = the pruned weights. The new run is an ordinary training
-    run (metrics, checkpoints, a summary with the test metrics, `--resume` after an interruption) whose
-    `config.yaml` carries the prune record, so it trains and loads with its pruned shapes.
+    the fine-tune), its start, `train.init_weights` = the pruned weights, and the `overrides` (key=value of the
+    task, data and train sections, e.g. a lower `train.lr`; `check_finetune_overrides`). The new run is an
+    ordinary training run (metrics, checkpoints, a summary with the test metrics, `--resume` after an
+    interruption) whose `config.yaml` carries the prune record, so it trains and loads with its pruned shapes.
     """
     from ..train.checkpoint import WEIGHTS
+    from ..train.config import apply_overrides
     from ..train.loop import train
 
+    check_finetune_overrides(overrides, steps)
+    apply_overrides(config, list(overrides))
     config.deploy = [*(config.deploy or []), record]
     config.train.steps, config.train.max_steps, config.train.time_budget_s = steps, None, None
     config.train.init_weights = str((pruned_dir / WEIGHTS).resolve())
@@ -304,5 +334,6 @@ def finetune_pruned(pruned_dir: Path, config, record: dict, out: Path, steps: in
     return out
 
 
-__all__ = ["PRUNABLE", "Unit", "apply_plan", "finetune_pruned", "head_scores", "keep_channels", "keep_heads",
-           "keep_lightnet_heads", "lightnet_head_scores", "mlp_scores", "prune_model", "prune_plan", "prune_run"]
+__all__ = ["FIXED_BY_FINETUNE", "PRUNABLE", "Unit", "apply_plan", "check_finetune_overrides", "finetune_pruned",
+           "head_scores", "keep_channels", "keep_heads", "keep_lightnet_heads", "lightnet_head_scores", "mlp_scores",
+           "prune_model", "prune_plan", "prune_run"]
