@@ -6,7 +6,14 @@ import torch
 
 import polyattn
 from polyattn.data.text import pack_documents, pad_documents
-from polyattn.ops.attention import attention, causal_mask, shifted_group_mask, shifted_group_mask_at
+from polyattn.ops.attention import (
+    attention,
+    attention_ref,
+    causal_mask,
+    shifted_group_attention,
+    shifted_group_mask,
+    shifted_group_mask_at,
+)
 from polyattn.train.config import build_config
 
 V = 53
@@ -27,6 +34,37 @@ def loop_reference(T: int, G: int, H: int, causal: bool) -> torch.Tensor:
 @pytest.mark.parametrize("causal", [True, False])
 def test_mask_equals_the_loop_reference(T, G, H, causal):
     assert torch.equal(shifted_group_mask(T, G, H, causal=causal), loop_reference(T, G, H, causal))
+
+
+@pytest.mark.parametrize("T, G, H, Hkv", [(16, 4, 2, 2), (17, 4, 4, 2), (23, 6, 3, 3), (9, 8, 2, 1), (3, 16, 2, 2),
+                                         (12, 5, 6, 3), (40, 8, 1, 1), (33, 2, 4, 4)])
+@pytest.mark.parametrize("mode", ["causal", "bidirectional"])
+def test_grouped_computation_equals_the_mask_form_forward_and_backward(T, G, H, Hkv, mode):
+    g = torch.Generator().manual_seed(T * G + H)
+    q, k, v = (torch.randn(2, T, h, 8, generator=g, dtype=torch.float64, requires_grad=True) for h in (H, Hkv, Hkv))
+    mask = shifted_group_mask(T, G, H, causal=mode == "causal")
+    ref = attention_ref(q, k, v, mask_mode=mode, attn_mask=mask)
+    out = shifted_group_attention(q, k, v, G, mask_mode=mode)
+    torch.testing.assert_close(out, ref, atol=1e-6, rtol=1e-5)  # the op's softmax runs in float32
+    grad = torch.randn(ref.shape, generator=g, dtype=torch.float64)
+    expected = torch.autograd.grad(ref, (q, k, v), grad)
+    for got, want in zip(torch.autograd.grad(out, (q, k, v), grad), expected, strict=True):
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
+
+
+def test_grouped_computation_in_bfloat16_and_its_bad_calls():
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 50, 4, 16, generator=g) for _ in range(3))
+    ref = attention(q, k, v, mask_mode="causal", attn_mask=shifted_group_mask(50, 8, 4))
+    out = shifted_group_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), 8)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), ref, atol=3e-2, rtol=3e-2)
+    with pytest.raises(ValueError, match="causal or bidirectional"):
+        shifted_group_attention(q, k, v, 8, mask_mode="illama_soft")
+    with pytest.raises(ValueError, match="one sequence"):
+        shifted_group_attention(q, k[:, :40], v[:, :40], 8)
+    with pytest.raises(ValueError, match="at least 2"):
+        shifted_group_attention(q, k, v, 1)
 
 
 def test_mask_at_positions_follows_the_positions_and_broadcasts_over_the_batch():

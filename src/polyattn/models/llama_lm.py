@@ -23,8 +23,10 @@ shifted by G/2 (`polyattn.ops.attention.shifted_group_mask_at`, the mask form: n
 the sequence). Groups are taken over the real-token positions, so padding and packing stay exact. As in LongLoRA,
 it is a training-time approximation: in eval mode and in generation the model attends with full causal attention
 unless `s2_at_inference=True`, which keeps the grouped mask there too (cached decoding then masks the cache by
-position, so cached and uncached generation still agree). The mask form materialises an `[H, T, T]` mask and
-runs dense attention: it reproduces the operator, not LongLoRA's O(T·G) cost.
+position, so cached and uncached generation still agree). Whole rows (no padding, no packing, no cache: the
+training batches) run it group by group (`polyattn.ops.attention.shifted_group_attention`), LongLoRA's O(T·G)
+cost; padded rows, packed documents and cached calls use the mask form, which materialises an `[H, T, T]` mask
+and runs dense attention (tests compare the two).
 
 `RopeTransformer` is the body shared with the bidirectional encoder (`polyattn.models.bert`): the same blocks,
 causal or not by a constructor value.
@@ -183,13 +185,16 @@ class RopeTransformer(nn.Module):
             if attention_mask is not None:
                 key_padding_mask = attention_mask.bool()
             positions = _positions(None, key_padding_mask, T, tokens.device)
-        if self.s2_active():
+        groups = {}
+        if self.s2_active() and attn_mask is None and key_padding_mask is None:
+            groups = {"shifted_groups": self.s2_group_size}  # whole rows: group by group, O(T·G)
+        elif self.s2_active():  # padding or packed documents: the mask form over the real-token positions
             s2 = self._s2_mask(positions, positions)  # (B | 1, H, T, T)
             attn_mask = s2 if attn_mask is None else attn_mask & s2
         rope = self.rope(positions)
         x = self.io.embed_tokens(tokens)  # (B, T, D)
         x = run_blocks(self.blocks, x, reversible=self.reversible, rope=rope, key_padding_mask=key_padding_mask,
-                       attn_mask=attn_mask)
+                       attn_mask=attn_mask, **groups)
         return self.io.logits(x)  # (B, T, V)
 
 

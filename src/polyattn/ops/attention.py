@@ -358,6 +358,73 @@ def _attention_explicit(q, k, v, mode: MaskMode, a, attn_mask, scale, dropout_p)
     return o.flatten(2, 3).to(q.dtype)
 
 
+def shifted_group_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    group_size: int,
+    *,
+    mask_mode: MaskMode | str = MaskMode.CAUSAL,
+    scale: float | None = None,
+    dropout_p: float = 0.0,
+    backend: Backend | str = Backend.AUTO,
+) -> torch.Tensor:
+    """LongLoRA's S²-Attn (arXiv 2309.12307) computed group by group, at O(T·G) cost instead of O(T²).
+
+    The same operator as `attention(q, k, v, mask_mode=mask_mode, attn_mask=shifted_group_mask(T, G, H))` (the
+    mask form, no wrap-around; a test compares them forward and backward), for self-attention over whole
+    sequences at positions `0 … T − 1` (no padding, no cache): heads `h < H // 2` attend within the groups
+    `[jG, (j+1)G)`, the others within the groups shifted by `G // 2` (a first group of `G − G // 2` tokens,
+    then groups of `G`). Each run of whole groups is one batched `attention` call of length G; a shorter group at
+    either end is a call of its own, so no padding enters any group.
+
+    Args:
+        q, k, v (Tensor): `[B, T, H, D]`, `[B, T, Hkv, D]`, `[B, T, Hkv, Dv]` (key/value heads are repeated to H).
+        group_size (int): `G ≥ 2`.
+        mask_mode (MaskMode | str): `CAUSAL` (within each group) or `BIDIRECTIONAL`. Default: `CAUSAL`.
+        scale, dropout_p, backend: as `attention`.
+
+    Returns:
+        Tensor: `[B, T, H, Dv]` in the dtype of `q`.
+    """
+    _check_shapes(q, k, v)
+    mode = MaskMode(mask_mode)
+    if mode not in (MaskMode.CAUSAL, MaskMode.BIDIRECTIONAL):
+        raise ValueError(f"shifted_group_attention runs causal or bidirectional groups, not {mode.value}")
+    if group_size < 2:
+        raise ValueError(f"group_size must be at least 2 tokens, got {group_size}")
+    (_, T, H, _), S, Hkv = q.shape, k.shape[1], k.shape[2]
+    if S != T:
+        raise ValueError(f"shifted_group_attention is self-attention over one sequence: q has {T} positions, "
+                         f"k {S}")
+    if Hkv != H:
+        k, v = k.repeat_interleave(H // Hkv, dim=2), v.repeat_interleave(H // Hkv, dim=2)
+    options = dict(mask_mode=mode, scale=scale, dropout_p=dropout_p, backend=backend)
+    half, shift = H // 2, group_size // 2
+    plain = _in_groups(q[:, :, :half], k[:, :, :half], v[:, :, :half], group_size, options)
+    qs, ks, vs = q[:, :, half:], k[:, :, half:], v[:, :, half:]
+    first = min(group_size - shift, T)  # the shifted heads' first group: positions p with p + G // 2 < G
+    shifted = torch.cat([_in_groups(qs[:, :first], ks[:, :first], vs[:, :first], group_size, options),
+                         _in_groups(qs[:, first:], ks[:, first:], vs[:, first:], group_size, options)], dim=1)
+    return torch.cat([plain, shifted], dim=2)
+
+
+def _in_groups(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group_size: int, options: dict) -> torch.Tensor:
+    """`attention` within consecutive groups of `group_size` tokens of `[B, T, H, D]` inputs, the last group
+    possibly shorter; `[B, T, H, Dv]`."""
+    (B, T, H, _), Dv = q.shape, v.shape[-1]
+    if T == 0 or H == 0:
+        return q.new_zeros(B, T, H, Dv)
+    whole = T // group_size * group_size
+    parts = []
+    if whole:
+        grouped = [t[:, :whole].reshape(B * (whole // group_size), group_size, H, t.shape[-1]) for t in (q, k, v)]
+        parts.append(attention(*grouped, **options).reshape(B, whole, H, Dv))
+    if whole < T:
+        parts.append(attention(q[:, whole:], k[:, whole:], v[:, whole:], **options))
+    return torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
+
+
 def attention_ref(
     q: torch.Tensor,
     k: torch.Tensor,
