@@ -563,10 +563,16 @@ def test_clean_and_faithful_modes_share_the_same_masks(variant):
         model = llp(faithful) if variant == "llp" else perceiver(variant, faithful)
         seen = []
         for block in model.blocks:
-            block.attn.register_forward_pre_hook(lambda m, a, kw, seen=seen: seen.append(kw["attn_mask"]),
-                                                 with_kwargs=True)
-        model(tokens(2, WINDOW))
-        masks[faithful] = seen
+            block.attn.register_forward_pre_hook(lambda m, a, kw, seen=seen: seen.append(kw), with_kwargs=True)
+        x = tokens(2, WINDOW)
+        # a padding mask (all real) keeps clean LLP on its mask form; whole rows go segment by segment
+        model(x, attention_mask=torch.ones_like(x, dtype=torch.bool)) if variant == "llp" else model(x)
+        masks[faithful] = [kw["attn_mask"] for kw in seen]
+        if variant == "llp" and not faithful:
+            seen.clear()
+            model(x)
+            assert all(kw["attn_mask"] is None and kw["block_sparse"].keywords == {"segment_len": model.segment_len}
+                       for kw in seen) and len(seen) == DEPTH
     assert len(masks[False]) == len(masks[True]) == DEPTH
     for a, b in zip(masks[False], masks[True]):
         assert torch.equal(a, b)

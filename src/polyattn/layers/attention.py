@@ -6,7 +6,7 @@ changes during forward (flash-linear-attention's layer contract, without a globa
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from ..errors import UserError, parse_enum
-from ..ops.attention import MaskMode, attention, padding_to_attn_mask, shifted_group_attention
+from ..ops.attention import MaskMode, attention, padding_to_attn_mask
 from ..ops.checks import check_features
 from ..ops.sequence import cat_padding_masks, real_positions
 from .init import init_linear
@@ -184,7 +184,7 @@ class Attention(nn.Module):
         cache: KVCache | None = None,
         use_cache: bool = False,
         grid_shape: Sequence[int] | None = None,
-        shifted_groups: int | None = None,
+        block_sparse: Callable[..., torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, KVCache | None]:
         """Attends from `x` to itself (and its cache) or to `context`.
 
@@ -211,10 +211,12 @@ class Attention(nn.Module):
             grid_shape (Sequence[int], Optional): the grid the tokens lie on, which every token mixer is handed
                 (the common call form); softmax attention does not need it, since its positions come from
                 `rope` or from an absolute table added before the block.
-            shifted_groups (int, Optional): LongLoRA's S²-Attn with groups of this size, computed group by group
-                (`polyattn.ops.attention.shifted_group_attention`, O(T·G)): self-attention over whole sequences
-                at positions 0 … T − 1, so without a cache, padding or `attn_mask` (the mask form,
-                `shifted_group_mask_at` as `attn_mask`, covers those).
+            block_sparse (Callable, Optional): an op that computes a block-sparse pattern block by block over whole
+                sequences at positions 0 … T − 1, called as `op(q, k, v, mask_mode=, dropout_p=)`: e.g.
+                `partial(shifted_group_attention, group_size=G)` (LongLoRA's S²-Attn) or
+                `partial(segment_pair_attention, segment_len=m)` (LLP) from `polyattn.ops.attention`. Only for
+                self-attention without a cache, padding or `attn_mask`; the pattern's mask form as `attn_mask`
+                covers those.
 
         Returns:
             tuple[Tensor, KVCache | None]: output `[B, T, dim]` and the cache (None unless `cache` was passed or
@@ -254,11 +256,11 @@ class Attention(nn.Module):
             k, v, key_padding_mask = ctx.k, ctx.v, ctx.key_padding_mask
             new_cache = ctx if use_cache else None
 
-        if shifted_groups is not None:
+        if block_sparse is not None:
             if context is not None or new_cache is not None or key_padding_mask is not None or attn_mask is not None:
-                raise ValueError("shifted_groups computes S²-Attn over whole sequences: self-attention without a "
-                                 "cache, key_padding_mask or attn_mask (pass the S² mask as attn_mask for those)")
-            o = call_op(self, shifted_group_attention, q, k, v, shifted_groups, mask_mode=self.mask_mode,
+                raise ValueError("block_sparse attends over whole sequences: self-attention without a cache, "
+                                 "key_padding_mask or attn_mask (pass the pattern's mask as attn_mask for those)")
+            o = call_op(self, block_sparse, q, k, v, mask_mode=self.mask_mode,
                         dropout_p=self.attn_drop if self.training else 0.0)
             return self.proj_drop(self.o_proj(o.flatten(2))), None
         mask = attn_mask

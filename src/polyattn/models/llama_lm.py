@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from functools import partial
 
 import torch
 from torch import nn
@@ -48,7 +49,7 @@ from ..layers.norm import RMSNorm
 from ..layers.reversible import run_blocks, run_blocks_cached
 from ..layers.rope import RotaryEmbedding
 from ..layers.token_io import TokenIO
-from ..ops.attention import shifted_group_mask_at
+from ..ops.attention import shifted_group_attention, shifted_group_mask_at
 from ..ops.sequence import cat_padding_masks, document_positions, real_positions
 from ..registry import register_model
 from .generation import CausalLMMixin
@@ -186,8 +187,8 @@ class RopeTransformer(nn.Module):
                 key_padding_mask = attention_mask.bool()
             positions = _positions(None, key_padding_mask, T, tokens.device)
         groups = {}
-        if self.s2_active() and attn_mask is None and key_padding_mask is None:
-            groups = {"shifted_groups": self.s2_group_size}  # whole rows: group by group, O(T·G)
+        if self.s2_active() and attn_mask is None and key_padding_mask is None:  # whole rows: group by group, O(T·G)
+            groups = {"block_sparse": partial(shifted_group_attention, group_size=self.s2_group_size)}
         elif self.s2_active():  # padding or packed documents: the mask form over the real-token positions
             s2 = self._s2_mask(positions, positions)  # (B | 1, H, T, T)
             attn_mask = s2 if attn_mask is None else attn_mask & s2

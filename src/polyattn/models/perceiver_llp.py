@@ -9,8 +9,9 @@ cross-attend — which is the mask
     allowed(t, u) = (u ≤ t) ∧ (⌊u/m⌋ ≥ ⌊t/m⌋ − 1)
 
 (`llp_mask`): a block-aligned sliding window with one block of look-back, m + 1 to 2m keys wide. The receptive field
-grows by one segment per layer. Per layer and head `2nm − m²` score entries instead of `n²`; here the mask is
-materialised and applied by the one attention op (a block loop as in the authors' code would compute only those).
+grows by one segment per layer. Per layer and head `2nm − m²` score entries instead of `n²`: whole rows in clean
+mode are computed segment by segment (`polyattn.ops.attention.segment_pair_attention`), which computes only
+those; padded rows, packed documents, cached calls and the faithful mode apply the materialised mask.
 
 Clean mode (default): the library's LLaMA block (see `perceiver_family`), RoPE in every layer at positions counted from
 the start of the sequence, and segments fixed relative to the sequence start, so a sequence of any length is one
@@ -29,11 +30,12 @@ re-partitioned whenever the window slides — a different function from the clea
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 
 from ..layers.attention import KVCache
-from ..ops.attention import llp_mask
+from ..ops.attention import llp_mask, segment_pair_attention
 from ..ops.losses import cross_entropy
 from ..ops.sequence import document_positions, real_counts, real_positions
 from ..registry import register_model
@@ -84,11 +86,13 @@ class LLPTransformer(PerceiverFamilyLM):
         self.segment_len, self.max_seq_len = segment_len, max_seq_len
         self.reset_parameters()
 
-    def _layers(self, x: torch.Tensor, positions: torch.Tensor, allowed: torch.Tensor,
+    def _layers(self, x: torch.Tensor, positions: torch.Tensor, allowed: torch.Tensor | None,
                 mask: torch.Tensor | None, caches: tuple[KVCache, ...] | None = None, use_cache: bool = False,
                 first_rows: torch.Tensor | None = None) -> tuple[torch.Tensor, tuple[KVCache, ...]]:
         rope = self.rope(positions)
         extra = {} if first_rows is None else {"first_rows": first_rows}
+        if allowed is None:  # whole rows (clean mode): segment by segment, O(T·m), instead of a [T, T] mask
+            extra["block_sparse"] = partial(segment_pair_attention, segment_len=self.segment_len)
         new_caches = []
         for i, block in enumerate(self.blocks):
             cache = None if caches is None else caches[i]
@@ -135,7 +139,7 @@ class LLPTransformer(PerceiverFamilyLM):
                 positions, allowed = positions[None], allowed[None, None]
             else:
                 positions = real_positions(mask, T, batch_size=B, device=tokens.device)
-                allowed = llp_mask(positions, positions, self.segment_len)[:, None]
+                allowed = llp_mask(positions, positions, self.segment_len)[:, None] if mask is not None else None
             x, _ = self._layers(self.io.embed_tokens(tokens), positions, allowed, mask)
             logits = self.io.logits(x)
         return logits if targets is None else (logits, cross_entropy(logits, targets[:, -logits.shape[1]:]))

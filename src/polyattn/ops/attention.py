@@ -425,6 +425,60 @@ def _in_groups(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group_size: in
     return torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
 
 
+def segment_pair_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    segment_len: int,
+    *,
+    mask_mode: MaskMode | str = MaskMode.CAUSAL,
+    scale: float | None = None,
+    dropout_p: float = 0.0,
+    backend: Backend | str = Backend.AUTO,
+) -> torch.Tensor:
+    """LLP/ECP pairwise segment attention (arXiv 2412.06106 §2.8) computed segment by segment, O(T·m).
+
+    The same operator as `attention(q, k, v, mask_mode="causal", attn_mask=llp_mask(p, p, m))` at positions
+    `p = 0 … T − 1` (a test compares them forward and backward): each query attends causally within its segment
+    of `m` tokens and to the whole previous segment. The first segment is one causal call; the later whole
+    segments are one batched call of `m` queries over a window of `2m` keys, whose bottom-right-aligned causal
+    mask is exactly that pattern; a last partial segment is a call of its own, so no padding enters.
+
+    Args:
+        q, k, v (Tensor): `[B, T, H, D]`, `[B, T, Hkv, D]`, `[B, T, Hkv, Dv]`.
+        segment_len (int): `m ≥ 1`.
+        mask_mode (MaskMode | str): the calling layer's base mode, `CAUSAL` or `BIDIRECTIONAL`: the pattern is
+            causal itself, so both give this operator (as both do with `llp_mask` as `attn_mask`).
+        scale, dropout_p, backend: as `attention`.
+
+    Returns:
+        Tensor: `[B, T, H, Dv]` in the dtype of `q`.
+    """
+    _check_shapes(q, k, v)
+    if MaskMode(mask_mode) not in (MaskMode.CAUSAL, MaskMode.BIDIRECTIONAL):
+        raise ValueError(f"segment_pair_attention refines a causal or bidirectional layer, not a "
+                         f"{MaskMode(mask_mode).value} one")
+    if segment_len < 1:
+        raise ValueError(f"segment_len must be a positive number of tokens, got {segment_len}")
+    (B, T, H, _), S, Dv, m = q.shape, k.shape[1], v.shape[-1], segment_len
+    if S != T:
+        raise ValueError(f"segment_pair_attention is self-attention over one sequence: q has {T} positions, k {S}")
+    options = dict(mask_mode=MaskMode.CAUSAL, scale=scale, dropout_p=dropout_p, backend=backend)
+    first = min(m, T)
+    parts = [attention(q[:, :first], k[:, :first], v[:, :first], **options)]
+    n = T // m  # whole segments
+    if n >= 2:
+        qs = q[:, m:n * m].reshape(B * (n - 1), m, H, q.shape[-1])
+        windows = []
+        for t in (k, v):  # segment j's keys: segments j − 1 and j, side by side
+            seg = t[:, :n * m].unflatten(1, (n, m))  # (B, n, m, Hkv, ·)
+            windows.append(torch.cat([seg[:, :-1], seg[:, 1:]], dim=2).flatten(0, 1))  # (B·(n−1), 2m, Hkv, ·)
+        parts.append(attention(qs, *windows, **options).reshape(B, (n - 1) * m, H, Dv))
+    if n >= 1 and n * m < T:  # the last, partial segment and the whole one before it
+        parts.append(attention(q[:, n * m:], k[:, (n - 1) * m:], v[:, (n - 1) * m:], **options))
+    return torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
+
+
 def attention_ref(
     q: torch.Tensor,
     k: torch.Tensor,
