@@ -8,8 +8,12 @@ be redone, and one taken on another CPU is never used: the row is calibrated aga
 the run then trains for `budget × samples/s / batch size` steps with its schedule spanning exactly those steps.
 Results are therefore repeatable and unaffected by other work on the machine while the run trains.
 
-Each finished row is written at once to `<results>/<suite>/<row>.json` (its summary, config, calibration and
-machine); `--table` rebuilds the Markdown table from those files alone.
+A suite with `steps: N` in place of `budget_s` compares step for step: every row trains exactly N optimizer
+steps, with no calibration, and its throughput is the one its run measured.
+
+Each finished row is written at once to `<results>/<suite>/<row>.json` (its summary, config, calibration,
+training-loss curve and machine); `--table` rebuilds the Markdown table, `table.png` and `train_loss.png` (every
+row's training loss against the step) from those files alone.
 
 A row with `evaluates: ROW` trains nothing: it scores the weights of the earlier row ROW with its own overrides
 as evaluation-time settings (e.g. `model.s2_at_inference=true`), so one suite reports one training evaluated two
@@ -235,7 +239,7 @@ def run_row(suite: Suite, row: Row, results: Path, runs: Path, *, extra_measures
 
 def train_loss_curve(run_dir: Path) -> list[list[float]]:
     """`[step, training loss]` of every logged training window of a run (kept in its result, so the suite's
-    `steps.png` can be drawn without the run directory)."""
+    `train_loss.png` can be drawn without the run directory)."""
     return [[r["step"], round(r["loss"], 5)] for r in read_metrics(run_dir)
             if r["kind"] == "train" and isinstance(r.get("loss"), (int, float)) and math.isfinite(r["loss"])]
 
