@@ -279,3 +279,15 @@ def test_every_lm_long_row_scores_the_same_validation_bytes_with_half_a_window_o
         assert row_config(suite, row).train.batch_size * data.seq_len == 16384  # the same tokens per step
         windows.add(data.seq_len)
     assert ranges == {(15872, 15872 + 90112)} and windows == {1024, 4096, 16384}
+
+
+def test_decoding_speed_times_its_repeats_after_an_untimed_run(monkeypatch):
+    import polyattn
+    from polyattn.bench import generation_speed
+
+    model = polyattn.create_model("llama_lm_nano", vocab_size=17, dim=16, depth=1, num_heads=2).eval()
+    calls = []
+    real = generation_speed.stream_generate
+    monkeypatch.setattr(generation_speed, "stream_generate", lambda *a: calls.append(a[2]) or real(*a))
+    speed = generation_speed.decode_speed(model, 17, 8, new_tokens=3, repeats=2)
+    assert calls == [4, 4, 4] and speed["tokens_per_s"] > 0 and speed["prefill_s"] > 0
