@@ -107,7 +107,8 @@ def test_a_suite_needs_one_budget(tmp_path, monkeypatch, keys, message):
 
 def test_lookup_and_suite_files():
     assert lookup({"a": {"b": 2}}, "a.b") == 2 and lookup({"a": {}}, "a.b") is None
-    for name in ("vision", "vision_mixers", "vision_stem", "lm", "lm_mixers", "lm_long", "vision_fine"):
+    for name in ("vision", "vision_mixers", "vision_stem", "lm", "lm_mixers", "lm_reversible", "lm_long",
+                 "vision_fine"):
         suite = load_suite(name)
         assert suite.budget_s == 600 and len({r.name for r in suite.rows}) == len(suite.rows)
         for row in suite.rows:  # every row is a valid configuration
