@@ -73,10 +73,11 @@ def test_a_suite_of_steps_trains_every_row_for_them_without_calibration(tmp_path
     suite, results = tiny_suite(), tmp_path / "results"
     suite.budget_s, suite.steps = None, 3
     suite.columns = [["top-1 (%)", "summary.test.top1", ".1f", 100], ["img/s", "summary.train_samples_per_s", ".0f"]]
-    for row in suite.rows:
+    suite.rows[1].steps = 2  # a row's own count
+    for row, steps in zip(suite.rows, (3, 2), strict=True):
         result = run_row(suite, row, results, tmp_path / "runs")
-        assert result["steps"] == result["summary"]["steps"] == 3 and result["calibrated_throughput"] is None
-        assert [step for step, _ in result["train_loss"]] == [3]  # log_every=5: the last step is logged
+        assert result["steps"] == result["summary"]["steps"] == steps and result["calibrated_throughput"] is None
+        assert [step for step, _ in result["train_loss"]] == [steps]  # log_every=5: the last step is logged
     assert not (results / "calibration.json").exists()
     with pytest.raises(UserError, match=r"trains every row for 3 steps.*nothing to calibrate"):
         calibrate(suite, suite.rows[0], results)
@@ -93,6 +94,8 @@ def test_a_suite_of_steps_trains_every_row_for_them_without_calibration(tmp_path
     ({"budget_s": 60, "steps": 10}, "exactly one of budget_s"),
     ({"steps": 0}, "steps must be a positive whole number"),
     ({"steps": 2.5}, "steps must be a positive whole number"),
+    ({"steps": 10, "rows": [{"name": "a", "steps": 0}]}, "row 'a': steps must be a positive whole number"),
+    ({"budget_s": 60, "rows": [{"name": "a", "steps": 5}]}, "has a time budget"),
 ])
 def test_a_suite_needs_one_budget(tmp_path, monkeypatch, keys, message):
     from polyattn.bench import compare
@@ -113,6 +116,8 @@ def test_lookup_and_suite_files():
         assert suite.budget_s == 600 and len({r.name for r in suite.rows}) == len(suite.rows)
         for row in suite.rows:  # every row is a valid configuration
             row_config(suite, row)
+    by_steps = load_suite("lm_steps")
+    assert [r.steps or by_steps.steps for r in by_steps.rows] == [449, 909, 909, 449]
     gap = load_suite("lm_gap")
     assert gap.steps == 300 and gap.budget_s is None
     for row in gap.rows:  # every knob row builds its model

@@ -9,7 +9,8 @@ the run then trains for `budget × samples/s / batch size` steps with its schedu
 Results are therefore repeatable and unaffected by other work on the machine while the run trains.
 
 A suite with `steps: N` in place of `budget_s` compares step for step: every row trains exactly N optimizer
-steps, with no calibration, and its throughput is the one its run measured.
+steps (or its own `steps:`, e.g. rows at several counts with `x` the count), with no calibration, and its
+throughput is the one its run measured.
 
 Each finished row is written at once to `<results>/<suite>/<row>.json` (its summary, config, calibration,
 training-loss curve and machine); `--table` rebuilds the Markdown table, `table.png` and `train_loss.png` (every
@@ -62,6 +63,8 @@ class Row:
     """Where the row lies on that length axis (its window length or token count)."""
     evaluates: str | None = None
     """The earlier row whose trained weights this row scores, its `overrides` being evaluation-time settings."""
+    steps: int | None = None
+    """In a suite of `steps`, this row's own step count (e.g. rows at several counts, with `x` the count)."""
 
 
 @dataclass
@@ -103,14 +106,18 @@ def suite_path(name: str) -> Path:
 def load_suite(name: str) -> Suite:
     raw = load_yaml(suite_path(name))
     rows = [Row(r["name"], r.get("label", r["name"]), list(r.get("overrides", [])), r.get("group"), r.get("x"),
-                r.get("evaluates")) for r in raw["rows"]]
+                r.get("evaluates"), r.get("steps")) for r in raw["rows"]]
     check_rows(name, rows)
     if ("budget_s" in raw) == ("steps" in raw):
         raise UserError(f"Suite '{name}' needs exactly one of budget_s (a wall-clock budget per row) and steps (the "
                         f"same number of optimizer steps for every row).")
     steps = raw.get("steps")
-    if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
-        raise UserError(f"Suite '{name}': steps must be a positive whole number of optimizer steps, got {steps!r}.")
+    for where, value in [(f"Suite '{name}'", steps), *((f"Suite '{name}', row '{r.name}'", r.steps) for r in rows)]:
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise UserError(f"{where}: steps must be a positive whole number of optimizer steps, got {value!r}.")
+    if steps is None and any(r.steps is not None for r in rows):
+        raise UserError(f"Suite '{name}' has a time budget; a row's own steps belong in a suite of steps (steps: N "
+                        f"in place of budget_s).")
     return Suite(name=name, title=raw["title"], recipe=raw["recipe"],
                  budget_s=None if steps is not None else float(raw["budget_s"]),
                  overrides=list(raw.get("overrides", [])), rows=rows, columns=raw["columns"],
@@ -205,8 +212,8 @@ def run_row(suite: Suite, row: Row, results: Path, runs: Path, *, extra_measures
     from ..train.loop import train
 
     if suite.steps is not None:
-        steps, throughput = suite.steps, None
-        budget = f"the suite's {steps} steps"
+        steps, throughput = row.steps or suite.steps, None
+        budget = f"{steps} steps"
     else:
         calibration = results / CALIBRATION
         record = json.loads(calibration.read_text()) if calibration.is_file() else {}
