@@ -241,6 +241,10 @@ HOW: dict[str, Train | Run | Error | Help | Covered | Skip] = {
     "polyattn bench compare vision_fine": Covered("tests/test_compare.py::test_rows_train_for_their_calibrated_budget_"
                                                   "and_the_table_reads_the_saved_results"),
     "polyattn bench compare vision_fine --table": Run("--results {results}"),
+    "polyattn bench compare lm_steps": Covered("tests/test_compare.py::test_a_suite_of_steps_trains_every_row_for_"
+                                               "them_without_calibration"),
+    "polyattn bench compare lm_reversible": Covered("tests/test_compare.py::test_rows_train_for_their_calibrated_"
+                                                    "budget_and_the_table_reads_the_saved_results"),
 }
 
 SHRINK = ["train.max_steps=1", "train.progress=false", "train.log_every=1", "train.ema_decay=null"]
