@@ -1,5 +1,6 @@
 """LongLoRA S²-Attn (arXiv 2309.12307): the mask against a loop reference, no wrap-around leakage, the roll form
-flagged leaky, and the LlamaLM option (training-time only by default, causal, exact under padding and packing)."""
+flagged leaky, the group-by-group computation (and LLP's segment-by-segment one) against the mask form, and the
+LlamaLM option (training-time only by default, causal, exact under padding and packing)."""
 
 import pytest
 import torch
@@ -10,6 +11,8 @@ from polyattn.ops.attention import (
     attention,
     attention_ref,
     causal_mask,
+    llp_mask,
+    segment_pair_attention,
     shifted_group_attention,
     shifted_group_mask,
     shifted_group_mask_at,
@@ -50,6 +53,28 @@ def test_grouped_computation_equals_the_mask_form_forward_and_backward(T, G, H, 
     expected = torch.autograd.grad(ref, (q, k, v), grad)
     for got, want in zip(torch.autograd.grad(out, (q, k, v), grad), expected, strict=True):
         torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("T, m, H, Hkv", [(16, 4, 2, 2), (17, 4, 4, 2), (3, 8, 2, 1), (8, 8, 2, 2), (23, 5, 3, 3),
+                                         (9, 1, 2, 2), (40, 16, 1, 1)])
+def test_llp_segment_by_segment_equals_the_mask_form_forward_and_backward(T, m, H, Hkv):
+    g = torch.Generator().manual_seed(T * m + H)
+    q, k, v = (torch.randn(2, T, h, 8, generator=g, dtype=torch.float64, requires_grad=True) for h in (H, Hkv, Hkv))
+    pos = torch.arange(T)
+    ref = attention_ref(q, k, v, mask_mode="causal", attn_mask=llp_mask(pos, pos, m))
+    out = segment_pair_attention(q, k, v, m)
+    torch.testing.assert_close(out, ref, atol=1e-6, rtol=1e-5)  # the op's softmax runs in float32
+    torch.testing.assert_close(segment_pair_attention(q, k, v, m, mask_mode="bidirectional"), out)
+    grad = torch.randn(ref.shape, generator=g, dtype=torch.float64)
+    expected = torch.autograd.grad(ref, (q, k, v), grad)
+    for got, want in zip(torch.autograd.grad(out, (q, k, v), grad), expected, strict=True):
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
+    with pytest.raises(ValueError, match="causal or bidirectional layer"):
+        segment_pair_attention(q, k, v, m, mask_mode="illama_soft")
+    with pytest.raises(ValueError, match="one sequence"):
+        segment_pair_attention(q, k[:, :T - 1], v[:, :T - 1], m)
+    with pytest.raises(ValueError, match="positive number"):
+        segment_pair_attention(q, k, v, 0)
 
 
 def test_grouped_computation_in_bfloat16_and_its_bad_calls():
