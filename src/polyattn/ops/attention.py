@@ -358,6 +358,20 @@ def _attention_explicit(q, k, v, mode: MaskMode, a, attn_mask, scale, dropout_p)
     return o.flatten(2, 3).to(q.dtype)
 
 
+def _check_whole_rows(op: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask_mode: MaskMode | str
+                      ) -> MaskMode:
+    """The checks of a block-by-block op (`shifted_group_attention`, `segment_pair_attention`): `attention`'s
+    shapes, self-attention over one sequence (as many keys as queries), and a causal or bidirectional layer mode,
+    which it returns."""
+    _check_shapes(q, k, v)
+    mode = MaskMode(mask_mode)
+    if mode not in (MaskMode.CAUSAL, MaskMode.BIDIRECTIONAL):
+        raise ValueError(f"{op} runs in a causal or bidirectional layer, not a {mode.value} one")
+    if k.shape[1] != q.shape[1]:
+        raise ValueError(f"{op} is self-attention over one sequence: q has {q.shape[1]} positions, k {k.shape[1]}")
+    return mode
+
+
 def shifted_group_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -387,16 +401,10 @@ def shifted_group_attention(
     Returns:
         Tensor: `[B, T, H, Dv]` in the dtype of `q`.
     """
-    _check_shapes(q, k, v)
-    mode = MaskMode(mask_mode)
-    if mode not in (MaskMode.CAUSAL, MaskMode.BIDIRECTIONAL):
-        raise ValueError(f"shifted_group_attention runs causal or bidirectional groups, not {mode.value}")
+    mode = _check_whole_rows("shifted_group_attention", q, k, v, mask_mode)
     if group_size < 2:
         raise ValueError(f"group_size must be at least 2 tokens, got {group_size}")
-    (_, T, H, _), S, Hkv = q.shape, k.shape[1], k.shape[2]
-    if S != T:
-        raise ValueError(f"shifted_group_attention is self-attention over one sequence: q has {T} positions, "
-                         f"k {S}")
+    (_, T, H, _), Hkv = q.shape, k.shape[2]
     if Hkv != H:
         k, v = k.repeat_interleave(H // Hkv, dim=2), v.repeat_interleave(H // Hkv, dim=2)
     options = dict(mask_mode=mode, scale=scale, dropout_p=dropout_p, backend=backend)
@@ -454,15 +462,10 @@ def segment_pair_attention(
     Returns:
         Tensor: `[B, T, H, Dv]` in the dtype of `q`.
     """
-    _check_shapes(q, k, v)
-    if MaskMode(mask_mode) not in (MaskMode.CAUSAL, MaskMode.BIDIRECTIONAL):
-        raise ValueError(f"segment_pair_attention refines a causal or bidirectional layer, not a "
-                         f"{MaskMode(mask_mode).value} one")
+    _check_whole_rows("segment_pair_attention", q, k, v, mask_mode)
     if segment_len < 1:
         raise ValueError(f"segment_len must be a positive number of tokens, got {segment_len}")
-    (B, T, H, _), S, Dv, m = q.shape, k.shape[1], v.shape[-1], segment_len
-    if S != T:
-        raise ValueError(f"segment_pair_attention is self-attention over one sequence: q has {T} positions, k {S}")
+    (B, T, H, _), Dv, m = q.shape, v.shape[-1], segment_len
     options = dict(mask_mode=MaskMode.CAUSAL, scale=scale, dropout_p=dropout_p, backend=backend)
     first = min(m, T)
     parts = [attention(q[:, :first], k[:, :first], v[:, :first], **options)]
