@@ -211,13 +211,14 @@ def run_row(suite: Suite, row: Row, results: Path, runs: Path, *, extra_measures
     training run only (two rows can then train side by side); the budget is the calibrated one either way."""
     from ..train.loop import train
 
+    device = row_device(suite, row)
     if suite.steps is not None:
         steps, throughput = row.steps or suite.steps, None
         budget = f"{steps} steps"
     else:
         calibration = results / CALIBRATION
         record = json.loads(calibration.read_text()) if calibration.is_file() else {}
-        throughput = None if row.name not in record else best_here(record[row.name], row_device(suite, row))
+        throughput = None if row.name not in record else best_here(record[row.name], device)
         if throughput is None:
             entry = calibrate(suite, row, results)
             throughput = entry["best"]
@@ -236,7 +237,7 @@ def run_row(suite: Suite, row: Row, results: Path, runs: Path, *, extra_measures
               "overrides": [*suite.overrides, *row.overrides], "budget_s": suite.budget_s,
               "calibrated_throughput": throughput, "steps": steps, "summary": summary,
               "train_loss": train_loss_curve(run_dir), "config": config.to_dict(), "run_dir": str(run_dir),
-              **bench_header(row_device(suite, row))}
+              **bench_header(device)}
     if extra_measures is not None:
         result.update(extra_measures(run_dir))
     results.mkdir(parents=True, exist_ok=True)
