@@ -191,3 +191,22 @@ def test_the_explicit_attention_threshold_is_the_one_measured_for_each_cpu_kind(
     assert attention_ops.explicit_max_keys_cpu() == keys
     q = torch.zeros(1, 1, 2, 8, dtype=torch.bfloat16)
     assert _pick_backend(Backend.AUTO, MaskMode.CAUSAL, q, 257) is (Backend.EXPLICIT if keys >= 257 else Backend.SDPA)
+
+
+@pytest.mark.parametrize("cap, isa", [("", "AMX"), ("DEFAULT", "AMX"), ("AVX512_CORE_AMX", "AMX"),
+                                      ("AVX512_CORE_BF16", "AVX-512 BF16"), ("avx512_core_fp16", "AVX-512 BF16"),
+                                      ("AVX512_CORE_VNNI", "AVX-512"), ("AVX2", "AVX-512")])
+def test_the_isa_level_follows_onednns_cap(monkeypatch, cap, isa):
+    """oneDNN runs the bfloat16 products; capped below the hardware, the ISA level (and what is decided from it,
+    e.g. the explicit attention path's key limit) is the cap's. AVX2 for oneDNN alone leaves torch's own kernels at
+    AVX-512, so the level stays AVX-512 (the probe then measures the products)."""
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", cap)
+    hardware.cpu_isa.cache_clear()
+    try:
+        assert hardware.cpu_isa() == isa
+    finally:
+        monkeypatch.undo()
+        hardware.cpu_isa.cache_clear()

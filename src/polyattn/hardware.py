@@ -50,17 +50,35 @@ def cpu_name() -> str:
 def cpu_isa() -> str:
     """The CPU's vector ISA level as torch will use it: 'AMX', 'AVX-512 BF16', 'AVX-512', 'AVX2' or 'baseline'.
 
-    The kernel level torch dispatches to (`get_cpu_capability`, which follows `ATEN_CPU_CAPABILITY`) caps the
-    hardware flags, so an AMX machine run with `ATEN_CPU_CAPABILITY=avx2` reports AVX2.
+    The kernel level torch dispatches to (`get_cpu_capability`, which follows `ATEN_CPU_CAPABILITY`) and
+    oneDNN's (`ONEDNN_MAX_CPU_ISA`) cap the hardware flags, so an AMX machine run with `ATEN_CPU_CAPABILITY=avx2`
+    reports AVX2, and one run with `ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16` reports AVX-512 BF16.
     """
     capability = torch.backends.cpu.get_cpu_capability().upper()  # 'AVX512', 'AVX2', 'DEFAULT', ...
     if capability.startswith("AVX512"):
-        if torch.cpu._is_amx_tile_supported():
+        if torch.cpu._is_amx_tile_supported() and _onednn_allows("AMX"):
             return "AMX"
-        return "AVX-512 BF16" if torch.cpu._is_avx512_bf16_supported() else "AVX-512"
+        if torch.cpu._is_avx512_bf16_supported() and _onednn_allows("BF16"):
+            return "AVX-512 BF16"
+        return "AVX-512"
     if capability.startswith("AVX2"):
         return "AVX2"
     return "baseline"
+
+
+def _onednn_allows(feature: str) -> bool:
+    """Whether oneDNN, which runs torch's bfloat16 CPU products, may use `feature` ('AMX' or 'BF16').
+
+    `ONEDNN_MAX_CPU_ISA` caps it below the hardware (e.g. `AVX512_CORE_BF16` on an AMX machine runs the bfloat16
+    products of an AVX-512 BF16 CPU), and torch's flags do not see the cap. Its levels are cumulative: a cap
+    that names AMX allows BF16 too; `AVX512_CORE_FP16` (Sapphire Rapids' AVX-512 without AMX) includes BF16.
+    """
+    cap = os.environ.get("ONEDNN_MAX_CPU_ISA", "").strip().upper()
+    if cap in ("", "ALL", "DEFAULT"):
+        return True
+    if "AMX" in cap:
+        return True
+    return feature == "BF16" and ("BF16" in cap or "FP16" in cap)
 
 
 def device_name(device: torch.device) -> str:
