@@ -92,3 +92,18 @@ def test_sampling_with_the_reused_condition_equals_sampling_that_recomputes_it(c
     torch.testing.assert_close(reused, recomputed, atol=1e-5, rtol=1e-5)
     assert len(encoded) == 1 + 4  # recomputing: once more per step
     assert set(calls) == {2 if cfg == 1.0 else 4}
+
+
+def test_the_sampling_measure_times_the_reused_condition_against_recomputing_it():
+    from polyattn.bench.sample_quality import condition_reuse_seconds
+
+    model = perturb(small_dit())
+    encoded = []
+    encode = model.encode_condition
+    model.encode_condition = lambda y: (encoded.append(len(y)), encode(y))[1]
+    out = condition_reuse_seconds(model, [0, 3, 4], steps=3, cfg=2.0, sampler="euler", batch=2, repeats=2)
+    assert out["images"] == 2 and out["repeats"] == 2
+    assert out["reused_seconds_per_image"] > 0 and out["recomputed_seconds_per_image"] > 0
+    assert out["saving"] == pytest.approx(1 - out["reused_seconds_per_image"] / out["recomputed_seconds_per_image"])
+    # reused: one encoding per run; recomputed: one per step, inside the model
+    assert encoded.count(4) == 2 + 2 * 3

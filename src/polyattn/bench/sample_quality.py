@@ -46,7 +46,36 @@ def quality_measures(run_dir: Path, *, classifier: dict[str, Any], n: int, steps
     cls_model, cls_config = load_run_model(classifier_dir)
     metrics = measure_samples(result["images"], result["labels"], classifier=cls_model, classifier_config=cls_config,
                               data_config=config.data, device=torch.device("cpu"))
-    return {"sampling": {"sampler": sampler, "steps": steps, "cfg": cfg, "n_per_class": n, "grid": str(result["grid"]),
-                         "seconds_per_image": result["seconds"] / len(result["labels"]),
-                         "threads": torch.get_num_threads()},
-            "quality": metrics, "classifier_run": str(classifier_dir)}
+    sampling = {"sampler": sampler, "steps": steps, "cfg": cfg, "n_per_class": n, "grid": str(result["grid"]),
+                "seconds_per_image": result["seconds"] / len(result["labels"]), "threads": torch.get_num_threads()}
+    encode = getattr(model, "encode_condition", None)
+    if encode is not None and encode(torch.tensor(result["labels"][:1])) is not None:  # something to reuse
+        sampling["condition_reuse"] = condition_reuse_seconds(model, result["labels"], steps=steps, cfg=cfg,
+                                                              sampler=sampler)
+    return {"sampling": sampling, "quality": metrics, "classifier_run": str(classifier_dir)}
+
+
+def condition_reuse_seconds(model: torch.nn.Module, labels: list[int], *, steps: int, cfg: float, sampler: str,
+                            batch: int = 64, repeats: int = 3) -> dict[str, float]:
+    """What reusing a model's step-independent conditioning (`encode_condition`: DiT's cross-attention class token
+    keys/values) saves in sampling: seconds per image for one batch of `labels`, with the conditioning computed
+    once per batch (as `sample` does) and recomputed in every step and guidance branch (the model called as
+    `model(x, t, y)`), each the median of `repeats` runs taken in turn so that both see the same machine."""
+    import statistics
+    import time
+
+    from ..tasks.diffusion import sample
+
+    y = torch.tensor(labels[:batch])
+    recompute = lambda x, t, y: model(x, t, y)  # no `encode_condition`: `sample` conditions every call afresh
+    times: dict[str, list[float]] = {"reused": [], "recomputed": []}
+    for _ in range(repeats):
+        for name, net in (("reused", model), ("recomputed", recompute)):
+            start = time.perf_counter()
+            sample(net, y, shape=(model.in_chans, *model.img_size), null_label=model.num_classes, steps=steps,
+                   cfg=cfg, sampler=sampler, generator=torch.Generator().manual_seed(0), batch_size=batch,
+                   progress=False)
+            times[name].append((time.perf_counter() - start) / len(y))
+    reused, recomputed = (statistics.median(times[k]) for k in ("reused", "recomputed"))
+    return {"reused_seconds_per_image": reused, "recomputed_seconds_per_image": recomputed,
+            "saving": 1 - reused / recomputed, "images": len(y), "repeats": repeats}
