@@ -68,6 +68,17 @@ def test_bench_decode_reports_latency_against_context(tmp_path):
     assert (tmp_path / "decode.png").stat().st_size > 0
 
 
+def test_bench_decode_times_perceiver_ar_with_and_without_its_cache(tmp_path):
+    assert main(["bench", "decode", "--quick", "--models", "perceiver_ar", "perceiver_ar_recomputed", "--precision",
+                 "fp32", "--out", str(tmp_path)]) == 0
+    points = json.loads((tmp_path / "decode.json").read_text())["points"]
+    assert {(p["model"], p["context"]) for p in points} == {
+        (m, c) for m in ("perceiver_ar", "perceiver_ar_recomputed") for c in (32, 64)}
+    assert all(p["step_s"] > 0 and len(p["times"]) == 2 for p in points)
+    assert all(p["prefill_s"] == 0 for p in points if p["model"] == "perceiver_ar_recomputed")
+    assert "no cache: the window recomputed" in (tmp_path / "decode.md").read_text()
+
+
 @pytest.mark.skipif(importlib.util.find_spec("x_transformers") is None, reason="the bench extra is not installed")
 def test_bench_peers_times_both_sides_of_a_pair(tmp_path):
     assert main(["bench", "peers", "--quick", "--pairs", "llama_decoder", "--precisions", "fp32",

@@ -3,7 +3,8 @@
 What a long-context model costs a user once the prompt is in: softmax attention's KV cache grows with the context,
 so each new token reads more of it; LightNet's recurrent state (arXiv 2405.21022) is a fixed-size matrix per head,
 so its per-token cost should not depend on the context; PerceiverAR's cache (arXiv 2202.07765) sits in between
-(it recomputes its latent stack once the window is full). The models are the LM benchmark's shape (width 256,
+(it recomputes its latent stack once the window is full), and the same model decoded without a cache (each step
+the forward of its whole window) shows what that cache saves. The models are the LM benchmark's shape (width 256,
 4 layers, 4 heads, byte vocabulary) with random weights: latency does not depend on what was learned.
 
 Per point (model, batch, context): the prompt of `context` random tokens is prefilled once through
@@ -39,8 +40,13 @@ MODELS = {
     "lightnet_state": ("lightnet_lm_tiny", LM, "LightNet, recurrent state"),
     "perceiver_ar": ("perceiver_ar_tiny", {**LM, "max_seq_len": 1024, "num_latents": 512},
                      "PerceiverAR (1024 window, 512 latents), exact cache"),
+    "perceiver_ar_recomputed": ("perceiver_ar_tiny", {**LM, "max_seq_len": 1024, "num_latents": 512},
+                                "PerceiverAR (1024 window, 512 latents), no cache: the window recomputed"),
 }
 QUADRATIC_PREFILL = {"kv_cache"}
+# Rows that decode without a state: every step is the plain forward of the last `max_seq_len` tokens, what the
+# cache of the row above it saves (its cross-attend keys/values, reused while the window holds).
+UNCACHED = {"perceiver_ar_recomputed"}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -61,9 +67,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 @torch.no_grad()
 def decode_latency(model: torch.nn.Module, vocab_size: int, batch: int, context: int, steps: int,
-                   device: torch.device, autocast, generator: torch.Generator) -> dict:
-    """Prefills `context` random tokens for `batch` sequences, then times `steps` cached single-token steps."""
+                   device: torch.device, autocast, generator: torch.Generator, cached: bool = True) -> dict:
+    """Prefills `context` random tokens for `batch` sequences, then times `steps` cached single-token steps
+    (`cached=False`: each step is the plain forward of the last `model.max_seq_len` tokens, no prefill)."""
     prompt = torch.randint(0, vocab_size, (batch, context), generator=generator).to(device)
+    if not cached:
+        return _uncached_latency(model, prompt, steps, device, autocast)
     with autocast():
         t0 = time.perf_counter()
         logits, cache = model.forward_cached(prompt)
@@ -79,6 +88,21 @@ def decode_latency(model: torch.nn.Module, vocab_size: int, batch: int, context:
             synchronize(device)
             times.append(time.perf_counter() - t0)
     return {"prefill_s": prefill, "step_s": median(times[1:]), "times": times[1:]}
+
+
+def _uncached_latency(model: torch.nn.Module, tokens: torch.Tensor, steps: int, device: torch.device,
+                      autocast) -> dict:
+    window = model.max_seq_len
+    times = []
+    with autocast():
+        for _ in range(steps + 1):  # the first step is a warm-up
+            synchronize(device)
+            t0 = time.perf_counter()
+            token = model(tokens[:, -window:])[:, -1].argmax(-1, keepdim=True)
+            tokens = torch.cat([tokens, token], 1)
+            synchronize(device)
+            times.append(time.perf_counter() - t0)
+    return {"prefill_s": 0.0, "step_s": median(times[1:]), "times": times[1:]}
 
 
 def run(args) -> int:
@@ -107,7 +131,8 @@ def run(args) -> int:
                         print(f"{key} batch {batch} context {context}: skipped (prefill ~{predicted:.0f} s)")
                         continue
                 result = decode_latency(model, model_args["vocab_size"], batch, context, args.steps, device,
-                                        autocast, torch.Generator().manual_seed(args.seed))
+                                        autocast, torch.Generator().manual_seed(args.seed),
+                                        cached=key not in UNCACHED)
                 last = (context, result["prefill_s"])
                 points.append({**point, "skipped": False, **result,
                                "tokens_per_s": batch / result["step_s"]})
@@ -176,4 +201,4 @@ def plot(points: list[dict], path: Path, header: dict) -> None:
     save_figure(fig, path, title)
 
 
-__all__ = ["MODELS", "add_arguments", "decode_latency", "run"]
+__all__ = ["MODELS", "UNCACHED", "add_arguments", "decode_latency", "run"]
