@@ -210,3 +210,17 @@ def test_the_isa_level_follows_onednns_cap(monkeypatch, cap, isa):
     finally:
         monkeypatch.undo()
         hardware.cpu_isa.cache_clear()
+
+
+def test_bfloat16_instructions_slower_than_float32_resolve_to_float32(monkeypatch):
+    """AVX-512 BF16 without AMX can compute bfloat16 products at half the float32 rate (an AMX Xeon with oneDNN
+    capped at AVX512_CORE_BF16 measured 0.51x): having the instructions is not enough for `auto`."""
+    for ratio, expected in ((0.51, "fp32"), (0.99, "fp32"), (1.0, "bf16"), (1.4, "bf16")):
+        monkeypatch.setattr(hardware, "cpu_bf16_ratio", lambda r=ratio: r)
+        monkeypatch.setattr(hardware, "_measured_cpu_bf16_ratio", lambda r=ratio: r)
+        assert hardware.native_bf16("cpu") == (expected == "bf16")
+        p = resolve_precision("auto", "cpu")
+        assert p.name == expected
+        if expected == "fp32":
+            assert f"at {ratio:.2f}x the float32 rate" in p.reason
+            assert f"about {1 / ratio:.1f}x slower" in resolve_precision("bf16", "cpu").warning

@@ -1,11 +1,14 @@
 """What the device computes fast: its name and ISA level, whether it has native bfloat16 products, and the
 precision that `auto` resolves to there, with the reason.
 
-Why a measured probe and not only feature flags: a matrix product in bfloat16 is ~1.5-5x faster than float32 on
-CPUs with AVX-512 BF16 or AMX, and ~100x *slower* on AVX2-only CPUs (torch then has no bfloat16 GEMM kernel; 0.9
-against 115 GFLOP/s measured). torch's flags (`torch.cpu._is_avx512_bf16_supported`, `_is_amx_tile_supported`)
-report the hardware, but the kernels that run can be limited below it (`ATEN_CPU_CAPABILITY`, `ONEDNN_MAX_CPU_ISA`,
-a hypervisor that hides state), so where the flags say yes a short product in each dtype confirms it (about a
+Why a measured probe and not only feature flags: a matrix product in bfloat16 is 3-5x faster than float32 with
+AMX and 1.3-1.5x on an AMD EPYC with AVX-512 BF16, but only 0.5x on an AMX Xeon whose oneDNN is capped at
+AVX-512 BF16 (`ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16`: 76-80 against 144-153 GFLOP/s, 256² to 2048², idle), and
+~100x *slower* on AVX2-only CPUs (torch then has no bfloat16 GEMM kernel; 0.9 against 115 GFLOP/s measured).
+Having the instructions is not the question; being faster than float32 is. torch's flags
+(`torch.cpu._is_avx512_bf16_supported`, `_is_amx_tile_supported`) report the hardware, but the kernels that run
+can be limited below it (`ATEN_CPU_CAPABILITY`, `ONEDNN_MAX_CPU_ISA`, a hypervisor that hides state), and having
+them does not make them faster, so where the flags say yes a short product in each dtype decides (about a
 millisecond on a native CPU; the answer is cached for the process).
 
 Every command resolves its precision here, and so do the ops whose products would otherwise run in bfloat16
@@ -26,9 +29,11 @@ from .errors import UserError
 
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 
-# A device "has native bfloat16" when a bfloat16 product is at least this fraction of the float32 rate. Native
-# CPUs measure 1.3-5x; emulated ones 0.005-0.02x, so any threshold in between decides the same.
-NATIVE_BF16_MIN_RATIO = 0.5
+# A CPU "has native bfloat16" (what `auto` picks bfloat16 for) when a bfloat16 product is at least as fast as a
+# float32 one. Measured: AMX 3-5x, AVX-512 BF16 (AMD EPYC) 1.3-1.5x, an AMX Xeon with oneDNN capped at AVX-512
+# BF16 0.51-0.54x (a bfloat16 training step there took 1.8x the float32 one), emulated (AVX2) 0.005-0.02x. At
+# 0.5 the capped Xeon counted as native and `auto` trained it in bfloat16 at half speed.
+NATIVE_BF16_MIN_RATIO = 1.0
 # The probe's product size: native bfloat16 measures 3-5x float32 here with AMX (only 0.7-1.1x at 128); an
 # emulated bfloat16 product of this size takes ~70 ms, so the probe stops after one when it sees that.
 PROBE_SIZE = 256
@@ -131,7 +136,7 @@ def cpu_bf16_ratio() -> float:
 
 @torch.compiler.assume_constant_result  # traced code (torch.compile) sees the answer, not the probe
 def native_bf16(device: torch.device | str) -> bool:
-    """Whether bfloat16 products run at least at about float32 speed on `device`."""
+    """Whether bfloat16 products run at least at float32 speed on `device` (CPUs: measured, `cpu_bf16_ratio`)."""
     device = torch.device(device)
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported(including_emulation=False)
@@ -171,7 +176,7 @@ def resolve_precision(requested: str, device: torch.device | str) -> Precision:
     if requested == "auto":
         if native_bf16(device):
             return Precision("bf16", f"auto: {where} has native bfloat16 products")
-        return Precision("fp32", f"auto: {where} has no native bfloat16 products")
+        return Precision("fp32", f"auto: {where} {_no_bf16_why(device)}")
     if requested == "fp16":
         if device.type != "cuda":
             raise UserError("Precision fp16 (float16 autocast with a loss scaler) is for CUDA devices; on a CPU use "
@@ -180,12 +185,20 @@ def resolve_precision(requested: str, device: torch.device | str) -> Precision:
     if requested == "bf16" and not native_bf16(device):
         if device.type == "cpu":
             slowdown = 1 / max(_measured_cpu_bf16_ratio(), 1e-6)
-            warning = (f"bf16 on {where}, which has no native bfloat16 products: matrix products run about "
-                       f"{slowdown:.0f}x slower than in float32; set precision auto or fp32.")
+            digits = 0 if slowdown >= 10 else 1
+            warning = (f"bf16 on {where}, whose bfloat16 matrix products run about {slowdown:.{digits}f}x slower "
+                       f"than float32 ones; set precision auto or fp32.")
         else:
             warning = f"bf16 on {where}, which has no native bfloat16 support; set precision auto or fp32."
         return Precision("bf16", "requested", warning)
     return Precision(requested, "requested")
+
+
+def _no_bf16_why(device: torch.device) -> str:
+    """Why `auto` did not pick bfloat16 on `device`: no native products, or native ones slower than float32."""
+    if device.type == "cpu" and cpu_bf16_ratio() > 0.05:  # above emulation: the instructions are there
+        return f"computes bfloat16 products at {cpu_bf16_ratio():.2f}x the float32 rate"
+    return "has no native bfloat16 products"
 
 
 def autocast_for(precision: Precision, device: torch.device):

@@ -84,9 +84,10 @@ class TrainConfig(Section):
     """A step whose loss or gradient norm is not finite is skipped (no update); after this many in a row,
     training stops, keeping the last checkpoint whose weights gave a finite loss."""
     precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
-    """auto: bfloat16 autocast where the device computes bfloat16 products natively (CPUs with AVX-512 BF16 or
-    AMX, CUDA GPUs that support it), float32 elsewhere (polyattn.hardware says why); bf16: bfloat16 autocast with
-    float32 master weights (about 100x slower than fp32 on AVX2-only CPUs; warned); fp16: float16 autocast with a
+    """auto: bfloat16 autocast where the device computes bfloat16 products natively and at least as fast as
+    float32 ones (CPUs with AMX, or AVX-512 BF16 where it measures so; CUDA GPUs that support it), float32
+    elsewhere (polyattn.hardware says why); bf16: bfloat16 autocast with float32 master weights (about 100x slower
+    than fp32 on AVX2-only CPUs; warned); fp16: float16 autocast with a
     gradient scaler, for CUDA GPUs without bfloat16; fp32: no autocast. A resumed run keeps the precision it
     started with, so it stays exact."""
     compile: bool = False
