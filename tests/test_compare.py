@@ -1,6 +1,7 @@
 """Comparison suites: calibrated step budgets, one result file per row, and the table rebuilt from them."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -297,3 +298,27 @@ def test_decoding_speed_times_its_repeats_after_an_untimed_run(monkeypatch):
     monkeypatch.setattr(generation_speed, "stream_generate", lambda *a: calls.append(a[2]) or real(*a))
     speed = generation_speed.decode_speed(model, 17, 8, new_tokens=3, repeats=2)
     assert calls == [4, 4, 4] and speed["tokens_per_s"] > 0 and speed["prefill_s"] > 0
+
+
+def test_the_sample_classifier_is_trained_again_when_its_settings_change(tmp_path, monkeypatch):
+    import polyattn.train.loop as loop
+    from polyattn.bench.sample_quality import classifier_run
+
+    trained = []
+
+    def fake_train(config):  # writes what a finished run has, and remembers what it was asked for
+        trained.append(config.data.image_size)
+        run_dir = Path(config.train.out_dir) / config.train.run_name
+        run_dir.mkdir(parents=True)
+        (run_dir / "summary.json").write_text("{}")
+
+    monkeypatch.setattr(loop, "train", fake_train)
+    runs = tmp_path / "runs"
+    assert classifier_run(runs, "default", ["data.image_size=16"]) == runs / "_classifier"
+    classifier_run(runs, "default", ["data.image_size=16"])  # the same settings: reused
+    assert trained == [16]
+    classifier_run(runs, "default", ["data.image_size=8"])  # others: trained again, in place
+    assert trained == [16, 8] and (runs / "_classifier" / "summary.json").is_file()
+    (runs / "_classifier.json").unlink()  # a classifier from before the settings were recorded
+    classifier_run(runs, "default", ["data.image_size=8"])
+    assert trained == [16, 8, 8]

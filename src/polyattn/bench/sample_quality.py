@@ -14,23 +14,32 @@ from ..tasks.sample_quality import measure_samples
 
 
 def classifier_run(results_runs: Path, recipe: str, overrides: list[str]) -> Path:
-    """The classifier run that measures the samples: trained once (under `results_runs/_classifier`) and reused.
-    A file lock lets rows measured side by side share it."""
+    """The classifier run that measures the samples: trained once (under `results_runs/_classifier`) and reused
+    while the recipe and overrides it was trained with are the ones asked for (`classifier.json` records them; a
+    run trained with others, or before they were recorded, is trained again). A file lock lets rows measured
+    side by side share it."""
     import fcntl
+    import json
     import shutil
 
+    from ..files import atomic_write_text
     from ..train.config import build_config
     from ..train.loop import train
 
     run_dir = results_runs / "_classifier"
+    spec = {"recipe": recipe, "overrides": list(overrides)}
+    record = results_runs / "_classifier.json"
     results_runs.mkdir(parents=True, exist_ok=True)
     with open(results_runs / "_classifier.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        if not (run_dir / "summary.json").is_file():
+        trained = (run_dir / "summary.json").is_file() and record.is_file() and json.loads(record.read_text()) == spec
+        if not trained:
             if run_dir.exists():
-                shutil.rmtree(run_dir)  # an interrupted earlier attempt
+                shutil.rmtree(run_dir)  # an interrupted attempt, or a classifier of other settings
+            record.unlink(missing_ok=True)
             train(build_config(recipe, [*overrides, f"train.out_dir={results_runs}", "train.run_name=_classifier",
                                         "train.progress=false"]))
+            atomic_write_text(record, json.dumps(spec) + "\n")
     return run_dir
 
 
