@@ -210,6 +210,8 @@ HOW: dict[str, Train | Run | Error | Help | Covered | Skip] = {
                                                         "sides_of_a_pair"),
     "polyattn bench peers": Covered("tests/test_bench_perf.py::test_bench_peers_times_both_sides_of_a_pair"),
     "polyattn bench decode": Covered("tests/test_bench_perf.py::test_bench_decode_reports_latency_against_context"),
+    "polyattn bench decode --models perceiver_ar perceiver_ar_recomputed --contexts 256 1024 4096 --batches 1":
+        Covered("tests/test_bench_perf.py::test_bench_decode_times_perceiver_ar_with_and_without_its_cache"),
     "polyattn bench reversible --depths 4 8 16 --batch 8 --repeats 2 --threads 1":
         Covered("tests/test_bench_perf.py::test_bench_reversible_memory_is_flat_in_depth"),
     "polyattn train vit_reversible_cifar10": Train(),
