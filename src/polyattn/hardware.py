@@ -31,7 +31,7 @@ PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 
 # A CPU "has native bfloat16" (what `auto` picks bfloat16 for) when a bfloat16 product is at least as fast as a
 # float32 one. Measured: AMX 3-5x, AVX-512 BF16 (AMD EPYC) 1.3-1.5x, an AMX Xeon with oneDNN capped at AVX-512
-# BF16 0.51-0.54x (a bfloat16 training step there took 1.8x the float32 one), emulated (AVX2) 0.005-0.02x. At
+# BF16 0.51-0.54x (its bfloat16 training steps took 1.3-2.6x the float32 ones), emulated (AVX2) 0.005-0.02x. At
 # 0.5 the capped Xeon counted as native and `auto` trained it in bfloat16 at half speed.
 NATIVE_BF16_MIN_RATIO = 1.0
 # The probe's product size: native bfloat16 measures 3-5x float32 here with AMX (only 0.7-1.1x at 128); an

@@ -76,33 +76,41 @@ def decode_latency(model: torch.nn.Module, vocab_size: int, batch: int, context:
     with autocast():
         t0 = time.perf_counter()
         logits, cache = model.forward_cached(prompt)
-        token = logits[:, -1].argmax(-1, keepdim=True)
+        state = {"token": logits[:, -1].argmax(-1, keepdim=True), "cache": cache}
         synchronize(device)
         prefill = time.perf_counter() - t0
-        times = []
-        for _ in range(steps + 1):  # the first step is a warm-up (new shapes)
-            synchronize(device)
-            t0 = time.perf_counter()
-            logits, cache = model.forward_cached(token, cache)
-            token = logits[:, -1].argmax(-1, keepdim=True)
-            synchronize(device)
-            times.append(time.perf_counter() - t0)
-    return {"prefill_s": prefill, "step_s": median(times[1:]), "times": times[1:]}
+
+        def step():
+            logits, state["cache"] = model.forward_cached(state["token"], state["cache"])
+            state["token"] = logits[:, -1].argmax(-1, keepdim=True)
+
+        times = _timed_steps(step, steps, device)
+    return {"prefill_s": prefill, "step_s": median(times), "times": times}
 
 
 def _uncached_latency(model: torch.nn.Module, tokens: torch.Tensor, steps: int, device: torch.device,
                       autocast) -> dict:
-    window = model.max_seq_len
-    times = []
+    window, state = model.max_seq_len, {"tokens": tokens}
+
+    def step():
+        token = model(state["tokens"][:, -window:])[:, -1].argmax(-1, keepdim=True)
+        state["tokens"] = torch.cat([state["tokens"], token], 1)
+
     with autocast():
-        for _ in range(steps + 1):  # the first step is a warm-up
-            synchronize(device)
-            t0 = time.perf_counter()
-            token = model(tokens[:, -window:])[:, -1].argmax(-1, keepdim=True)
-            tokens = torch.cat([tokens, token], 1)
-            synchronize(device)
-            times.append(time.perf_counter() - t0)
-    return {"prefill_s": 0.0, "step_s": median(times[1:]), "times": times[1:]}
+        times = _timed_steps(step, steps, device)
+    return {"prefill_s": 0.0, "step_s": median(times), "times": times}
+
+
+def _timed_steps(step, steps: int, device: torch.device) -> list[float]:
+    """Seconds of each of `steps` calls of `step()`, after one untimed warm-up call (new shapes)."""
+    times = []
+    for _ in range(steps + 1):
+        synchronize(device)
+        t0 = time.perf_counter()
+        step()
+        synchronize(device)
+        times.append(time.perf_counter() - t0)
+    return times[1:]
 
 
 def run(args) -> int:

@@ -15,9 +15,9 @@ from ..tasks.sample_quality import measure_samples
 
 def classifier_run(results_runs: Path, recipe: str, overrides: list[str]) -> Path:
     """The classifier run that measures the samples: trained once (under `results_runs/_classifier`) and reused
-    while the recipe and overrides it was trained with are the ones asked for (`classifier.json` records them; a
-    run trained with others, or before they were recorded, is trained again). A file lock lets rows measured
-    side by side share it."""
+    while the recipe and overrides it was trained with are the ones asked for (`_classifier.json` beside it
+    records them; a run trained with others, or before they were recorded, is trained again). A file lock lets
+    rows measured side by side share it."""
     import fcntl
     import json
     import shutil
