@@ -5,7 +5,8 @@ natively (`polyattn.hardware.native_bf16`). This suite takes each choice both wa
 at, so the decision can be checked on any machine (the README records it on each CPU kind):
 
 - `attention_short`: bfloat16 attention with few keys, forward+backward: the explicit matmul-softmax-matmul (chosen
-  below 512 keys where bfloat16 is native) against SDPA (chosen otherwise), 8 × T × 4 heads of 32, causal.
+  up to a number of keys set per CPU kind where bfloat16 is native, `ops.attention.EXPLICIT_MAX_KEYS_CPU`) against
+  SDPA (chosen otherwise), 8 × T × 4 heads of 32, causal.
 - `lightnet_global`: non-causal LightNet forward+backward with bfloat16 inputs: its products in bfloat16 (where
   native) against float32 (elsewhere), 1 × T × 4 heads of 64.
 - `chunk_core`: causal LightNet forward+backward with bfloat16 inputs: the chunk core's products in bfloat16
@@ -68,7 +69,7 @@ def cases(quick: bool, device: torch.device):
     from ..ops.lightnet import lightnet_attn
 
     native = native_bf16(device)
-    for T in ((17,) if quick else (65, 257)):
+    for T in ((17,) if quick else (65, 129, 257)):
         q, k, v = (_randn(2 if quick else 8, T, 4, 32, device=device, seed=i) for i in range(3))
         yield ("attention_short", f"{q.shape[0]} × {T} × 4 × 32",
                {"explicit": _fwd_bwd(lambda q, k, v: attention(q, k, v, mask_mode="causal", backend="explicit"),

@@ -202,13 +202,17 @@ class Backend(str, Enum):
 
 # On a CPU with native bfloat16 products, SDPA's flash kernel has a high fixed cost per (batch, head) in bfloat16;
 # below a number of keys that depends on the CPU, an explicit matmul-softmax-matmul in bfloat16 (softmax in
-# float32) is faster for forward+backward, while SDPA wins above it and in float32. Measured (`polyattn bench
-# dtypes` takes it both ways):
-# - AVX-512 BF16 (AMD EPYC): T=65: 4.8 vs 22 ms; T=257: 29 vs 54 ms at D=64; SDPA wins from ~1K keys → 512.
+# float32) is faster for forward+backward, while SDPA wins above it and in float32. Measured fwd+bwd, 2 threads
+# (`polyattn bench dtypes` takes it both ways):
+# - AVX-512 BF16 (AMD EPYC, Zen 4, torch 2.13), explicit ÷ SDPA time, batch 8 × 4 heads of 32 | of 64, causal:
+#   65 keys 0.49 | 0.39, 129: 0.66 | 0.51, 193: 1.31 | 0.72, 257: 1.72 | 0.97, 513: 3.3 | 2.5; bidirectional wins
+#   up to 257 keys (0.55–0.72), loses from 385 (1.24–1.68); batch 32 × 4 × 64 loses from 257 either way
+#   (1.25–1.67), ViT-T's 128 × 65 × 3 × 64 wins 0.23–0.32 → 192. (An earlier torch measured SDPA losing up to
+#   ~1K keys here, and the threshold was 512: explicit 1.7–3.3x slower at 257–513 causal keys with this one.)
 # - AMX (Intel Xeon), 8 × T × 4 heads of 32, causal, 2 threads: T=65: 3.0 vs 5.6 ms; T=257: 28.4 vs 19.1 ms → 128.
 # Without native bfloat16 (AVX2) the explicit products are the slow part: T=65: 20.8 against SDPA's 8.2 ms; at
 # 257 keys 256 against 72 ms (same shapes) → never.
-EXPLICIT_MAX_KEYS_CPU = {"AVX-512 BF16": 512, "AMX": 128}
+EXPLICIT_MAX_KEYS_CPU = {"AVX-512 BF16": 192, "AMX": 128}
 
 
 @torch.compiler.assume_constant_result  # traced code sees the number, not the lookup
