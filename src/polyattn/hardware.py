@@ -2,7 +2,8 @@
 precision that `auto` resolves to there, with the reason.
 
 Why a measured probe and not only feature flags: a matrix product in bfloat16 is 3-5x faster than float32 with
-AMX and 1.3-1.5x on an AMD EPYC with AVX-512 BF16, but only 0.5x on an AMX Xeon whose oneDNN is capped at
+AMX and 1.3-2.3x on AMD EPYCs with AVX-512 BF16 (a Zen 4 EPYC: 315-428 against 179-202 GFLOP/s, 256² to 2048², 2
+threads; the probe's one-thread 256² product 1.95x), but only 0.5x on an AMX Xeon whose oneDNN is capped at
 AVX-512 BF16 (`ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16`: 76-80 against 144-153 GFLOP/s, 256² to 2048², idle), and
 ~100x *slower* on AVX2-only CPUs (torch then has no bfloat16 GEMM kernel; 0.9 against 115 GFLOP/s measured).
 Having the instructions is not the question; being faster than float32 is. torch's flags
@@ -30,7 +31,8 @@ from .errors import UserError
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 
 # A CPU "has native bfloat16" (what `auto` picks bfloat16 for) when a bfloat16 product is at least as fast as a
-# float32 one. Measured: AMX 3-5x, AVX-512 BF16 (AMD EPYC) 1.3-1.5x, an AMX Xeon with oneDNN capped at AVX-512
+# float32 one. Measured: AMX 3-5x, AVX-512 BF16 (AMD EPYC) 1.3-2.3x (its bfloat16 training steps 1.05-1.8x faster
+# than float32 ones, `polyattn bench train`), an AMX Xeon with oneDNN capped at AVX-512
 # BF16 0.51-0.54x (its bfloat16 training steps took 1.3-2.6x the float32 ones), emulated (AVX2) 0.005-0.02x. At
 # 0.5 the capped Xeon counted as native and `auto` trained it in bfloat16 at half speed.
 NATIVE_BF16_MIN_RATIO = 1.0
