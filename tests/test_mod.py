@@ -123,3 +123,39 @@ def test_bad_settings_are_refused(tokens):
     torch.testing.assert_close(model(tokens, attention_mask=torch.ones_like(tokens)), model(tokens))
     with pytest.raises(ValueError, match="build it with mod_capacity"):
         LlamaLM(vocab_size=V, dim=D, depth=2, num_heads=2)(tokens, return_routing=True)
+
+
+def test_the_inference_threshold_is_calibrated_to_the_capacity_in_training(tokens):
+    """A predictor that has not learnt the top-k (here: untrained) would choose almost no token at the paper's
+    logit 0 once its bias is low; the calibrated threshold chooses the capacity's share of the training batch."""
+    model = mod_model(0.25)
+    predictor_bias(model, -30.0)  # logits spread around -30: the literal rule (logit > 0) chooses nothing
+    first = model.mod["1"]
+    with torch.no_grad():
+        _, routings = model.eval()(tokens, return_routing=True)
+        assert not routings[0].selected.any()
+        model.train()(tokens)
+        assert int(first.threshold_updates) == 1 and first.threshold < -1.0
+        _, routings = model.eval()(tokens, return_routing=True)
+    # the first routed block reads the same input in both modes: exactly round(0.25 · 20) tokens per row in all
+    assert int(routings[0].selected.sum()) == 3 * 5
+    # a second measurement is averaged with the first, not substituted for it
+    before = first.threshold.clone()
+    with torch.no_grad():
+        model.train()(tokens.flip(1))
+    measured = 2 * first.threshold - before  # weight 1/2 on the second measurement
+    assert int(first.threshold_updates) == 2 and not torch.equal(measured, before)
+
+
+def test_the_threshold_is_saved_and_an_older_model_loads_with_the_papers_rule(tokens):
+    model = mod_model(0.25).train()
+    with torch.no_grad():
+        model(tokens)
+    state = model.state_dict()
+    assert "mod.1.threshold" in state
+    again = mod_model(0.25)
+    again.load_state_dict(state)
+    assert torch.equal(again.mod["1"].threshold, model.mod["1"].threshold)
+    older = {k: v for k, v in state.items() if "threshold" not in k}  # saved before the buffer existed
+    again.load_state_dict(older)
+    assert float(again.mod["1"].threshold) == 0.0 and float(again.mod["1"].threshold_updates) == 0.0

@@ -15,10 +15,19 @@ autoregressive sampling the paper offers two fixes (§3.5); this module implemen
 predictor*: a small MLP (D → D/4 → 1, SiLU) reads the same input as the router, through a stop-gradient, and is
 trained with binary cross-entropy to predict whether each token is among the top-k (the targets are the top-k
 membership of the same forward pass). It does not touch the language-modelling gradient, so the routed network
-trains exactly as with top-k. At inference (`causal=True`) a token is computed iff the predictor says it would
-be in the top-k (logit > 0): a per-token, causal decision, so the number of tokens a block computes varies by row
+trains exactly as with top-k. At inference (`causal=True`) a token is computed iff its predictor logit exceeds
+the block's `threshold`: a per-token, causal decision, so the number of tokens a block computes varies by row
 and by step, and the block's KV cache holds keys of the tokens it computed only (the slots of the others are
 masked). The first fix (an auxiliary BCE loss on the router's own outputs, thresholded at 0.5) is not built.
+
+The threshold is calibrated, not the paper's fixed 0.5 probability (logit 0): every training forward measures the
+logit above which the capacity's share of its tokens lies (the `(1 − c)` quantile over the batch) and the
+buffer keeps a running mean of it (the plain mean over the first 100 steps, then an exponential one with weight
+0.01, as the predictor still moves). A predictor that has learnt the top-k well puts that quantile near 0, so
+both rules agree; a short run's predictor, trained on 12.5% positives, stays below 0.5 for almost every token,
+and the literal rule then skipped the routed blocks (0.1% of the tokens chosen at capacity 0.125, 100 steps of
+`llama_mod_shakespeare`), while the calibrated one computes about the capacity's share. A model saved before the
+buffer existed loads with threshold 0, the paper's rule.
 
 A block takes part by having `mixer_branch(x, **kwargs) -> (attention branch, cache)` and `mlp_branch(x)`
 (`TransformerBlock` has both) and a self-attention whose RoPE angles are passed in (`rope=`): the router hands the
@@ -74,6 +83,27 @@ class MixtureOfDepths(nn.Module):
         self.capacity = check_capacity(capacity)
         self.router = nn.Linear(dim, 1, bias=False)
         self.predictor = nn.Sequential(nn.Linear(dim, max(dim // 4, 1)), nn.SiLU(), nn.Linear(max(dim // 4, 1), 1))
+        # the inference rule's logit threshold and how many training forwards have measured it (module docstring)
+        self.register_buffer("threshold", torch.zeros(()))
+        self.register_buffer("threshold_updates", torch.zeros(()))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        for name in ("threshold", "threshold_updates"):  # saved before the threshold was calibrated: logit 0
+            state_dict.setdefault(prefix + name, torch.zeros(()))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    @torch.no_grad()
+    def _calibrate(self, logits: torch.Tensor, chosen: int) -> None:
+        """Moves `threshold` towards the logit above which `chosen` of the batch's `logits.numel()` tokens lie."""
+        flat = logits.detach().float().flatten()
+        if chosen >= flat.numel():
+            return  # every token is chosen: no logit separates them (capacity 1)
+        # between the chosen-th and (chosen+1)-th largest, so that `logit > threshold` picks `chosen` of them
+        top = flat.topk(chosen + 1).values
+        measured = (top[-2] + top[-1]) / 2
+        self.threshold_updates += 1
+        weight = torch.clamp(1.0 / self.threshold_updates, min=0.01)
+        self.threshold += weight * (measured - self.threshold)
 
     def tokens_for(self, seq_len: int) -> int:
         """`k`: how many of `seq_len` tokens the block computes in training (at least one)."""
@@ -110,11 +140,13 @@ class MixtureOfDepths(nn.Module):
         out = x.scatter_add(1, gather, (r.gather(1, idx)[..., None] * f).to(x.dtype))  # autocast: f may be bf16
         pred = self.predictor(x.detach()).squeeze(-1).float()  # stop-gradient: the LM loss does not see it
         bce = F.binary_cross_entropy_with_logits(pred, selected.float(), reduction="sum")
+        if self.training:
+            self._calibrate(pred, B * idx.shape[1])
         return out, None, Routing(selected, bce)
 
     def _predicted(self, block, x, positions, rope_at, cache, use_cache):
         B, _, D = x.shape
-        selected = self.predictor(x).squeeze(-1) > 0  # (B, T): causal, one token at a time
+        selected = self.predictor(x).squeeze(-1) > self.threshold  # (B, T): causal, one token at a time
         counts = selected.sum(1)
         kmax = int(counts.max()) if B else 0
         rows = (counts > 0).nonzero().squeeze(1)  # only the rows with a chosen token run the block at all
