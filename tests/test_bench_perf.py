@@ -81,10 +81,15 @@ def test_bench_decode_times_perceiver_ar_with_and_without_its_cache(tmp_path):
 
 @pytest.mark.skipif(importlib.util.find_spec("x_transformers") is None, reason="the bench extra is not installed")
 def test_bench_peers_times_both_sides_of_a_pair(tmp_path):
-    assert main(["bench", "peers", "--quick", "--pairs", "llama_decoder", "--precisions", "fp32",
+    assert main(["bench", "peers", "--quick", "--pairs", "llama_decoder", "--precisions", "fp32", "--breakdown",
                  "--out", str(tmp_path)]) == 0
     (row,) = json.loads((tmp_path / "peers.json").read_text())["rows"]
     assert row["ratio"] == pytest.approx(row["polyattn_seconds"] / row["peer_seconds"])
+    # the profiled step of each side, split: both run SDPA and GEMMs, so both kinds are there on both sides
+    for side in ("polyattn", "peer"):
+        parts = row["breakdown"][side]
+        assert parts["attention"] > 0 and parts["products"] > 0 and parts["other"] > 0
+    assert "| llama_decoder | fp32 | peer |" in (tmp_path / "peers.md").read_text()
     # the same shapes: the two models' parameter counts agree within 2%
     assert abs(row["polyattn_params"] - row["peer_params"]) / row["peer_params"] < 0.02
 

@@ -14,6 +14,11 @@ loss, backward, AdamW) on the same synthetic batch. Their steps are timed interl
 so the machine's drift affects both alike; the ratio is polyattn's median step time ÷ the peer's (below 1 =
 polyattn faster). Peers are an optional extra (`pip install polyattn[bench]`); a missing one is skipped with a
 message. Benchmarks never assert times.
+
+`--breakdown` also profiles one more step of each side (torch.profiler, self time of every op) and splits it into
+softmax attention kernels (SDPA's), matrix products and everything else, so a ratio can be read against what
+the two sides share: both call the same SDPA kernel and the same GEMMs, and only the rest is each library's own.
+The profiler's per-op overhead inflates the many small ops of "other", so the split is a guide, not a timing.
 """
 
 from __future__ import annotations
@@ -103,8 +108,37 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repeats", type=int, default=5, help="timed steps of each side; medians are compared")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps of each side before timing")
     parser.add_argument("--quick", action="store_true", help="smoke test: batch 2, 128 tokens, 1 repeat")
+    parser.add_argument("--breakdown", action="store_true",
+                        help="also profile one step of each side: attention kernels, matrix products, the rest")
     add_machine_arguments(parser)
     parser.add_argument("--seed", type=int, default=0)
+
+
+# Self time of these ops is "attention" (SDPA's kernels on CPU and CUDA) and "products" (GEMMs) in a breakdown.
+ATTENTION_OPS = ("scaled_dot_product", "flash_attention", "efficient_attention", "cudnn_attention")
+PRODUCT_OPS = frozenset({"aten::mm", "aten::bmm", "aten::addmm", "aten::baddbmm", "aten::addbmm",
+                         "aten::_addmm_activation", "aten::mkldnn_linear"})
+
+
+def step_breakdown(step: Callable[[], None], device: torch.device) -> dict[str, float]:
+    """Seconds of one profiled `step` by kind of op: `attention`, `products` and `other` (self time, so nothing is
+    counted twice; device time on CUDA)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        step()
+        synchronize(device)
+    seconds = {"attention": 0.0, "products": 0.0, "other": 0.0}
+    for event in prof.key_averages():
+        spent = (event.self_device_time_total if device.type == "cuda" else event.self_cpu_time_total) / 1e6
+        if any(op in event.key for op in ATTENTION_OPS):
+            seconds["attention"] += spent
+        elif event.key in PRODUCT_OPS:
+            seconds["products"] += spent
+        else:
+            seconds["other"] += spent
+    return seconds
 
 
 def measure_pair(pair: Pair, workload: Workload, precision: Precision, args, device: torch.device) -> dict:
@@ -137,12 +171,14 @@ def measure_pair(pair: Pair, workload: Workload, precision: Precision, args, dev
             times[side].append(time.perf_counter() - t0)
     ours_s = median(times["polyattn"])
     peer_s = median(times["peer"]) if "peer" in times else None
+    breakdown = {side: step_breakdown(step, device) for side, step in steps.items()} if args.breakdown else None
     return {"pair": pair.name, "workload": workload.name, "peer": pair.peer, "precision": precision.name,
             "batch": workload.batch, "seq_len": workload.seq_len if task != "classification" else None,
             "polyattn_params": sum(p.numel() for p in ours.parameters()),
             "peer_params": sum(p.numel() for p in peer.parameters()),
             "polyattn_seconds": ours_s, "peer_seconds": peer_s, "ratio": None if peer_s is None else ours_s / peer_s,
-            "peer_error": peer_error, "polyattn_times": times["polyattn"], "peer_times": times.get("peer")}
+            "peer_error": peer_error, "polyattn_times": times["polyattn"], "peer_times": times.get("peer"),
+            "breakdown": breakdown}
 
 
 def run(args) -> int:
@@ -190,6 +226,16 @@ def format_table(rows: list[dict], header: dict) -> str:
     errors = {r["peer"]: r["peer_error"] for r in rows if r["peer_error"]}
     lines += [f"{peer} fails in {', '.join(r['precision'] for r in rows if r['peer'] == peer and r['peer_error'])}: "
               f"`{error.splitlines()[0][:160]}`." for peer, error in errors.items()]
+    split = [r for r in rows if r.get("breakdown")]
+    if split:
+        lines += ["", "**Where one profiled step goes (self time, ms; profiler overhead inflates 'other')**", "",
+                  "| pair | precision | side | attention | products | other | total |", "|---|---|---|---|---|---|---|"]
+        for r in split:
+            for side, parts in r["breakdown"].items():
+                total = sum(parts.values())
+                cells = " | ".join(f"{parts[k] * 1e3:.0f} ({parts[k] / total:.0%})"
+                                   for k in ("attention", "products", "other"))
+                lines.append(f"| {r['pair']} | {r['precision']} | {side} | {cells} | {total * 1e3:.0f} |")
     return "\n".join(lines)
 
 
