@@ -208,6 +208,8 @@ HOW: dict[str, Train | Run | Error | Help | Covered | Skip] = {
                                                         "json_and_plot"),
     "polyattn bench peers --precisions native": Covered("tests/test_bench_perf.py::test_bench_peers_times_both_"
                                                         "sides_of_a_pair"),
+    "polyattn bench peers --precisions native --breakdown": Covered("tests/test_bench_perf.py::test_bench_peers_"
+                                                                    "times_both_sides_of_a_pair"),
     "polyattn bench peers": Covered("tests/test_bench_perf.py::test_bench_peers_times_both_sides_of_a_pair"),
     "polyattn bench decode": Covered("tests/test_bench_perf.py::test_bench_decode_reports_latency_against_context"),
     "polyattn bench decode --models perceiver_ar perceiver_ar_recomputed --contexts 256 1024 4096 --batches 1":
