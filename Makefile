@@ -1,6 +1,7 @@
 # The two Quickstart commands. Each sets up .venv first (see scripts/setup.sh for TORCH_SPEC and EXTRAS).
 #   make train [ARGS="recipe key=value ..."]   trains the default recipe (or ARGS) and evaluates it
-#   make test                                  runs ruff and the test suite
+#   make test                                  runs ruff and the test suite, one worker per CPU core
+#                                              (PYTEST_WORKERS=N to choose, 0 for one process)
 #   make docs                                  builds the API reference into site/ (strict: warnings fail)
 #   make gpu-check                             the contracts and benchmarks on CUDA (scripts/gpu_check.sh)
 .PHONY: setup train test lint docs gpu-check
@@ -17,8 +18,10 @@ lint: setup
 docs: setup
 	PYTHONPATH=src .venv/bin/mkdocs build --strict --quiet
 
+PYTEST_WORKERS ?= auto
+
 test: lint
-	.venv/bin/python -m pytest $(PYTEST_ARGS)
+	.venv/bin/python -m pytest -n $(PYTEST_WORKERS) --dist loadgroup $(PYTEST_ARGS)
 
 gpu-check: setup
 	bash scripts/gpu_check.sh

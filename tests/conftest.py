@@ -7,6 +7,13 @@ import torch
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
+# Under pytest-xdist (`make test`) every worker would otherwise start one torch thread per core, and N workers on N
+# cores would fight over them: each worker (and the commands its tests start) gets its share of the cores instead.
+if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
+    _share = max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))
+    torch.set_num_threads(_share)
+    os.environ["OMP_NUM_THREADS"] = str(_share)
+
 
 @pytest.fixture(autouse=True)
 def _seed_and_threads():

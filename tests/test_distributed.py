@@ -19,6 +19,10 @@ from pathlib import Path
 
 import pytest
 
+# Under `make test` (pytest-xdist, --dist loadgroup) these tests share one worker: each starts 2-3 processes of its
+# own, and two of them at once on a 2-core machine would oversubscribe it several times over.
+pytestmark = pytest.mark.xdist_group("torchrun")
+
 SRC = Path(__file__).resolve().parents[1] / "src"
 TOLERANCE = 1e-5
 IMAGES = ["model.embed_dim=32", "model.depth=1", "model.num_heads=2", "model.patch_size=4", "data.image_size=8",
