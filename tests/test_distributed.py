@@ -19,9 +19,11 @@ from pathlib import Path
 
 import pytest
 
-# Under `make test` (pytest-xdist, --dist loadgroup) these tests share one worker: each starts 2-3 processes of its
-# own, and two of them at once on a 2-core machine would oversubscribe it several times over.
-pytestmark = pytest.mark.xdist_group("torchrun")
+# `make test` runs these in a pass of their own, after the rest, in one process: each starts 2-3 processes of its own,
+# and inside the pytest-xdist pass the FSDP test's second rank aborted ("terminate called without an active
+# exception", exit -6) in 2 of 2 full runs on the 2-core AMD EPYC, while it passed 12 of 12 times alone, under load,
+# and with this file alone under xdist. The cause is not found.
+pytestmark = pytest.mark.torchrun
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 TOLERANCE = 1e-5
