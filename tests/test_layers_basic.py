@@ -127,3 +127,25 @@ def test_the_convolutional_stem_reaches_the_patch_grid_through_stride_2_convolut
             PatchEmbed(img_size=48, patch_size=bad, stem="conv")
     with pytest.raises(UserError, match="stem"):
         PatchEmbed(img_size=32, patch_size=4, stem="convolution")
+
+
+def test_the_resnet_stem_adds_a_residual_basic_block_after_each_stride_2_convolution():
+    from polyattn.layers.patch_embed import BasicBlock
+    pe = PatchEmbed(img_size=32, patch_size=4, in_chans=3, embed_dim=16, stem="resnet")
+    blocks = [m for m in pe.convs if isinstance(m, BasicBlock)]
+    assert [b.body[0].in_channels for b in blocks] == [8, 16]  # one per stage, at the stage's width
+    assert all(c.stride == (1, 1) for b in blocks for c in b.body if isinstance(c, torch.nn.Conv2d))
+    x = torch.randn(2, 3, 32, 32)
+    assert pe(x).shape == (2, 64, 16) and pe.grid_size == (8, 8)
+    # the skip: with the block's body silenced, the block passes its (non-negative) input through unchanged
+    block = blocks[0].eval()
+    torch.nn.init.zeros_(block.body[-1].weight)
+    h = torch.relu(torch.randn(1, 8, 5, 5))
+    torch.testing.assert_close(block(h), h)
+    # wider than the plain stem's reach (one token), still local: each block widens its stage's view by two
+    # positions each way, so a change in the first 4x4 pixels reaches tokens 0-4 along each axis and no further
+    pe.eval()
+    y = x.clone()
+    y[:, :, :4, :4] += 1.0
+    moved = (pe(y) - pe(x)).abs().amax(dim=(0, 2)).view(8, 8) > 0
+    assert moved[0, 0] and moved[3, 3] and not moved[5:].any() and not moved[:, 5:].any()

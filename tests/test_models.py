@@ -25,7 +25,7 @@ STEMMED = sorted({get_entry(n).cls: n for n in CLASSIFIERS if "stem" in get_entr
 
 
 @pytest.mark.parametrize("name, options", [(n, {}) for n in CLASSIFIERS]
-                         + [(n, {"stem": "conv"}) for n in STEMMED])
+                         + [(n, {"stem": stem}) for n in STEMMED for stem in ("conv", "resnet")])
 def test_classifier_contract(name, options):
     torch.manual_seed(0)
     model = small_classifier(name, **options)
@@ -49,7 +49,7 @@ def test_classifier_contract(name, options):
 
 
 @pytest.mark.parametrize("name, options", [(n, {}) for n in CLASSIFIERS]
-                         + [(n, {"stem": "conv"}) for n in STEMMED])
+                         + [(n, {"stem": stem}) for n in STEMMED for stem in ("conv", "resnet")])
 def test_classifier_accepts_another_resolution(name, options):
     model = small_classifier(name, **options).eval()
     assert model(torch.randn(1, 3, 48, 48)).shape == (1, 7)

@@ -15,6 +15,7 @@ class PatchStem(str, Enum):
 
     PATCH = "patch"  # one p x p convolution of stride p: ViT's patchify
     CONV = "conv"  # log2(p) 3x3 stride-2 convolutions, each with BatchNorm and ReLU, then a 1x1 convolution
+    RESNET = "resnet"  # CONV with a ResNet basic block after each stride-2 convolution
 
 
 def to_2tuple(x: int | tuple[int, int] | list[int]) -> tuple[int, int]:
@@ -23,6 +24,20 @@ def to_2tuple(x: int | tuple[int, int] | list[int]) -> tuple[int, int]:
     if len(x) != 2:
         raise ValueError(f"expected an int or a pair, got {x!r}")
     return (int(x[0]), int(x[1]))
+
+
+class BasicBlock(nn.Module):
+    """ResNet's basic block (He et al. 2016) at a fixed width: two 3x3 convolutions with BatchNorm, a skip, ReLU."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(width, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU(),
+            nn.Conv2d(width, width, 3, padding=1, bias=False), nn.BatchNorm2d(width))
+        self.act = nn.ReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(x + self.body(x))
 
 
 class PatchEmbed(nn.Module):
@@ -34,7 +49,10 @@ class PatchEmbed(nn.Module):
     1x1 convolution (`proj`) to `embed_dim`. The paper's stem replaces a 16x16 patchify with four such
     convolutions and one transformer block; it trains faster and more stably on small data. Its 3x3 windows
     overlap the neighbouring patches, so a token sees a pixel or so beyond its own patch (a causal token mixer
-    after it orders the tokens, not the pixels).
+    after it orders the tokens, not the pixels). `stem="resnet"`: the same with a ResNet basic block
+    (`BasicBlock`) after each stride-2 convolution, the hybrid's convolutional half (as in the stems of hybrid
+    ViTs, Dosovitskiy et al. 2020 §3.1): more local feature extraction at the higher resolutions, where
+    convolutions are cheap and small data favours them.
 
     Any image whose height and width are multiples of the patch size is accepted; `img_size` is only the
     default grid that position embeddings are built for. Output: tokens `[B, H/p · W/p, D]` in raster
@@ -64,6 +82,8 @@ class PatchEmbed(nn.Module):
         layers, c = [], in_chans
         for width in widths:  # BatchNorm follows, so the convolutions need no bias
             layers += [nn.Conv2d(c, width, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU()]
+            if self.stem is PatchStem.RESNET:
+                layers.append(BasicBlock(width))
             c = width
         self.convs = nn.Sequential(*layers)
         self.proj = nn.Conv2d(c, embed_dim, kernel_size=1, bias=bias)

@@ -98,8 +98,8 @@ class ILLaMA(EarlyExitMixin, LinearHeadMixin, nn.Module):
         exit_threshold (float): in eval mode an input leaves at the first exit whose top softmax probability
             exceeds this (1.0 = never: the full model). Default: 1.0.
         stem (str): "patch" (one strided convolution per patch, ViT's) or "conv" (the convolutional stem of Xiao
-            et al. 2021: 3x3 stride-2 convolutions with BatchNorm and ReLU; `polyattn.layers.PatchEmbed`).
-            Default: "patch".
+            et al. 2021: 3x3 stride-2 convolutions with BatchNorm and ReLU; `polyattn.layers.PatchEmbed`) or
+            "resnet" (that stem with a ResNet basic block after each stride-2 convolution). Default: "patch".
     """
 
     GLOBAL_POOLS = ("token",)
@@ -124,7 +124,7 @@ class ILLaMA(EarlyExitMixin, LinearHeadMixin, nn.Module):
         reversible: bool = False,
         early_exit: bool = False,
         exit_threshold: float = 1.0,
-        stem: PatchStem | Literal["patch", "conv"] = "patch",
+        stem: PatchStem | Literal["patch", "conv", "resnet"] = "patch",
     ):
         super().__init__()
         self.reversible = reversible

@@ -51,8 +51,9 @@ class PerceiverVision(LinearHeadMixin, nn.Module):
         mlp_ratio (float): MLP width over `D`. Default: 4.0.
         drop_rate (float): dropout in the MLPs and before the head. Default: 0.0.
         drop_path_rate (float): stochastic depth of the last latent block (linear in depth). Default: 0.0.
-        stem (str): "patch" (one strided convolution per patch) or "conv" (the convolutional stem of Xiao et al.
-            2021; `polyattn.layers.PatchEmbed`). Default: "patch".
+        stem (str): "patch" (one strided convolution per patch), "conv" (the convolutional stem of Xiao et al.
+            2021; `polyattn.layers.PatchEmbed`) or "resnet" (that stem with a ResNet basic block after each
+            stride-2 convolution). Default: "patch".
     """
 
     GLOBAL_POOLS = ("avg",)
@@ -61,7 +62,7 @@ class PerceiverVision(LinearHeadMixin, nn.Module):
                  in_chans: int = 3, num_classes: int = 10, embed_dim: int = 128, num_latents: int = 64,
                  depth: int = 6, num_heads: int = 4, cross_heads: int = 1, linear_cross_attention: bool = False,
                  mlp_ratio: float = 4.0, drop_rate: float = 0.0, drop_path_rate: float = 0.0,
-                 stem: PatchStem | Literal["patch", "conv"] = "patch"):
+                 stem: PatchStem | Literal["patch", "conv", "resnet"] = "patch"):
         super().__init__()
         if num_latents < 1:
             raise ValueError(f"num_latents must be at least 1, got {num_latents}")

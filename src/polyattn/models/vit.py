@@ -40,7 +40,8 @@ class VisionTransformer(EarlyExitMixin, LinearHeadMixin, nn.Module):
     runs the blocks as a reversible stack (`polyattn.layers.reversible`). `early_exit=True` adds an exit after
     every block (`EarlyExitMixin`: one shared head, a LayerNorm per exit) and `exit_threshold` the confidence at
     which an input leaves in eval mode (1.0 = never: the full model). `stem="conv"` reaches the patch grid through
-    a convolutional stem (Xiao et al. 2021; `polyattn.layers.PatchEmbed`) instead of one strided convolution.
+    a convolutional stem (Xiao et al. 2021; `polyattn.layers.PatchEmbed`) instead of one strided convolution, and
+    `stem="resnet"` through that stem with a ResNet basic block after each stride-2 convolution (a hybrid ViT).
     """
 
     GLOBAL_POOLS = ("token", "avg")
@@ -63,7 +64,7 @@ class VisionTransformer(EarlyExitMixin, LinearHeadMixin, nn.Module):
         reversible: bool = False,
         early_exit: bool = False,
         exit_threshold: float = 1.0,
-        stem: PatchStem | Literal["patch", "conv"] = "patch",
+        stem: PatchStem | Literal["patch", "conv", "resnet"] = "patch",
     ):
         super().__init__()
         self.reversible = reversible
