@@ -124,6 +124,29 @@ def test_evaluate_equals_metrics_on_the_concatenated_logits():
     assert not model.training
 
 
+def test_evaluate_with_flip_scores_the_mean_logits_of_each_image_and_its_mirror_image():
+    torch.manual_seed(0)
+    model = Linear()
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(23, 3, 2, 2, generator=g)
+    y = torch.randint(0, 6, (23,), generator=g)
+    batches = [(x[i:i + 10], y[i:i + 10]) for i in range(0, 23, 10)]
+    task = ClassificationTask(6)
+    metrics = task.evaluate(model, batches, flip=True)
+    with torch.no_grad():
+        logits = (model.fc(x.flatten(1)) + model.fc(x.flip(-1).flatten(1))) / 2
+    assert metrics["loss"] == pytest.approx(F.cross_entropy(logits, y).item(), rel=1e-5)
+    assert metrics["top1"] == pytest.approx((logits.argmax(-1) == y).float().mean().item())
+    assert metrics["loss"] != pytest.approx(task.evaluate(model, batches)["loss"], rel=1e-3)  # a second view
+    # a mirror-symmetric model gives what the single view gives
+    symmetric = nn.Sequential(nn.Flatten(), nn.Linear(12, 6))
+    with torch.no_grad():
+        symmetric[1].weight.copy_(symmetric[1].weight.view(6, 3, 2, 2).flip(-1).add(
+            symmetric[1].weight.view(6, 3, 2, 2)).view(6, 12))
+    single, both = task.evaluate(symmetric, batches), task.evaluate(symmetric, batches, flip=True)
+    assert both["loss"] == pytest.approx(single["loss"], rel=1e-5) and both["top1"] == single["top1"]
+
+
 def test_evaluate_with_few_classes_and_autocast():
     model = nn.Sequential(nn.Flatten(), nn.Linear(4, 3))
     batches = [(torch.randn(5, 1, 2, 2), torch.randint(0, 3, (5,)))]

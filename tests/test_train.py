@@ -51,6 +51,11 @@ def test_run_directory_describes_itself(tmp_path, cache_dir, capsys):
     assert main(["eval", str(run), "data.test_fraction=0.1"]) == 0
     assert main(["eval", str(run), "data.no_such_key=1"]) == 2
     assert "no_such_key" in capsys.readouterr().err
+    # test-time flips: only for a run that trained on mirror images (the digits do not)
+    assert main(["eval", str(run), "task.eval_flip=true"]) == 2
+    assert "data.hflip is false" in capsys.readouterr().err
+    flipped = evaluate_run(run, overrides=["task.eval_flip=true", "data.hflip=true"])
+    assert flipped["count"] == summary["test"]["count"] and flipped["loss"] != summary["test"]["loss"]
 
 
 def test_gradient_accumulation_matches_one_batch(tmp_path, cache_dir):
@@ -286,11 +291,14 @@ def test_ema_weights_are_saved_evaluated_and_resumed_exactly(tmp_path, cache_dir
     load_weights(raw, tmp_path / "ref" / "ema.safetensors", model_name="vit_nano")  # same architecture
 
 
-def test_time_budget_stops_training_and_ends_the_schedule_on_time(tmp_path, cache_dir):
+def test_time_budget_stops_training_and_ends_the_schedule_on_time(tmp_path, cache_dir, capsys):
     summary = train(tiny_config(tmp_path, "train.epochs=1000", "train.time_budget_s=1.5", "train.log_every=1",
-                                "train.warmup_epochs=0", "train.run_name=t"))
+                                "train.warmup_epochs=0", "train.run_name=t", "train.progress=true"))
     assert 1.5 <= summary["train_time_s"] < 5.0 and summary["epochs"] < 1000
     assert summary["time_budget_s"] == 1.5
+    # the bar counts down the budget, not an ETA for the 1,000 epochs the run will never reach
+    bar = [line for line in capsys.readouterr().err.splitlines() if line.startswith("training:")][-1]
+    assert "of the time budget left" in bar and "<" not in bar
     lrs = [r["lr"] for r in read_metrics(tmp_path / "t") if r["kind"] == "train"]
     lr = build_config("default", []).train.lr
     # the cosine schedule runs on the budget's share of training: it starts at lr and ends near min_lr

@@ -58,3 +58,10 @@ def note(message: str) -> None:
         tqdm.write(message, file=sys.stderr)
     else:
         print(message, file=sys.stderr, flush=True)
+
+
+def clock(seconds: float) -> str:
+    """A duration as the bars show one: 4:05, 1:02:03."""
+    from tqdm import tqdm
+
+    return tqdm.format_interval(seconds)

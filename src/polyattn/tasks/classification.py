@@ -29,6 +29,11 @@ class ClassificationConfig(Section):
     """Classification: label smoothing of the cross-entropy (0 = off; DeiT: 0.1)."""
     ece_bins: int = checked(15, ge=1)
     """Classification: confidence bins of the expected calibration error and the reliability diagram."""
+    eval_flip: bool = False
+    """Image classification: evaluate each image and its left-right mirror image and average their logits
+    (test-time augmentation; twice the evaluation cost). Needs data.hflip: a model is only evaluated on views it
+    was trained on. Training is unchanged, so it can be set for one evaluation of a finished run (an override
+    of polyattn eval)."""
 
 
 def topk_correct(logits: torch.Tensor, targets: torch.Tensor, ks: Sequence[int]) -> dict[int, int]:
@@ -129,7 +134,7 @@ class ClassificationTask:
     @torch.no_grad()
     def evaluate(self, model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], *,
                  autocast_dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
-                 reliability: bool = False) -> dict:
+                 reliability: bool = False, flip: bool = False) -> dict:
         """{"loss", "top1", "top{k}", "ece", "count"} over all the batches (every sample weighs the same; in a
         distributed run, the batches of every process: each passes its share, see `polyattn.distributed.shard`), and
         with `reliability` also "reliability": the `ReliabilityBins` behind the ECE (for a reliability diagram).
@@ -139,8 +144,9 @@ class ClassificationTask:
         "loss" is the plain cross-entropy (negative log-likelihood, no label smoothing), so it can be compared
         across runs trained with different smoothing. k is 5, or the number of classes when fewer (no
         top-k key with a single class). Batches are moved to `device` (the model must already be there) and
-        the model is called as `model(images)`, so apply any transform to the batches beforehand. The model
-        is put in eval mode and restored to its previous mode.
+        the model is called as `model(images)`, so apply any transform to the batches beforehand. With `flip`
+        the logits are the mean of those of the images and of their mirror images (the last axis reversed).
+        The model is put in eval mode and restored to its previous mode.
         """
         device = torch.device(device)
         was_training = model.training
@@ -149,6 +155,9 @@ class ClassificationTask:
                else contextlib.nullcontext())
         loss_sum, count, blocks_run = 0.0, 0, 0
         early_exit = getattr(model, "early_exit", False)
+        if flip and early_exit:
+            raise UserError("task.eval_flip averages two views of each image, but an early-exit model decides per "
+                            "view where each input leaves; evaluate it with task.eval_flip=false.")
         correct = dict.fromkeys(self.topk, 0)
         confidences, top1_ok = [], []
         try:
@@ -158,6 +167,8 @@ class ClassificationTask:
                     if early_exit:  # each input leaves at its first confident exit: count the blocks it ran
                         out = model.forward_early_exit(images)
                         logits, blocks_run = out.logits, blocks_run + int(out.exit_block.sum())
+                    elif flip:
+                        logits = (model(images).float() + model(images.flip(-1)).float()) / 2
                     else:
                         logits = model(images)
                 logits = logits.float()

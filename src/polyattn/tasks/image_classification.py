@@ -10,6 +10,7 @@ from torch import nn
 from ..data.loader import BatchLoader, to_device
 from ..data.transforms import MixupCutmix, TrainAugment
 from ..distributed import shard, world_size
+from ..errors import UserError
 from ..progress import progress_bar
 from .classification import ClassificationTask
 from .image_job import ImageJob
@@ -25,6 +26,11 @@ class ImageClassificationJob(ImageJob):
     def __init__(self, config, device: torch.device, splits: tuple[str, ...] = ("train", "test")):
         super().__init__(config, device, splits)
         d = config.data
+        if config.task.eval_flip and not d.hflip:
+            raise UserError("task.eval_flip evaluates mirror images, but this run trains without them "
+                            "(data.hflip is false), so its model has not learnt them; set task.eval_flip=false, "
+                            "or train with data.hflip=true.")
+        self.eval_flip = config.task.eval_flip
         self.task = ClassificationTask(self.num_classes, label_smoothing=config.task.label_smoothing,
                                        ece_bins=config.task.ece_bins)
         if "train" in splits:
@@ -64,4 +70,5 @@ class ImageClassificationJob(ImageJob):
             batches = progress_bar(batches, total=-(-len(loader) // world_size()), desc=f"evaluating {split}",
                                    unit="batch")
         with autocast():
-            return self.task.evaluate(model, batches, device=self.device, reliability=reliability)
+            return self.task.evaluate(model, batches, device=self.device, reliability=reliability,
+                                      flip=self.eval_flip)

@@ -30,7 +30,7 @@ from ..errors import Interrupted, UserError
 from ..files import atomic_write_text, write_error
 from ..hardware import Precision, autocast_for, device_name, environment, resolve_device, resolve_precision
 from ..layers.linear_attention import random_feature_layers, redraw_random_features
-from ..progress import note, progress_bar
+from ..progress import clock, note, progress_bar
 from ..registry import get_entry, parameter_count
 from ..settings import fixed_on_resume
 from .checkpoint import (
@@ -490,8 +490,11 @@ def _train_in(run_dir: Path, config: RunConfig, job, model: nn.Module, n_params:
     # agreed by every process at each step (see accumulate): a stop request, rank 0's clocks
     stop_requested, synced_time, synced_since_saved = [False], [0.0], [0.0]
 
+    # under a time budget the run ends on the clock, not at total_steps, so the bar's own ETA would be wrong:
+    # the budget's remaining time is shown instead (in the postfix)
+    eta = "" if budget is not None else "<{remaining}"
     progress = progress_bar(total=total_steps, initial=step, enabled=cfg.progress, unit="step", leave=True,
-                            desc="training", bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}]"
+                            desc="training", bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}" + eta + "]"
                                                         "{postfix}")
     window_loss, window_n, bad_in_row = 0.0, 0, 0
     pending = None  # a checkpoint due at the last step boundary, written once the next loss shows it is good
@@ -561,8 +564,10 @@ def _train_in(run_dir: Path, config: RunConfig, job, model: nn.Module, n_params:
                     window_loss, window_n = window_loss + loss_value, window_n + 1
                 throughput = train_samples / max(train_time, 1e-9)
                 progress.update(1)
+                left = "" if budget is None else \
+                    f", {clock(max(budget - agreed_time(), 0.0))} of the time budget left"
                 progress.set_postfix_str(f"epoch {epoch + 1}/{num_epochs} loss {loss_value:.4f} "
-                                         f"lr {lr:.2e} {throughput:.0f} {unit}/s", refresh=False)
+                                         f"lr {lr:.2e} {throughput:.0f} {unit}/s{left}", refresh=False)
                 if step % cfg.log_every == 0 or step == max_steps:
                     values = {"loss": window_loss / window_n if window_n else float("nan"), "lr": lr,
                               f"{unit}_per_s": throughput, "epoch": step / job.steps_per_epoch}
