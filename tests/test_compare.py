@@ -112,9 +112,10 @@ def test_a_suite_needs_one_budget(tmp_path, monkeypatch, keys, message):
 def test_lookup_and_suite_files():
     assert lookup({"a": {"b": 2}}, "a.b") == 2 and lookup({"a": {}}, "a.b") is None
     for name in ("vision", "vision_mixers", "vision_stem", "lm", "lm_mixers", "lm_reversible", "lm_long",
-                 "vision_fine"):
+                 "vision_fine", "vision_ablations", "diffusion", "diffusion_cifar10"):
         suite = load_suite(name)
-        assert suite.budget_s == 600 and len({r.name for r in suite.rows}) == len(suite.rows)
+        assert suite.budget_s == (1800 if name in ("vision_ablations", "diffusion_cifar10") else 600)
+        assert len({r.name for r in suite.rows}) == len(suite.rows)
         for row in suite.rows:  # every row is a valid configuration
             row_config(suite, row)
     by_steps = load_suite("lm_steps")
