@@ -166,7 +166,10 @@ HOW: dict[str, Train | Run | Error | Help | Covered | Skip] = {
     "polyattn train vit_tiny_cifar10 data.source=/path/to/folder model=vit_small data.image_size=64": Train(),
     "polyattn train vit_tiny_cifar10 data.source=../shared/data/cifar10-jpg.tar.gz train.epochs=5 "
     "train.warmup_epochs=0.5": Train(),
-    "polyattn train illama_cifar10_moonshot train.time_budget_s=2374": Train(["train.compile=false"]),
+    "polyattn train illama_cifar10_moonshot": Train(["train.compile=false"]),
+    "polyattn train illama_cifar10_moonshot model.stem=patch train.time_budget_s=2374": Train(["train.compile=false"]),
+    "polyattn eval runs/<run> task.eval_flip=true": Covered("tests/test_train.py::test_run_directory_describes_"
+                                                            "itself"),
     # language models
     "polyattn train llama_lm_shakespeare": Train(),
     "polyattn train lightnet_lm_shakespeare data.source=shakespeare": Train(),
@@ -236,6 +239,9 @@ HOW: dict[str, Train | Run | Error | Help | Covered | Skip] = {
                                                    "budget_and_the_table_reads_the_saved_results"),
     "polyattn bench compare lm_mixers": Covered("tests/test_compare.py::test_rows_train_for_their_calibrated_"
                                                "budget_and_the_table_reads_the_saved_results"),
+    "polyattn bench compare vision_stem": Covered("tests/test_compare.py::test_lookup_and_suite_files"),
+    "polyattn bench compare vision_ablations": Covered("tests/test_compare.py::test_lookup_and_suite_files"),
+    "polyattn bench compare diffusion_cifar10": Covered("tests/test_compare.py::test_lookup_and_suite_files"),
     "polyattn bench compare diffusion": Covered("tests/test_compare.py::test_rows_train_for_their_calibrated_budget_"
                                                 "and_the_table_reads_the_saved_results"),
     "polyattn bench compare vision --table": Run("--results {results}"),
