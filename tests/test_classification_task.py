@@ -100,13 +100,18 @@ class Linear(nn.Module):
         return self.fc(x.flatten(1).float())
 
 
+def random_images(n: int, seed: int):
+    """n random 3x2x2 images with labels of 6 classes, and the same cut into batches of 10 (the last one short)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 3, 2, 2, generator=g)
+    y = torch.randint(0, 6, (n,), generator=g)
+    return x, y, [(x[i:i + 10], y[i:i + 10]) for i in range(0, n, 10)]
+
+
 def test_evaluate_equals_metrics_on_the_concatenated_logits():
     torch.manual_seed(0)
     model = Linear()
-    g = torch.Generator().manual_seed(3)
-    x = torch.randn(37, 3, 2, 2, generator=g)
-    y = torch.randint(0, 6, (37,), generator=g)
-    batches = [(x[i:i + 10], y[i:i + 10]) for i in range(0, 37, 10)]  # uneven last batch
+    x, y, batches = random_images(37, seed=3)
     task = ClassificationTask(6, label_smoothing=0.1, ece_bins=8)
     model.train()
     metrics = task.evaluate(model, batches)
@@ -127,10 +132,7 @@ def test_evaluate_equals_metrics_on_the_concatenated_logits():
 def test_evaluate_with_flip_scores_the_mean_logits_of_each_image_and_its_mirror_image():
     torch.manual_seed(0)
     model = Linear()
-    g = torch.Generator().manual_seed(4)
-    x = torch.randn(23, 3, 2, 2, generator=g)
-    y = torch.randint(0, 6, (23,), generator=g)
-    batches = [(x[i:i + 10], y[i:i + 10]) for i in range(0, 23, 10)]
+    x, y, batches = random_images(23, seed=4)
     task = ClassificationTask(6)
     metrics = task.evaluate(model, batches, flip=True)
     with torch.no_grad():
