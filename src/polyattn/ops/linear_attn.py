@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from .checks import check_heads, check_mask
+from .chunk_gated import chunk_len, from_chunks, to_chunks
 
 
 class FeatureMap(str, Enum):
@@ -116,6 +117,12 @@ def _initial(B, H, Fd, Dv, state: LinearAttnState | None, like: torch.Tensor) ->
                            like.new_zeros(B, H, Fd, dtype=torch.float32))
 
 
+def _exclusive_cumsum(x: torch.Tensor) -> torch.Tensor:
+    """Sums over dim 2 of what comes before each index (a shifted cumsum: `cumsum − x` would carry round-off into
+    outputs whose normaliser is near zero, as ReLU features give)."""
+    return torch.cat([torch.zeros_like(x[:, :, :1]), x[:, :, :-1]], dim=2).cumsum(2)
+
+
 def linear_attn(phi_q: torch.Tensor, phi_k: torch.Tensor, v: torch.Tensor, *, causal: bool,
                 initial_state: LinearAttnState | None = None, output_final_state: bool = False,
                 mask: torch.Tensor | None = None, chunk_size: int = 64, eps: float = 1e-6
@@ -129,7 +136,7 @@ def linear_attn(phi_q: torch.Tensor, phi_k: torch.Tensor, v: torch.Tensor, *, ca
         initial_state: the state of a previous causal call; the new tokens continue it.
         output_final_state: return the state after the last token (causal only).
         mask: `[B, T]` bool, True = real; padded keys add nothing, padded outputs are 0.
-        chunk_size: chunk length of the causal form (changes only round-off).
+        chunk_size: chunk length of the causal form, a power of two (changes only round-off).
         eps: added to the normaliser `φ(q)ᵀ z`.
 
     Returns:
@@ -151,19 +158,23 @@ def linear_attn(phi_q: torch.Tensor, phi_k: torch.Tensor, v: torch.Tensor, *, ca
         o = num / den
         o = o if mask is None else o.masked_fill(~mask[:, :, None, None], 0)
         return o.to(v.dtype), None
-    S, z = _initial(B, H, Fd, Dv, initial_state, q)
-    outs = []
-    for start in range(0, T, chunk_size):
-        qc, kc, vc = q[:, start:start + chunk_size], k[:, start:start + chunk_size], vf[:, start:start + chunk_size]
-        n = qc.shape[1]
-        tri = torch.ones(n, n, dtype=torch.bool, device=q.device).tril()
-        a = torch.einsum("bthf,bshf->bhts", qc, kc).masked_fill(~tri, 0)  # (B, H, n, n)
-        num = torch.einsum("bhts,bshv->bthv", a, vc) + torch.einsum("bthf,bhfv->bthv", qc, S)
-        den = a.sum(-1).transpose(1, 2) + torch.einsum("bthf,bhf->bth", qc, z)
-        outs.append(num / (den[..., None] + eps))
-        S = S + torch.einsum("bshf,bshv->bhfv", kc, vc)
-        z = z + kc.sum(1)
-    o = torch.cat(outs, 1) if outs else q.new_zeros(B, 0, H, Dv)
+    S0, z0 = _initial(B, H, Fd, Dv, initial_state, q)
+    if T == 0:
+        return v.new_zeros(B, 0, H, Dv), (LinearAttnState(S0, z0) if output_final_state else None)
+    # Every chunk at once: a loop over chunks costs a few small kernels per chunk, so one long window ran up to
+    # 4x slower than many short windows of the same tokens (lm_long's elu+1 rows).
+    C = chunk_len("linear_attn", chunk_size, T)
+    qc, kc, vc = to_chunks(q, C), to_chunks(k, C), to_chunks(vf, C)  # [B, H, N, C, F|Dv], zero-padded
+    kv = torch.einsum("bhncf,bhncv->bhnfv", kc, vc)  # what each chunk adds to the state
+    ksum = kc.sum(3)  # [B, H, N, F]
+    S_in = S0.unsqueeze(2) + _exclusive_cumsum(kv)  # the state entering each chunk
+    z_in = z0.unsqueeze(2) + _exclusive_cumsum(ksum)
+    tri = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()
+    a = torch.einsum("bhntf,bhnsf->bhnts", qc, kc).masked_fill(~tri, 0)  # [B, H, N, C, C]
+    num = a @ vc + torch.einsum("bhntf,bhnfv->bhntv", qc, S_in)
+    den = a.sum(-1) + torch.einsum("bhntf,bhnf->bhnt", qc, z_in)
+    o = from_chunks(num / (den[..., None] + eps), T)
+    S, z = S0 + kv.sum(2), z0 + ksum.sum(2)
     o = o if mask is None else o.masked_fill(~mask[:, :, None, None], 0)
     return o.to(v.dtype), (LinearAttnState(S, z) if output_final_state else None)
 
