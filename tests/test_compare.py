@@ -70,6 +70,38 @@ def test_a_calibration_from_another_machine_is_never_used(tmp_path, cache_dir):
     assert result["steps"] == max(1, int(0.5 * entry["best"] / 64))
 
 
+def test_rows_trained_at_other_threads_keep_the_budgets_calibrated_at_the_default(tmp_path, cache_dir):
+    # `--threads 1` trains rows side by side; each row's budget is still the idle calibration at the default
+    # thread count, also for the second row one process trains (its first run must not leave its threads behind)
+    suite, results = tiny_suite(), tmp_path / "results"
+    default = torch.get_num_threads()
+    calibrated = [calibrate(suite, row, results)["best"] for row in suite.rows]
+    for row, best in zip(suite.rows, calibrated, strict=True):
+        result = run_row(suite, row, results, tmp_path / "runs", threads=default + 1)
+        assert torch.get_num_threads() == default
+        assert result["calibrated_throughput"] == best and result["config"]["train"]["threads"] == default + 1
+    record = json.loads((results / "calibration.json").read_text())
+    assert [len(record[row.name]["measurements"]) for row in suite.rows] == [1, 1]  # nothing recalibrated
+
+
+def test_a_calibration_keeps_what_another_process_recorded_while_it_measured(tmp_path, cache_dir, monkeypatch):
+    from polyattn.train import loop
+
+    suite, results = tiny_suite(), tmp_path / "results"
+    other = {"unit": "samples", "per_step": 64, "best": 5.0, "measurements": [{"value": 5.0}]}
+    original = loop.train
+
+    def train_beside_another_process(*args, **kwargs):
+        results.mkdir(parents=True, exist_ok=True)
+        (results / "calibration.json").write_text(json.dumps({"b": other}))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "train", train_beside_another_process)
+    calibrate(suite, suite.rows[0], results)
+    record = json.loads((results / "calibration.json").read_text())
+    assert record["b"] == other and len(record["a"]["measurements"]) == 1
+
+
 def test_a_suite_of_steps_trains_every_row_for_them_without_calibration(tmp_path, cache_dir):
     suite, results = tiny_suite(), tmp_path / "results"
     suite.budget_s, suite.steps = None, 3

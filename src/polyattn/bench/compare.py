@@ -180,7 +180,6 @@ def calibrate(suite: Suite, row: Row, results: Path) -> dict[str, Any]:
         raise UserError(f"Suite '{suite.name}' trains every row for {suite.steps} steps, not for a time budget; it "
                         f"has nothing to calibrate.")
     path = results / CALIBRATION
-    record = json.loads(path.read_text()) if path.is_file() else {}
     warmup = 5  # first steps pay one-off costs (allocator growth, first calls); they are not timed
     with tempfile.TemporaryDirectory(prefix="polyattn-calibrate-") as tmp:
         config = row_config(suite, row, f"train.out_dir={tmp}", "train.run_name=c", "train.log_every=1",
@@ -194,6 +193,8 @@ def calibrate(suite: Suite, row: Row, results: Path) -> dict[str, Any]:
     elapsed = [r["step"] * per_step / r[key[6:]] for r in records]
     step_times = [b - a for a, b in zip(elapsed[warmup - 1:], elapsed[warmup:], strict=False)]
     value = per_step / median(step_times)
+    # read only now: another process training rows of this suite may have recorded a calibration meanwhile
+    record = json.loads(path.read_text()) if path.is_file() else {}
     entry = record.setdefault(row.name, {"unit": key[6:-6], "measurements": []})
     entry["per_step"] = round(per_step)
     device = row_device(suite, row)

@@ -218,9 +218,13 @@ def train(config: RunConfig, *, resume_dir: Path | None = None, evaluate: bool =
     device = resolve_device(cfg.device)
     joined = distributed.launched() and not distributed.active()
     distributed.init(device.type, cfg.collective_timeout_s)  # under torchrun: join the group (gloo or nccl)
+    threads = torch.get_num_threads()
     try:
         return _train_distributed(config, device, resume_dir, changes, evaluate=evaluate)
     finally:
+        # train.threads is this run's: a caller that trains again (a comparison suite's next row, whose step
+        # budget was calibrated at the default thread count) must find the process as it was
+        torch.set_num_threads(threads)
         if joined:
             distributed.shutdown()
 
