@@ -1,8 +1,9 @@
 """`polyattn bench mixers`: time and memory of token mixers against the number of tokens (LightNet, arXiv 2405.21022).
 
 Mixers, all at the op level on the same `[B, T, H, d]` inputs (default B = 1, D = 256 = 4 heads × 64):
-softmax SDPA (bidirectional and causal), LightNet global (non-causal, one scan), LightNet causal (chunked), and the
-multiplicative decay scan over 1, 2 and 4 directions of the grid. The token counts are square grids
+softmax SDPA (bidirectional and causal), LightNet global (non-causal, one scan), LightNet causal (chunked),
+kernelized linear attention with the elu+1 map (global and chunked causal), and the multiplicative decay scan
+over 1, 2 and 4 directions of the grid. The token counts are square grids
 (16×16 … 256×256 = 256 … 64K tokens), so the same points serve the sequence-length sweep (1-D mixers use the
 row-major order) and the grid sweep (the 4-scan cross-scan needs the 2-D grid).
 
@@ -26,6 +27,7 @@ from ..analysis.plots import pyplot
 from ..hardware import native_bf16
 from ..ops.decay_scan import multi_scan_decay_attn
 from ..ops.lightnet import lightnet_attn
+from ..ops.linear_attn import elu_feature_map, linear_attn
 from .common import (
     SavedTensorBytes,
     add_machine_arguments,
@@ -38,7 +40,8 @@ from .common import (
     write_results,
 )
 
-MIXERS = ["sdpa", "sdpa_causal", "lightnet", "lightnet_causal", "scan1", "scan2", "scan4"]
+MIXERS = ["sdpa", "sdpa_causal", "lightnet", "lightnet_causal", "linear_elu", "linear_elu_causal", "scan1", "scan2",
+          "scan4"]
 QUADRATIC = {"sdpa", "sdpa_causal"}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -72,6 +75,10 @@ def make_mixer(name: str, side: int, chunk_size: int) -> Callable[..., torch.Ten
     if name.startswith("lightnet"):
         causal = name == "lightnet_causal"
         return lambda q, k, v, g: lightnet_attn(q, k, v, causal=causal, chunk_size=chunk_size)[0]
+    if name.startswith("linear_elu"):
+        causal = name == "linear_elu_causal"
+        return lambda q, k, v, g: linear_attn(elu_feature_map(q), elu_feature_map(k), v, causal=causal,
+                                              chunk_size=chunk_size)[0]
     directions = int(name[4:])
     return lambda q, k, v, g: multi_scan_decay_attn(q, k, v, g, grid_shape=(side, side), directions=directions,
                                                     chunk_size=chunk_size)
