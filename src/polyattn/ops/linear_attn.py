@@ -117,10 +117,11 @@ def _initial(B, H, Fd, Dv, state: LinearAttnState | None, like: torch.Tensor) ->
                            like.new_zeros(B, H, Fd, dtype=torch.float32))
 
 
-def _exclusive_cumsum(x: torch.Tensor) -> torch.Tensor:
-    """Sums over dim 2 of what comes before each index (a shifted cumsum: `cumsum − x` would carry round-off into
-    outputs whose normaliser is near zero, as ReLU features give)."""
-    return torch.cat([torch.zeros_like(x[:, :, :1]), x[:, :, :-1]], dim=2).cumsum(2)
+def _entering(start: torch.Tensor, added: torch.Tensor) -> torch.Tensor:
+    """The running sum entering each chunk: `start [B, H, ...]` plus what the chunks before it added
+    (`added [B, H, N, ...]`), summed in the recurrence's order. (Not `cumsum − added`: its round-off reaches
+    outputs whose normaliser is near zero, as ReLU features give.)"""
+    return torch.cat([start.unsqueeze(2), added[:, :, :-1]], dim=2).cumsum(2)
 
 
 def linear_attn(phi_q: torch.Tensor, phi_k: torch.Tensor, v: torch.Tensor, *, causal: bool,
@@ -167,14 +168,13 @@ def linear_attn(phi_q: torch.Tensor, phi_k: torch.Tensor, v: torch.Tensor, *, ca
     qc, kc, vc = to_chunks(q, C), to_chunks(k, C), to_chunks(vf, C)  # [B, H, N, C, F|Dv], zero-padded
     kv = torch.einsum("bhncf,bhncv->bhnfv", kc, vc)  # what each chunk adds to the state
     ksum = kc.sum(3)  # [B, H, N, F]
-    S_in = S0.unsqueeze(2) + _exclusive_cumsum(kv)  # the state entering each chunk
-    z_in = z0.unsqueeze(2) + _exclusive_cumsum(ksum)
+    S_in, z_in = _entering(S0, kv), _entering(z0, ksum)
     tri = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()
     a = torch.einsum("bhntf,bhnsf->bhnts", qc, kc).masked_fill(~tri, 0)  # [B, H, N, C, C]
     num = a @ vc + torch.einsum("bhntf,bhnfv->bhntv", qc, S_in)
     den = a.sum(-1) + torch.einsum("bhntf,bhnf->bhnt", qc, z_in)
     o = from_chunks(num / (den[..., None] + eps), T)
-    S, z = S0 + kv.sum(2), z0 + ksum.sum(2)
+    S, z = S_in[:, :, -1] + kv[:, :, -1], z_in[:, :, -1] + ksum[:, :, -1]
     o = o if mask is None else o.masked_fill(~mask[:, :, None, None], 0)
     return o.to(v.dtype), (LinearAttnState(S, z) if output_final_state else None)
 
