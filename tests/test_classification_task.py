@@ -165,3 +165,35 @@ def test_evaluate_errors():
         ClassificationTask(10).evaluate(model, [(torch.randn(2, 4), torch.tensor([0, 1]))])
     with pytest.raises(UserError, match="Label smoothing"):
         ClassificationTask(3, label_smoothing=1.0)
+
+
+def test_eval_images_evaluates_one_fixed_subset_of_the_split(cache_dir):
+    from contextlib import nullcontext
+
+    from polyattn.tasks.image_classification import ImageClassificationJob
+    from polyattn.train.config import build_config
+
+    tiny = ["model.embed_dim=32", "model.depth=1", "model.num_heads=2", "model.patch_size=4", "data.image_size=8",
+            "train.batch_size=64", "train.progress=false"]
+    job = ImageClassificationJob(build_config("default", [*tiny, "task.eval_images=50"]), torch.device("cpu"))
+    full = job.datasets["test"]
+    part = job.eval_dataset("test")
+    assert len(part) == 50 < len(full)
+    again = ImageClassificationJob(build_config("default", [*tiny, "task.eval_images=50", "train.seed=7"]),
+                                   torch.device("cpu")).eval_dataset("test")
+    assert torch.equal(part.images, again.images) and torch.equal(part.labels, again.labels)  # not the run's seed
+    assert not torch.equal(part.images, full.images[:50])  # a random subset, not the first images of the file
+    flat = full.images.flatten(1)
+    assert all((flat == image.flatten()).all(-1).any() for image in part.images)  # images of the split
+
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 10))
+    metrics = job.evaluate(model, "test", autocast=nullcontext, progress=False)
+    assert metrics["count"] == 50
+    expected = job.task.evaluate(model, [(job.eval_transform(part.images), part.labels)])
+    assert metrics["loss"] == pytest.approx(expected["loss"], rel=1e-5) and metrics["top1"] == expected["top1"]
+
+    everything = ImageClassificationJob(build_config("default", [*tiny, "task.eval_images=100000"]),
+                                        torch.device("cpu"))
+    assert everything.eval_dataset("test") is everything.datasets["test"]
+    with pytest.raises(UserError, match=r"task\.eval_images"):
+        build_config("default", [*tiny, "task.eval_images=0"])

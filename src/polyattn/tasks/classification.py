@@ -18,11 +18,12 @@ from torch import nn
 from ..distributed import all_gather, all_sum
 from ..errors import UserError
 from ..ops.losses import cross_entropy
-from ..settings import Section, checked
+from ..settings import checked
+from .image_job import ImageTaskConfig
 
 
 @dataclass
-class ClassificationConfig(Section):
+class ClassificationConfig(ImageTaskConfig):
     """The `task` section of classification."""
 
     label_smoothing: float = checked(0.1, ge=0, lt=1)

@@ -51,8 +51,8 @@ from ..distributed import all_sum, rank, world_size
 from ..errors import UserError, nearest
 from ..files import atomic_write
 from ..progress import progress_bar
-from ..settings import Section, checked
-from .image_job import ImageJob, subset
+from ..settings import checked
+from .image_job import ImageJob, ImageTaskConfig
 
 CLASSES_FILE = "classes.json"
 """Class names of a diffusion run (index order), written into its run directory for `polyattn sample`."""
@@ -65,15 +65,13 @@ Velocity = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 @dataclass
-class DiffusionConfig(Section):
+class DiffusionConfig(ImageTaskConfig):
     """The `task` section of class-conditional generation."""
 
     label_dropout: float = checked(0.1, ge=0, lt=1)
     """Diffusion: probability of training on the null label instead of the class (classifier-free guidance)."""
     time_sampling: Literal["logit_normal", "uniform"] = "logit_normal"
     """Diffusion: distribution of the flow time t in training: sigmoid of a standard normal, or uniform."""
-    eval_images: int | None = checked(None, ge=1)
-    """Diffusion: evaluate the loss on at most this many images of the split (a fixed subset); null = all."""
 
 
 # ---- the objective ---------------------------------------------------------------------------------------------
@@ -268,13 +266,10 @@ class DiffusionJob(ImageJob):
         d, task = config.data, config.task
         if not 0.0 <= task.label_dropout < 1.0:
             raise UserError(f"task.label_dropout must be in [0, 1), got {task.label_dropout}.")
-        if task.eval_images is not None and task.eval_images < 1:
-            raise UserError(f"task.eval_images must be a positive number of images or null, got {task.eval_images}.")
         # pixels in [-1, 1] unless the config says otherwise; stored in the run config
         super().__init__(config, device, splits, default_stats=lambda channels: ((0.5,) * channels,) * 2)
         self.flow = RectifiedFlow(task.time_sampling)
         self.label_dropout = task.label_dropout
-        self.eval_images = task.eval_images
         if "train" in splits:
             self.augment = TrainAugment(d.mean, d.std, flip=0.5 if d.hflip else 0.0, **self.crop_args(d))
 
@@ -302,10 +297,8 @@ class DiffusionJob(ImageJob):
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, split: str, *, autocast) -> dict[str, float]:
-        dataset = self.datasets[split]
-        generator = torch.Generator().manual_seed(EVAL_SEED)
-        if self.eval_images is not None and self.eval_images < len(dataset):
-            dataset = subset(dataset, torch.randperm(len(dataset), generator=generator)[:self.eval_images])
+        generator = torch.Generator().manual_seed(EVAL_SEED)  # draws the subset, then the noise and times
+        dataset = self.eval_dataset(split, generator)
         was_training = model.training
         model.eval()
         total, count = 0.0, 0

@@ -64,7 +64,7 @@ class ImageClassificationJob(ImageJob):
         """Metrics of `ClassificationTask.evaluate` on `split`; `reliability` adds its per-bin calibration
         ("reliability": `ReliabilityBins`), `progress` shows a progress bar over the batches (None: as
         train.progress says)."""
-        loader = BatchLoader(self.datasets[split], self.eval_batch_size, shuffle=False)
+        loader = BatchLoader(self.eval_dataset(split), self.eval_batch_size, shuffle=False)
         batches = ((self.eval_transform(x), y) for x, y in shard(loader.epoch(0)))  # this process's share
         if progress if progress is not None else self.progress:
             batches = progress_bar(batches, total=-(-len(loader) // world_size()), desc=f"evaluating {split}",

@@ -4,6 +4,7 @@ augmentation generator (for `polyattn.train.loop.train`)."""
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -12,10 +13,22 @@ from ..data.images import ImageDataset, load_image_split, stratified_split
 from ..data.loader import BatchLoader
 from ..data.transforms import EvalTransform, channel_stats
 from ..errors import UserError
+from ..settings import Section, checked
 
 VAL_SEED = 1  # the validation hold-out is fixed, independent of the training seed
+EVAL_SUBSET_SEED = 1234  # the evaluation subsets (task.eval_images) are fixed: the same images in every run
 
 Stats = tuple[Sequence[float], Sequence[float]]
+
+
+@dataclass
+class ImageTaskConfig(Section):
+    """The keys that the `task` sections of every image task share."""
+
+    eval_images: int | None = checked(None, ge=1)
+    """Image tasks: evaluate on at most this many images of the split, a fixed random subset (the same images in
+    every evaluation and every run; classification's `count` metric says how many); null = all. For models whose
+    evaluation of a whole split would take longer than their training (e.g. at 1,024 tokens per image on a CPU)."""
 
 
 class ImageJob:
@@ -25,9 +38,10 @@ class ImageJob:
     training split as `val`, which is then the split evaluated during training (else `test`). The normalisation
     (`data.mean`, `data.std`) is written back into the config, so the run directory evaluates identically without
     reloading the training split; `default_stats(channels)` chooses it when the config has none (default: the
-    training split's channel statistics). Augmentation draws come from the job's generator, whose state goes
-    into checkpoints, so a resumed run draws what the uninterrupted one would have. Subclasses add the loss and
-    the evaluation.
+    training split's channel statistics). `task.eval_images` limits every evaluation to a fixed subset of the
+    split (`eval_dataset`), for models whose evaluation of a whole split would cost more than their training.
+    Augmentation draws come from the job's generator, whose state goes into checkpoints, so a resumed run draws
+    what the uninterrupted one would have. Subclasses add the loss and the evaluation.
     """
 
     def __init__(self, config, device: torch.device, splits: tuple[str, ...],
@@ -63,6 +77,9 @@ class ImageJob:
         self.inferred_model_args = {"num_classes": self.num_classes, "in_chans": channels,
                                     "img_size": height if height == width else (height, width)}
         self.eval_batch_size = d.eval_batch_size
+        self.eval_images = config.task.eval_images
+        if self.eval_images is not None and self.eval_images < 1:
+            raise UserError(f"task.eval_images must be a positive number of images or null, got {self.eval_images}.")
         self.progress = t.progress
         self.eval_transform = EvalTransform(d.mean, d.std)
         self.eval_split = "val" if "val" in self.datasets else "test"
@@ -90,6 +107,15 @@ class ImageJob:
         if d.crop == "pad":
             return dict(pad=d.crop_padding)
         return dict(scale=tuple(d.crop_scale)) if d.crop == "resized" else {}
+
+    def eval_dataset(self, split: str, generator: torch.Generator | None = None) -> ImageDataset:
+        """The split to evaluate: all of it, or `task.eval_images` of its images, a random subset fixed by `generator`
+        (default: seeded with `EVAL_SUBSET_SEED`), so that every evaluation of every run sees the same images."""
+        dataset = self.datasets[split]
+        if self.eval_images is None or self.eval_images >= len(dataset):
+            return dataset
+        generator = torch.Generator().manual_seed(EVAL_SUBSET_SEED) if generator is None else generator
+        return subset(dataset, torch.randperm(len(dataset), generator=generator)[:self.eval_images])
 
     def batches(self, epoch: int, start_step: int):
         return self.loader.epoch(epoch, start_step)

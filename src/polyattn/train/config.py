@@ -537,7 +537,6 @@ def config_keys() -> list[ConfigKey]:
     for section, classes in section_classes().items():
         for cls in classes:
             docs = field_docs(cls)
-            scope = _scope(section, cls)
             for f in dataclasses.fields(cls):
                 key = f"schedules.NAME.{f.name}" if section == "schedules" else f"{section}.{f.name}"
                 if key in seen:
@@ -547,15 +546,16 @@ def config_keys() -> list[ConfigKey]:
                 annotation, doc = docs.get(f.name, ("", ""))
                 default = f.default if f.default_factory is dataclasses.MISSING else f.default_factory()
                 keys.append(ConfigKey(key, annotation, plain(default), doc,
-                                      "every run" if owner is DataConfig else scope))
+                                      "every run" if owner is DataConfig else _scope(section, owner)))
     return keys
 
 
-def _scope(section: str, cls: type) -> str:
+def _scope(section: str, owner: type) -> str:
+    """The runs that have the keys declared by the section class `owner` (or by a base class that sections share)."""
     if section == "task":
-        return " and ".join(t.name for t in TASKS.values() if t.section is cls)
+        return " and ".join(t.name for t in TASKS.values() if issubclass(t.section, owner))
     if section == "data":
-        return " and ".join(sorted({t.modality for t in TASKS.values() if t.data is cls}))
+        return " and ".join(sorted({t.modality for t in TASKS.values() if issubclass(t.data, owner)}))
     return "every run" if section == "train" else "a scheduled model input"
 
 
