@@ -252,6 +252,7 @@ HOW: dict[str, Train | Run | Error | Help | Covered | Skip] = {
                                                   "and_the_table_reads_the_saved_results"),
     "polyattn bench compare vision_fine --table": Run("--results {results}"),
     "polyattn bench compare vision_stem --table": Run("--results {results}"),
+    "polyattn bench compare vision_ablations --table": Run("--results {results}"),
     "polyattn bench compare lm_steps": Covered("tests/test_compare.py::test_a_suite_of_steps_trains_every_row_for_"
                                                "them_without_calibration"),
     "polyattn bench compare lm_reversible": Covered("tests/test_compare.py::test_rows_train_for_their_calibrated_"
